@@ -1,0 +1,170 @@
+//! Types and constants shared by the XDP program and userspace.
+//!
+//! Byte order: every multi-byte integer field is in host byte order (little-endian on every
+//! target we build for) unless its doc says otherwise; addresses are raw network-order bytes.
+//! IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`) so one map serves both families.
+
+/// Bumped whenever a type or map in this file changes layout or meaning. Userspace pins maps in
+/// a directory named after it, so an incompatible layout is never silently reused.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the XDP program in the object.
+pub const PROGRAM_NAME: &str = "recorder_xdp";
+
+/// Map names (must match the statics in `src/main.rs`).
+pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_FLOW_STATS: &str = "FLOW_STATS";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Name of the global holding the snap length (bytes of frame captured at most).
+pub const GLOBAL_SNAPLEN: &str = "SNAPLEN";
+
+/// Number of ring buffers. The XDP program writes to ring `cpu % RING_COUNT`, so on hosts with
+/// up to this many CPUs producers never share a ring (and its reservation spinlock).
+pub const RING_COUNT: usize = 16;
+/// Ring map names, indexed by `cpu % RING_COUNT`.
+pub const RING_NAMES: [&str; RING_COUNT] = [
+    "RING_0", "RING_1", "RING_2", "RING_3", "RING_4", "RING_5", "RING_6", "RING_7", "RING_8",
+    "RING_9", "RING_10", "RING_11", "RING_12", "RING_13", "RING_14", "RING_15",
+];
+
+/// Default snap length: bytes of frame (from the Ethernet header) captured at most.
+pub const DEFAULT_SNAPLEN: u32 = 1500;
+/// Largest snap length the program supports (size of its per-CPU scratch area).
+pub const MAX_SNAPLEN: u32 = 2048;
+/// Default capacity of the flow map (entries).
+pub const DEFAULT_MAX_FLOWS: u32 = 65536;
+
+/// Key of the flow map: the local (destination) address and UDP port of a pinned stream.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Destination address, IPv6 or v4-mapped IPv4, network byte order.
+    pub addr: [u8; 16],
+    /// Destination UDP port.
+    pub port: u16,
+    /// Must be zero: the kernel hashes the key's raw bytes.
+    pub _pad: [u8; 2],
+}
+
+/// Forward the packet to the stack after capture (the host also consumes it, or it is routed on).
+pub const ACTION_PASS: u8 = 0;
+/// Drop the packet after capture: this host is its final consumer.
+pub const ACTION_DROP: u8 = 1;
+
+/// `FlowValue::src_match` bit: the source address must equal `remote_addr`.
+pub const SRC_MATCH_ADDR: u8 = 1;
+/// `FlowValue::src_match` bit: the source port must equal `remote_port`.
+pub const SRC_MATCH_PORT: u8 = 2;
+
+/// Value of the flow map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Userspace's id of the stream; copied into every record and keys `FLOW_STATS`.
+    pub flow_id: u64,
+    /// Bumped by userspace on every rewrite of this flow (re-INVITE), copied into every record.
+    pub generation: u32,
+    /// `ACTION_PASS` or `ACTION_DROP`.
+    pub action: u8,
+    /// `SRC_MATCH_*` bits; 0 accepts any source ("any" until learned).
+    pub src_match: u8,
+    /// Expected source port (when `SRC_MATCH_PORT`).
+    pub remote_port: u16,
+    /// Expected source address, v4-mapped for IPv4 (when `SRC_MATCH_ADDR`).
+    pub remote_addr: [u8; 16],
+}
+
+/// Per-flow counters (a per-CPU hash map keyed by `flow_id`; userspace sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Packets that matched the flow (right source) and were offered to the ring.
+    pub packets: u64,
+    /// Wire bytes of those packets.
+    pub bytes: u64,
+    /// Records lost because the ring was full.
+    pub ring_drops: u64,
+    /// Packets captured truncated to the snap length.
+    pub truncated: u64,
+    /// Packets to this flow's port from an unexpected source (counted, not recorded).
+    pub wrong_source: u64,
+}
+
+/// `RecordHeader::flags` bit: the frame was longer than the snap length.
+pub const RECORD_F_TRUNCATED: u16 = 1;
+
+/// Header of every ring record. `cap_len` bytes of the frame follow it, starting at the
+/// Ethernet header (the whole frame, so userspace writes an Ethernet-linktype pcap as is).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub flow_id: u64,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub generation: u32,
+    /// Length of the frame on the wire.
+    pub wire_len: u32,
+    /// Bytes of frame that follow the header (`min(wire_len, snaplen)`).
+    pub cap_len: u32,
+    /// Offset of the UDP payload (the RTP header) within the frame.
+    pub payload_offset: u16,
+    /// `RECORD_F_*` bits.
+    pub flags: u16,
+}
+
+/// Size of `RecordHeader` in bytes.
+pub const RECORD_HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
+
+/// Indices into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Every frame the program ran on.
+    pub const SEEN: u32 = 0;
+    /// UDP packets whose destination is in the flow map (any source).
+    pub const MATCHED: u32 = 1;
+    /// Records written to a ring.
+    pub const CAPTURED: u32 = 2;
+    /// Records lost because the ring was full.
+    pub const RING_FULL: u32 = 3;
+    /// Records whose frame was cut to the snap length.
+    pub const TRUNCATED: u32 = 4;
+    /// Frames whose headers were cut short or malformed.
+    pub const PARSE_FAILED: u32 = 5;
+    /// Non-first IPv4/IPv6 fragments (no UDP header to match on).
+    pub const FRAGMENT_SKIPPED: u32 = 6;
+    /// Packets to a pinned port from an unexpected source.
+    pub const WRONG_SOURCE: u32 = 7;
+    /// Frames that are not IPv4/IPv6 UDP (ARP, TCP, ICMP, ...).
+    pub const NOT_UDP: u32 = 8;
+    /// Copying packet bytes failed (should never happen; counted to prove it).
+    pub const COPY_FAILED: u32 = 9;
+    /// Number of counters.
+    pub const COUNT: u32 = 10;
+    /// Names, indexed by counter, for logs, metrics and the CLI.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "seen",
+        "matched",
+        "captured",
+        "ring_full",
+        "truncated",
+        "parse_failed",
+        "fragment_skipped",
+        "wrong_source",
+        "not_udp",
+        "copy_failed",
+    ];
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 20);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
+const _: () = assert!(core::mem::size_of::<RecordHeader>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are repr(C), made only of integers and byte arrays, with no implicit
+    // padding (sizes asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::FlowStats {}
+    unsafe impl aya::Pod for super::RecordHeader {}
+}
