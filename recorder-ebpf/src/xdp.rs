@@ -1,0 +1,1 @@
+//! The XDP program (in progress).
