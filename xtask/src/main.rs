@@ -1,1 +1,152 @@
-fn main() {}
+//! `cargo xtask <command>`: setup, build, test, demo and bench for the recorder.
+//!
+//! Everything a fresh Debian machine needs is installed by `setup` (which `test` and `demo` run
+//! first), so the README's two commands work after nothing but a clone.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "Developer tasks for the recorder")]
+enum Cli {
+    /// Install what building and testing need (Debian packages, rust-src, bpf-linker); idempotent.
+    Setup,
+    /// Build the eBPF object and the userspace binary (release).
+    Build,
+    /// Build only the eBPF object.
+    BuildEbpf,
+    /// Setup if needed, build, then run every test, including the privileged ones.
+    Test {
+        /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then run the demo: a recorded call on a veth pair.
+    Demo,
+    /// Lint: rustfmt check and clippy with warnings denied.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse() {
+        Cli::Setup => setup::setup(),
+        Cli::Build => {
+            build_ebpf()?;
+            build_user()
+        }
+        Cli::BuildEbpf => build_ebpf(),
+        Cli::Test { args } => {
+            setup::setup()?;
+            build_ebpf()?;
+            test(&args)
+        }
+        Cli::Demo => {
+            setup::setup()?;
+            build_ebpf()?;
+            build_user()?;
+            demo()
+        }
+        Cli::Lint => lint(),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// Path of the eBPF object `build_ebpf` produces.
+pub fn ebpf_object() -> PathBuf {
+    workspace_root().join("target/bpfel-unknown-none/release/recorder-xdp")
+}
+
+/// A cargo command with the environment of the `cargo xtask` invocation cleaned, so that the
+/// toolchain chosen here (stable or nightly) is the one that runs.
+fn cargo(toolchain: Option<&str>) -> Command {
+    let mut cmd = match toolchain {
+        Some(tc) => {
+            let mut c = Command::new("rustup");
+            c.args(["run", tc, "cargo"]);
+            c
+        }
+        None => Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())),
+    };
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(workspace_root());
+    cmd.env("RECORDER_EBPF_OBJECT", ebpf_object());
+    cmd
+}
+
+/// Runs a command, failing with its description when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    run(cargo(Some("nightly")).args([
+        "build",
+        "--package",
+        "recorder-ebpf",
+        "--bin",
+        "recorder-xdp",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+    ]))
+    .context(
+        "building the eBPF object (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
+    )
+}
+
+fn build_user() -> Result<()> {
+    run(cargo(None).args(["build", "--release", "--package", "recorder-user"]))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let mut cmd = cargo(None);
+    cmd.args(["test", "--workspace"]).args(args);
+    run(&mut cmd)
+}
+
+fn lint() -> Result<()> {
+    run(cargo(None).args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo(None).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn demo() -> Result<()> {
+    let binary = workspace_root().join("target/release/recorder");
+    run(Command::new(binary).arg("demo"))
+}

@@ -46,7 +46,7 @@ pub enum FlowError {
         op: &'static str,
         local: SocketAddr,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
 }
 
@@ -106,3 +106,5 @@ impl FlowControl for MemoryFlows {
             .ok_or(FlowError::NotFound(local))
     }
 }
+
+pub mod maps;

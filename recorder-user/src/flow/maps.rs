@@ -1,0 +1,272 @@
+//! The only code that writes the XDP flow map.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuHashMap, PerCpuValues};
+use recorder_ebpf::abi::{self, FlowKey, FlowStats, FlowValue};
+
+use super::{FlowAction, FlowControl, FlowError, FlowSpec};
+use crate::capture::loader::CaptureError;
+
+/// A pinned flow as userspace knows it, with the kernel's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub spec: FlowSpec,
+    pub generation: u32,
+    pub stats: FlowStats,
+}
+
+/// The BPF flow map plus the per-flow stats map.
+pub struct BpfFlowTable {
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    stats: PerCpuHashMap<MapData, u64, FlowStats>,
+    /// What we pinned, by local address (the map holds the same, this avoids syscalls to read).
+    pinned: StdHashMap<SocketAddr, (FlowSpec, u32)>,
+    cpus: usize,
+}
+
+/// IPv4 as v4-mapped IPv6, as the XDP program looks it up.
+pub fn mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Inverse of [`mapped`].
+pub fn unmapped(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// The map key of a local address.
+pub fn flow_key(local: SocketAddr) -> FlowKey {
+    FlowKey {
+        addr: mapped(local.ip()),
+        port: local.port(),
+        _pad: [0; 2],
+    }
+}
+
+fn flow_value(spec: &FlowSpec, generation: u32) -> FlowValue {
+    let (src_match, remote_addr, remote_port) = match spec.remote {
+        None => (0, [0; 16], 0),
+        Some(remote) => {
+            let port_bit = if remote.port() != 0 {
+                abi::SRC_MATCH_PORT
+            } else {
+                0
+            };
+            (
+                abi::SRC_MATCH_ADDR | port_bit,
+                mapped(remote.ip()),
+                remote.port(),
+            )
+        }
+    };
+    FlowValue {
+        flow_id: spec.flow_id,
+        generation,
+        action: match spec.action {
+            FlowAction::Pass => abi::ACTION_PASS,
+            FlowAction::Drop => abi::ACTION_DROP,
+        },
+        src_match,
+        remote_port,
+        remote_addr,
+    }
+}
+
+impl BpfFlowTable {
+    pub(crate) fn new(flows: Map, stats: Map) -> Result<Self, CaptureError> {
+        let flows = HashMap::try_from(flows).map_err(|source| CaptureError::Map {
+            name: abi::MAP_FLOWS,
+            source,
+        })?;
+        let stats = PerCpuHashMap::try_from(stats).map_err(|source| CaptureError::Map {
+            name: abi::MAP_FLOW_STATS,
+            source,
+        })?;
+        Ok(Self {
+            flows,
+            stats,
+            pinned: StdHashMap::new(),
+            cpus: crate::capture::loader::possible_cpus()?,
+        })
+    }
+
+    fn map_err(
+        op: &'static str,
+        local: SocketAddr,
+    ) -> impl FnOnce(aya::maps::MapError) -> FlowError {
+        move |source| FlowError::Map {
+            op,
+            local,
+            source: Box::new(source),
+        }
+    }
+
+    fn write(&mut self, spec: &FlowSpec, generation: u32) -> Result<(), FlowError> {
+        self.flows
+            .insert(flow_key(spec.local), flow_value(spec, generation), 0)
+            .map_err(Self::map_err("insert", spec.local))
+    }
+
+    /// Summed kernel counters of a flow (zero if it has none yet).
+    pub fn stats(&self, flow_id: u64) -> FlowStats {
+        match self.stats.get(&flow_id, 0) {
+            Ok(values) => values.iter().fold(FlowStats::default(), |mut sum, v| {
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+                sum.ring_drops += v.ring_drops;
+                sum.truncated += v.truncated;
+                sum.wrong_source += v.wrong_source;
+                sum
+            }),
+            Err(_) => FlowStats::default(),
+        }
+    }
+
+    /// Forgets a flow's counters (after its recording has read them for the last time).
+    pub fn forget_stats(&mut self, flow_id: u64) {
+        let _ = self.stats.remove(&flow_id);
+    }
+
+    /// Every flow we pinned, with its counters, ordered by local address.
+    pub fn list(&self) -> Vec<FlowEntry> {
+        let mut entries: Vec<FlowEntry> = self
+            .pinned
+            .values()
+            .map(|(spec, generation)| FlowEntry {
+                spec: *spec,
+                generation: *generation,
+                stats: self.stats(spec.flow_id),
+            })
+            .collect();
+        entries.sort_by_key(|e| e.spec.local);
+        entries
+    }
+
+    /// The flow map as the kernel holds it (local address, value), for `recorder flows`.
+    pub fn kernel_entries(&self) -> Vec<(SocketAddr, FlowValue)> {
+        let mut out: Vec<(SocketAddr, FlowValue)> = self
+            .flows
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (SocketAddr::new(unmapped(k.addr), k.port), v))
+            .collect();
+        out.sort_by_key(|(a, _)| *a);
+        out
+    }
+}
+
+impl FlowControl for BpfFlowTable {
+    fn insert(&mut self, spec: FlowSpec) -> Result<u32, FlowError> {
+        if let Some((existing, _)) = self.pinned.get(&spec.local) {
+            return Err(FlowError::Conflict {
+                local: spec.local,
+                existing: existing.flow_id,
+            });
+        }
+        // Stats first, so the program's first packet finds the entry. Existing counters of the
+        // same flow id (another port of the same stream) are kept.
+        if self.stats.get(&spec.flow_id, 0).is_err() {
+            let zeros = PerCpuValues::try_from(vec![FlowStats::default(); self.cpus])
+                .expect("one value per possible CPU");
+            self.stats
+                .insert(spec.flow_id, zeros, 0)
+                .map_err(Self::map_err("stats insert", spec.local))?;
+        }
+        self.write(&spec, 1)?;
+        self.pinned.insert(spec.local, (spec, 1));
+        Ok(1)
+    }
+
+    fn rewrite(&mut self, old_local: SocketAddr, new: FlowSpec) -> Result<u32, FlowError> {
+        let (_, generation) = *self
+            .pinned
+            .get(&old_local)
+            .ok_or(FlowError::NotFound(old_local))?;
+        if new.local != old_local {
+            if let Some((existing, _)) = self.pinned.get(&new.local) {
+                return Err(FlowError::Conflict {
+                    local: new.local,
+                    existing: existing.flow_id,
+                });
+            }
+        }
+        let generation = generation.wrapping_add(1);
+        // Make before break: the new key is live before the old one goes, so a packet on
+        // either is captured. Same key: the kernel swaps the value atomically (no-prealloc map).
+        self.write(&new, generation)?;
+        if new.local != old_local {
+            self.flows
+                .remove(&flow_key(old_local))
+                .map_err(Self::map_err("remove", old_local))?;
+            self.pinned.remove(&old_local);
+        }
+        self.pinned.insert(new.local, (new, generation));
+        Ok(generation)
+    }
+
+    fn remove(&mut self, local: SocketAddr) -> Result<(), FlowError> {
+        if self.pinned.remove(&local).is_none() {
+            return Err(FlowError::NotFound(local));
+        }
+        self.flows
+            .remove(&flow_key(local))
+            .map_err(Self::map_err("remove", local))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_v4_mapped_with_zero_padding() {
+        let key = flow_key("10.1.2.3:40000".parse().unwrap());
+        assert_eq!(
+            key.addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]
+        );
+        assert_eq!(key.port, 40000);
+        assert_eq!(key._pad, [0, 0]);
+        assert_eq!(unmapped(key.addr), "10.1.2.3".parse::<IpAddr>().unwrap());
+        let v6: IpAddr = "fd00::2".parse().unwrap();
+        assert_eq!(unmapped(mapped(v6)), v6);
+    }
+
+    #[test]
+    fn values_encode_source_matching() {
+        let any = FlowSpec {
+            flow_id: 9,
+            local: "10.0.0.2:4000".parse().unwrap(),
+            remote: None,
+            action: FlowAction::Drop,
+        };
+        let v = flow_value(&any, 3);
+        assert_eq!(
+            (v.flow_id, v.generation, v.src_match, v.action),
+            (9, 3, 0, abi::ACTION_DROP)
+        );
+        let addr_only = FlowSpec {
+            remote: Some("10.0.0.1:0".parse().unwrap()),
+            ..any
+        };
+        assert_eq!(flow_value(&addr_only, 1).src_match, abi::SRC_MATCH_ADDR);
+        let both = FlowSpec {
+            remote: Some("10.0.0.1:5004".parse().unwrap()),
+            ..any
+        };
+        let v = flow_value(&both, 1);
+        assert_eq!(v.src_match, abi::SRC_MATCH_ADDR | abi::SRC_MATCH_PORT);
+        assert_eq!(v.remote_port, 5004);
+    }
+}
