@@ -1,0 +1,231 @@
+//! Test networks: two network namespaces joined by a veth pair.
+//!
+//! Names are unique per process and per call, so concurrent test runs never collide; `Drop`
+//! deletes both namespaces (which deletes the veth pair) on every path, panics included.
+//! Traffic only ever goes between the two ends of the pair.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use nix::sched::{setns, CloneFlags};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip` with arguments, panicking with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Mounts bpffs on /sys/fs/bpf if it is not mounted (needed for pinning tests).
+pub fn ensure_bpffs() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("mount bpffs");
+        assert!(status.success(), "mount bpffs failed");
+    }
+}
+
+/// Two namespaces, `sender` and `recorder`, joined by a veth pair with IPv4 and IPv6 addresses.
+pub struct VethPair {
+    /// Namespace of the traffic source (the SIPREC client side).
+    pub sender_ns: String,
+    /// Namespace of the recorder (XDP is attached to `recorder_if` there).
+    pub recorder_ns: String,
+    pub sender_if: String,
+    pub recorder_if: String,
+    pub sender_v4: Ipv4Addr,
+    pub recorder_v4: Ipv4Addr,
+    pub sender_v6: Ipv6Addr,
+    pub recorder_v6: Ipv6Addr,
+}
+
+impl VethPair {
+    /// Creates the pair. `tag` (a few letters) makes names readable in `ip netns list`.
+    pub fn new(tag: &str) -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}{}", std::process::id() % 100_000, n);
+        let tag: String = tag
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(4)
+            .collect();
+        let pair = Self {
+            sender_ns: format!("rec-{tag}-s{id}"),
+            recorder_ns: format!("rec-{tag}-r{id}"),
+            // Interface names are limited to 15 bytes.
+            sender_if: format!("vs{tag}{id}").chars().take(15).collect(),
+            recorder_if: format!("vr{tag}{id}").chars().take(15).collect(),
+            sender_v4: Ipv4Addr::new(10, 231, 0, 1),
+            recorder_v4: Ipv4Addr::new(10, 231, 0, 2),
+            sender_v6: "fd00:231::1".parse().unwrap(),
+            recorder_v6: "fd00:231::2".parse().unwrap(),
+        };
+        // From here on Drop cleans up whatever was created.
+        ip(&["netns", "add", &pair.sender_ns]);
+        ip(&["netns", "add", &pair.recorder_ns]);
+        ip(&[
+            "link",
+            "add",
+            &pair.sender_if,
+            "netns",
+            &pair.sender_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pair.recorder_if,
+            "netns",
+            &pair.recorder_ns,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (
+                &pair.sender_ns,
+                &pair.sender_if,
+                pair.sender_v4,
+                pair.sender_v6,
+            ),
+            (
+                &pair.recorder_ns,
+                &pair.recorder_if,
+                pair.recorder_v4,
+                pair.recorder_v6,
+            ),
+        ] {
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+        }
+        // Static neighbours: no ARP/ND before the first packet, so timing tests are clean.
+        let sender_mac = pair.mac(&pair.sender_ns, &pair.sender_if);
+        let recorder_mac = pair.mac(&pair.recorder_ns, &pair.recorder_if);
+        for (ns, dev, addr, mac) in [
+            (
+                &pair.sender_ns,
+                &pair.sender_if,
+                IpAddr::V4(pair.recorder_v4),
+                &recorder_mac,
+            ),
+            (
+                &pair.sender_ns,
+                &pair.sender_if,
+                IpAddr::V6(pair.recorder_v6),
+                &recorder_mac,
+            ),
+            (
+                &pair.recorder_ns,
+                &pair.recorder_if,
+                IpAddr::V4(pair.sender_v4),
+                &sender_mac,
+            ),
+            (
+                &pair.recorder_ns,
+                &pair.recorder_if,
+                IpAddr::V6(pair.sender_v6),
+                &sender_mac,
+            ),
+        ] {
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        pair
+    }
+
+    /// MAC address of an interface in a namespace.
+    pub fn mac(&self, ns: &str, dev: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", ns, "-o", "link", "show", dev])
+            .output()
+            .expect("ip link show");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no MAC for {dev} in {ns}: {text}"))
+            .to_string()
+    }
+
+    /// Runs `f` with the calling thread inside the sender namespace.
+    pub fn in_sender<R>(&self, f: impl FnOnce() -> R) -> R {
+        in_netns(&self.sender_ns, f)
+    }
+
+    /// Runs `f` with the calling thread inside the recorder namespace.
+    pub fn in_recorder<R>(&self, f: impl FnOnce() -> R) -> R {
+        in_netns(&self.recorder_ns, f)
+    }
+
+    /// A command run inside a namespace (`ip netns exec`).
+    pub fn command(ns: &str, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, program]);
+        cmd
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        for ns in [&self.sender_ns, &self.recorder_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `f` with the calling thread moved into network namespace `ns`, then moves it back
+/// (also when `f` panics). Sockets created inside stay in `ns`.
+pub fn in_netns<R>(ns: &str, f: impl FnOnce() -> R) -> R {
+    let original = File::open("/proc/thread-self/ns/net").expect("open own netns");
+    let target = File::open(format!("/var/run/netns/{ns}"))
+        .unwrap_or_else(|e| panic!("open netns {ns}: {e}"));
+    setns(target.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns into test netns");
+    struct Restore(File);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Err(e) = setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET) {
+                eprintln!("could not restore the network namespace: {e}");
+            }
+        }
+    }
+    let _restore = Restore(original);
+    f()
+}
