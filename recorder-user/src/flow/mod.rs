@@ -59,6 +59,10 @@ pub trait FlowControl: Send {
     fn rewrite(&mut self, old_local: SocketAddr, new: FlowSpec) -> Result<u32, FlowError>;
     /// Unpins the flow at `local`.
     fn remove(&mut self, local: SocketAddr) -> Result<(), FlowError>;
+    /// Packets the kernel matched for `flow_id` so far (for idle detection); 0 if unknown.
+    fn packets(&self, _flow_id: u64) -> u64 {
+        0
+    }
 }
 
 /// An in-memory flow table for tests of the signaling layer.
