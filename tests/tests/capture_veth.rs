@@ -130,6 +130,7 @@ fn pinned_flows_are_captured_byte_exact_and_in_order() {
             .iter()
             .map(|a| {
                 let s = UdpSocket::bind(a).unwrap();
+                tests::net::big_receive_buffer(&s);
                 s.set_read_timeout(Some(Duration::from_millis(200)))
                     .unwrap();
                 s
