@@ -1,6 +1,8 @@
 //! Shared helpers for the end-to-end tests: network namespaces, veth pairs, traffic.
+pub mod client;
 pub mod net;
 pub mod packets;
+pub mod rtp;
 
 use std::path::PathBuf;
 
