@@ -421,6 +421,8 @@ pub struct OfferedStream {
     pub pt: u8,
     /// `sendonly` normally, `inactive` to pause.
     pub direction: &'static str,
+    /// Media-level `c=` address (the stream comes from elsewhere than the session's `c=`).
+    pub connection: Option<std::net::IpAddr>,
 }
 
 /// An SDP offer as a SIPREC client sends it (one m-line per stream, `a=label`, sendonly).
@@ -431,11 +433,15 @@ pub fn offer_sdp(ip: std::net::IpAddr, version: u32, streams: &[OfferedStream]) 
     );
     for s in streams {
         let (name, pt) = if s.pt == 8 { ("PCMA", 8) } else { ("PCMU", 0) };
+        sdp.push_str(&format!("m=audio {} RTP/AVP {pt} 101\r\n", s.port));
+        if let Some(c) = s.connection {
+            let family = if c.is_ipv4() { "IP4" } else { "IP6" };
+            sdp.push_str(&format!("c=IN {family} {c}\r\n"));
+        }
         sdp.push_str(&format!(
-            "m=audio {port} RTP/AVP {pt} 101\r\na=rtpmap:{pt} {name}/8000\r\n\
+            "a=rtpmap:{pt} {name}/8000\r\n\
              a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\n\
              a=label:{label}\r\na={dir}\r\n",
-            port = s.port,
             label = s.label,
             dir = s.direction,
         ));

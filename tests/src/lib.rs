@@ -1,5 +1,6 @@
 //! Shared helpers for the end-to-end tests: network namespaces, veth pairs, traffic.
 pub mod client;
+pub mod daemon;
 pub mod net;
 pub mod packets;
 pub mod rtp;
