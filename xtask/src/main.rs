@@ -129,6 +129,8 @@ fn build_user() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    // The end-to-end tests run the real daemon binary (target/debug/recorder).
+    run(cargo(None).args(["build", "--package", "recorder-user", "--bins"]))?;
     let mut cmd = cargo(None);
     cmd.args(["test", "--workspace"]).args(args);
     run(&mut cmd)
