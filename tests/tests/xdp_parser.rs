@@ -922,6 +922,13 @@ fn bench_capture_cost() {
             }
         }
         h.add_flow4();
+        let prog: &Xdp = h.ebpf.program(abi::PROGRAM_NAME).unwrap().try_into().unwrap();
+        let info = prog.info().unwrap();
+        println!(
+            "program: {} bytes of insns, verifier processed {:?} insns",
+            info.size_translated().unwrap_or(0),
+            info.verified_instruction_count()
+        );
         let rounds = 10;
         let mut best = u128::MAX;
         for _ in 0..rounds {
