@@ -922,7 +922,12 @@ fn bench_capture_cost() {
             }
         }
         h.add_flow4();
-        let prog: &Xdp = h.ebpf.program(abi::PROGRAM_NAME).unwrap().try_into().unwrap();
+        let prog: &Xdp = h
+            .ebpf
+            .program(abi::PROGRAM_NAME)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let info = prog.info().unwrap();
         println!(
             "program: {} bytes of insns, verifier processed {:?} insns",
