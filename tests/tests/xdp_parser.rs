@@ -743,6 +743,7 @@ fn tiny_ring_flood_drops_counted_exactly() {
     let full = c[counter::RING_FULL as usize];
     assert_eq!(matched, u64::from(runs * repeat));
     assert_eq!(captured + full, matched);
+    assert_eq!(c[counter::COPY_FAILED as usize], 0);
     assert!(full > 0, "a one-page ring must overflow");
     let recs = h.drain();
     assert_eq!(
@@ -964,5 +965,72 @@ fn bench_capture_cost() {
         println!(
             "{what}: capture {best} ns/pkt, unmatched {miss} ns/pkt, bare frame {bare} ns/pkt"
         );
+    }
+}
+
+#[test]
+fn rewrite_changes_generation_and_flow_id_in_records() {
+    let mut h = Harness::new();
+    h.add_flow4();
+    let bytes = frame4().build();
+    h.run(&bytes);
+    // Re-INVITE: the same key rewritten with a bumped generation and a new stream id.
+    let next = FlowValue {
+        flow_id: FLOW_ID + 1,
+        generation: GENERATION + 1,
+        ..flow_value(ACTION_PASS)
+    };
+    h.add_flow(v4_mapped(LOCAL4), LPORT, next);
+    h.run(&bytes);
+    let ids: Vec<(u64, u32)> = h
+        .drain()
+        .iter()
+        .map(|r| (r.hdr.flow_id, r.hdr.generation))
+        .collect();
+    assert_eq!(ids, [(FLOW_ID, GENERATION), (FLOW_ID + 1, GENERATION + 1)]);
+    assert_eq!(h.stats(FLOW_ID).unwrap().packets, 1);
+    assert_eq!(h.stats(FLOW_ID + 1).unwrap().packets, 1);
+}
+
+#[test]
+fn maps_have_the_abi_shape() {
+    let h = Harness::new();
+    let aya::maps::Map::HashMap(flows) = h.ebpf.map(abi::MAP_FLOWS).unwrap() else {
+        panic!("FLOWS is not a hash map");
+    };
+    let info = flows.info().unwrap();
+    assert_eq!(info.max_entries(), abi::DEFAULT_MAX_FLOWS);
+    assert_ne!(info.map_flags() & 1, 0, "FLOWS must be BPF_F_NO_PREALLOC");
+    assert_eq!(h.rings.len(), abi::RING_COUNT);
+}
+
+/// Records land in ring `cpu % RING_COUNT`: run the program pinned to each CPU in turn.
+#[test]
+fn ring_is_chosen_by_cpu() {
+    let cpus = aya::util::online_cpus().unwrap();
+    let result = std::thread::spawn(move || {
+        let mut h = Harness::new();
+        h.add_flow4();
+        let bytes = frame4().build();
+        let mut seen = Vec::new();
+        for &cpu in &cpus {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu as usize).unwrap();
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+            h.run(&bytes);
+            let rings: Vec<usize> = h
+                .rings
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, r)| r.next().map(|_| i))
+                .collect();
+            seen.push((cpu, rings));
+        }
+        seen
+    })
+    .join()
+    .expect("pinned thread");
+    for (cpu, rings) in result {
+        assert_eq!(rings, [cpu as usize % abi::RING_COUNT], "cpu {cpu}");
     }
 }
