@@ -728,6 +728,9 @@ fn drop_action_drops_after_capture() {
 
 #[test]
 fn tiny_ring_flood_drops_counted_exactly() {
+    // All runs must hit one ring: test_run may reschedule between repeats and the thread could
+    // otherwise migrate to another CPU (and ring) under parallel tests.
+    pin_current_thread(aya::util::online_cpus().unwrap()[0]);
     // One page, never drained during the burst.
     let mut h = Harness::with(abi::DEFAULT_SNAPLEN, PAGE);
     h.add_flow4();
@@ -1014,9 +1017,7 @@ fn ring_is_chosen_by_cpu() {
         let bytes = frame4().build();
         let mut seen = Vec::new();
         for &cpu in &cpus {
-            let mut set = nix::sched::CpuSet::new();
-            set.set(cpu as usize).unwrap();
-            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+            pin_current_thread(cpu);
             h.run(&bytes);
             let rings: Vec<usize> = h
                 .rings
@@ -1033,4 +1034,11 @@ fn ring_is_chosen_by_cpu() {
     for (cpu, rings) in result {
         assert_eq!(rings, [cpu as usize % abi::RING_COUNT], "cpu {cpu}");
     }
+}
+
+/// Restricts the calling thread (only) to `cpu`.
+fn pin_current_thread(cpu: u32) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu as usize).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
 }
