@@ -33,7 +33,13 @@ fn sipp_siprec_session_is_recorded() {
         .args(["-mi", &pair.sender_v4.to_string(), "-mp", "32000"])
         .args(["-key", "tone_file", tone.to_str().unwrap()])
         .args(["-key", "call_uuid", UUID])
-        .args(["-timeout", "30s", "-timeout_error", "-nostdin", "-trace_err"])
+        .args([
+            "-timeout",
+            "30s",
+            "-timeout_error",
+            "-nostdin",
+            "-trace_err",
+        ])
         .arg("-error_file")
         .arg(dir.join("sipp-errors.log"))
         .current_dir(&dir)
@@ -60,7 +66,10 @@ fn sipp_siprec_session_is_recorded() {
     assert_eq!(meta["call_uuid"], UUID);
     let packets = meta["streams"][0]["packets"].as_u64().unwrap();
     // 2 s of 20 ms packets.
-    assert!((95..=101).contains(&packets), "{packets} RTP packets recorded");
+    assert!(
+        (95..=101).contains(&packets),
+        "{packets} RTP packets recorded"
+    );
     assert_eq!(
         tshark_count(&recordings[0].join("recording.pcap"), Some("udp")) as u64,
         packets
