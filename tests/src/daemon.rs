@@ -35,6 +35,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub recorder_ns: String,
     pub args: Vec<String>,
+    /// Keep the scratch directory (spool, log) after drop (the demo keeps its recording).
+    pub keep_files: bool,
 }
 
 /// Options for starting a daemon.
@@ -110,6 +112,7 @@ impl Daemon {
             dir,
             recorder_ns: pair.recorder_ns.clone(),
             args,
+            keep_files: false,
         };
         daemon.spawn(pair);
         daemon
@@ -245,7 +248,7 @@ impl Drop for Daemon {
                 self.log.display(),
                 self.log_text()
             );
-        } else {
+        } else if !self.keep_files {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

@@ -149,6 +149,11 @@ fn lint() -> Result<()> {
 }
 
 fn demo() -> Result<()> {
-    let binary = workspace_root().join("target/release/recorder");
-    run(Command::new(binary).arg("demo"))
+    // The demo driver (namespaces, SIPREC client, RTP) lives with the end-to-end test helpers.
+    run(cargo(None)
+        .env(
+            "RECORDER_BIN",
+            workspace_root().join("target/release/recorder"),
+        )
+        .args(["run", "--release", "--package", "tests", "--bin", "demo"]))
 }
