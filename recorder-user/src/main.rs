@@ -6,7 +6,10 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand};
-use recorder::config::{Cidr, Config, LogFormat, PortRange};
+use recorder::{
+    config::{Cidr, Config, LogFormat, PortRange},
+    control::{self, ControlError, Request},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +26,51 @@ struct Cli {
 enum Command {
     /// Run the recorder daemon in the foreground.
     Run(RunArgs),
+    /// Version, uptime, interfaces and XDP mode, counters, spool usage.
+    Status(ReadArgs),
+    /// Live recording sessions.
+    Sessions(ReadArgs),
+    /// The pinned flows as the kernel sees them, with counters.
+    Flows(ReadArgs),
+    /// End a recording from the operator's side (BYE to the client, reason `operator`).
+    Stop {
+        /// Recording id.
+        id: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Recordings from the index.
+    Recordings {
+        /// Every recording of one interaction, in time order.
+        #[arg(long)]
+        call_uuid: Option<String>,
+        /// Recordings with this participant address of record.
+        #[arg(long)]
+        aor: Option<String>,
+        /// Recordings active at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// One recording's metadata.
+    Show {
+        /// Recording id.
+        id: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+/// Options of every command that talks to the daemon.
+#[derive(Debug, Args)]
+struct ReadArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Control socket of the daemon.
+    #[arg(long, default_value = "/run/recorder/control.sock")]
+    socket: PathBuf,
 }
 
 /// Flags of `recorder run`; each overrides the same key of the config file.
@@ -125,18 +173,74 @@ impl RunArgs {
     }
 }
 
+/// Exit codes scripts can use.
+const EXIT_ERROR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_UNREACHABLE: u8 = 3;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(args) => args
-            .into_config()
-            .and_then(|config| recorder::daemon::run_blocking(config)),
+    let (request, read) = match cli.command {
+        Command::Run(args) => {
+            return match args.into_config() {
+                Ok(config) => match recorder::daemon::run_blocking(config) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("recorder: {e:#}");
+                        ExitCode::from(EXIT_ERROR)
+                    }
+                },
+                Err(e) => {
+                    eprintln!("recorder: configuration: {e:#}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+            };
+        }
+        Command::Status(read) => (Request::Status, read),
+        Command::Sessions(read) => (Request::Sessions, read),
+        Command::Flows(read) => (Request::Flows, read),
+        Command::Stop { id, read } => (Request::Stop { id }, read),
+        Command::Recordings {
+            call_uuid,
+            aor,
+            since,
+            read,
+        } => (
+            Request::Recordings {
+                call_uuid,
+                aor,
+                since,
+            },
+            read,
+        ),
+        Command::Show { id, read } => (Request::Show { id }, read),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
         Err(e) => {
-            eprintln!("recorder: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("recorder: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(control::call(&read.socket, &request)) {
+        Ok(data) => {
+            if read.json {
+                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+            } else {
+                print!("{}", recorder::cli::render(&request, &data));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ (ControlError::Connect { .. } | ControlError::Timeout)) => {
+            eprintln!("recorder: {e}");
+            ExitCode::from(EXIT_UNREACHABLE)
+        }
+        Err(e) => {
+            eprintln!("recorder: {e}");
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }
