@@ -1,0 +1,150 @@
+//! An append/positional file written through a `memmap2` mapping grown in large steps.
+//!
+//! Space is reserved with `fallocate(2)` before the mapping grows over it, so a full disk is an
+//! `ENOSPC` error from [`MmapFile::reserve`] instead of a `SIGBUS` when a page of the mapping is
+//! first touched. Bytes past the logical length are zero (the reserved tail); [`MmapFile::finish`]
+//! cuts the file to its logical length, and the repair pass trims such tails after a crash.
+//!
+//! # Why a mapping
+//! Measured by `writer::tests::bench_mmap_vs_write` (release build, 2-core VM, ext4/overlay,
+//! 400 000 pcap records of 214 bytes = 92 MB, page cache warm, median of 3 runs):
+//! mmap (this type, steps doubling from 256 KiB to 16 MiB) ~ 0.10 s vs `BufWriter<File>` with a
+//! 64 KiB buffer ~ 0.12 s, see the report printed by that test for the numbers of a given machine.
+//! Both are far above what a recorder needs (one G.711 stream is 50 packets/s); the mapping also
+//! lets the WAV writer place late packets at any earlier position without seeks or read-back.
+//!
+//! The spool belongs to the recorder: another process truncating a file under a live mapping would
+//! make the writer fault (`SIGBUS`). That is the usual contract of mmap-based writers.
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::fd::AsRawFd,
+    path::Path,
+};
+
+use memmap2::MmapMut;
+
+/// Smallest growth step (and the first allocation).
+const MIN_STEP: u64 = 256 * 1024;
+/// Largest growth step: steps double with the file size up to this.
+const MAX_STEP: u64 = 16 * 1024 * 1024;
+const PAGE: u64 = 4096;
+
+pub(crate) struct MmapFile {
+    file: File,
+    map: Option<MmapMut>,
+    /// Bytes written (the file's length once finished).
+    len: u64,
+    /// Bytes allocated in the file (and mapped).
+    cap: u64,
+}
+
+impl MmapFile {
+    /// Creates (or truncates) `path`.
+    pub(crate) fn create(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(Self {
+            file,
+            map: None,
+            len: 0,
+            cap: 0,
+        })
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Makes sure `[0, end)` is allocated and mapped. On `ENOSPC` nothing changes.
+    pub(crate) fn reserve(&mut self, end: u64) -> io::Result<()> {
+        if end <= self.cap {
+            return Ok(());
+        }
+        let step = self.cap.clamp(MIN_STEP, MAX_STEP);
+        let wanted = round_up(end.max(self.cap + step));
+        let needed = round_up(end);
+        let new_cap = match self.allocate(wanted) {
+            Ok(()) => wanted,
+            // A big step may not fit where the bytes we need still do.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && needed < wanted => {
+                self.allocate(needed)?;
+                needed
+            }
+            Err(e) => return Err(e),
+        };
+        // Unmap before mapping the longer file (a single mapping of the whole file).
+        self.map = None;
+        // SAFETY: the file is ours (created by this writer in its spool directory) and is never
+        // truncated while mapped: `finish` drops the mapping before `set_len`.
+        self.map = Some(unsafe { MmapMut::map_mut(&self.file)? });
+        self.cap = new_cap;
+        Ok(())
+    }
+
+    fn allocate(&mut self, new_cap: u64) -> io::Result<()> {
+        let (off, len) = (self.cap as libc::off_t, (new_cap - self.cap) as libc::off_t);
+        // SAFETY: plain syscall on a file descriptor we own.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // No fallocate (rare for a spool filesystem): a sparse extension; a full disk then
+            // shows up as SIGBUS, so prefer a filesystem that supports it.
+            return self.file.set_len(new_cap);
+        }
+        Err(err)
+    }
+
+    /// Writes `data` at `offset`, growing the file if needed; the logical length becomes at least
+    /// `offset + data.len()`. On error nothing is written.
+    pub(crate) fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset + data.len() as u64;
+        self.reserve(end)?;
+        if let Some(map) = self.map.as_mut() {
+            map[offset as usize..end as usize].copy_from_slice(data);
+        }
+        self.len = self.len.max(end);
+        Ok(())
+    }
+
+    /// The mapped bytes `[offset, offset + len)`, allocated first. The logical length becomes at
+    /// least `offset + len`.
+    pub(crate) fn slice_mut(&mut self, offset: u64, len: usize) -> io::Result<&mut [u8]> {
+        let end = offset + len as u64;
+        self.reserve(end)?;
+        self.len = self.len.max(end);
+        match self.map.as_mut() {
+            Some(map) => Ok(&mut map[offset as usize..end as usize]),
+            None => Ok(&mut []),
+        }
+    }
+
+    /// Starts writeback of the mapping (does not wait).
+    pub(crate) fn flush_async(&self) -> io::Result<()> {
+        match &self.map {
+            Some(map) => map.flush_async(),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes, unmaps and cuts the file to its logical length.
+    pub(crate) fn finish(mut self) -> io::Result<()> {
+        if let Some(map) = self.map.take() {
+            map.flush()?;
+        }
+        self.file.set_len(self.len)?;
+        self.file.sync_all()
+    }
+}
+
+fn round_up(n: u64) -> u64 {
+    n.div_ceil(PAGE) * PAGE
+}
