@@ -250,7 +250,11 @@ impl Index {
     pub fn get(&self, id: &str) -> Result<Option<IndexedRecording>, IndexError> {
         let row = self
             .conn
-            .query_row("SELECT * FROM recordings WHERE id = ?1", params![id], row_to)
+            .query_row(
+                "SELECT * FROM recordings WHERE id = ?1",
+                params![id],
+                row_to,
+            )
             .optional()?;
         row.map(|r| self.with_participants(r)).transpose()
     }
@@ -264,13 +268,15 @@ impl Index {
         let rows = stmt
             .query_map(params, row_to)?
             .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter().map(|r| self.with_participants(r)).collect()
+        rows.into_iter()
+            .map(|r| self.with_participants(r))
+            .collect()
     }
 
     fn with_participants(&self, mut r: IndexedRecording) -> Result<IndexedRecording, IndexError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT name, aor FROM participants WHERE recording_id = ?1 ORDER BY rowid")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, aor FROM participants WHERE recording_id = ?1 ORDER BY rowid",
+        )?;
         r.participants = stmt
             .query_map(params![r.id], |row| {
                 Ok(IndexedParticipant {
@@ -283,7 +289,11 @@ impl Index {
     }
 }
 
-fn upsert(tx: &rusqlite::Transaction<'_>, m: &RecordingMetadata, path: &Path) -> Result<(), IndexError> {
+fn upsert(
+    tx: &rusqlite::Transaction<'_>,
+    m: &RecordingMetadata,
+    path: &Path,
+) -> Result<(), IndexError> {
     let started = parse_rfc3339(&m.started_at).map(millis).unwrap_or(0);
     let ended = m.ended_at.as_deref().and_then(parse_rfc3339).map(millis);
     tx.execute(
@@ -310,7 +320,10 @@ fn upsert(tx: &rusqlite::Transaction<'_>, m: &RecordingMetadata, path: &Path) ->
             m.host,
         ],
     )?;
-    tx.execute("DELETE FROM participants WHERE recording_id = ?1", params![m.id])?;
+    tx.execute(
+        "DELETE FROM participants WHERE recording_id = ?1",
+        params![m.id],
+    )?;
     for p in &m.participants {
         tx.execute(
             "INSERT INTO participants (recording_id, name, aor, aor_key) VALUES (?1, ?2, ?3, ?4)",

@@ -41,7 +41,11 @@ fn meta(id: &str, uuid: &str, start: u64, end: Option<u64>, aor: &str) -> Record
         connection_id: Some(format!("conn-{id}")),
         extra_ids: vec![],
         host: "site-a".into(),
-        state: if end.is_some() { RecordingState::Complete } else { RecordingState::Active },
+        state: if end.is_some() {
+            RecordingState::Complete
+        } else {
+            RecordingState::Active
+        },
         end_reason: end.map(|_| "bye".into()),
         end_detail: None,
         started_at: rfc3339(at(start)),
@@ -83,10 +87,18 @@ fn three_recordings_of_one_call_uuid_in_order() {
     let spool = spool_with(&t.0, &[]);
     let mut index = Index::open(&t.0.join("i.db"), &spool).unwrap();
     // Inserted out of order; a fourth recording belongs to another interaction.
-    index.upsert_from_metadata(&meta("r2", "U", 100, Some(200), "sip:b@x")).unwrap();
-    index.upsert_from_metadata(&meta("r3", "U", 300, None, "sip:c@x")).unwrap();
-    index.upsert_from_metadata(&meta("r1", "U", 0, Some(100), "sip:a@x")).unwrap();
-    index.upsert_from_metadata(&meta("other", "V", 50, Some(60), "sip:a@x")).unwrap();
+    index
+        .upsert_from_metadata(&meta("r2", "U", 100, Some(200), "sip:b@x"))
+        .unwrap();
+    index
+        .upsert_from_metadata(&meta("r3", "U", 300, None, "sip:c@x"))
+        .unwrap();
+    index
+        .upsert_from_metadata(&meta("r1", "U", 0, Some(100), "sip:a@x"))
+        .unwrap();
+    index
+        .upsert_from_metadata(&meta("other", "V", 50, Some(60), "sip:a@x"))
+        .unwrap();
     let rows = index.by_call_uuid("U").unwrap();
     assert_eq!(ids(&rows), ["r1", "r2", "r3"]);
     assert_eq!(rows[0].started_at, at(0));
@@ -98,7 +110,9 @@ fn three_recordings_of_one_call_uuid_in_order() {
     assert_eq!(rows[1].host, "site-a");
     assert_eq!(rows[1].participants[0].aor.as_deref(), Some("sip:b@x"));
     // An update replaces, it does not duplicate.
-    index.upsert_from_metadata(&meta("r3", "U", 300, Some(400), "sip:c@x")).unwrap();
+    index
+        .upsert_from_metadata(&meta("r3", "U", 300, Some(400), "sip:c@x"))
+        .unwrap();
     let rows = index.by_call_uuid("U").unwrap();
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[2].state, "complete");
@@ -110,18 +124,45 @@ fn by_participant_and_time_range() {
     let t = TempDir::new("query");
     let spool = spool_with(&t.0, &[]);
     let mut index = Index::open(&t.0.join("i.db"), &spool).unwrap();
-    index.upsert_from_metadata(&meta("r1", "U", 0, Some(100), "sip:Alice@Example.com")).unwrap();
-    index.upsert_from_metadata(&meta("r2", "U", 150, Some(200), "sip:bob@example.com")).unwrap();
-    index.upsert_from_metadata(&meta("r3", "W", 500, None, "alice@example.com")).unwrap();
-    assert_eq!(ids(&index.by_participant_aor("sip:alice@example.com").unwrap()), ["r1", "r3"]);
-    assert_eq!(ids(&index.by_participant_aor("bob@example.com").unwrap()), ["r2"]);
-    assert!(index.by_participant_aor("carol@example.com").unwrap().is_empty());
-    assert_eq!(ids(&index.by_time_range(at(90), at(160)).unwrap()), ["r1", "r2"]);
-    assert_eq!(ids(&index.by_time_range(at(101), at(149)).unwrap()), Vec::<&str>::new());
+    index
+        .upsert_from_metadata(&meta("r1", "U", 0, Some(100), "sip:Alice@Example.com"))
+        .unwrap();
+    index
+        .upsert_from_metadata(&meta("r2", "U", 150, Some(200), "sip:bob@example.com"))
+        .unwrap();
+    index
+        .upsert_from_metadata(&meta("r3", "W", 500, None, "alice@example.com"))
+        .unwrap();
+    assert_eq!(
+        ids(&index.by_participant_aor("sip:alice@example.com").unwrap()),
+        ["r1", "r3"]
+    );
+    assert_eq!(
+        ids(&index.by_participant_aor("bob@example.com").unwrap()),
+        ["r2"]
+    );
+    assert!(index
+        .by_participant_aor("carol@example.com")
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        ids(&index.by_time_range(at(90), at(160)).unwrap()),
+        ["r1", "r2"]
+    );
+    assert_eq!(
+        ids(&index.by_time_range(at(101), at(149)).unwrap()),
+        Vec::<&str>::new()
+    );
     // Active recordings run until now.
-    assert_eq!(ids(&index.by_time_range(at(10_000), at(20_000)).unwrap()), ["r3"]);
+    assert_eq!(
+        ids(&index.by_time_range(at(10_000), at(20_000)).unwrap()),
+        ["r3"]
+    );
     index.remove("r1").unwrap();
-    assert_eq!(ids(&index.by_participant_aor("alice@example.com").unwrap()), ["r3"]);
+    assert_eq!(
+        ids(&index.by_participant_aor("alice@example.com").unwrap()),
+        ["r3"]
+    );
     assert!(index.get("r1").unwrap().is_none());
     assert_eq!(index.get("r2").unwrap().unwrap().sip_call_id, "r2@sbc");
 }
@@ -166,11 +207,16 @@ fn reopen_keeps_rows_and_schema_version() {
     let db = t.0.join("i.db");
     {
         let mut index = Index::open(&db, &spool).unwrap();
-        index.upsert_from_metadata(&meta("x", "U", 0, None, "sip:x@y")).unwrap();
+        index
+            .upsert_from_metadata(&meta("x", "U", 0, None, "sip:x@y"))
+            .unwrap();
     }
     let index = Index::open(&db, &spool).unwrap();
     // Not rebuilt (the spool is empty): the row survived.
     assert_eq!(ids(&index.by_call_uuid("U").unwrap()), ["x"]);
-    let v: i64 = index.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    let v: i64 = index
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(v as usize, MIGRATIONS.len());
 }

@@ -94,7 +94,11 @@ pub(crate) mod encode {
             0x7F
         } else {
             let mut a = s << 4;
-            a |= if s < 2 { (v >> 1) & 0xF } else { (v >> s) & 0xF };
+            a |= if s < 2 {
+                (v >> 1) & 0xF
+            } else {
+                (v >> s) & 0xF
+            };
             a
         };
         (a ^ mask) as u8

@@ -38,11 +38,15 @@ pub(crate) struct MmapFile {
     len: u64,
     /// Bytes allocated in the file (and mapped).
     cap: u64,
+    /// Growth fails with `ENOSPC` when it would leave less free space than this on the
+    /// filesystem (room kept to finish files and write metadata).
+    floor: u64,
 }
 
 impl MmapFile {
-    /// Creates (or truncates) `path`.
-    pub(crate) fn create(path: &Path) -> io::Result<Self> {
+    /// Creates (or truncates) `path`. Growing fails with `ENOSPC` once it would leave less than
+    /// `floor` bytes free on the filesystem (0: no floor).
+    pub(crate) fn create(path: &Path, floor: u64) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -54,6 +58,7 @@ impl MmapFile {
             map: None,
             len: 0,
             cap: 0,
+            floor,
         })
     }
 
@@ -89,6 +94,9 @@ impl MmapFile {
 
     fn allocate(&mut self, new_cap: u64) -> io::Result<()> {
         let (off, len) = (self.cap as libc::off_t, (new_cap - self.cap) as libc::off_t);
+        if self.floor > 0 && free_bytes(&self.file)? < len as u64 + self.floor {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         // SAFETY: plain syscall on a file descriptor we own.
         let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, off, len) };
         if rc == 0 {
@@ -143,6 +151,18 @@ impl MmapFile {
         self.file.set_len(self.len)?;
         self.file.sync_all()
     }
+}
+
+/// Free bytes (for unprivileged users) on the filesystem of `file`.
+fn free_bytes(file: &File) -> io::Result<u64> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `st` is a writable statvfs and the descriptor is open.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatvfs succeeded and filled `st`.
+    let st = unsafe { st.assume_init() };
+    Ok(st.f_bavail * st.f_frsize)
 }
 
 fn round_up(n: u64) -> u64 {

@@ -69,13 +69,13 @@ use std::{
 
 use tracing::{info, warn};
 
+use self::recording::{Recording, Start};
 pub use self::{
     metadata::{RecordingMetadata, RecordingState},
     repair::repair_spool,
     retention::{enforce_retention, RetentionPolicy},
     rtp::SsrcStats,
 };
-use self::recording::{Recording, Start};
 use crate::{
     capture::{CapturedPacket, PacketSink, RecordHeader},
     events::SessionEvent,
@@ -99,11 +99,15 @@ pub struct WriterConfig {
     pub index: Option<PathBuf>,
     /// Host (site) name written in metadata and the index.
     pub host: String,
+    /// Media writes stop (counted as write failures) when they would leave less free space than
+    /// this in the spool, so that files can still be finished and metadata written on a full
+    /// disk. Keep it below `min_free_bytes`.
+    pub media_floor_bytes: u64,
 }
 
 impl WriterConfig {
-    /// Defaults: flush every 2 s, refuse below 256 MiB free, no retention, 65536 queued packets,
-    /// no index, the machine's host name.
+    /// Defaults: flush every 2 s, refuse below 256 MiB free, stop media writes below 16 MiB free,
+    /// no retention, 65536 queued packets, no index, the machine's host name.
     pub fn new(spool: PathBuf) -> Self {
         Self {
             spool,
@@ -114,6 +118,7 @@ impl WriterConfig {
             queue_packets: 65536,
             index: None,
             host: hostname(),
+            media_floor_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -361,7 +366,7 @@ fn free_bytes(path: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs succeeded, so it filled `st`.
     let st = unsafe { st.assume_init() };
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    Some(st.f_bavail * st.f_frsize)
 }
 
 fn hostname() -> String {
@@ -488,6 +493,7 @@ impl Writer {
                 participants,
                 metadata: metadata.as_ref(),
                 host: &self.config.host,
+                floor: self.config.media_floor_bytes,
             };
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {
@@ -566,7 +572,8 @@ impl Writer {
             if let Some((other, _, _)) = self.flows.get(&flow) {
                 warn!(flow, recording = %rec.id(), other = %other, "flow id reused; last one wins");
             }
-            self.flows.insert(flow, (rec.id().to_string(), stream, rtcp));
+            self.flows
+                .insert(flow, (rec.id().to_string(), stream, rtcp));
         }
     }
 

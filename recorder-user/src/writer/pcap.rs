@@ -24,8 +24,9 @@ pub(crate) struct PcapWriter {
 }
 
 impl PcapWriter {
-    pub(crate) fn create(path: &Path) -> io::Result<Self> {
-        let mut out = MmapFile::create(path)?;
+    /// `floor`: see [`MmapFile::create`].
+    pub(crate) fn create(path: &Path, floor: u64) -> io::Result<Self> {
+        let mut out = MmapFile::create(path, floor)?;
         let mut h = [0u8; GLOBAL_HEADER_LEN as usize];
         h[0..4].copy_from_slice(&MAGIC_NS.to_le_bytes());
         h[4..6].copy_from_slice(&2u16.to_le_bytes());
@@ -38,7 +39,12 @@ impl PcapWriter {
     }
 
     /// Appends one record. On error (disk full) the file is unchanged.
-    pub(crate) fn write(&mut self, wall: SystemTime, orig_len: u32, frame: &[u8]) -> io::Result<()> {
+    pub(crate) fn write(
+        &mut self,
+        wall: SystemTime,
+        orig_len: u32,
+        frame: &[u8],
+    ) -> io::Result<()> {
         let since = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut h = [0u8; RECORD_HEADER_LEN];
         h[0..4].copy_from_slice(&(since.as_secs() as u32).to_le_bytes());
@@ -87,7 +93,12 @@ pub(crate) fn repair(path: &Path) -> io::Result<PcapRepair> {
     let nanos = match magic {
         MAGIC_NS => true,
         MAGIC_US => false,
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, "not a little-endian pcap")),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a little-endian pcap",
+            ))
+        }
     };
     let mut at = GLOBAL_HEADER_LEN as usize;
     let mut records = 0;
@@ -100,7 +111,11 @@ pub(crate) fn repair(path: &Path) -> io::Result<PcapRepair> {
         if !sane || end > data.len() {
             break;
         }
-        let sub = if nanos { frac } else { frac.saturating_mul(1000) };
+        let sub = if nanos {
+            frac
+        } else {
+            frac.saturating_mul(1000)
+        };
         last = Some(UNIX_EPOCH + std::time::Duration::new(sec as u64, sub.min(999_999_999)));
         records += 1;
         at = end;

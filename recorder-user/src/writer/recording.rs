@@ -178,6 +178,8 @@ pub(crate) struct Start<'a> {
     pub participants: &'a [Participant],
     pub metadata: Option<&'a MetadataVersion>,
     pub host: &'a str,
+    /// Free space media writes leave on the filesystem.
+    pub floor: u64,
 }
 
 impl Recording {
@@ -206,8 +208,13 @@ impl Recording {
                 notes.push(not_decoded_note(&st.info));
             }
         }
-        let pcap = PcapWriter::create(&dir.join(PCAP_FILE))?;
-        let wav = WavWriter::create(&dir.join(WAV_FILE), labels.len().max(1) as u16, WAV_RATE)?;
+        let pcap = PcapWriter::create(&dir.join(PCAP_FILE), s.floor)?;
+        let wav = WavWriter::create(
+            &dir.join(WAV_FILE),
+            labels.len().max(1) as u16,
+            WAV_RATE,
+            s.floor,
+        )?;
         let now = rfc3339(s.at);
         let mut rec = Self {
             meta: RecordingMetadata {
@@ -321,7 +328,9 @@ impl Recording {
             warn!(recording = %self.meta.id, error = %e, "cannot write {file}");
             return;
         }
-        self.meta.metadata_versions.retain(|v| v.version != m.version);
+        self.meta
+            .metadata_versions
+            .retain(|v| v.version != m.version);
         self.meta.metadata_versions.push(MetadataVersionMeta {
             version: m.version,
             received_at: rfc3339(m.received_at),
@@ -444,7 +453,9 @@ impl Recording {
             return failed;
         };
         let wall_pos = frames_between(self.started, p.wall, wav.rate());
-        let pos = s.aligner.position(&h, s.info.codec.clock_rate, wav.rate(), wall_pos);
+        let pos = s
+            .aligner
+            .position(&h, s.info.codec.clock_rate, wav.rate(), wall_pos);
         let data = payload
             .get(h.payload_offset..h.payload_offset + h.payload_len)
             .unwrap_or(&[]);
@@ -473,7 +484,10 @@ impl Recording {
 
     fn refresh_meta(&mut self, now: SystemTime) {
         self.meta.streams = self.streams.iter().map(Stream::meta).collect();
-        self.meta.wav.frames = self.wav.as_ref().map_or(self.meta.wav.frames, |w| w.frames());
+        self.meta.wav.frames = self
+            .wav
+            .as_ref()
+            .map_or(self.meta.wav.frames, |w| w.frames());
         self.meta.updated_at = rfc3339(now);
     }
 

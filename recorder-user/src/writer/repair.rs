@@ -5,9 +5,7 @@ use std::{fs, path::Path, time::SystemTime};
 use tracing::{info, warn};
 
 use super::{
-    metadata::{
-        parse_rfc3339, rfc3339, RecordingMetadata, RecordingState, PCAP_FILE, WAV_FILE,
-    },
+    metadata::{parse_rfc3339, rfc3339, RecordingMetadata, RecordingState, PCAP_FILE, WAV_FILE},
     pcap, wav, WriterError,
 };
 
@@ -67,7 +65,8 @@ fn repair_one(dir: &Path, meta: &mut RecordingMetadata) -> Result<(), WriterErro
         let r = wav::repair(&wav_path).map_err(io("repair wav", &wav_path))?;
         meta.wav.frames = r.frames;
         if let (Some(s), true) = (started, r.rate > 0) {
-            let wav_end = s + std::time::Duration::from_nanos(r.frames * 1_000_000_000 / r.rate as u64);
+            let wav_end =
+                s + std::time::Duration::from_nanos(r.frames * 1_000_000_000 / r.rate as u64);
             last = last.max(Some(wav_end));
         }
         meta.notes.push(format!(

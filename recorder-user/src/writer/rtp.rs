@@ -144,7 +144,13 @@ impl Aligner {
 
     /// Position (in frames at `out_rate`) of the first sample of a packet. `wall_pos` is the
     /// packet's arrival position (frames since the recording started, from wall time).
-    pub(crate) fn position(&mut self, h: &RtpHeader, clock_rate: u32, out_rate: u32, wall_pos: i64) -> i64 {
+    pub(crate) fn position(
+        &mut self,
+        h: &RtpHeader,
+        clock_rate: u32,
+        out_rate: u32,
+        wall_pos: i64,
+    ) -> i64 {
         let clock_rate = clock_rate.max(1) as i64;
         let max_drift = Self::MAX_DRIFT_MS * out_rate as i64 / 1000;
         if let Some(a) = self.anchor.filter(|a| a.ssrc == h.ssrc) {
@@ -154,7 +160,12 @@ impl Aligner {
             if (pos - wall_pos).abs() <= max_drift && dseq.abs() <= Self::MAX_SEQ_JUMP {
                 // Move the anchor forward so timestamp differences stay small on long calls.
                 if dseq > 0 {
-                    self.anchor = Some(Anchor { seq: h.seq, ts: h.timestamp, pos, ..a });
+                    self.anchor = Some(Anchor {
+                        seq: h.seq,
+                        ts: h.timestamp,
+                        pos,
+                        ..a
+                    });
                 }
                 return pos;
             }
@@ -193,15 +204,30 @@ mod tests {
         assert_eq!(parse(&[0u8; 20]), Kind::Malformed);
         let mut p = vec![0x80, 0, 0, 1, 0, 0, 0, 160, 0, 0, 0, 9];
         p.extend_from_slice(&[0xff; 160]);
-        let Kind::Rtp(h) = parse(&p) else { panic!("not rtp") };
-        assert_eq!((h.seq, h.timestamp, h.ssrc, h.payload_len), (1, 160, 9, 160));
+        let Kind::Rtp(h) = parse(&p) else {
+            panic!("not rtp")
+        };
+        assert_eq!(
+            (h.seq, h.timestamp, h.ssrc, h.payload_len),
+            (1, 160, 9, 160)
+        );
         // Extension header of one word, padding of 4 bytes.
-        let mut p = vec![0xB0, 8, 0, 1, 0, 0, 0, 160, 0, 0, 0, 9, 0xbe, 0xde, 0, 1, 1, 2, 3, 4];
+        let mut p = vec![
+            0xB0, 8, 0, 1, 0, 0, 0, 160, 0, 0, 0, 9, 0xbe, 0xde, 0, 1, 1, 2, 3, 4,
+        ];
         p.extend_from_slice(&[0x55; 10]);
         p.extend_from_slice(&[0, 0, 0, 4]);
-        let Kind::Rtp(h) = parse(&p) else { panic!("not rtp") };
-        assert_eq!((h.payload_offset, h.payload_len, h.payload_type), (20, 10, 8));
-        assert_eq!(parse(&[0x80, 200, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]), Kind::Rtcp);
+        let Kind::Rtp(h) = parse(&p) else {
+            panic!("not rtp")
+        };
+        assert_eq!(
+            (h.payload_offset, h.payload_len, h.payload_type),
+            (20, 10, 8)
+        );
+        assert_eq!(
+            parse(&[0x80, 200, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Kind::Rtcp
+        );
     }
 
     #[test]

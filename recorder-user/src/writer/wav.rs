@@ -22,9 +22,10 @@ pub(crate) struct WavWriter {
 }
 
 impl WavWriter {
-    pub(crate) fn create(path: &Path, channels: u16, rate: u32) -> io::Result<Self> {
+    /// `floor`: see [`MmapFile::create`].
+    pub(crate) fn create(path: &Path, channels: u16, rate: u32, floor: u64) -> io::Result<Self> {
         let mut w = Self {
-            out: MmapFile::create(path)?,
+            out: MmapFile::create(path, floor)?,
             channels: channels.max(1),
             rate,
         };
@@ -60,7 +61,9 @@ impl WavWriter {
         }
         let fb = self.frame_bytes() as usize;
         let off = HEADER_LEN + start * fb as u64;
-        let region = self.out.slice_mut(off, (n - 1) * fb + 2 * (channel as usize + 1))?;
+        let region = self
+            .out
+            .slice_mut(off, (n - 1) * fb + 2 * (channel as usize + 1))?;
         for (i, s) in samples[..n].iter().enumerate() {
             let at = i * fb + 2 * channel as usize;
             region[at..at + 2].copy_from_slice(&s.to_le_bytes());
