@@ -215,6 +215,30 @@ impl Index {
         Ok(n)
     }
 
+    /// Re-reads the metadata of every row still `active` (after a restart they were either
+    /// repaired to `interrupted` by `writer::repair_spool` or deleted). Returns the rows updated.
+    pub fn refresh_active(&mut self) -> Result<usize, IndexError> {
+        let ids: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT id FROM recordings WHERE state = 'active'")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let tx = self.conn.transaction()?;
+        for id in &ids {
+            let dir = self.spool.join(id);
+            match RecordingMetadata::read(&dir) {
+                Ok(m) => upsert(&tx, &m, &dir)?,
+                Err(_) => {
+                    tx.execute("DELETE FROM recordings WHERE id = ?1", params![id])?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(ids.len())
+    }
+
     /// Every recording of one interaction (CallUUID), in start order.
     pub fn by_call_uuid(&self, call_uuid: &str) -> Result<Vec<IndexedRecording>, IndexError> {
         self.query(

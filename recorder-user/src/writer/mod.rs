@@ -217,8 +217,8 @@ pub struct WriterSink {
     drops: HashMap<u64, u64>,
 }
 
-/// Creates the spool if needed, opens the index (rebuilding it if missing or corrupt) and spawns
-/// the writer thread. Run [`repair_spool`] before.
+/// Creates the spool if needed, opens the index (rebuilding it if missing or corrupt, refreshing
+/// the rows a previous run left active) and spawns the writer thread. Run [`repair_spool`] before.
 pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterError> {
     std::fs::create_dir_all(&config.spool).map_err(|source| WriterError::Io {
         op: "create spool",
@@ -226,7 +226,12 @@ pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterE
         source,
     })?;
     let index = match &config.index {
-        Some(db) => Some(Index::open(db, &config.spool)?),
+        Some(db) => {
+            let mut index = Index::open(db, &config.spool)?;
+            // Rows left `active` by the previous run now say what repair_spool made of them.
+            index.refresh_active()?;
+            Some(index)
+        }
         None => None,
     };
     let (tx, rx) = mpsc::channel();

@@ -23,6 +23,9 @@ use crate::events::{CallIds, MetadataVersion, Participant, StreamInfo};
 
 /// Sample rate of the WAV: G.711 is the only codec decoded.
 pub(crate) const WAV_RATE: u32 = 8000;
+/// Longest WAV written (24 h): guards against a wall clock step turning into gigabytes of
+/// silence. Audio past it stays in the pcap (counted as `out_of_range`).
+const MAX_WAV_SECONDS: i64 = 24 * 3600;
 
 /// Codec of a payload type the WAV can take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,7 +194,8 @@ impl Recording {
             ));
         }
         let dir = spool.join(s.id);
-        fs::create_dir_all(&dir)?;
+        // Never reuse (and truncate) the files of an earlier recording with the same id.
+        fs::create_dir(&dir)?;
         // One channel per audio stream, in stream order.
         let mut labels = Vec::new();
         let mut streams = Vec::new();
@@ -462,7 +466,7 @@ impl Recording {
         dec.decode(data, &mut self.scratch);
         // Audio before the start of the recording is cut (packets racing the 200 OK).
         let skip = (-pos).max(0) as usize;
-        if skip >= self.scratch.len() {
+        if skip >= self.scratch.len() || pos > MAX_WAV_SECONDS * wav.rate() as i64 {
             self.meta.dropped.out_of_range += 1;
             return failed;
         }
@@ -534,8 +538,16 @@ impl Recording {
             s.set_paused(false, at);
         }
         if let Some(mut w) = self.wav.take() {
-            let frames = frames_between(self.started, at, w.rate()).max(0) as u64;
-            if let Err(e) = w.extend_to(frames) {
+            let mut frames = frames_between(self.started, at, w.rate()).max(0);
+            let max = MAX_WAV_SECONDS * w.rate() as i64;
+            if frames > max {
+                frames = max;
+                self.meta.notes.push(format!(
+                    "end time {} is more than {MAX_WAV_SECONDS} s after the start: WAV cut there",
+                    rfc3339(at)
+                ));
+            }
+            if let Err(e) = w.extend_to(frames as u64) {
                 self.meta.dropped.wav_write_failed += 1;
                 warn!(recording = %self.meta.id, error = %e, "cannot extend wav to the call's end");
             }
