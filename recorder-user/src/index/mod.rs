@@ -107,7 +107,7 @@ impl Index {
                 }
                 Ok(index)
             }
-            Err(IndexError::Sqlite(e)) => {
+            Err(IndexError::Sqlite(e)) if is_corruption(&e) => {
                 warn!(db = %db.display(), error = %e, "index unusable; rebuilding from the spool");
                 let aside = db.with_extension("corrupt");
                 fs::rename(db, &aside).map_err(|source| IndexError::Io {
@@ -137,7 +137,11 @@ impl Index {
                 Some(check),
             )));
         }
-        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA journal_mode = WAL;")?;
+        // WAL + synchronous=NORMAL: no corruption on power loss, at worst the last updates are
+        // lost, and the index is a cache of the spool's metadata anyway.
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+        )?;
         let mut index = Self {
             conn,
             db: db.to_path_buf(),
@@ -355,6 +359,12 @@ fn upsert(
         )?;
     }
     Ok(())
+}
+
+/// The file is not a usable database (as opposed to busy, read-only, ...).
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, DatabaseCorrupt | NotADatabase))
 }
 
 fn row_to(r: &Row<'_>) -> rusqlite::Result<IndexedRecording> {

@@ -29,14 +29,24 @@
 //! ```no_run
 //! # use recorder::writer::*;
 //! # fn main() -> Result<(), WriterError> {
-//! let config = WriterConfig::new("/var/spool/recorder".into());
-//! repair_spool(&config.spool)?; // before any writer runs
-//! let (handle, sink) = start(config)?;
-//! // capture: ring.drain(&mut sink); signaling: handle.event(ev);
-//! // periodically: handle.enforce_retention()?;  on SIP INVITE: handle.can_accept_new_session()
-//! handle.shutdown();
+//! let mut config = WriterConfig::new("/var/spool/recorder".into());
+//! config.index = Some("/var/lib/recorder/index.db".into());
+//! repair_spool(&config.spool)?; // before any writer runs: `active` -> `interrupted`
+//! let (handle, sink) = start(config)?; // `sink` goes to the capture task (a PacketSink)
+//! // signaling: handle.event(ev); before answering an INVITE: handle.can_accept_new_session()
+//! // (false -> 503); every few minutes: handle.enforce_retention()?; metrics: handle.stats()
+//! handle.shutdown(); // ends active recordings with end_reason "shutdown"
 //! # Ok(()) }
 //! ```
+//! The index is written only by the writer thread; readers (control API, CLI) open their own
+//! [`crate::index::Index`] on the same file (SQLite WAL allows concurrent readers).
+//!
+//! # Disk full
+//! Media files grow by `fallocate` and stop growing when the spool would have less than
+//! `media_floor_bytes` free: packets that do not fit are counted (`dropped.pcap_write_failed`,
+//! `dropped.wav_write_failed`, [`WriterStats`]) and logged once per recording; what is written
+//! stays whole (a pcap record is written body first, header last; the WAV is positional), and
+//! the floor leaves room to finish the files and replace `metadata.json`.
 //! Files are written through `memmap2` mappings grown in large steps with space reserved by
 //! `fallocate`, so a full disk is an error, not a `SIGBUS` (see `mmapfile.rs` for the measurement
 //! against `write(2)`).
@@ -320,15 +330,26 @@ impl WriterHandle {
     }
 
     /// Ends every active recording (`end_reason: shutdown`), flushes and closes all files, and
-    /// waits for the writer thread. Packets still queued are written first.
+    /// waits for the writer thread. Packets still queued are written first. Dropping the handle
+    /// does the same.
     pub fn shutdown(mut self) -> WriterStats {
-        let _ = self.tx.send(Msg::Shutdown);
+        self.stop();
+        self.stats()
+    }
+
+    fn stop(&mut self) {
         if let Some(t) = self.thread.take() {
+            let _ = self.tx.send(Msg::Shutdown);
             if t.join().is_err() {
                 warn!("writer thread panicked");
             }
         }
-        self.stats()
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -348,8 +369,9 @@ impl PacketSink for WriterSink {
             frame: p.frame[..cap].into(),
         });
         if self.tx.send(msg).is_err() {
+            // The writer thread has stopped (shutdown): nothing will take packets any more.
             self.shared.queued.fetch_sub(1, Relaxed);
-            self.shared.unknown_flow.fetch_add(1, Relaxed);
+            self.shared.queue_full.fetch_add(1, Relaxed);
         }
     }
 
