@@ -445,6 +445,117 @@ fn packets_routed_by_flow_rtcp_to_pcap_only_late_packets_counted() {
 }
 
 #[test]
+fn tool_reinvite_keeps_the_recording_and_channels_metadata_versions_are_kept() {
+    let dir = TempDir::new("reinvite");
+    let (h, mut sink) = start_writer(dir.path());
+    h.event(started("r1", two_streams(), "uuid-1"));
+    h.event(started(
+        "other",
+        vec![stream(0, "x", 50, "PCMU", 0, 41000)],
+        "uuid-2",
+    ));
+    let sig = tone(440.0, 8000.0);
+    let mut a = Sender::new(1, 40000, 0, 0xA, 1, 0);
+    let mut o = Sender::new(50, 41000, 0, 0x0, 1, 0);
+    for k in 0..50 {
+        a.send(&mut sink, k * 160, 0, &sig);
+        o.send(&mut sink, k * 160, 0, &sig);
+    }
+    // Re-INVITE at 1 s: the caller's stream moves to a new flow (new port), the callee's is
+    // removed; a transfer brings new metadata and a new participant.
+    let mut streams = vec![stream(0, "caller", 11, "PCMU", 0, 40010)];
+    streams[0].rtcp_flow_id = None;
+    h.event(SessionEvent::MediaChanged {
+        id: "r1".into(),
+        at: at_ms(1000),
+        streams,
+    });
+    h.event(SessionEvent::ParticipantsChanged {
+        id: "r1".into(),
+        at: at_ms(1000),
+        participants: vec![Participant {
+            id: "p2".into(),
+            name: Some("Bob".into()),
+            aor: Some("sip:bob@example.com".into()),
+            ..Default::default()
+        }],
+        metadata: Some(MetadataVersion {
+            version: 2,
+            received_at: at_ms(1000),
+            method: "UPDATE".into(),
+            xml: "<recording>v2</recording>".into(),
+        }),
+        ids: CallIds {
+            sip_call_id: String::new(),
+            connection_id: Some("conn-2".into()),
+            ..Default::default()
+        },
+    });
+    let mut a2 = Sender::new(11, 40010, 0, 0xA2, 1, 0);
+    for k in 50..100 {
+        a2.send(&mut sink, k * 160, 0, &sig);
+        o.send(&mut sink, k * 160, 0, &sig);
+    }
+    a.send(&mut sink, 100 * 160, 0, &sig); // old flow: no longer routed
+                                           // Packets during a pause are kept in the pcap only.
+    h.event(SessionEvent::Paused {
+        id: "r1".into(),
+        at: at_ms(2000),
+        label: "caller".into(),
+    });
+    for k in 100..110 {
+        a2.send(&mut sink, k * 160, 0, &sig);
+    }
+    h.event(ended("r1", 3000));
+    h.event(ended("other", 3000));
+    h.sync();
+    assert_eq!(h.stats().unknown_flow, 1);
+    let m = RecordingMetadata::read(&dir.path().join("r1")).unwrap();
+    assert_eq!(m.streams[0].packets, 110);
+    assert_eq!(m.streams[0].local_port, 40010);
+    assert_eq!(m.streams[0].ssrcs.len(), 2);
+    assert!(m.streams[1].removed_at.is_some());
+    assert_eq!(m.dropped.while_paused, 10);
+    assert_eq!(m.streams[0].paused.len(), 1);
+    assert_eq!(m.participants[0].name.as_deref(), Some("Bob"));
+    assert_eq!(
+        m.call_uuid.as_deref(),
+        Some("uuid-1"),
+        "kept when a later message omits it"
+    );
+    assert_eq!(m.connection_id.as_deref(), Some("conn-2"));
+    let files: Vec<_> = m
+        .metadata_versions
+        .iter()
+        .map(|v| (v.version, v.method.as_str(), v.file.as_str()))
+        .collect();
+    assert_eq!(
+        files,
+        [
+            (1, "INVITE", "metadata-1.xml"),
+            (2, "UPDATE", "metadata-2.xml")
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("r1/metadata-2.xml")).unwrap(),
+        "<recording>v2</recording>"
+    );
+    // Both flows landed on the caller's channel, seamlessly; the pause is silent.
+    let (_, _, c) = read_wav(&dir.path().join("r1").join(WAV_FILE));
+    let ul = |n: u64| g711::ulaw(encode::ulaw(sig(n)));
+    assert_eq!(measured_offset(&c[0], 0, 16_000, ul), Some(0));
+    assert_eq!(rms(&c[0][16_000..]), 0.0);
+    // The other recording only has its own packets.
+    let other = RecordingMetadata::read(&dir.path().join("other")).unwrap();
+    assert_eq!(other.streams[0].packets, 100);
+    assert_eq!(
+        tshark_count_bytes(&dir.path().join("other").join(PCAP_FILE)).0,
+        100
+    );
+    h.shutdown();
+}
+
+#[test]
 fn sink_never_blocks_and_counts_queue_drops_per_flow() {
     // A sink whose writer thread never reads: the queue fills and the rest is dropped.
     let (tx, rx) = std::sync::mpsc::channel();
