@@ -111,7 +111,7 @@ pub struct WriterConfig {
     pub host: String,
     /// Media writes stop (counted as write failures) when they would leave less free space than
     /// this in the spool, so that files can still be finished and metadata written on a full
-    /// disk. Keep it below `min_free_bytes`.
+    /// disk. Capped at half of `min_free_bytes` (new sessions are refused before media stops).
     pub media_floor_bytes: u64,
 }
 
@@ -520,7 +520,10 @@ impl Writer {
                 participants,
                 metadata: metadata.as_ref(),
                 host: &self.config.host,
-                floor: self.config.media_floor_bytes,
+                floor: self
+                    .config
+                    .media_floor_bytes
+                    .min(self.config.min_free_bytes / 2),
             };
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {

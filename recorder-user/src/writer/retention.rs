@@ -43,6 +43,8 @@ pub fn enforce_retention(
     for entry in entries.flatten() {
         let dir = entry.path();
         if !dir.is_dir() {
+            // Other files in the spool (the index, by default) use the space too.
+            total += entry.metadata().map_or(0, |m| m.len());
             continue;
         }
         let size = dir_size(&dir);
