@@ -173,6 +173,8 @@ pub struct WriterStats {
     pub index_errors: u64,
     pub active_recordings: u64,
     pub completed_recordings: u64,
+    /// Packets waiting in the queue to the writer thread right now.
+    pub queued_packets: u64,
 }
 
 #[derive(Default)]
@@ -218,7 +220,8 @@ pub struct WriterHandle {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The capture side: a [`PacketSink`] that queues packets to the writer thread.
+/// The capture side: a [`PacketSink`] that queues packets to the writer thread. Clone it for
+/// several capture tasks (they share the queue bound and the counters).
 pub struct WriterSink {
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
@@ -289,7 +292,8 @@ impl WriterHandle {
         }
     }
 
-    /// Returns once everything sent before (events, packets) has been processed.
+    /// Returns once everything sent before (events, packets) has been processed. Blocks: from
+    /// async code, call it in `spawn_blocking` (as [`Self::enforce_retention`]).
     pub fn sync(&self) {
         let (tx, rx) = mpsc::sync_channel(1);
         if self.tx.send(Msg::Sync(tx)).is_ok() {
@@ -310,6 +314,7 @@ impl WriterHandle {
             index_errors: s.index_errors.load(Relaxed),
             active_recordings: s.active.load(Relaxed),
             completed_recordings: s.completed.load(Relaxed),
+            queued_packets: s.queued.load(Relaxed) as u64,
         }
     }
 
@@ -320,7 +325,7 @@ impl WriterHandle {
     }
 
     /// Applies the retention limits of the config (on the writer thread, which also removes the
-    /// deleted recordings from the index). Returns the ids deleted.
+    /// deleted recordings from the index). Returns the ids deleted. Blocks until done.
     pub fn enforce_retention(&self) -> Result<Vec<String>, WriterError> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.tx
@@ -350,6 +355,17 @@ impl WriterHandle {
 impl Drop for WriterHandle {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl Clone for WriterSink {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+            capacity: self.capacity,
+            drops: HashMap::new(),
+        }
     }
 }
 

@@ -5,7 +5,10 @@ use std::{fs, path::Path, time::SystemTime};
 use tracing::{info, warn};
 
 use super::{
-    metadata::{parse_rfc3339, rfc3339, RecordingMetadata, RecordingState, PCAP_FILE, WAV_FILE},
+    metadata::{
+        parse_rfc3339, rfc3339, RecordingMetadata, RecordingState, METADATA_FILE, PCAP_FILE,
+        WAV_FILE,
+    },
     pcap, wav, WriterError,
 };
 
@@ -74,6 +77,8 @@ fn repair_one(dir: &Path, meta: &mut RecordingMetadata) -> Result<(), WriterErro
             r.old_len, r.new_len, r.frames
         ));
     }
+    // A metadata.json replacement the crash cut short.
+    let _ = fs::remove_file(dir.join(format!(".{METADATA_FILE}.tmp")));
     meta.state = RecordingState::Interrupted;
     meta.end_reason = Some("crash".to_string());
     meta.ended_at = last.map(rfc3339);
