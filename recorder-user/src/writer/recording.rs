@@ -212,13 +212,19 @@ impl Recording {
                 notes.push(not_decoded_note(&st.info));
             }
         }
-        let pcap = PcapWriter::create(&dir.join(PCAP_FILE), s.floor)?;
-        let wav = WavWriter::create(
-            &dir.join(WAV_FILE),
-            labels.len().max(1) as u16,
-            WAV_RATE,
-            s.floor,
-        )?;
+        let files = PcapWriter::create(&dir.join(PCAP_FILE), s.floor).and_then(|pcap| {
+            let channels = labels.len().max(1) as u16;
+            let wav = WavWriter::create(&dir.join(WAV_FILE), channels, WAV_RATE, s.floor)?;
+            Ok((pcap, wav))
+        });
+        let (pcap, wav) = match files {
+            Ok(f) => f,
+            Err(e) => {
+                // The directory is ours (created above): leave no half-made recording behind.
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         let now = rfc3339(s.at);
         let mut rec = Self {
             meta: RecordingMetadata {
