@@ -59,6 +59,11 @@ pub trait FlowControl: Send {
     fn rewrite(&mut self, old_local: SocketAddr, new: FlowSpec) -> Result<u32, FlowError>;
     /// Unpins the flow at `local`.
     fn remove(&mut self, local: SocketAddr) -> Result<(), FlowError>;
+    /// Packets captured so far for this flow id (signaling's idle timeout watches it change).
+    /// Tables that do not count report 0, which reads as "no RTP".
+    fn packets(&self, _flow_id: u64) -> u64 {
+        0
+    }
 }
 
 /// An in-memory flow table for tests of the signaling layer.
