@@ -30,7 +30,9 @@ use crate::{
         ids::call_ids,
         metadata::{parse_metadata, MetadataDoc, MetadataState},
         ports::PortAllocator,
-        sdp::{build_answer, choose_codec, parse_offer, Direction, Offer, OfferStream, StreamAnswer},
+        sdp::{
+            build_answer, choose_codec, parse_offer, Direction, Offer, OfferStream, StreamAnswer,
+        },
     },
     transport::SipApp,
 };
@@ -40,7 +42,8 @@ const SUPPORTED_TAGS: [&str; 2] = ["siprec", "timer"];
 /// Methods we answer in a recording dialog (for `Allow`).
 const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, UPDATE, OPTIONS, INFO, NOTIFY, MESSAGE";
 /// Body types we accept (for `Accept` in a 415).
-const ACCEPT: &str = "application/sdp, multipart/mixed, application/rs-metadata+xml, application/rs-metadata";
+const ACCEPT: &str =
+    "application/sdp, multipart/mixed, application/rs-metadata+xml, application/rs-metadata";
 
 /// Configuration of the recording server.
 #[derive(Clone, Debug)]
@@ -197,7 +200,11 @@ struct SessionKey {
 #[derive(Debug)]
 enum Phase {
     /// Flows pinned, 200 not sent yet (answer delay).
-    Pending { txn: TxnId, answer_at: Instant, reply: Reply },
+    Pending {
+        txn: TxnId,
+        answer_at: Instant,
+        reply: Reply,
+    },
     /// 200 sent, waiting for ACK.
     Answered,
     /// ACK received.
@@ -273,8 +280,13 @@ pub struct Recorder<F: FlowControl> {
 }
 
 impl<F: FlowControl> Recorder<F> {
-    pub fn new(config: SiprecConfig, flows: F, events: Box<dyn FnMut(SessionEvent) + Send>) -> Self {
-        let ports = PortAllocator::new(config.rtp_ports.0, config.rtp_ports.1, config.port_cooldown);
+    pub fn new(
+        config: SiprecConfig,
+        flows: F,
+        events: Box<dyn FnMut(SessionEvent) + Send>,
+    ) -> Self {
+        let ports =
+            PortAllocator::new(config.rtp_ports.0, config.rtp_ports.1, config.port_cooldown);
         Self {
             config,
             flows,
@@ -297,7 +309,12 @@ impl<F: FlowControl> Recorder<F> {
 
     /// Operator stop: BYE to the client, `Ended{Operator}`. `false` if the id is unknown.
     pub fn stop(&mut self, now: Instant, id: &str, endpoint: &mut Endpoint) -> bool {
-        let Some(key) = self.sessions.values().find(|s| s.id == id).map(|s| s.key.clone()) else {
+        let Some(key) = self
+            .sessions
+            .values()
+            .find(|s| s.id == id)
+            .map(|s| s.key.clone())
+        else {
             return false;
         };
         self.end_session(now, &key, EndReason::Operator, true);
@@ -417,8 +434,14 @@ impl<F: FlowControl> Recorder<F> {
             .filter(|t| !SUPPORTED_TAGS.iter().any(|s| t.eq_ignore_ascii_case(s)))
             .collect();
         if !unsupported.is_empty() {
-            let list = unsupported.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
-            return Err(Reject::new(420, "Bad Extension", "bad_extension").header("Unsupported", list));
+            let list = unsupported
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(
+                Reject::new(420, "Bad Extension", "bad_extension").header("Unsupported", list)
+            );
         }
         let require_siprec = require.iter().any(|t| t.eq_ignore_ascii_case("siprec"));
         if require_siprec && !has_src_feature(request) {
@@ -441,10 +464,14 @@ impl<F: FlowControl> Recorder<F> {
         let timer = self.session_timer(request)?;
         let body = parse_body(request)?;
         let Some(sdp) = body.sdp else {
-            return Err(Reject::new(488, "Not Acceptable Here: no SDP offer", "no_sdp"));
+            return Err(Reject::new(
+                488,
+                "Not Acceptable Here: no SDP offer",
+                "no_sdp",
+            ));
         };
-        let offer = parse_offer(&sdp)
-            .map_err(|e| Reject::new(400, format!("Bad SDP: {e}"), "bad_sdp"))?;
+        let offer =
+            parse_offer(&sdp).map_err(|e| Reject::new(400, format!("Bad SDP: {e}"), "bad_sdp"))?;
         let metadata = match &body.metadata {
             Some(xml) => {
                 let doc = parse_metadata_body(xml)?;
@@ -483,7 +510,13 @@ impl<F: FlowControl> Recorder<F> {
         let id = recording_id();
         let sdp_session_id = u64::from(rand::random::<u32>());
         let answers = answers_for(&offer, &slots);
-        let answer = build_answer(&offer, &answers, self.config.media_address, sdp_session_id, 1);
+        let answer = build_answer(
+            &offer,
+            &answers,
+            self.config.media_address,
+            sdp_session_id,
+            1,
+        );
         let mut reply = Reply::new(200, "OK")
             .header("Contact", self.contact(request))
             .header("Allow", ALLOW)
@@ -504,7 +537,10 @@ impl<F: FlowControl> Recorder<F> {
         reply.body = Some(("application/sdp".to_string(), answer.into_bytes()));
 
         let call_ids = call_ids(request, metadata.as_ref(), &self.config.uuid_headers);
-        let participants = metadata.as_ref().map(|m| m.participants()).unwrap_or_default();
+        let participants = metadata
+            .as_ref()
+            .map(|m| m.participants())
+            .unwrap_or_default();
         let metadata_version = body.metadata.map(|xml| MetadataVersion {
             version: 1,
             received_at: wall,
@@ -560,7 +596,12 @@ impl<F: FlowControl> Recorder<F> {
     }
 
     /// Takes ports for an offered stream and pins its flows.
-    fn open_stream(&mut self, now: Instant, stream: &OfferStream, codec: Codec) -> Result<StreamInfo, Reject> {
+    fn open_stream(
+        &mut self,
+        now: Instant,
+        stream: &OfferStream,
+        codec: Codec,
+    ) -> Result<StreamInfo, Reject> {
         let need_rtcp = !stream.rtcp_mux;
         let Some(port) = self.ports.allocate(now, need_rtcp) else {
             return Err(Reject::new(503, "Media ports exhausted", "ports_exhausted")
@@ -651,8 +692,12 @@ impl<F: FlowControl> Recorder<F> {
             .parse()
             .map_err(|_| Reject::new(400, "Malformed Session-Expires", "bad_request"))?;
         if seconds < self.config.min_session_expires {
-            return Err(Reject::new(422, "Session Interval Too Small", "session_interval_too_small")
-                .header("Min-SE", self.config.min_session_expires.to_string()));
+            return Err(Reject::new(
+                422,
+                "Session Interval Too Small",
+                "session_interval_too_small",
+            )
+            .header("Min-SE", self.config.min_session_expires.to_string()));
         }
         let refresher = parts
             .filter_map(|p| p.split_once('='))
@@ -703,11 +748,15 @@ impl<F: FlowControl> Recorder<F> {
             Method::Options => Ok(Some(options_reply())),
             Method::Info | Method::Notify | Method::Message => Ok(Some(Reply::new(200, "OK"))),
             Method::Refer => {
-                Err(Reject::new(405, "Method Not Allowed", "method_not_allowed").header("Allow", ALLOW))
+                Err(Reject::new(405, "Method Not Allowed", "method_not_allowed")
+                    .header("Allow", ALLOW))
             }
             // The transaction layer answers CANCEL; PRACK is harmless.
             Method::Cancel | Method::PRack => Ok(Some(Reply::new(200, "OK"))),
-            _ => Err(Reject::new(405, "Method Not Allowed", "method_not_allowed").header("Allow", ALLOW)),
+            _ => {
+                Err(Reject::new(405, "Method Not Allowed", "method_not_allowed")
+                    .header("Allow", ALLOW))
+            }
         }
     }
 
@@ -731,7 +780,8 @@ impl<F: FlowControl> Recorder<F> {
         let body = parse_body(request)?;
         let offer = match &body.sdp {
             Some(sdp) => Some(
-                parse_offer(sdp).map_err(|e| Reject::new(400, format!("Bad SDP: {e}"), "bad_sdp"))?,
+                parse_offer(sdp)
+                    .map_err(|e| Reject::new(400, format!("Bad SDP: {e}"), "bad_sdp"))?,
             ),
             None => None,
         };
@@ -748,7 +798,11 @@ impl<F: FlowControl> Recorder<F> {
             self.apply_metadata(wall, key, request, doc, xml);
         }
         let Some(session) = self.sessions.get_mut(key) else {
-            return Err(Reject::new(481, "Call/Transaction Does Not Exist", "unknown_dialog"));
+            return Err(Reject::new(
+                481,
+                "Call/Transaction Does Not Exist",
+                "unknown_dialog",
+            ));
         };
         if let Some(t) = &timer {
             session.session_expires = Some(t.interval);
@@ -811,7 +865,8 @@ impl<F: FlowControl> Recorder<F> {
                 (Some(mut info), Some(stream), Some(codec)) => {
                     let remote = stream_remote(stream);
                     let te = stream.telephone_event.as_ref().map(|t| t.payload_type);
-                    if info.remote != remote || info.codec != codec || info.telephone_event_pt != te {
+                    if info.remote != remote || info.codec != codec || info.telephone_event_pt != te
+                    {
                         info.remote = remote;
                         info.codec = codec;
                         info.telephone_event_pt = te;
@@ -841,7 +896,9 @@ impl<F: FlowControl> Recorder<F> {
                         changed = true;
                     }
                     // Out of ports mid-call: refuse this stream only, keep the session.
-                    Err(e) => warn!(id = %session.id, index, reason = %e.reason, "cannot add stream"),
+                    Err(e) => {
+                        warn!(id = %session.id, index, reason = %e.reason, "cannot add stream")
+                    }
                 },
                 (None, _, _) => {}
             }
@@ -855,14 +912,26 @@ impl<F: FlowControl> Recorder<F> {
         self.sessions.insert(key.clone(), session);
         for (label, paused) in toggles {
             let event = if paused {
-                SessionEvent::Paused { id: id.clone(), at: wall, label }
+                SessionEvent::Paused {
+                    id: id.clone(),
+                    at: wall,
+                    label,
+                }
             } else {
-                SessionEvent::Resumed { id: id.clone(), at: wall, label }
+                SessionEvent::Resumed {
+                    id: id.clone(),
+                    at: wall,
+                    label,
+                }
             };
             (self.events)(event);
         }
         if changed {
-            (self.events)(SessionEvent::MediaChanged { id, at: wall, streams });
+            (self.events)(SessionEvent::MediaChanged {
+                id,
+                at: wall,
+                streams,
+            });
         }
     }
 
@@ -941,7 +1010,11 @@ impl<F: FlowControl> Recorder<F> {
             }
         }
         info!(id = %session.id, reason = reason.name(), "recording session ended");
-        *self.counters.sessions_ended.entry(reason.name()).or_default() += 1;
+        *self
+            .counters
+            .sessions_ended
+            .entry(reason.name())
+            .or_default() += 1;
         (self.events)(SessionEvent::Ended {
             id: session.id,
             at: SystemTime::now(),
@@ -1057,7 +1130,9 @@ impl<F: FlowControl> SipApp for Recorder<F> {
                 source,
                 ..
             } => {
-                if let Some(reply) = self.handle_request(now, &txn, dialog.as_ref(), &request, source) {
+                if let Some(reply) =
+                    self.handle_request(now, &txn, dialog.as_ref(), &request, source)
+                {
                     let created = send_reply(now, endpoint, &txn, reply);
                     // The endpoint creates the dialog with our 2xx; remember which it is.
                     if let (None, Some(created)) = (dialog, created) {
@@ -1103,7 +1178,12 @@ impl<F: FlowControl> SipApp for Recorder<F> {
 
 /// Turns a [`Reply`] into a response on its transaction. For a 2xx to an INVITE, returns the
 /// dialog it belongs to (the endpoint keys dialogs by Call-ID, our To tag, the client's tag).
-fn send_reply(now: Instant, endpoint: &mut Endpoint, txn: &TxnId, reply: Reply) -> Option<DialogId> {
+fn send_reply(
+    now: Instant,
+    endpoint: &mut Endpoint,
+    txn: &TxnId,
+    reply: Reply,
+) -> Option<DialogId> {
     let Some(mut response) = endpoint.make_response(txn, reply.status, Some(&reply.reason)) else {
         debug!(status = reply.status, "transaction gone before its answer");
         return None;
@@ -1118,13 +1198,20 @@ fn send_reply(now: Instant, endpoint: &mut Endpoint, txn: &TxnId, reply: Reply) 
     if let Some((content_type, body)) = reply.body {
         response
             .headers
-            .push(Header::ContentType(rsip::headers::ContentType::new(content_type)));
-        response.headers.unique_push(Header::ContentLength(
-            rsip::headers::ContentLength::new(body.len().to_string()),
-        ));
+            .push(Header::ContentType(rsip::headers::ContentType::new(
+                content_type,
+            )));
+        response
+            .headers
+            .unique_push(Header::ContentLength(rsip::headers::ContentLength::new(
+                body.len().to_string(),
+            )));
         response.body = body;
     }
-    let dialog = (200..300).contains(&reply.status).then(|| dialog_of(&response.headers)).flatten();
+    let dialog = (200..300)
+        .contains(&reply.status)
+        .then(|| dialog_of(&response.headers))
+        .flatten();
     if let Err(e) = endpoint.respond(now, txn, response) {
         warn!(error = %e, "sending response failed");
         return None;
@@ -1319,10 +1406,12 @@ fn parse_body(request: &Request) -> Result<ParsedBody, Reject> {
             sdp: body.sdp,
             metadata: body.metadata,
         }),
-        Err(BodyError::UnsupportedType(t)) => {
-            Err(Reject::new(415, format!("Unsupported Media Type: {t}"), "unsupported_media_type")
-                .header("Accept", ACCEPT))
-        }
+        Err(BodyError::UnsupportedType(t)) => Err(Reject::new(
+            415,
+            format!("Unsupported Media Type: {t}"),
+            "unsupported_media_type",
+        )
+        .header("Accept", ACCEPT)),
         Err(e) => Err(Reject::new(400, format!("Bad body: {e}"), "bad_body")),
     }
 }
@@ -1353,7 +1442,10 @@ fn usable_codec(stream: &OfferStream) -> Option<Codec> {
 }
 
 fn stream_label(stream: &OfferStream) -> String {
-    stream.label.clone().unwrap_or_else(|| stream.index.to_string())
+    stream
+        .label
+        .clone()
+        .unwrap_or_else(|| stream.index.to_string())
 }
 
 fn stream_paused(stream: &OfferStream) -> bool {
@@ -1386,7 +1478,11 @@ fn answers_for(offer: &Offer, slots: &[Slot]) -> Vec<StreamAnswer> {
                 rtcp_port: info.rtcp_port,
                 codec: info.codec.clone(),
                 telephone_event: stream.telephone_event.clone(),
-                direction: if info.paused { Direction::Inactive } else { Direction::RecvOnly },
+                direction: if info.paused {
+                    Direction::Inactive
+                } else {
+                    Direction::RecvOnly
+                },
                 label: stream.label.clone(),
             },
             None => StreamAnswer::Reject,
@@ -1453,7 +1549,8 @@ mod tests {
         }
     }
 
-    const SDP_7: &str = "v=0\r\no=SRC 700100 1 IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n\
+    const SDP_7: &str =
+        "v=0\r\no=SRC 700100 1 IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n\
 m=audio 31000 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n\
 a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=label:1\r\na=sendonly\r\n\
 m=audio 31002 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n\
@@ -1498,7 +1595,8 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=label:2\
 </recording>
 "#;
 
-    const SDP_8: &str = "v=0\r\no=SRC 700100 2 IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n\
+    const SDP_8: &str =
+        "v=0\r\no=SRC 700100 2 IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n\
 m=audio 31000 RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n\
 a=fmtp:101 0-15\r\na=label:1\r\na=sendonly\r\n\
 m=audio 31010 RTP/AVP 18 101\r\na=rtpmap:18 G729/8000\r\na=fmtp:18 annexb=no\r\n\
@@ -1575,7 +1673,8 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=label:2\r\na=sendonly\
         }
 
         fn siprec(mut self) -> Self {
-            self.headers.push("Contact: <sip:src@10.20.0.10:5060>;+sip.src".into());
+            self.headers
+                .push("Contact: <sip:src@10.20.0.10:5060>;+sip.src".into());
             self.headers.push("Require: siprec".into());
             self
         }
@@ -1601,9 +1700,13 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=label:2\r\na=sendonly\
                 Some(tag) => format!("<sip:srs@10.20.0.50>;tag={tag}"),
                 None => "<sip:srs@10.20.0.50>".to_string(),
             };
-            let cseq_method = if self.method == "ACK" { "ACK" } else { self.method };
+            let cseq_method = if self.method == "ACK" {
+                "ACK"
+            } else {
+                self.method
+            };
             let mut s = format!(
-                "{} sip:srs@10.20.0.50:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {CLIENT};branch=z9hG4bK-{branch}\r\n\
+                "{} sip:srs@10.20.0.50:5060;transport=tcp SIP/2.0\r\nVia: SIP/2.0/TCP {CLIENT};branch=z9hG4bK-{branch}\r\n\
 Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {} {cseq_method}\r\n",
                 self.method, self.from_tag, self.call_id, self.cseq
             );
@@ -1616,11 +1719,939 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             }
             match &self.body {
                 Some((ct, body)) => {
-                    s += &format!("Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    s += &format!(
+                        "Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
                 }
                 None => s += "Content-Length: 0\r\n\r\n",
             }
             s
         }
+    }
+
+    type Events = Arc<Mutex<Vec<SessionEvent>>>;
+
+    /// Recorder + real endpoint on virtual time, over one TCP connection.
+    struct Harness {
+        rec: Recorder<TestFlows>,
+        ep: Endpoint,
+        now: Instant,
+        events: Events,
+        branch: u64,
+        /// Status lines of the final responses sent (rsip drops reason phrases of known codes).
+        status_lines: Vec<String>,
+    }
+
+    impl Harness {
+        fn new(config: SiprecConfig) -> Self {
+            let events: Events = Arc::default();
+            let sink = events.clone();
+            let rec = Recorder::new(
+                config,
+                TestFlows::default(),
+                Box::new(move |e| sink.lock().unwrap().push(e)),
+            );
+            let ep = Endpoint::new(crate::sip::EndpointConfig {
+                contact_host: "10.20.0.50".into(),
+                contact_params: vec!["+sip.srs".into()],
+                ..Default::default()
+            });
+            Self {
+                rec,
+                ep,
+                now: Instant::now(),
+                events,
+                branch: 0,
+                status_lines: Vec::new(),
+            }
+        }
+
+        /// Delivers a request (fresh Via branch) and returns every message sent back.
+        fn send(&mut self, req: &Req) -> Vec<rsip::SipMessage> {
+            self.branch += 1;
+            let text = req.text(self.branch);
+            self.send_raw(&text)
+        }
+
+        fn send_raw(&mut self, text: &str) -> Vec<rsip::SipMessage> {
+            self.ep.handle_incoming(
+                self.now,
+                crate::sip::Incoming {
+                    transport: crate::sip::Transport::Tcp,
+                    source: CLIENT.parse().unwrap(),
+                    local: "10.20.0.50:5060".parse().unwrap(),
+                    connection: Some(1),
+                    bytes: bytes::Bytes::copy_from_slice(text.as_bytes()),
+                },
+            );
+            self.pump()
+        }
+
+        /// Hands endpoint events to the recorder until both are quiet; returns what was sent.
+        fn pump(&mut self) -> Vec<rsip::SipMessage> {
+            let mut out = Vec::new();
+            loop {
+                let mut busy = false;
+                while let Some(event) = self.ep.poll_event() {
+                    busy = true;
+                    self.rec.handle_event(self.now, event, &mut self.ep);
+                }
+                while let Some(t) = self.ep.poll_transmit() {
+                    busy = true;
+                    let line = String::from_utf8_lossy(&t.bytes)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    if line.starts_with("SIP/2.0 ") && !line.starts_with("SIP/2.0 1") {
+                        self.status_lines.push(line);
+                    }
+                    out.push(rsip::SipMessage::try_from(&t.bytes[..]).expect("we send valid SIP"));
+                }
+                if !busy {
+                    return out;
+                }
+            }
+        }
+
+        /// Moves virtual time forward, firing every timer due on the way.
+        fn advance(&mut self, by: Duration) -> Vec<rsip::SipMessage> {
+            let target = self.now + by;
+            let mut out = Vec::new();
+            loop {
+                let next = [self.ep.poll_timeout(), self.rec.poll_timeout()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                match next {
+                    Some(at) if at <= target => {
+                        self.now = self.now.max(at);
+                        self.ep.handle_timeout(self.now);
+                        self.rec.handle_timeout(self.now, &mut self.ep);
+                        out.extend(self.pump());
+                    }
+                    _ => break,
+                }
+            }
+            self.now = target;
+            out
+        }
+
+        fn take_events(&self) -> Vec<SessionEvent> {
+            std::mem::take(&mut *self.events.lock().unwrap())
+        }
+
+        /// INVITE, expect 200, ACK it. Returns the 200 and the recording id.
+        fn establish(&mut self, req: Req) -> (rsip::Response, String) {
+            let resp = final_response(&self.send(&req));
+            assert_eq!(resp.status_code.code(), 200, "{resp}");
+            let tag = to_tag(&resp.headers).expect("200 has a To tag");
+            self.send(&ack(req.call_id, req.from_tag, &tag, req.cseq));
+            let id = match self.take_events().first() {
+                Some(SessionEvent::Started { id, .. }) => id.clone(),
+                other => panic!("expected Started, got {other:?}"),
+            };
+            (resp, id)
+        }
+
+        /// (flow id, generation, remote) pinned at a local port.
+        fn flow(&self, port: u16) -> Option<(u64, u32, Option<SocketAddr>)> {
+            self.rec
+                .flows()
+                .table
+                .flows
+                .get(&SocketAddr::new(IpAddr::from(MEDIA), port))
+                .map(|(spec, generation)| (spec.flow_id, *generation, spec.remote))
+        }
+    }
+
+    fn ack<'a>(call_id: &'a str, from_tag: &'a str, to_tag: &'a str, cseq: u32) -> Req<'a> {
+        let mut r = Req::new("ACK", call_id).to_tag(to_tag, cseq);
+        r.from_tag = from_tag;
+        r
+    }
+
+    fn responses(msgs: &[rsip::SipMessage]) -> Vec<&rsip::Response> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                rsip::SipMessage::Response(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The final response among what was sent.
+    fn final_response(msgs: &[rsip::SipMessage]) -> rsip::Response {
+        responses(msgs)
+            .into_iter()
+            .rev()
+            .find(|r| r.status_code.code() >= 200)
+            .cloned()
+            .unwrap_or_else(|| panic!("no final response in {msgs:?}"))
+    }
+
+    fn requests(msgs: &[rsip::SipMessage]) -> Vec<&rsip::Request> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                rsip::SipMessage::Request(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn body(resp: &rsip::Response) -> String {
+        String::from_utf8(resp.body.clone()).unwrap()
+    }
+
+    /// Ports of the m-lines of an SDP, in order.
+    fn m_ports(sdp: &str) -> Vec<u16> {
+        sdp.lines()
+            .filter_map(|l| l.strip_prefix("m="))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+            .collect()
+    }
+
+    /// The `o=` version of an SDP.
+    fn o_version(sdp: &str) -> u64 {
+        let o = sdp.lines().find_map(|l| l.strip_prefix("o=")).unwrap();
+        o.split_whitespace().nth(2).unwrap().parse().unwrap()
+    }
+
+    /// Lines of the m-section `index` (0-based).
+    fn m_section(sdp: &str, index: usize) -> Vec<String> {
+        let mut sections: Vec<Vec<String>> = Vec::new();
+        for line in sdp.lines() {
+            if line.starts_with("m=") {
+                sections.push(Vec::new());
+            }
+            if let Some(s) = sections.last_mut() {
+                s.push(line.trim().to_string());
+            }
+        }
+        sections.get(index).cloned().unwrap_or_default()
+    }
+
+    fn spec_invite() -> Req<'static> {
+        let (ct, b) = multipart(SDP_7, META_7);
+        Req::new("INVITE", "rs-0c6e2b11@10.20.0.10")
+            .siprec()
+            .header("Supported: timer, replaces")
+            .header("Session-Expires: 1800;refresher=uac")
+            .header("Min-SE: 90")
+            .header("X-Genesys-CallUUID: 0K1L2M3N4P5Q6R7S8T9U0V1W2X3Y4Z5A")
+            .body(&ct, &b)
+    }
+
+    fn status(h: &mut Harness, req: &Req) -> (u16, rsip::Response) {
+        let r = final_response(&h.send(req));
+        (r.status_code.code(), r)
+    }
+
+    #[test]
+    fn plain_session_is_answered_pinned_and_ended_by_bye() {
+        let mut h = Harness::new(config());
+        let req = spec_invite();
+        let (resp, id) = {
+            let resp = final_response(&h.send(&req));
+            assert_eq!(resp.status_code.code(), 200, "{resp}");
+            let events = h.take_events();
+            let Some(SessionEvent::Started {
+                id,
+                ids,
+                streams,
+                participants,
+                metadata,
+                ..
+            }) = events.first()
+            else {
+                panic!("expected Started, got {events:?}");
+            };
+            assert_eq!(ids.sip_call_id, "rs-0c6e2b11@10.20.0.10");
+            assert_eq!(
+                ids.call_uuid.as_deref(),
+                Some("0K1L2M3N4P5Q6R7S8T9U0V1W2X3Y4Z5A")
+            );
+            assert_eq!(streams.len(), 2);
+            assert_eq!(participants.len(), 2);
+            let metadata = metadata.as_ref().expect("metadata version 1");
+            assert_eq!((metadata.version, metadata.method.as_str()), (1, "INVITE"));
+            assert_eq!(metadata.xml.trim(), META_7.trim());
+            // Recording id: UTC timestamp + random suffix.
+            let (stamp, suffix) = id.split_once('-').unwrap();
+            assert_eq!((stamp.len(), suffix.len()), (16, 8), "{id}");
+            assert!(stamp.ends_with('Z') && stamp.as_bytes()[8] == b'T', "{id}");
+            // Streams pinned at the ports we answered, with distinct flow ids.
+            let sdp = body(&resp);
+            let ports = m_ports(&sdp);
+            assert_eq!(
+                ports,
+                streams.iter().map(|s| s.local_port).collect::<Vec<_>>()
+            );
+            for s in streams {
+                assert_eq!(h.flow(s.local_port).map(|f| f.0), Some(s.flow_id));
+                let rtcp = s.rtcp_port.expect("no rtcp-mux offered: RTCP port");
+                assert_eq!(rtcp, s.local_port + 1);
+                assert_eq!(h.flow(rtcp).map(|f| f.0), s.rtcp_flow_id);
+                assert_eq!(s.codec.name, "PCMA");
+                assert!(!s.paused);
+            }
+            assert_eq!(h.rec.flows().table.flows.len(), 4);
+            (resp, id.clone())
+        };
+        let contact = header_value(&resp.headers, "Contact").unwrap();
+        assert!(contact.contains("+sip.srs"), "{contact}");
+        assert!(header_tokens(&resp.headers, "Require").contains(&"siprec".to_string()));
+        assert_eq!(
+            header_value(&resp.headers, "Session-Expires").as_deref(),
+            Some("1800;refresher=uac")
+        );
+        assert!(header_value(&resp.headers, "Content-Type")
+            .unwrap()
+            .contains("application/sdp"));
+        let sdp = body(&resp);
+        for (i, label) in ["1", "2"].iter().enumerate() {
+            let m = m_section(&sdp, i);
+            assert!(m.contains(&"a=recvonly".to_string()), "{m:?}");
+            assert!(m.contains(&format!("a=label:{label}")), "{m:?}");
+            assert!(m[0].contains(" 8"), "PCMA answered: {m:?}");
+        }
+        let tag = to_tag(&resp.headers).unwrap();
+        h.send(&ack(req.call_id, req.from_tag, &tag, 1));
+        assert!(h.rec.sessions()[0].confirmed);
+
+        let bye = Req::new("BYE", req.call_id)
+            .to_tag(&tag, 2)
+            .header("Reason: Q.850;cause=16");
+        let (code, _) = status(&mut h, &bye);
+        assert_eq!(code, 200);
+        assert!(h.rec.flows().table.flows.is_empty());
+        assert!(h.rec.sessions().is_empty());
+        let events = h.take_events();
+        assert!(
+            matches!(&events[..], [SessionEvent::Ended { id: e, reason: EndReason::Bye { reason: Some(r) }, .. }]
+                if *e == id && r == "Q.850;cause=16"),
+            "{events:?}"
+        );
+        assert_eq!(h.rec.counters().sessions_ended.get("bye"), Some(&1));
+    }
+
+    #[test]
+    fn plain_sdp_invite_without_metadata_is_recorded() {
+        let mut h = Harness::new(config());
+        let req =
+            Req::new("INVITE", "nbr-1@cube").body("application/sdp", &sdp(1, &[20000], "sendonly"));
+        let resp = final_response(&h.send(&req));
+        assert_eq!(resp.status_code.code(), 200, "{resp}");
+        assert!(header_value(&resp.headers, "Require").is_none());
+        assert!(header_value(&resp.headers, "Session-Expires").is_none());
+        let events = h.take_events();
+        let [SessionEvent::Started {
+            streams,
+            participants,
+            metadata,
+            ids,
+            ..
+        }] = &events[..]
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!((streams.len(), participants.len(), metadata), (1, 0, &None));
+        assert_eq!(ids.sip_call_id, "nbr-1@cube");
+        assert_eq!(streams[0].label, "1");
+        assert_eq!(m_ports(&body(&resp)), vec![streams[0].local_port]);
+    }
+
+    #[test]
+    fn reinvite_moves_a_stream_and_keeps_the_recording() {
+        let mut h = Harness::new(config());
+        let req = spec_invite();
+        let (resp, id) = h.establish(req);
+        let tag = to_tag(&resp.headers).unwrap();
+        let ports = m_ports(&body(&resp));
+        let before: Vec<_> = ports.iter().map(|p| h.flow(*p).unwrap()).collect();
+
+        let (ct, b) = multipart(SDP_8, META_8);
+        let reinvite = Req::new("INVITE", "rs-0c6e2b11@10.20.0.10")
+            .to_tag(&tag, 2)
+            .header("Session-Expires: 1800;refresher=uac")
+            .body(&ct, &b);
+        let (code, resp2) = status(&mut h, &reinvite);
+        assert_eq!(code, 200, "{resp2}");
+        h.send(&ack(reinvite.call_id, reinvite.from_tag, &tag, 2));
+        let sdp2 = body(&resp2);
+        assert_eq!(m_ports(&sdp2), ports, "local ports stay");
+        assert_eq!(o_version(&sdp2), o_version(&body(&resp)) + 1);
+        assert!(
+            m_section(&sdp2, 1)[0].contains(" 18"),
+            "G.729 answered: {sdp2}"
+        );
+
+        // Label 1 untouched; label 2 rewritten in place (same key and flow id, next generation).
+        assert_eq!(h.flow(ports[0]), Some(before[0]));
+        let (flow_id, generation, _) = h.flow(ports[1]).unwrap();
+        assert_eq!((flow_id, generation), (before[1].0, before[1].1 + 1));
+
+        let events = h.take_events();
+        assert!(events.iter().all(|e| e.recording_id() == id), "{events:?}");
+        let streams = events
+            .iter()
+            .find_map(|e| match e {
+                SessionEvent::MediaChanged { streams, .. } => Some(streams.clone()),
+                _ => None,
+            })
+            .expect("MediaChanged");
+        assert_eq!(streams[1].codec.name, "G729");
+        assert_eq!(streams[1].remote, Some("10.20.0.10:31010".parse().unwrap()));
+        assert_eq!(streams[0].codec.name, "PCMA");
+        let (participants, metadata) = events
+            .iter()
+            .find_map(|e| match e {
+                SessionEvent::ParticipantsChanged {
+                    participants,
+                    metadata,
+                    ..
+                } => Some((participants.clone(), metadata.clone())),
+                _ => None,
+            })
+            .expect("ParticipantsChanged");
+        assert_eq!(metadata.unwrap().version, 2);
+        let by_aor = |aor: &str| {
+            participants
+                .iter()
+                .find(|p| p.aor.as_deref().is_some_and(|a| a.contains(aor)))
+                .unwrap_or_else(|| panic!("{aor} in {participants:?}"))
+                .clone()
+        };
+        assert!(by_aor("7002").left_at.is_some());
+        let joined = by_aor("7003");
+        assert!(joined.joined_at.is_some() && joined.left_at.is_none());
+        assert_eq!(h.rec.sessions()[0].id, id);
+    }
+
+    #[test]
+    fn reinvite_adds_and_removes_streams() {
+        let mut h = Harness::new(config());
+        let req = Req::new("INVITE", "add-rm@src")
+            .siprec()
+            .body("application/sdp", &sdp(1, &[20000, 20002], "sendonly"));
+        let (resp, _) = h.establish(req);
+        let tag = to_tag(&resp.headers).unwrap();
+        let ports = m_ports(&body(&resp));
+
+        // Stream 1 goes (port 0), stream 2 stays, stream 3 is new.
+        let offer = sdp(2, &[0, 20002, 20004], "sendonly");
+        let reinvite = Req::new("INVITE", "add-rm@src")
+            .to_tag(&tag, 2)
+            .body("application/sdp", &offer);
+        let (code, resp2) = status(&mut h, &reinvite);
+        assert_eq!(code, 200);
+        let new_ports = m_ports(&body(&resp2));
+        assert_eq!(new_ports.len(), 3);
+        assert_eq!(new_ports[0], 0);
+        assert_eq!(new_ports[1], ports[1]);
+        assert!(new_ports[2] != 0 && !ports.contains(&new_ports[2]));
+        assert!(h.flow(ports[0]).is_none() && h.flow(ports[0] + 1).is_none());
+        assert!(h.flow(ports[1]).is_some() && h.flow(new_ports[2]).is_some());
+        let events = h.take_events();
+        let Some(SessionEvent::MediaChanged { streams, .. }) = events.last() else {
+            panic!("{events:?}");
+        };
+        let labels: Vec<_> = streams.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["2", "3"]);
+        assert_eq!(h.rec.sessions()[0].streams.len(), 2);
+    }
+
+    #[test]
+    fn inactive_pauses_and_sendonly_resumes() {
+        let mut h = Harness::new(config());
+        let req = Req::new("INVITE", "pause@src")
+            .siprec()
+            .body("application/sdp", &sdp(1, &[20000, 20002], "sendonly"));
+        let (resp, _) = h.establish(req);
+        let tag = to_tag(&resp.headers).unwrap();
+
+        let pause = Req::new("INVITE", "pause@src")
+            .to_tag(&tag, 2)
+            .body("application/sdp", &sdp(2, &[20000, 20002], "inactive"));
+        let (code, resp2) = status(&mut h, &pause);
+        assert_eq!(code, 200);
+        assert!(m_section(&body(&resp2), 0).contains(&"a=inactive".to_string()));
+        let events = h.take_events();
+        let paused: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::Paused { label, .. } => Some(label.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(paused, ["1", "2"]);
+        assert!(h.rec.sessions()[0].streams.iter().all(|s| s.paused));
+
+        let resume = Req::new("UPDATE", "pause@src")
+            .to_tag(&tag, 3)
+            .body("application/sdp", &sdp(3, &[20000, 20002], "sendonly"));
+        let (code, resp3) = status(&mut h, &resume);
+        assert_eq!(code, 200);
+        assert!(m_section(&body(&resp3), 1).contains(&"a=recvonly".to_string()));
+        let events = h.take_events();
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, SessionEvent::Resumed { .. }))
+                .count(),
+            2,
+            "{events:?}"
+        );
+        assert!(h.rec.sessions()[0].streams.iter().all(|s| !s.paused));
+    }
+
+    #[test]
+    fn offer_inactive_from_the_start_starts_paused() {
+        let mut h = Harness::new(config());
+        let req = Req::new("INVITE", "inactive@src")
+            .body("application/sdp", &sdp(1, &[20000], "inactive"));
+        let (resp, _) = h.establish(req);
+        assert!(m_section(&body(&resp), 0).contains(&"a=inactive".to_string()));
+        assert!(h.rec.sessions()[0].streams[0].paused);
+    }
+
+    #[test]
+    fn cancel_before_answer_tears_down() {
+        let mut h = Harness::new(SiprecConfig {
+            answer_delay: Duration::from_secs(2),
+            ..config()
+        });
+        let req = spec_invite();
+        let sent = h.send(&req);
+        assert!(
+            responses(&sent).iter().all(|r| r.status_code.code() < 200),
+            "{sent:?}"
+        );
+        assert_eq!(
+            h.rec.flows().table.flows.len(),
+            4,
+            "pinned before the answer"
+        );
+        assert!(matches!(
+            h.take_events().first(),
+            Some(SessionEvent::Started { .. })
+        ));
+
+        // CANCEL carries the INVITE's branch.
+        let invite_branch = h.branch;
+        let sent = h.send_raw(&Req::new("CANCEL", req.call_id).text(invite_branch));
+        let codes: Vec<u16> = responses(&sent)
+            .iter()
+            .map(|r| r.status_code.code())
+            .collect();
+        assert!(codes.contains(&200) && codes.contains(&487), "{codes:?}");
+        assert!(h.rec.flows().table.flows.is_empty());
+        assert!(h.rec.sessions().is_empty());
+        let events = h.take_events();
+        assert!(
+            matches!(
+                &events[..],
+                [SessionEvent::Ended {
+                    reason: EndReason::Cancel,
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+        // Nothing is answered later.
+        let later = h.advance(Duration::from_secs(5));
+        assert!(
+            responses(&later)
+                .iter()
+                .all(|r| r.status_code.code() != 200),
+            "{later:?}"
+        );
+    }
+
+    #[test]
+    fn delayed_answer_is_sent_from_the_timer() {
+        let mut h = Harness::new(SiprecConfig {
+            answer_delay: Duration::from_millis(300),
+            ..config()
+        });
+        let req = spec_invite();
+        h.send(&req);
+        let sent = h.advance(Duration::from_secs(1));
+        let resp = final_response(&sent);
+        assert_eq!(resp.status_code.code(), 200);
+        let tag = to_tag(&resp.headers).unwrap();
+        h.send(&ack(req.call_id, req.from_tag, &tag, 1));
+        // The dialog is known: BYE works.
+        let (code, _) = status(&mut h, &Req::new("BYE", req.call_id).to_tag(&tag, 2));
+        assert_eq!(code, 200);
+        assert!(h.rec.flows().table.flows.is_empty());
+    }
+
+    #[test]
+    fn error_responses() {
+        let mut h = Harness::new(SiprecConfig {
+            acl: vec![(IpAddr::from([10, 20, 0, 0]), 16)],
+            ..config()
+        });
+        let ok = sdp(1, &[20000], "sendonly");
+        let cases: Vec<(Req, u16, &str)> = vec![
+            (
+                Req::new("INVITE", "e-420")
+                    .siprec()
+                    .header("Require: foo, siprec")
+                    .body("application/sdp", &ok),
+                420,
+                "",
+            ),
+            (
+                Req::new("INVITE", "e-415")
+                    .siprec()
+                    .body("text/plain", "hello"),
+                415,
+                "",
+            ),
+            (
+                Req::new("INVITE", "e-400-mp")
+                    .siprec()
+                    .body("multipart/mixed;boundary=zz", "--nope\r\nno boundary here"),
+                400,
+                "",
+            ),
+            (
+                Req::new("INVITE", "e-400-sdp")
+                    .siprec()
+                    .body("application/sdp", "v=0\r\nm=audio banana\r\n"),
+                400,
+                "Bad SDP",
+            ),
+            (
+                Req::new("INVITE", "e-400-xml").siprec().body(
+                    "multipart/mixed;boundary=rsb-42",
+                    &multipart(
+                        &ok,
+                        "<recording><participant participant_id=\"x\"></recording>",
+                    )
+                    .1,
+                ),
+                400,
+                "",
+            ),
+            (Req::new("INVITE", "e-488-nosdp").siprec(), 488, ""),
+            (
+                Req::new("INVITE", "e-488-dtls").siprec().body(
+                    "application/sdp",
+                    "v=0\r\no=SRC 1 1 IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n\
+m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
+                ),
+                488,
+                "",
+            ),
+            (
+                Req::new("INVITE", "e-488-port0")
+                    .siprec()
+                    .body("application/sdp", &sdp(1, &[0, 0], "sendonly")),
+                488,
+                "",
+            ),
+            (
+                Req::new("INVITE", "e-422")
+                    .siprec()
+                    .header("Session-Expires: 30")
+                    .body("application/sdp", &ok),
+                422,
+                "",
+            ),
+            (Req::new("BYE", "e-481").to_tag("nosuch", 2), 481, ""),
+        ];
+        for (req, want, phrase) in &cases {
+            let (code, resp) = status(&mut h, req);
+            assert_eq!(code, *want, "{}: {resp}", req.call_id);
+            let line = h.status_lines.last().unwrap();
+            assert!(line.contains(phrase), "{line}");
+            match want {
+                420 => assert_eq!(
+                    header_value(&resp.headers, "Unsupported").as_deref(),
+                    Some("foo")
+                ),
+                415 => assert!(header_value(&resp.headers, "Accept")
+                    .unwrap()
+                    .contains("application/sdp")),
+                422 => assert_eq!(header_value(&resp.headers, "Min-SE").as_deref(), Some("90")),
+                _ => {}
+            }
+        }
+        assert!(h.rec.sessions().is_empty());
+        assert!(
+            h.rec.flows().table.flows.is_empty(),
+            "no flow left by a rejection"
+        );
+        for code in [415, 400, 488, 422] {
+            assert!(
+                h.rec.counters().rejected(code) > 0,
+                "{code} counted: {:?}",
+                h.rec.counters()
+            );
+        }
+
+        // ACL: a client outside 10.20/16.
+        let mut text = Req::new("INVITE", "e-403")
+            .siprec()
+            .body("application/sdp", &ok)
+            .text(999);
+        text = text.replace(CLIENT, "192.0.2.1:5060");
+        h.ep.handle_incoming(
+            h.now,
+            crate::sip::Incoming {
+                transport: crate::sip::Transport::Tcp,
+                source: "192.0.2.1:5060".parse().unwrap(),
+                local: "10.20.0.50:5060".parse().unwrap(),
+                connection: Some(2),
+                bytes: bytes::Bytes::from(text),
+            },
+        );
+        let resp = final_response(&h.pump());
+        assert_eq!(resp.status_code.code(), 403);
+        assert_eq!(h.rec.counters().rejected(403), 1);
+    }
+
+    #[test]
+    fn session_limit_and_not_accepting_give_503_with_retry_after() {
+        let mut h = Harness::new(SiprecConfig {
+            max_sessions: 1,
+            retry_after: 17,
+            ..config()
+        });
+        h.establish(
+            Req::new("INVITE", "one@src").body("application/sdp", &sdp(1, &[20000], "sendonly")),
+        );
+        let (code, resp) = status(
+            &mut h,
+            &Req::new("INVITE", "two@src").body("application/sdp", &sdp(1, &[20002], "sendonly")),
+        );
+        assert_eq!(code, 503);
+        assert_eq!(
+            header_value(&resp.headers, "Retry-After").as_deref(),
+            Some("17")
+        );
+        assert_eq!(
+            h.rec.counters().rejections.get(&(503, "session_limit")),
+            Some(&1)
+        );
+
+        let mut h = Harness::new(config());
+        h.rec.set_accepting(false, "disk full");
+        let (code, resp) = status(
+            &mut h,
+            &Req::new("INVITE", "three@src").body("application/sdp", &sdp(1, &[20000], "sendonly")),
+        );
+        assert_eq!(code, 503);
+        let line = h.status_lines.last().unwrap();
+        assert!(line.contains("disk full"), "{line}");
+        assert!(header_value(&resp.headers, "Retry-After").is_some());
+    }
+
+    #[test]
+    fn port_exhaustion_gives_503_and_cooldown_is_honoured() {
+        // Room for exactly two RTP/RTCP pairs.
+        let mut h = Harness::new(SiprecConfig {
+            rtp_ports: (40000, 40003),
+            port_cooldown: Duration::from_secs(10),
+            ..config()
+        });
+        let two = sdp(1, &[20000, 20002], "sendonly");
+        let (resp, _) = h.establish(Req::new("INVITE", "full@src").body("application/sdp", &two));
+        let tag = to_tag(&resp.headers).unwrap();
+        let (code, resp) = status(
+            &mut h,
+            &Req::new("INVITE", "more@src").body("application/sdp", &sdp(1, &[20004], "sendonly")),
+        );
+        assert_eq!(code, 503, "{resp}");
+        assert!(header_value(&resp.headers, "Retry-After").is_some());
+        assert_eq!(
+            h.rec.counters().rejections.get(&(503, "ports_exhausted")),
+            Some(&1)
+        );
+
+        let (code, _) = status(&mut h, &Req::new("BYE", "full@src").to_tag(&tag, 2));
+        assert_eq!(code, 200);
+        // Released ports cool down: still no room.
+        h.advance(Duration::from_secs(5));
+        let (code, _) = status(
+            &mut h,
+            &Req::new("INVITE", "soon@src").body("application/sdp", &two),
+        );
+        assert_eq!(code, 503);
+        assert!(
+            h.rec.flows().table.flows.is_empty(),
+            "a failed allocation leaves nothing pinned"
+        );
+        h.advance(Duration::from_secs(6));
+        let (code, _) = status(
+            &mut h,
+            &Req::new("INVITE", "later@src").body("application/sdp", &two),
+        );
+        assert_eq!(code, 200);
+    }
+
+    #[test]
+    fn idle_session_gets_bye_unless_rtp_flows() {
+        let mut h = Harness::new(SiprecConfig {
+            idle_timeout: Duration::from_secs(60),
+            ..config()
+        });
+        let (resp, id) = h.establish(
+            Req::new("INVITE", "idle@src").body("application/sdp", &sdp(1, &[20000], "sendonly")),
+        );
+        let flow_id = h.flow(m_ports(&body(&resp))[0]).unwrap().0;
+        // RTP keeps it alive across two idle periods.
+        h.rec.flows_mut().packets.insert(flow_id, 10);
+        assert!(requests(&h.advance(Duration::from_secs(61))).is_empty());
+        h.rec.flows_mut().packets.insert(flow_id, 20);
+        assert!(requests(&h.advance(Duration::from_secs(61))).is_empty());
+        assert_eq!(h.rec.sessions().len(), 1);
+        // Then silence.
+        let sent = h.advance(Duration::from_secs(130));
+        let byes = requests(&sent);
+        assert_eq!(byes.len(), 1, "{sent:?}");
+        assert_eq!(byes[0].method, Method::Bye);
+        assert!(h.rec.sessions().is_empty() && h.rec.flows().table.flows.is_empty());
+        let events = h.take_events();
+        assert!(
+            matches!(&events[..], [SessionEvent::Ended { id: e, reason: EndReason::Timeout, .. }] if *e == id),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn session_timer_expiry_sends_bye_and_refresh_extends_it() {
+        let mut h = Harness::new(config());
+        let req = Req::new("INVITE", "timer@src")
+            .header("Supported: timer")
+            .header("Session-Expires: 120;refresher=uac")
+            .body("application/sdp", &sdp(1, &[20000], "sendonly"));
+        let (resp, _) = h.establish(req);
+        assert!(header_tokens(&resp.headers, "Require").contains(&"timer".to_string()));
+        let tag = to_tag(&resp.headers).unwrap();
+        h.advance(Duration::from_secs(100));
+        // Refresh: an UPDATE without body.
+        let (code, resp) = status(
+            &mut h,
+            &Req::new("UPDATE", "timer@src")
+                .to_tag(&tag, 2)
+                .header("Session-Expires: 120;refresher=uac"),
+        );
+        assert_eq!(code, 200);
+        assert!(resp.body.is_empty());
+        assert!(
+            requests(&h.advance(Duration::from_secs(100))).is_empty(),
+            "refreshed at 100 s"
+        );
+        let sent = h.advance(Duration::from_secs(30));
+        let byes = requests(&sent);
+        assert_eq!(byes.len(), 1, "{sent:?}");
+        assert_eq!(byes[0].method, Method::Bye);
+        let events = h.take_events();
+        assert!(matches!(
+            events.last(),
+            Some(SessionEvent::Ended {
+                reason: EndReason::Timeout,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn in_dialog_methods_and_metadata_only_update() {
+        let mut h = Harness::new(config());
+        let (resp, _) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let call = "rs-0c6e2b11@10.20.0.10";
+        let (code, resp) = status(
+            &mut h,
+            &Req::new("UPDATE", call)
+                .to_tag(&tag, 2)
+                .body("application/rs-metadata+xml", META_8),
+        );
+        assert_eq!(code, 200, "{resp}");
+        assert!(resp.body.is_empty());
+        let events = h.take_events();
+        assert!(
+            matches!(&events[..], [SessionEvent::ParticipantsChanged { metadata: Some(m), .. }] if m.version == 2 && m.method == "UPDATE"),
+            "{events:?}"
+        );
+        assert_eq!(
+            status(&mut h, &Req::new("INFO", call).to_tag(&tag, 3)).0,
+            200
+        );
+        let (code, resp) = status(&mut h, &Req::new("REFER", call).to_tag(&tag, 4));
+        assert_eq!(code, 405);
+        assert!(header_value(&resp.headers, "Allow").is_some());
+        // re-INVITE without SDP: our current SDP again, version bumped, same ports.
+        let ports = h.rec.sessions()[0]
+            .streams
+            .iter()
+            .map(|s| s.local_port)
+            .collect::<Vec<_>>();
+        let (code, resp) = status(&mut h, &Req::new("INVITE", call).to_tag(&tag, 5));
+        assert_eq!(code, 200);
+        let sdp = body(&resp);
+        assert_eq!(m_ports(&sdp), ports);
+        assert_eq!(o_version(&sdp), 2);
+    }
+
+    #[test]
+    fn call_id_reuse_with_another_from_tag_is_another_session() {
+        let mut h = Harness::new(config());
+        let (resp, first) = h.establish(
+            Req::new("INVITE", "reused@src").body("application/sdp", &sdp(1, &[20000], "sendonly")),
+        );
+        let tag = to_tag(&resp.headers).unwrap();
+        let mut second =
+            Req::new("INVITE", "reused@src").body("application/sdp", &sdp(1, &[20002], "sendonly"));
+        second.from_tag = "other-1";
+        let (_, other) = h.establish(second);
+        assert_ne!(first, other);
+        assert_eq!(h.rec.sessions().len(), 2);
+        status(&mut h, &Req::new("BYE", "reused@src").to_tag(&tag, 2));
+        let sessions = h.rec.sessions();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0].id, other);
+    }
+
+    #[test]
+    fn stop_and_shutdown_send_bye() {
+        let mut h = Harness::new(config());
+        let (_, a) = h.establish(
+            Req::new("INVITE", "a@src").body("application/sdp", &sdp(1, &[20000], "sendonly")),
+        );
+        h.establish(
+            Req::new("INVITE", "b@src").body("application/sdp", &sdp(1, &[20002], "sendonly")),
+        );
+        h.establish(
+            Req::new("INVITE", "c@src").body("application/sdp", &sdp(1, &[20004], "sendonly")),
+        );
+        assert!(!h.rec.stop(h.now, "nosuch", &mut h.ep));
+        assert!(h.rec.stop(h.now, &a, &mut h.ep));
+        let sent = h.pump();
+        assert_eq!(requests(&sent).len(), 1);
+        assert!(matches!(
+            h.take_events()[..],
+            [SessionEvent::Ended {
+                reason: EndReason::Operator,
+                ..
+            }]
+        ));
+        h.rec.shutdown(h.now, &mut h.ep);
+        let sent = h.pump();
+        assert_eq!(
+            requests(&sent)
+                .iter()
+                .filter(|r| r.method == Method::Bye)
+                .count(),
+            2
+        );
+        assert!(h.rec.flows().table.flows.is_empty());
+        assert_eq!(h.rec.counters().sessions_ended.get("shutdown"), Some(&2));
     }
 }
