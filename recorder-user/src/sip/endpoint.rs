@@ -82,6 +82,8 @@ pub struct Incoming {
 
 /// What the application is told.
 #[derive(Debug)]
+// Events are moved once from the queue to the app; boxing the request would only cost an alloc.
+#[allow(clippy::large_enum_variant)]
 pub enum SipEvent {
     /// A request that needs the app's answer: new INVITE (`dialog: None`), or an in-dialog
     /// re-INVITE, UPDATE, BYE, INFO, OPTIONS, NOTIFY, MESSAGE, REFER, PRACK (`dialog: Some`);
@@ -837,25 +839,41 @@ impl Endpoint {
         status: u16,
         reason: String,
     ) {
-        let Ok(facts) = message::required_headers(request) else {
-            return self.reject(0, "malformed", reason, incoming.source);
+        self.answer_unparsed(incoming, request, status, reason, Vec::new(), "malformed");
+    }
+
+    /// Answers without a transaction (the request is not trustworthy enough to key one);
+    /// returns false when not even the top Via is usable, after reporting the drop.
+    fn answer_unparsed(
+        &mut self,
+        incoming: &Incoming,
+        request: &rsip::Request,
+        status: u16,
+        reason: String,
+        extra: Vec<Header>,
+        category: &'static str,
+    ) -> bool {
+        let facts = message::lenient_facts(request).filter(|_| request.method != rsip::Method::Ack);
+        let Some(facts) = facts else {
+            self.reject(0, category, reason, incoming.source);
+            return false;
         };
-        if request.method == rsip::Method::Ack {
-            return self.reject(0, "malformed", reason, incoming.source);
-        }
+        let tag = new_tag();
         let answer = Answer {
             request,
             facts: &facts,
             source: incoming.source,
             route: response_route(incoming, &facts.via),
-            local_tag: Some("rejected"),
+            local_tag: Some(&tag),
         };
         let mut response = self.build_response(&answer, status, Some(&reason));
+        response.headers.extend(extra);
         let route = answer.route;
         let bytes = encode_response(&mut response);
         self.counters.count_response(status);
         self.push_transmit(route, bytes);
-        self.note_rejection(status, "malformed", reason, incoming.source);
+        self.note_rejection(status, category, reason, incoming.source);
+        true
     }
 
     /// 501 for a method rsip does not know (it fails the whole parse).
@@ -864,43 +882,16 @@ impl Endpoint {
             return false;
         };
         *self.counters.requests.entry(method.clone()).or_default() += 1;
-        let Ok(via) = message::top_via(&request.headers) else {
-            return false;
-        };
-        let mut text = format!("SIP/2.0 501 Not Implemented\r\n");
-        let route = response_route(incoming, &via);
-        for h in request.headers.iter() {
-            match h {
-                Header::Via(_) | Header::From(_) | Header::CallId(_) | Header::CSeq(_) => {}
-                Header::To(_) => {}
-                _ => continue,
-            }
-            let line = match h {
-                Header::Via(v) if std::ptr::eq(h, first_via(&request.headers)) => {
-                    format!("Via: {}", stamp_via(v.value(), &via, incoming.source))
-                }
-                other => other.to_string(),
-            };
-            text.push_str(&line);
-            text.push_str("\r\n");
-        }
-        text.push_str(&format!(
-            "Allow: {}\r\nServer: {}\r\nContent-Length: 0\r\n\r\n",
-            self.config.allow.join(", "),
-            self.config.user_agent
-        ));
-        self.counters.count_response(501);
-        self.push_transmit(
-            route,
-            Bytes::from(message::restore_ipv6(&text).into_owned()),
-        );
-        self.note_rejection(
+        let allow = Header::Allow(rsip::headers::Allow::new(self.config.allow.join(", ")));
+        let reason = format!("Not Implemented: {method}");
+        self.answer_unparsed(
+            incoming,
+            &request,
             501,
+            reason,
+            vec![allow],
             "not-implemented",
-            format!("method {method}"),
-            incoming.source,
-        );
-        true
+        )
     }
 
     // ---------------------------------------------------------------- responses
@@ -1208,16 +1199,6 @@ fn stamp_via(value: &str, via: &message::TopVia, source: SocketAddr) -> String {
     }
     format!("{}{rest}", parts.join(";"))
 }
-
-fn first_via(headers: &rsip::Headers) -> &Header {
-    // Only called when a Via was found by `top_via`; an empty-headers fallback would never match.
-    headers
-        .iter()
-        .find(|h| matches!(h, Header::Via(_)))
-        .unwrap_or(&FALLBACK_HEADER)
-}
-
-static FALLBACK_HEADER: Header = Header::Other(String::new(), String::new());
 
 /// Where our in-dialog BYE goes: the same TCP connection, else the first Route or the remote
 /// target when they are IP literals, else the address the dialog came from.

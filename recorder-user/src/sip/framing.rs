@@ -182,11 +182,8 @@ mod tests {
             let mut buf = BytesMut::new();
             for chunk in chunks {
                 buf.extend_from_slice(&chunk);
-                loop {
-                    match frame(&mut buf) {
-                        Ok(Some(msg)) => prop_assert!(!msg.is_empty()),
-                        Ok(None) | Err(_) => break,
-                    }
+                while let Ok(Some(msg)) = frame(&mut buf) {
+                    prop_assert!(!msg.is_empty());
                 }
             }
         }

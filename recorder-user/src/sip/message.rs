@@ -343,7 +343,7 @@ fn salvage_or_garbage(head: &[u8], reason: String) -> Parsed {
     let Ok(request) = rsip::Request::try_from(text.as_str()) else {
         return Parsed::Garbage(reason);
     };
-    if required_headers(&request).is_err() {
+    if lenient_facts(&request).is_none() {
         return Parsed::Garbage(reason);
     }
     Parsed::Unprocessable {
@@ -461,6 +461,25 @@ pub(crate) fn required_headers(request: &rsip::Request) -> Result<RequestFacts, 
         to_tag: tag_param(&to.params),
         cseq: cseq.seq,
         cseq_method: cseq.method,
+    })
+}
+
+/// What can be read from a request whose mandatory headers are incomplete: enough to answer
+/// it with a 400 as long as the top Via is usable.
+pub(crate) fn lenient_facts(request: &rsip::Request) -> Option<RequestFacts> {
+    let via = top_via(&request.headers).ok()?;
+    let to_tag = request
+        .to_header()
+        .ok()
+        .and_then(|t| t.typed().ok())
+        .and_then(|t| tag_param(&t.params));
+    Some(RequestFacts {
+        via,
+        call_id: String::new(),
+        from_tag: None,
+        to_tag,
+        cseq: 0,
+        cseq_method: request.method,
     })
 }
 

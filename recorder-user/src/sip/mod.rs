@@ -46,3 +46,6 @@ pub enum SipError {
     #[error("response is unusable: {0}")]
     BadResponse(String),
 }
+
+#[cfg(test)]
+mod tests;
