@@ -414,7 +414,10 @@ impl<F: FlowControl> Recorder<F> {
         reply
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the request's context, all needed"
+    )]
     fn new_session(
         &mut self,
         now: Instant,
@@ -550,7 +553,7 @@ impl<F: FlowControl> Recorder<F> {
         let delayed = !self.config.answer_delay.is_zero();
         let (phase, immediate) = if delayed {
             let pending = Phase::Pending {
-                txn: txn.clone(),
+                txn: *txn,
                 answer_at: now + self.config.answer_delay,
                 reply,
             };
@@ -1092,11 +1095,11 @@ impl<F: FlowControl> Recorder<F> {
     fn next_deadline(&self) -> Option<Instant> {
         self.sessions
             .values()
-            .filter_map(|s| match &s.phase {
-                Phase::Pending { answer_at, .. } => Some(*answer_at),
+            .map(|s| match &s.phase {
+                Phase::Pending { answer_at, .. } => *answer_at,
                 _ => {
                     let idle = s.idle_deadline(self.config.idle_timeout);
-                    Some(s.refresh_deadline.map_or(idle, |d| d.min(idle)))
+                    s.refresh_deadline.map_or(idle, |d| d.min(idle))
                 }
             })
             .min()
@@ -1689,7 +1692,7 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=label:2\r\na=sendonly\
             self
         }
 
-        fn to_tag(mut self, tag: &'a str, cseq: u32) -> Self {
+        fn in_dialog(mut self, tag: &'a str, cseq: u32) -> Self {
             self.to_tag = Some(tag);
             self.cseq = cseq;
             self
@@ -1867,7 +1870,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
     }
 
     fn ack<'a>(call_id: &'a str, from_tag: &'a str, to_tag: &'a str, cseq: u32) -> Req<'a> {
-        let mut r = Req::new("ACK", call_id).to_tag(to_tag, cseq);
+        let mut r = Req::new("ACK", call_id).in_dialog(to_tag, cseq);
         r.from_tag = from_tag;
         r
     }
@@ -2021,7 +2024,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         assert!(h.rec.sessions()[0].confirmed);
 
         let bye = Req::new("BYE", req.call_id)
-            .to_tag(&tag, 2)
+            .in_dialog(&tag, 2)
             .header("Reason: Q.850;cause=16");
         let (code, _) = status(&mut h, &bye);
         assert_eq!(code, 200);
@@ -2073,7 +2076,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
 
         let (ct, b) = multipart(SDP_8, META_8);
         let reinvite = Req::new("INVITE", "rs-0c6e2b11@10.20.0.10")
-            .to_tag(&tag, 2)
+            .in_dialog(&tag, 2)
             .header("Session-Expires: 1800;refresher=uac")
             .body(&ct, &b);
         let (code, resp2) = status(&mut h, &reinvite);
@@ -2142,7 +2145,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         // Stream 1 goes (port 0), stream 2 stays, stream 3 is new.
         let offer = sdp(2, &[0, 20002, 20004], "sendonly");
         let reinvite = Req::new("INVITE", "add-rm@src")
-            .to_tag(&tag, 2)
+            .in_dialog(&tag, 2)
             .body("application/sdp", &offer);
         let (code, resp2) = status(&mut h, &reinvite);
         assert_eq!(code, 200);
@@ -2172,7 +2175,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         let tag = to_tag(&resp.headers).unwrap();
 
         let pause = Req::new("INVITE", "pause@src")
-            .to_tag(&tag, 2)
+            .in_dialog(&tag, 2)
             .body("application/sdp", &sdp(2, &[20000, 20002], "inactive"));
         let (code, resp2) = status(&mut h, &pause);
         assert_eq!(code, 200);
@@ -2189,7 +2192,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         assert!(h.rec.sessions()[0].streams.iter().all(|s| s.paused));
 
         let resume = Req::new("UPDATE", "pause@src")
-            .to_tag(&tag, 3)
+            .in_dialog(&tag, 3)
             .body("application/sdp", &sdp(3, &[20000, 20002], "sendonly"));
         let (code, resp3) = status(&mut h, &resume);
         assert_eq!(code, 200);
@@ -2283,7 +2286,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         let tag = to_tag(&resp.headers).unwrap();
         h.send(&ack(req.call_id, req.from_tag, &tag, 1));
         // The dialog is known: BYE works.
-        let (code, _) = status(&mut h, &Req::new("BYE", req.call_id).to_tag(&tag, 2));
+        let (code, _) = status(&mut h, &Req::new("BYE", req.call_id).in_dialog(&tag, 2));
         assert_eq!(code, 200);
         assert!(h.rec.flows().table.flows.is_empty());
     }
@@ -2362,7 +2365,7 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
                 422,
                 "",
             ),
-            (Req::new("BYE", "e-481").to_tag("nosuch", 2), 481, ""),
+            (Req::new("BYE", "e-481").in_dialog("nosuch", 2), 481, ""),
         ];
         for (req, want, phrase) in &cases {
             let (code, resp) = status(&mut h, req);
@@ -2473,7 +2476,7 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
             Some(&1)
         );
 
-        let (code, _) = status(&mut h, &Req::new("BYE", "full@src").to_tag(&tag, 2));
+        let (code, _) = status(&mut h, &Req::new("BYE", "full@src").in_dialog(&tag, 2));
         assert_eq!(code, 200);
         // Released ports cool down: still no room.
         h.advance(Duration::from_secs(5));
@@ -2538,7 +2541,7 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
         let (code, resp) = status(
             &mut h,
             &Req::new("UPDATE", "timer@src")
-                .to_tag(&tag, 2)
+                .in_dialog(&tag, 2)
                 .header("Session-Expires: 120;refresher=uac"),
         );
         assert_eq!(code, 200);
@@ -2570,7 +2573,7 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
         let (code, resp) = status(
             &mut h,
             &Req::new("UPDATE", call)
-                .to_tag(&tag, 2)
+                .in_dialog(&tag, 2)
                 .body("application/rs-metadata+xml", META_8),
         );
         assert_eq!(code, 200, "{resp}");
@@ -2581,10 +2584,10 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
             "{events:?}"
         );
         assert_eq!(
-            status(&mut h, &Req::new("INFO", call).to_tag(&tag, 3)).0,
+            status(&mut h, &Req::new("INFO", call).in_dialog(&tag, 3)).0,
             200
         );
-        let (code, resp) = status(&mut h, &Req::new("REFER", call).to_tag(&tag, 4));
+        let (code, resp) = status(&mut h, &Req::new("REFER", call).in_dialog(&tag, 4));
         assert_eq!(code, 405);
         assert!(header_value(&resp.headers, "Allow").is_some());
         // re-INVITE without SDP: our current SDP again, version bumped, same ports.
@@ -2593,11 +2596,67 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
             .iter()
             .map(|s| s.local_port)
             .collect::<Vec<_>>();
-        let (code, resp) = status(&mut h, &Req::new("INVITE", call).to_tag(&tag, 5));
+        let (code, resp) = status(&mut h, &Req::new("INVITE", call).in_dialog(&tag, 5));
         assert_eq!(code, 200);
         let sdp = body(&resp);
         assert_eq!(m_ports(&sdp), ports);
         assert_eq!(o_version(&sdp), 2);
+        assert!(h.take_events().is_empty(), "a refresh changes nothing");
+    }
+
+    #[test]
+    fn src_tag_variants_and_missing_tag_are_accepted() {
+        let mut h = Harness::new(config());
+        let offer = sdp(1, &[20000], "sendonly");
+        for (call, contact) in [
+            ("legacy@src", "Contact: <sip:192.168.241.44:5060>;src"),
+            (
+                "quoted@src",
+                "Contact: <sip:src@10.20.0.10:5060>;\"+sip.src\"",
+            ),
+            ("none@src", "Contact: <sip:src@10.20.0.10:5060>"),
+        ] {
+            let req = Req::new("INVITE", call)
+                .header(contact)
+                .header("Require: siprec")
+                .body("application/sdp", &offer);
+            let (code, resp) = status(&mut h, &req);
+            assert_eq!(code, 200, "{call}: {resp}");
+            assert!(header_tokens(&resp.headers, "Require").contains(&"siprec".to_string()));
+        }
+        assert_eq!(h.rec.sessions().len(), 3);
+    }
+
+    #[test]
+    fn pinned_source_follows_the_offer() {
+        let mut h = Harness::new(SiprecConfig {
+            pin_source: true,
+            ..config()
+        });
+        let (resp, _) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let ports = m_ports(&body(&resp));
+        assert_eq!(
+            h.flow(ports[1]).unwrap().2,
+            Some("10.20.0.10:31002".parse().unwrap())
+        );
+        assert_eq!(
+            h.flow(ports[1] + 1).unwrap().2,
+            Some("10.20.0.10:31003".parse().unwrap())
+        );
+        let (ct, b) = multipart(SDP_8, META_8);
+        let reinvite = Req::new("INVITE", "rs-0c6e2b11@10.20.0.10")
+            .in_dialog(&tag, 2)
+            .body(&ct, &b);
+        assert_eq!(status(&mut h, &reinvite).0, 200);
+        assert_eq!(
+            h.flow(ports[1]).unwrap().2,
+            Some("10.20.0.10:31010".parse().unwrap())
+        );
+        assert_eq!(
+            h.flow(ports[0]).unwrap().2,
+            Some("10.20.0.10:31000".parse().unwrap())
+        );
     }
 
     #[test]
@@ -2613,7 +2672,7 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
         let (_, other) = h.establish(second);
         assert_ne!(first, other);
         assert_eq!(h.rec.sessions().len(), 2);
-        status(&mut h, &Req::new("BYE", "reused@src").to_tag(&tag, 2));
+        status(&mut h, &Req::new("BYE", "reused@src").in_dialog(&tag, 2));
         let sessions = h.rec.sessions();
         assert_eq!(sessions.len(), 1);
         assert_eq!(sessions[0].id, other);
@@ -2653,5 +2712,38 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
         );
         assert!(h.rec.flows().table.flows.is_empty());
         assert_eq!(h.rec.counters().sessions_ended.get("shutdown"), Some(&2));
+    }
+
+    #[test]
+    fn src_feature_tag_is_recognised() {
+        let parse = |contact: &str| {
+            let text = Req::new("INVITE", "x").header(contact).text(1);
+            has_src_feature(&Request::try_from(text.as_str()).unwrap())
+        };
+        assert!(parse("Contact: <sip:src@10.20.0.10:5060>;+sip.src"));
+        assert!(parse("Contact: <sip:192.168.241.44:5060>;src"));
+        assert!(parse(
+            "Contact: <sip:src@10.20.0.10>;\"+sip.src\";expires=60"
+        ));
+        assert!(!parse("Contact: <sip:src@10.20.0.10:5060;src>"));
+        assert!(!parse("Contact: <sip:src@10.20.0.10:5060>;+sip.srs"));
+    }
+
+    #[test]
+    fn acl_matches_prefixes() {
+        let acl = vec![
+            (IpAddr::from([10, 20, 0, 0]), 16),
+            (IpAddr::from([192, 0, 2, 128]), 25),
+            ("2001:db8::".parse().unwrap(), 32),
+        ];
+        let ok = |ip: &str| acl_allows(&acl, ip.parse().unwrap());
+        assert!(ok("10.20.255.1") && !ok("10.21.0.1"));
+        assert!(ok("192.0.2.200") && !ok("192.0.2.127"));
+        assert!(ok("2001:db8:1::5") && !ok("2001:db9::1"));
+        assert!(ok("::ffff:10.20.0.9"), "v4-mapped");
+        assert!(
+            acl_allows(&[], "203.0.113.9".parse().unwrap()),
+            "empty ACL allows all"
+        );
     }
 }
