@@ -115,7 +115,7 @@ impl SiprecCounters {
 }
 
 /// What `recorder sessions` shows about a live session.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SessionSummary {
     pub id: RecordingId,
     pub call_ids: CallIds,
