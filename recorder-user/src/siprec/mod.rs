@@ -1,2 +1,14 @@
-//! (in progress)
+//! SIPREC (RFC 7866) parsing and building blocks, sans-IO: request bodies, SDP offer/answer,
+//! RFC 7865 metadata, interaction identifiers and local RTP port allocation.
+//!
+//! Each submodule has its own error type; the recording-session state machine builds on these.
+
+pub mod body;
+pub mod ports;
 pub mod session;
+
+pub use body::{split_body, BodyError, RecordingBody};
+pub use ports::PortAllocator;
+
+/// Largest request body (and body part) accepted; real multipart INVITEs are a few KiB.
+pub const MAX_BODY_LEN: usize = 256 * 1024;
