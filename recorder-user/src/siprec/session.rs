@@ -26,7 +26,7 @@ use crate::{
     flow::{FlowAction, FlowControl, FlowSpec},
     sip::{DialogId, Endpoint, SipEvent, TxnId},
     siprec::{
-        body::{split_body, BodyError},
+        body::{split_body, BodyError, RecordingBody},
         ids::call_ids,
         metadata::{parse_metadata, MetadataDoc, MetadataState},
         ports::PortAllocator,
@@ -539,7 +539,11 @@ impl<F: FlowControl> Recorder<F> {
         }
         reply.body = Some(("application/sdp".to_string(), answer.into_bytes()));
 
-        let call_ids = call_ids(request, metadata.as_ref(), &self.config.uuid_headers);
+        let mut call_ids = call_ids(request, metadata.as_ref(), &self.config.uuid_headers);
+        if let Some(gci) = body.gci {
+            // Cisco's global call id from the GTD part: worth keeping for correlation.
+            call_ids.extra.push(("gci".to_string(), gci));
+        }
         let participants = metadata
             .as_ref()
             .map(|m| m.participants())
@@ -1399,30 +1403,21 @@ fn has_src_feature(request: &Request) -> bool {
 }
 
 /// The SDP and metadata of a request body, or the rejection it deserves.
-fn parse_body(request: &Request) -> Result<ParsedBody, Reject> {
+fn parse_body(request: &Request) -> Result<RecordingBody, Reject> {
     if request.body.is_empty() {
-        return Ok(ParsedBody::default());
+        return Ok(RecordingBody::default());
     }
-    let content_type = header_value(&request.headers, "Content-Type").unwrap_or_default();
-    match split_body(&content_type, &request.body) {
-        Ok(body) => Ok(ParsedBody {
-            sdp: body.sdp,
-            metadata: body.metadata,
-        }),
-        Err(BodyError::UnsupportedType(t)) => Err(Reject::new(
+    let content_type = header_value(&request.headers, "Content-Type");
+    split_body(content_type.as_deref(), &request.body).map_err(|e| match e {
+        BodyError::UnsupportedType(t) => Reject::new(
             415,
             format!("Unsupported Media Type: {t}"),
             "unsupported_media_type",
         )
-        .header("Accept", ACCEPT)),
-        Err(e) => Err(Reject::new(400, format!("Bad body: {e}"), "bad_body")),
-    }
-}
-
-#[derive(Default)]
-struct ParsedBody {
-    sdp: Option<String>,
-    metadata: Option<String>,
+        .header("Accept", ACCEPT),
+        BodyError::TooLarge { .. } => Reject::new(413, "Request Entity Too Large", "too_large"),
+        e => Reject::new(400, format!("Bad body: {e}"), "bad_body"),
+    })
 }
 
 fn parse_metadata_body(xml: &str) -> Result<MetadataDoc, Reject> {
