@@ -2741,4 +2741,48 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
             "empty ACL allows all"
         );
     }
+
+    #[test]
+    fn bye_with_final_metadata_reports_it_then_ends() {
+        let mut h = Harness::new(config());
+        let (resp, id) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let bye = Req::new("BYE", "rs-0c6e2b11@10.20.0.10")
+            .in_dialog(&tag, 2)
+            .body("application/rs-metadata+xml", META_8);
+        assert_eq!(status(&mut h, &bye).0, 200);
+        let events = h.take_events();
+        assert!(
+            matches!(
+                &events[..],
+                [
+                    SessionEvent::ParticipantsChanged { metadata: Some(m), .. },
+                    SessionEvent::Ended { id: e, reason: EndReason::Bye { reason: None }, .. },
+                ] if m.method == "BYE" && m.version == 2 && *e == id
+            ),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn missing_ack_ends_with_transaction_timeout() {
+        let mut h = Harness::new(config());
+        let resp = final_response(&h.send(&spec_invite()));
+        assert_eq!(resp.status_code.code(), 200);
+        h.take_events();
+        h.advance(Duration::from_secs(40));
+        assert!(h.rec.sessions().is_empty());
+        assert!(h.rec.flows().table.flows.is_empty());
+        let events = h.take_events();
+        assert!(
+            matches!(
+                &events[..],
+                [SessionEvent::Ended {
+                    reason: EndReason::TransactionTimeout,
+                    ..
+                }]
+            ),
+            "{events:?}"
+        );
+    }
 }
