@@ -5,10 +5,16 @@
 
 pub mod body;
 pub mod ports;
-pub mod session;
+pub mod sdp;
 
 pub use body::{split_body, BodyError, RecordingBody};
 pub use ports::PortAllocator;
+pub use sdp::{
+    answer_crypto, build_answer, choose_codec, parse_offer, Direction, Offer, OfferStream,
+    SdpError, StreamAnswer,
+};
 
 /// Largest request body (and body part) accepted; real multipart INVITEs are a few KiB.
 pub const MAX_BODY_LEN: usize = 256 * 1024;
+
+pub mod session;
