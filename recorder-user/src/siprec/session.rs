@@ -31,7 +31,8 @@ use crate::{
         metadata::{parse_metadata, MetadataDoc, MetadataState},
         ports::PortAllocator,
         sdp::{
-            build_answer, choose_codec, parse_offer, Direction, Offer, OfferStream, StreamAnswer,
+            answer_crypto, build_answer, choose_codec, parse_offer, Direction, Offer, OfferStream,
+            StreamAnswer,
         },
     },
     transport::SipApp,
@@ -512,7 +513,7 @@ impl<F: FlowControl> Recorder<F> {
 
         let id = recording_id();
         let sdp_session_id = u64::from(rand::random::<u32>());
-        let answers = answers_for(&offer, &slots);
+        let answers = answers_for(&offer, &slots, &[]);
         let answer = build_answer(
             &offer,
             &answers,
@@ -625,7 +626,7 @@ impl<F: FlowControl> Recorder<F> {
             rtcp_port: need_rtcp.then(|| port + 1),
             remote,
             codec,
-            telephone_event_pt: stream.telephone_event.as_ref().map(|t| t.payload_type),
+            telephone_event_pt: stream.telephone_event.as_ref().map(|c| c.payload_type),
             paused: stream_paused(stream),
             srtp: !stream.crypto.is_empty(),
         };
@@ -871,7 +872,7 @@ impl<F: FlowControl> Recorder<F> {
             match (slot.take(), stream, codec) {
                 (Some(mut info), Some(stream), Some(codec)) => {
                     let remote = stream_remote(stream);
-                    let te = stream.telephone_event.as_ref().map(|t| t.payload_type);
+                    let te = stream.telephone_event.as_ref().map(|c| c.payload_type);
                     if info.remote != remote || info.codec != codec || info.telephone_event_pt != te
                     {
                         info.remote = remote;
@@ -912,7 +913,7 @@ impl<F: FlowControl> Recorder<F> {
         }
         // m-lines never disappear (RFC 3264 §8); tolerate it, the slots are empty by now.
         session.slots.truncate(offer.streams.len());
-        session.answers = answers_for(&offer, &session.slots);
+        session.answers = answers_for(&offer, &session.slots, &session.answers);
         session.offer = offer;
         let id = session.id.clone();
         let streams = session.streams();
@@ -1425,18 +1426,13 @@ fn parse_metadata_body(xml: &str) -> Result<MetadataDoc, Reject> {
 }
 
 /// The codec we would answer for a stream, or `None` if the stream is unusable (port 0,
-/// transport we cannot receive, no codec we know).
+/// transport we cannot receive, SRTP without usable keys, no codec).
 fn usable_codec(stream: &OfferStream) -> Option<Codec> {
-    if stream.port == 0 {
-        return None;
+    if stream.is_usable() {
+        choose_codec(stream)
+    } else {
+        None
     }
-    let proto = stream.proto.to_ascii_uppercase();
-    let srtp = matches!(proto.as_str(), "RTP/SAVP" | "RTP/SAVPF");
-    let plain = matches!(proto.as_str(), "RTP/AVP" | "RTP/AVPF");
-    if !(plain || (srtp && !stream.crypto.is_empty())) {
-        return None;
-    }
-    choose_codec(stream)
 }
 
 fn stream_label(stream: &OfferStream) -> String {
@@ -1457,32 +1453,37 @@ fn stream_remote(stream: &OfferStream) -> Option<SocketAddr> {
 /// Where the client's RTCP comes from: `a=rtcp`, else RTP port + 1 (RFC 3550 §11).
 fn rtcp_remote(stream: &OfferStream) -> Option<SocketAddr> {
     let ip = stream.connection?;
-    let port = match stream.rtcp {
-        Some(port) => port,
-        None => stream.port.checked_add(1)?,
-    };
-    Some(SocketAddr::new(ip, port))
+    match stream.rtcp {
+        Some((port, addr)) => Some(SocketAddr::new(addr.unwrap_or(ip), port)),
+        None => Some(SocketAddr::new(ip, stream.port.checked_add(1)?)),
+    }
 }
 
-/// Our answer for each offered m-line, in order.
-fn answers_for(offer: &Offer, slots: &[Slot]) -> Vec<StreamAnswer> {
+/// Our answer for each offered m-line, in order. SRTP streams keep the `a=crypto` of the
+/// previous answer, so a re-answer does not change our keys.
+fn answers_for(offer: &Offer, slots: &[Slot], previous: &[StreamAnswer]) -> Vec<StreamAnswer> {
     offer
         .streams
         .iter()
         .enumerate()
         .map(|(i, stream)| match slots.get(i).and_then(Option::as_ref) {
-            Some(info) => StreamAnswer::Accept {
-                port: info.local_port,
-                rtcp_port: info.rtcp_port,
-                codec: info.codec.clone(),
-                telephone_event: stream.telephone_event.clone(),
-                direction: if info.paused {
-                    Direction::Inactive
-                } else {
-                    Direction::RecvOnly
-                },
-                label: stream.label.clone(),
-            },
+            Some(info) => {
+                let crypto = stream.is_srtp().then(|| match previous.get(i) {
+                    Some(StreamAnswer::Accept {
+                        crypto: Some(c), ..
+                    }) => Some(c.clone()),
+                    _ => answer_crypto(&stream.crypto, &rand::random::<[u8; 30]>()),
+                });
+                StreamAnswer::Accept {
+                    port: info.local_port,
+                    rtcp_port: info.rtcp_port,
+                    codec: info.codec.clone(),
+                    telephone_event: stream.telephone_event.clone(),
+                    direction: stream.direction.answer(info.paused),
+                    label: stream.label.clone(),
+                    crypto: crypto.flatten(),
+                }
+            }
             None => StreamAnswer::Reject,
         })
         .collect()
@@ -2784,5 +2785,34 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
             ),
             "{events:?}"
         );
+    }
+
+    #[test]
+    fn srtp_stream_gets_a_stable_crypto_answer() {
+        let mut h = Harness::new(config());
+        let offer = |v: u32| {
+            format!(
+                "v=0\r\no=SRC 1 {v} IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n\
+m=audio 20000 RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\n\
+a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz\r\na=sendonly\r\n"
+            )
+        };
+        let req = Req::new("INVITE", "srtp@src").body("application/sdp", &offer(1));
+        let (resp, _) = h.establish(req);
+        let crypto = |sdp: &str| {
+            m_section(sdp, 0)
+                .into_iter()
+                .find(|l| l.starts_with("a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:"))
+                .unwrap_or_else(|| panic!("no crypto answer in {sdp}"))
+        };
+        let first = crypto(&body(&resp));
+        assert!(h.rec.sessions()[0].streams[0].srtp);
+        let tag = to_tag(&resp.headers).unwrap();
+        let reinvite = Req::new("INVITE", "srtp@src")
+            .in_dialog(&tag, 2)
+            .body("application/sdp", &offer(2));
+        let (code, resp2) = status(&mut h, &reinvite);
+        assert_eq!(code, 200);
+        assert_eq!(crypto(&body(&resp2)), first);
     }
 }
