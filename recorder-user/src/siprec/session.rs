@@ -822,11 +822,10 @@ impl<F: FlowControl> Recorder<F> {
         let require_siprec = session.require_siprec;
         let mut required = Vec::new();
         let mut reply = Reply::new(200, "OK");
+        // Our Contact (with +sip.srs) goes in every 2xx that refreshes the target.
+        reply = reply.header("Contact", self.contact(request));
         if is_invite {
-            reply = reply
-                .header("Contact", self.contact(request))
-                .header("Allow", ALLOW)
-                .header("Supported", "timer");
+            reply = reply.header("Allow", ALLOW).header("Supported", "timer");
             if require_siprec {
                 required.push("siprec");
             }
