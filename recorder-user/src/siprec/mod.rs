@@ -4,10 +4,12 @@
 //! Each submodule has its own error type; the recording-session state machine builds on these.
 
 pub mod body;
+pub mod metadata;
 pub mod ports;
 pub mod sdp;
 
 pub use body::{split_body, BodyError, RecordingBody};
+pub use metadata::{parse_metadata, MetadataDoc, MetadataError, MetadataState};
 pub use ports::PortAllocator;
 pub use sdp::{
     answer_crypto, build_answer, choose_codec, parse_offer, Direction, Offer, OfferStream,
