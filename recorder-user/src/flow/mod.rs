@@ -59,7 +59,8 @@ pub trait FlowControl: Send {
     fn rewrite(&mut self, old_local: SocketAddr, new: FlowSpec) -> Result<u32, FlowError>;
     /// Unpins the flow at `local`.
     fn remove(&mut self, local: SocketAddr) -> Result<(), FlowError>;
-    /// Packets the kernel matched for `flow_id` so far (for idle detection); 0 if unknown.
+    /// Packets captured so far for this flow id (signaling's idle timeout watches it change).
+    /// Tables that do not count report 0, which reads as "no RTP".
     fn packets(&self, _flow_id: u64) -> u64 {
         0
     }

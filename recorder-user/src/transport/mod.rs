@@ -1,1 +1,33 @@
-//! (in progress)
+//! The only place SIP touches sockets: UDP and TCP listeners on the same addresses, TCP framing
+//! per connection, and the one driver task that owns the sans-IO [`crate::sip::Endpoint`].
+//!
+//! * [`udp`]: UDP sockets and their receive tasks.
+//! * [`tcp`]: TCP listeners, one task per connection (reader + writer), connection ids.
+//! * [`driver`]: [`driver::run`], the loop that feeds the endpoint and drains it.
+
+pub mod driver;
+pub mod tcp;
+pub mod udp;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+
+pub use driver::{bind, run, run_on, Command, SipApp, Sockets};
+
+/// Errors of the transport layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot bind {transport} {addr}: {source}")]
+    Bind {
+        transport: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no listen address given")]
+    NoListenAddress,
+    #[error("socket error: {0}")]
+    Io(#[from] std::io::Error),
+}

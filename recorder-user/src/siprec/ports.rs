@@ -1,0 +1,155 @@
+//! Local RTP port allocation with a reuse cool-down.
+//!
+//! Every allocation reserves an even RTP port and the odd port above it for RTCP, whether or not
+//! the stream uses RTCP now: a later re-INVITE may drop `a=rtcp-mux`, and a pair that never
+//! overlaps another call's keeps the XDP flow keys unambiguous. Released ports rest for
+//! `cooldown` before reuse, so late packets of one call never land in another's recording; free
+//! ports are reused oldest-released first, which stretches that gap further.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    time::{Duration, Instant},
+};
+
+/// Hands out even RTP ports (RTCP = RTP + 1) from `lo..=hi`.
+#[derive(Debug)]
+pub struct PortAllocator {
+    /// Ready to hand out, least recently used first.
+    free: VecDeque<u16>,
+    /// Released, waiting for the cool-down to pass, in release order.
+    cooling: VecDeque<(Instant, u16)>,
+    in_use: HashSet<u16>,
+    cooldown: Duration,
+    capacity: usize,
+}
+
+impl PortAllocator {
+    /// A range `lo..=hi`; only pairs `(p, p + 1)` with `p` even and both inside the range count.
+    /// An empty or inverted range gives an allocator with no capacity.
+    pub fn new(lo: u16, hi: u16, cooldown: Duration) -> Self {
+        let first = lo.saturating_add(lo % 2);
+        let free: VecDeque<u16> = (first..hi)
+            .step_by(2)
+            .filter(|p| p.checked_add(1).is_some_and(|rtcp| rtcp <= hi))
+            .collect();
+        let capacity = free.len();
+        Self {
+            free,
+            cooling: VecDeque::new(),
+            in_use: HashSet::new(),
+            cooldown,
+            capacity,
+        }
+    }
+
+    /// An even RTP port whose pair is free and has not been released within `cooldown` of `now`;
+    /// `None` when the range is exhausted (caller answers 503). The RTCP port `p + 1` is always
+    /// reserved with it (see the module docs), so `_need_rtcp` does not change the result.
+    pub fn allocate(&mut self, now: Instant, _need_rtcp: bool) -> Option<u16> {
+        while let Some(&(released, port)) = self.cooling.front() {
+            if now.saturating_duration_since(released) < self.cooldown {
+                break;
+            }
+            self.cooling.pop_front();
+            self.free.push_back(port);
+        }
+        let port = self.free.pop_front()?;
+        self.in_use.insert(port);
+        Some(port)
+    }
+
+    /// Returns `port` (the RTP port given by [`allocate`](Self::allocate)); it becomes available
+    /// again `cooldown` after `now`. Unknown or already released ports are ignored, so a double
+    /// release cannot hand the same port to two calls.
+    pub fn release(&mut self, now: Instant, port: u16) {
+        if self.in_use.remove(&port) {
+            self.cooling.push_back((now, port));
+        }
+    }
+
+    /// Pairs currently allocated.
+    pub fn in_use(&self) -> usize {
+        self.in_use.len()
+    }
+
+    /// Total pairs in the range.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COOL: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn allocates_even_pairs_inside_range() {
+        let now = Instant::now();
+        let mut ports = PortAllocator::new(40001, 40008, COOL);
+        // 40001 is odd: pairs are 40002/3, 40004/5, 40006/7; 40008 has no room for RTCP.
+        assert_eq!(ports.capacity(), 3);
+        let got: Vec<u16> = std::iter::from_fn(|| ports.allocate(now, true)).collect();
+        assert_eq!(got, vec![40002, 40004, 40006]);
+        assert_eq!(ports.in_use(), 3);
+        assert_eq!(ports.allocate(now, false), None);
+    }
+
+    #[test]
+    fn released_port_rests_for_cooldown() {
+        let t0 = Instant::now();
+        let mut ports = PortAllocator::new(40000, 40003, COOL);
+        let a = ports.allocate(t0, true).unwrap();
+        let b = ports.allocate(t0, true).unwrap();
+        assert_ne!(a, b);
+        ports.release(t0, a);
+        assert_eq!(ports.in_use(), 1);
+        assert_eq!(
+            ports.allocate(t0 + COOL - Duration::from_millis(1), true),
+            None
+        );
+        assert_eq!(ports.allocate(t0 + COOL, true), Some(a));
+    }
+
+    #[test]
+    fn oldest_released_port_is_reused_first() {
+        let t0 = Instant::now();
+        let mut ports = PortAllocator::new(40000, 40005, Duration::ZERO);
+        let a = ports.allocate(t0, true).unwrap();
+        let b = ports.allocate(t0, true).unwrap();
+        let c = ports.allocate(t0, true).unwrap();
+        ports.release(t0, b);
+        ports.release(t0 + Duration::from_secs(1), a);
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(ports.allocate(later, true), Some(b));
+        assert_eq!(ports.allocate(later, true), Some(a));
+        assert_eq!(ports.allocate(later, true), None);
+        assert_eq!(ports.in_use(), 3);
+        let _ = c;
+    }
+
+    #[test]
+    fn double_and_unknown_release_are_ignored() {
+        let t0 = Instant::now();
+        let mut ports = PortAllocator::new(40000, 40003, Duration::ZERO);
+        let a = ports.allocate(t0, true).unwrap();
+        ports.release(t0, a);
+        ports.release(t0, a);
+        ports.release(t0, 12345);
+        let x = ports.allocate(t0, true).unwrap();
+        let y = ports.allocate(t0, true).unwrap();
+        assert_ne!(x, y);
+        assert_eq!(ports.allocate(t0, true), None);
+    }
+
+    #[test]
+    fn empty_and_inverted_ranges() {
+        let now = Instant::now();
+        assert_eq!(PortAllocator::new(5000, 4000, COOL).capacity(), 0);
+        assert_eq!(PortAllocator::new(5000, 5000, COOL).capacity(), 0);
+        let mut top = PortAllocator::new(65534, 65535, COOL);
+        assert_eq!(top.capacity(), 1);
+        assert_eq!(top.allocate(now, true), Some(65534));
+    }
+}

@@ -1,0 +1,148 @@
+//! TCP: listeners, an accept task per listener, and per connection a reader task (framing by
+//! `Content-Length`, [`crate::sip::frame`]) and a writer task fed by a channel. The driver keeps
+//! each connection's writer channel under its id; a connection ends when its reader stops
+//! (EOF, error, or a framing error) and the driver drops the writer channel.
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use bytes::{Bytes, BytesMut};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+
+use super::{driver::Input, TransportError};
+use crate::sip::{frame, Incoming, Transport};
+
+/// Messages queued per connection before the driver's sends to it are dropped.
+const WRITE_QUEUE: usize = 256;
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+/// Binds a TCP listener. Must be called within a tokio runtime.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
+    let err = |source| TransportError::Bind {
+        transport: "TCP",
+        addr,
+        source,
+    };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true).map_err(err)?;
+    }
+    // Restarting the daemon must not wait for TIME_WAIT connections of the previous run.
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(1024).map_err(err)?;
+    TcpListener::from_std(socket.into()).map_err(err)
+}
+
+/// Accepts connections until the driver goes away.
+pub(crate) async fn accept(listener: TcpListener, inputs: mpsc::Sender<Input>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: keep the listener, the condition may pass.
+                tracing::warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if inputs.is_closed() {
+            return;
+        }
+        spawn_connection(stream, peer, inputs.clone());
+    }
+}
+
+/// Opens a connection to `destination` and sends `bytes` on it (a request to a peer whose
+/// connection is gone, RFC 3261 §18.1.1); the connection then serves like an accepted one.
+pub(crate) async fn connect_and_send(
+    destination: SocketAddr,
+    bytes: Bytes,
+    inputs: mpsc::Sender<Input>,
+) {
+    match TcpStream::connect(destination).await {
+        Ok(stream) => {
+            let writer = spawn_connection(stream, destination, inputs);
+            let _ = writer.send(bytes).await;
+        }
+        Err(e) => tracing::warn!(%destination, error = %e, "TCP connect failed; message dropped"),
+    }
+}
+
+fn spawn_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    inputs: mpsc::Sender<Input>,
+) -> mpsc::Sender<Bytes> {
+    let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
+    let local = stream.local_addr().unwrap_or(peer);
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if let Err(e) = writer.write_all(&bytes).await {
+                tracing::debug!(connection = id, error = %e, "TCP write failed");
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let writer_for_driver = tx.clone();
+    tokio::spawn(async move {
+        if inputs
+            .send(Input::Connected {
+                id,
+                peer,
+                writer: writer_for_driver,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        'read: loop {
+            match reader.read_buf(&mut buf).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(connection = id, error = %e, "TCP read failed");
+                    break;
+                }
+            }
+            loop {
+                match frame(&mut buf) {
+                    Ok(Some(bytes)) => {
+                        let incoming = Incoming {
+                            transport: Transport::Tcp,
+                            source: peer,
+                            local,
+                            connection: Some(id),
+                            bytes,
+                        };
+                        if inputs.send(Input::Message(incoming)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(connection = id, %peer, error = %e, "closing unframeable TCP connection");
+                        break 'read;
+                    }
+                }
+            }
+        }
+        let _ = inputs.send(Input::Closed { id }).await;
+    });
+    tx
+}
