@@ -63,11 +63,20 @@ pub fn render(request: &Request, data: &Value) -> String {
     match request {
         Request::Status => {
             let mut out = String::new();
-            let _ = writeln!(out, "recorder {}  up {} s", s(&data["version"]), s(&data["uptime_secs"]));
+            let _ = writeln!(
+                out,
+                "recorder {}  up {} s",
+                s(&data["version"]),
+                s(&data["uptime_secs"])
+            );
             for i in data["interfaces"].as_array().into_iter().flatten() {
                 let _ = writeln!(out, "interface {}  XDP {}", s(&i["name"]), s(&i["mode"]));
             }
-            let _ = writeln!(out, "sessions active {}", s(&data["sip"]["sessions_active"]));
+            let _ = writeln!(
+                out,
+                "sessions active {}",
+                s(&data["sip"]["sessions_active"])
+            );
             if let Some(xdp) = data["xdp"].as_object() {
                 let counters: Vec<String> = xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let _ = writeln!(out, "xdp {}", counters.join(" "));
@@ -92,12 +101,19 @@ pub fn render(request: &Request, data: &Value) -> String {
                         s(&x["id"]),
                         s(&x["call_ids"]["call_uuid"]),
                         participants(&x["participants"]),
-                        x["streams"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+                        x["streams"]
+                            .as_array()
+                            .map(|a| a.len())
+                            .unwrap_or(0)
+                            .to_string(),
                         s(&x["started_at"]),
                     ]
                 })
                 .collect();
-            table(&["ID", "CALL UUID", "PARTICIPANTS", "STREAMS", "STARTED"], &rows)
+            table(
+                &["ID", "CALL UUID", "PARTICIPANTS", "STREAMS", "STARTED"],
+                &rows,
+            )
         }
         Request::Flows => {
             let rows: Vec<Vec<String>> = data
@@ -116,7 +132,18 @@ pub fn render(request: &Request, data: &Value) -> String {
                     ]
                 })
                 .collect();
-            table(&["FLOW", "LOCAL", "ACTION", "GEN", "PACKETS", "BYTES", "RING DROPS"], &rows)
+            table(
+                &[
+                    "FLOW",
+                    "LOCAL",
+                    "ACTION",
+                    "GEN",
+                    "PACKETS",
+                    "BYTES",
+                    "RING DROPS",
+                ],
+                &rows,
+            )
         }
         Request::Stop { id } => format!("stopped {id}\n"),
         Request::Recordings { .. } => {
@@ -138,13 +165,30 @@ pub fn render(request: &Request, data: &Value) -> String {
                 })
                 .collect();
             table(
-                &["ID", "CALL UUID", "STARTED", "ENDED", "STATE", "REASON", "HOST", "PARTICIPANTS"],
+                &[
+                    "ID",
+                    "CALL UUID",
+                    "STARTED",
+                    "ENDED",
+                    "STATE",
+                    "REASON",
+                    "HOST",
+                    "PARTICIPANTS",
+                ],
                 &rows,
             )
         }
         Request::Show { .. } => {
             let mut out = String::new();
-            for key in ["id", "sip_call_id", "call_uuid", "state", "end_reason", "started_at", "ended_at"] {
+            for key in [
+                "id",
+                "sip_call_id",
+                "call_uuid",
+                "state",
+                "end_reason",
+                "started_at",
+                "ended_at",
+            ] {
                 let _ = writeln!(out, "{key:<12} {}", s(&data[key]));
             }
             for p in data["participants"].as_array().into_iter().flatten() {

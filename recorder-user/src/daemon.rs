@@ -59,9 +59,10 @@ pub fn run_blocking(config: Config) -> Result<()> {
         let signals = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) =
-                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-            else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 error!("cannot install signal handlers");
                 return;
             };
@@ -78,7 +79,9 @@ pub fn run_blocking(config: Config) -> Result<()> {
 /// Logs one line per session event, with the recording id and CallUUID.
 fn log_event(event: &SessionEvent) {
     match event {
-        SessionEvent::Started { id, ids, streams, .. } => info!(
+        SessionEvent::Started {
+            id, ids, streams, ..
+        } => info!(
             recording = %id,
             call_uuid = ids.call_uuid.as_deref().unwrap_or("-"),
             call_id = %ids.sip_call_id,
@@ -88,7 +91,12 @@ fn log_event(event: &SessionEvent) {
         SessionEvent::MediaChanged { id, streams, .. } => {
             info!(recording = %id, streams = streams.len(), "media changed")
         }
-        SessionEvent::ParticipantsChanged { id, participants, ids, .. } => info!(
+        SessionEvent::ParticipantsChanged {
+            id,
+            participants,
+            ids,
+            ..
+        } => info!(
             recording = %id,
             call_uuid = ids.call_uuid.as_deref().unwrap_or("-"),
             participants = participants.len(),
@@ -105,9 +113,7 @@ fn log_event(event: &SessionEvent) {
 /// Runs everything until `shutdown` is cancelled, then stops in order: no new sessions, every
 /// recording finished (`shutdown`), rings drained, files closed, XDP detached.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let media_address = config
-        .media_address
-        .context("media_address is required")?;
+    let media_address = config.media_address.context("media_address is required")?;
     std::fs::create_dir_all(&config.spool)
         .with_context(|| format!("creating spool {}", config.spool.display()))?;
     match writer::repair_spool(&config.spool) {
@@ -146,13 +152,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let counters: Arc<Counters> = Arc::new(capture.take_counters()?);
 
     // Capture runs until every session has ended, so no packet of a finishing call is lost.
+    // Signaling events reach the writers through the capture task, after a ring drain, so a
+    // call's last packets are written before the event that ends it.
+    let (events_tx, events_rx) = mpsc::unbounded_channel::<SessionEvent>();
     let capture_stop = CancellationToken::new();
     let capture_task = {
         let stop = capture_stop.clone();
+        let writer = writer.clone();
         tokio::spawn(async move {
             let mut sink = sink;
             let consumer = consumer
-                .run(&mut sink, Duration::from_millis(20), stop)
+                .run_with_events(
+                    &mut sink,
+                    Duration::from_millis(20),
+                    stop,
+                    events_rx,
+                    |event| matches!(event, SessionEvent::Ended { .. }),
+                    move |_, event| writer.event(event),
+                )
                 .await;
             (consumer.stats, sink)
         })
@@ -171,7 +188,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         retry_after_secs: config.retry_after_secs,
         ..EndpointConfig::default()
     });
-    let events_writer = writer.clone();
     let recorder = Recorder::new(
         SiprecConfig {
             media_address,
@@ -190,7 +206,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         flows,
         Box::new(move |event: SessionEvent| {
             log_event(&event);
-            events_writer.event(event);
+            // Fails only once the capture task is gone, at the very end of shutdown.
+            let _ = events_tx.send(event);
         }),
     );
 
@@ -295,8 +312,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let _ = housekeeping.await;
     let _ = control_task.await;
     capture.detach_all();
-    let writer = Arc::try_unwrap(writer)
-        .map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;
+    let writer =
+        Arc::try_unwrap(writer).map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;
     let written = writer.shutdown();
     info!(records = stats.records, ?written, "recorder stopped");
     Ok(())
@@ -314,4 +331,3 @@ pub async fn query<T: Send + 'static>(
     commands.send(cmd).await.ok()?;
     rx.await.ok()
 }
-

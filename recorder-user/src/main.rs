@@ -228,7 +228,10 @@ fn main() -> ExitCode {
     match runtime.block_on(control::call(&read.socket, &request)) {
         Ok(data) => {
             if read.json {
-                println!("{}", serde_json::to_string_pretty(&data).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&data).unwrap_or_default()
+                );
             } else {
                 print!("{}", recorder::cli::render(&request, &data));
             }

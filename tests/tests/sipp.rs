@@ -31,7 +31,6 @@ fn sipp_siprec_session_is_recorded() {
         .arg(&scenario)
         .args(["-m", "1", "-i", &pair.sender_v4.to_string()])
         .args(["-mi", &pair.sender_v4.to_string(), "-mp", "32000"])
-        .args(["-key", "tone_file", tone.to_str().unwrap()])
         .args(["-key", "call_uuid", UUID])
         .args([
             "-timeout",

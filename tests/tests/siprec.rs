@@ -401,7 +401,7 @@ fn every_error_response_is_triggered_by_a_crafted_request() {
     let call = setup(
         "errs",
         DaemonOptions {
-            rtp_ports: "30000-30005".into(),
+            rtp_ports: "30000-30011".into(),
             extra: vec!["--max-sessions".into(), "2".into()],
             ..Default::default()
         },
@@ -455,20 +455,6 @@ fn every_error_response_is_triggered_by_a_crafted_request() {
     );
     assert_eq!(r.status, 400, "{}", r.raw);
 
-    // 503 + Retry-After: port range exhausted (6 ports = 3 RTP/RTCP pairs; ask for 4 streams).
-    let mut c = call.client_udp();
-    let four = offer_sdp(
-        sender,
-        1,
-        &streams(
-            &[(31000, "1"), (31002, "2"), (31004, "3"), (31006, "4")],
-            "sendonly",
-        ),
-    );
-    let r = c.invite(Some(("application/sdp", four.as_bytes())), &[]);
-    assert_eq!(r.status, 503, "{}", r.raw);
-    assert!(r.header("Retry-After").is_some());
-
     // 503 + Retry-After: session limit (2).
     let mut a = call.client_udp();
     assert_eq!(
@@ -487,6 +473,26 @@ fn every_error_response_is_triggered_by_a_crafted_request() {
     assert_eq!(r.status, 503, "{}", r.raw);
     assert!(r.header("Retry-After").is_some());
     assert_eq!(a.bye(&[]).status, 200);
+    // 503 + Retry-After: port range exhausted. 12 ports = 6 RTP/RTCP pairs: b holds one, a's
+    // rests in its cool-down, so 4 are free and 5 streams cannot be answered.
+    let mut c = call.client_udp();
+    let five = offer_sdp(
+        sender,
+        1,
+        &streams(
+            &[
+                (31000, "1"),
+                (31002, "2"),
+                (31004, "3"),
+                (31006, "4"),
+                (31008, "5"),
+            ],
+            "sendonly",
+        ),
+    );
+    let r = c.invite(Some(("application/sdp", five.as_bytes())), &[]);
+    assert_eq!(r.status, 503, "{}", r.raw);
+    assert!(r.header("Retry-After").is_some());
     assert_eq!(b.bye(&[]).status, 200);
 }
 

@@ -13,7 +13,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use recorder_ebpf::abi::{RecordHeader, RECORD_HEADER_LEN};
-use tokio::io::unix::AsyncFd;
+use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -93,10 +93,31 @@ impl RingConsumer {
     /// Drains until `shutdown` is cancelled, then drains once more so nothing already in the
     /// rings is lost.
     pub async fn run(
+        self,
+        sink: &mut dyn PacketSink,
+        tick: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (_never, events) = mpsc::unbounded_channel::<()>();
+        self.run_with_events(sink, tick, shutdown, events, |_| false, |_, ()| {})
+            .await
+    }
+
+    /// Like [`run`](Self::run), and also forwards `events` (from signaling) to `deliver`, in
+    /// order with the packets. An event for which `drain_first` is true (a recording ended, its
+    /// flows already removed from the map) is delivered only after the rings were drained, so
+    /// the call's last packets reach the sink before it; since the XDP program may still be
+    /// writing a record on another CPU when a flow is removed, the rings are drained again after
+    /// [`EVENT_GRACE`]. Other events (a recording started, media changed) are delivered at once,
+    /// before the packets of the flows they introduce.
+    pub async fn run_with_events<E>(
         mut self,
         sink: &mut dyn PacketSink,
         tick: Duration,
         shutdown: CancellationToken,
+        mut events: mpsc::UnboundedReceiver<E>,
+        drain_first: impl Fn(&E) -> bool,
+        mut deliver: impl FnMut(&mut dyn PacketSink, E),
     ) -> Self {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -111,11 +132,19 @@ impl RingConsumer {
                 None
             }
         };
+        let mut events_open = true;
         loop {
             let readable = async {
                 match &epoll {
                     Some(epoll) => epoll.readable().await.map(Some),
                     None => std::future::pending().await,
+                }
+            };
+            let event = async {
+                if events_open {
+                    events.recv().await
+                } else {
+                    std::future::pending().await
                 }
             };
             tokio::select! {
@@ -132,6 +161,24 @@ impl RingConsumer {
                     }
                     self.drain(sink);
                 }
+                event = event => match event {
+                    Some(event) => {
+                        if drain_first(&event) {
+                            self.drain(sink);
+                            tokio::time::sleep(EVENT_GRACE).await;
+                            self.drain(sink);
+                        }
+                        deliver(sink, event);
+                        // Events queued meanwhile: the grace above covers them.
+                        while let Ok(event) = events.try_recv() {
+                            if drain_first(&event) {
+                                self.drain(sink);
+                            }
+                            deliver(sink, event);
+                        }
+                    }
+                    None => events_open = false,
+                },
                 _ = interval.tick() => { self.drain(sink); }
             }
         }
@@ -139,9 +186,16 @@ impl RingConsumer {
             self.epoll = Some(epoll.into_inner());
         }
         self.drain(sink);
+        while let Ok(event) = events.try_recv() {
+            deliver(sink, event);
+        }
         self
     }
 }
+
+/// How long after a signaling event the rings are drained once more before the event is
+/// delivered: far longer than one XDP program run (microseconds) on another CPU.
+pub const EVENT_GRACE: Duration = Duration::from_millis(2);
 
 /// Splits a ring record into its header and frame bytes.
 fn parse_record(bytes: &[u8]) -> Option<(RecordHeader, &[u8])> {

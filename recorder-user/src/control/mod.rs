@@ -89,13 +89,12 @@ pub enum ControlError {
 /// Sends one request and returns the response's data (an error when `ok` is false).
 pub async fn call(socket: &Path, request: &Request) -> Result<serde_json::Value, ControlError> {
     let work = async {
-        let stream =
-            UnixStream::connect(socket)
-                .await
-                .map_err(|source| ControlError::Connect {
-                    path: socket.display().to_string(),
-                    source,
-                })?;
+        let stream = UnixStream::connect(socket)
+            .await
+            .map_err(|source| ControlError::Connect {
+                path: socket.display().to_string(),
+                source,
+            })?;
         let (read, mut write) = stream.into_split();
         let mut line = serde_json::to_string(request).expect("requests serialize");
         line.push('\n');

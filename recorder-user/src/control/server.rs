@@ -160,7 +160,11 @@ async fn handle(state: &ControlState, request: Request) -> Response {
     match request {
         Request::Status => status(state).await,
         Request::Sessions => {
-            match query(&state.commands, |app, _, _| serde_json::to_value(app.sessions())).await {
+            match query(&state.commands, |app, _, _| {
+                serde_json::to_value(app.sessions())
+            })
+            .await
+            {
                 Some(Ok(v)) => Response::ok(v),
                 Some(Err(e)) => Response::error(e.to_string()),
                 None => Response::error("the SIP driver is not running"),

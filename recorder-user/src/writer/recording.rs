@@ -281,10 +281,9 @@ impl Recording {
     /// Flow ids routed to this recording: (flow id, stream index, is RTCP).
     pub(crate) fn flows(&self) -> Vec<(u64, usize, bool)> {
         let mut out = Vec::new();
+        // Removed streams stay routed until the recording ends: flow ids are never reused, and
+        // packets captured just before the removal still belong to this recording.
         for (i, s) in self.streams.iter().enumerate() {
-            if s.removed_at.is_some() {
-                continue;
-            }
             out.push((s.info.flow_id, i, false));
             if let Some(r) = s.info.rtcp_flow_id {
                 out.push((r, i, true));
