@@ -66,6 +66,8 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// For TCP: the connection the request came on (responses and in-dialog requests reuse it).
     pub connection: Option<u64>,
+    /// Our address to send from (the one the request arrived on), when known.
+    pub local: Option<SocketAddr>,
     pub bytes: Bytes,
 }
 
@@ -249,6 +251,11 @@ impl Endpoint {
     /// Live dialogs (2xx sent and not yet ended).
     pub fn dialog_count(&self) -> usize {
         self.dialogs.len()
+    }
+
+    /// Whether `dialog` is live.
+    pub fn has_dialog(&self, dialog: &DialogId) -> bool {
+        self.dialogs.contains_key(dialog)
     }
 
     /// Server transactions currently kept.
@@ -603,7 +610,7 @@ impl Endpoint {
                 local_tag: to_tag,
                 remote_tag: facts.from_tag.clone().unwrap_or_default(),
             };
-            let Some(dialog) = self.dialogs.get_mut(&id) else {
+            if !self.dialogs.contains_key(&id) {
                 return self.answer_in_new_txn(
                     now,
                     incoming,
@@ -616,6 +623,34 @@ impl Endpoint {
                     Vec::new(),
                     Some("unknown-dialog"),
                 );
+            }
+            // §14.2: a second INVITE while the first is unanswered gets 500 + Retry-After.
+            let overlapping = request.method == rsip::Method::Invite
+                && self.txns.values().any(|t| {
+                    t.dialog.as_ref() == Some(&id)
+                        && t.is_invite()
+                        && t.state == ServerState::Proceeding
+                });
+            if overlapping {
+                let retry = rand::random::<u32>() % 10 + 1;
+                let extra = vec![Header::RetryAfter(rsip::headers::RetryAfter::new(
+                    retry.to_string(),
+                ))];
+                return self.answer_in_new_txn(
+                    now,
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                    500,
+                    "Previous INVITE pending",
+                    extra,
+                    Some("invite-pending"),
+                );
+            }
+            let Some(dialog) = self.dialogs.get_mut(&id) else {
+                return;
             };
             if !dialog.accept_cseq(facts.cseq) {
                 return self.answer_in_new_txn(
@@ -750,28 +785,30 @@ impl Endpoint {
 
     fn handle_ack(&mut self, now: Instant, facts: &RequestFacts) {
         self.counters.acks += 1;
-        // ACK to a non-2xx: same branch as the INVITE (§17.2.3).
+        // ACK to a non-2xx: same branch as the INVITE (§17.2.3). Some clients also reuse the
+        // INVITE's branch for the ACK to a 2xx (RFC 2543 habit), so an Accepted match counts too.
         let key = TxnKey::new(facts, &rsip::Method::Ack);
-        if let Some(txn) = self.by_key.get(&key).and_then(|id| self.txns.get_mut(id)) {
-            txn.on_ack(now);
-            return;
-        }
+        let by_branch = self.by_key.get(&key).copied();
         // ACK to a 2xx: a new transaction within the dialog (§13.2.2.4).
-        let Some(to_tag) = facts.to_tag.clone() else {
-            return;
-        };
-        let dialog = DialogId {
-            call_id: facts.call_id.clone(),
-            local_tag: to_tag,
-            remote_tag: facts.from_tag.clone().unwrap_or_default(),
-        };
-        let Some(id) = self.awaiting_ack.get(&dialog).copied() else {
+        let in_dialog = facts.to_tag.clone().and_then(|to_tag| {
+            let dialog = DialogId {
+                call_id: facts.call_id.clone(),
+                local_tag: to_tag,
+                remote_tag: facts.from_tag.clone().unwrap_or_default(),
+            };
+            self.awaiting_ack.get(&dialog).copied()
+        });
+        let Some(id) = by_branch.or(in_dialog) else {
             return;
         };
         let Some(txn) = self.txns.get_mut(&id) else {
             return;
         };
-        if txn.facts.cseq == facts.cseq && txn.on_ack(now) {
+        let was_accepted = txn.state == ServerState::Accepted;
+        if txn.facts.cseq != facts.cseq || !txn.on_ack(now) || !was_accepted {
+            return;
+        }
+        if let Some(dialog) = txn.dialog.clone() {
             self.awaiting_ack.remove(&dialog);
             self.events.push_back(SipEvent::Acked { dialog });
         }
@@ -1113,7 +1150,9 @@ impl Endpoint {
         value
     }
 
-    fn capability_headers(&self) -> Vec<Header> {
+    /// `Allow`, `Accept`, `Supported` and the configured extra OPTIONS headers, for an app
+    /// that answers OPTIONS itself.
+    pub fn capability_headers(&self) -> Vec<Header> {
         let mut extra = vec![
             Header::Allow(rsip::headers::Allow::new(self.config.allow.join(", "))),
             Header::Accept(rsip::headers::Accept::new(self.config.accept.join(", "))),
@@ -1132,6 +1171,7 @@ impl Endpoint {
             transport: route.transport,
             destination: route.destination,
             connection: route.connection,
+            local: route.local,
             bytes,
         });
     }
@@ -1175,6 +1215,7 @@ fn response_route(incoming: &Incoming, via: &message::TopVia) -> Route {
         transport: incoming.transport,
         destination,
         connection: incoming.connection,
+        local: Some(incoming.local),
     }
 }
 

@@ -539,6 +539,41 @@ fn reinvite_is_offered_in_dialog_and_acked() {
 }
 
 #[test]
+fn overlapping_reinvite_gets_500_with_retry_after() {
+    let mut h = Harness::new();
+    let (_, to) = h.establish("call-ov");
+    let reinvite = |branch: &str, cseq| {
+        invite(branch, "call-ov", cseq).replace("To: <sip:srs@192.0.2.1>", &format!("To: {to}"))
+    };
+    h.udp(&reinvite("z9hG4bKov1", 2));
+    assert!(matches!(h.events().as_slice(), [SipEvent::Request { .. }]));
+    h.take_sent();
+    h.udp(&reinvite("z9hG4bKov2", 3));
+    let r = h.responses();
+    assert_eq!(r[0].status_code.code(), 500);
+    let retry: u32 = header(&r[0], "Retry-After").unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry));
+    assert_eq!(h.ep.counters().rejections.get("invite-pending"), Some(&1));
+}
+
+#[test]
+fn ack_reusing_the_invite_branch_still_confirms_the_2xx() {
+    let mut h = Harness::new();
+    let txn = h.invite("z9hG4bKsame", "call-sb");
+    let ok = h.ep.make_response(&txn, 200, None).unwrap();
+    let to = ok.to_header().unwrap().value().to_string();
+    h.ep.respond(h.now, &txn, ok).unwrap();
+    h.take_sent();
+    h.udp(&in_dialog("ACK", "z9hG4bKsame", "call-sb", &to, 1));
+    assert!(
+        matches!(h.events().as_slice(), [SipEvent::Acked { dialog }] if dialog.call_id == "call-sb")
+    );
+    h.advance(secs(40.0));
+    assert!(h.take_sent().is_empty());
+    assert!(h.events().is_empty());
+}
+
+#[test]
 fn malformed_request_gets_400_with_a_reason() {
     let mut h = Harness::new();
     let broken =
@@ -657,6 +692,11 @@ fn tcp_responses_use_the_connection_and_are_not_retransmitted() {
         assert_eq!(
             t.destination,
             "10.0.0.2:33000".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            t.local,
+            Some(LOCAL.parse().unwrap()),
+            "answers leave from where the request came"
         );
     }
     let txn = match h.events().as_slice() {

@@ -231,10 +231,17 @@ impl<A: SipApp> Driver<A> {
     async fn send(&mut self, t: Transmit) {
         match t.transport {
             Transport::Udp => {
-                let socket = self.udp.iter().find(|s| {
-                    s.local_addr()
-                        .is_ok_and(|l| l.is_ipv4() == t.destination.is_ipv4())
-                });
+                // The socket the request came in on, else any of the destination's family.
+                let socket = self
+                    .udp
+                    .iter()
+                    .find(|s| t.local.is_some() && s.local_addr().ok() == t.local)
+                    .or_else(|| {
+                        self.udp.iter().find(|s| {
+                            s.local_addr()
+                                .is_ok_and(|l| l.is_ipv4() == t.destination.is_ipv4())
+                        })
+                    });
                 let Some(socket) = socket else {
                     tracing::warn!(destination = %t.destination, "no UDP socket of that address family");
                     return;
