@@ -1241,15 +1241,11 @@ fn stamp_via(value: &str, via: &message::TopVia, source: SocketAddr) -> String {
     format!("{}{rest}", parts.join(";"))
 }
 
-/// Where our in-dialog BYE goes: the same TCP connection, else the first Route or the remote
-/// target when they are IP literals, else the address the dialog came from.
+/// Where our in-dialog BYE goes: the first Route, else the remote target, when they are IP
+/// literals, else the address the dialog came from; on TCP also the dialog's connection.
 fn bye_route(d: &Dialog, target: &rsip::Uri) -> Route {
-    if d.route.transport == Transport::Tcp {
-        return Route {
-            destination: d.source,
-            ..d.route
-        };
-    }
+    // On TCP the dialog's connection is used while it lives; `destination` is where the
+    // transport connects if it has gone (never the client's ephemeral source port).
     let first_route = d.route_set.first().and_then(|r| {
         let start = r.find('<')? + 1;
         let end = start + r[start..].find('>')?;

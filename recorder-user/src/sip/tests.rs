@@ -720,6 +720,19 @@ fn tcp_responses_use_the_connection_and_are_not_retransmitted() {
             .any(|e| matches!(e, SipEvent::AckTimeout { .. })),
         "the ACK is still required"
     );
+    // The BYE that follows rides the same connection, addressed to the remote target should
+    // the connection be gone.
+    let bye = h.take_sent();
+    assert_eq!(bye.len(), 1);
+    assert!(bye[0]
+        .1
+        .bytes
+        .starts_with(b"BYE sip:src@10.0.0.2:5062 SIP/2.0\r\nVia: SIP/2.0/TCP "));
+    assert_eq!(bye[0].1.connection, Some(7));
+    assert_eq!(
+        bye[0].1.destination,
+        "10.0.0.2:5062".parse::<SocketAddr>().unwrap()
+    );
 }
 
 #[test]
