@@ -18,6 +18,39 @@
 //! (200, plus 487 to the INVITE), methods it cannot serve (405/501), overload (503), and
 //! retransmitted requests (answered from their transaction). ACKs are absorbed. Everything else
 //! becomes a [`SipEvent::Request`] the application must answer with [`Endpoint::respond`].
+//!
+//! # Example: answering a recording INVITE
+//! ```
+//! use std::time::Instant;
+//! use bytes::Bytes;
+//! use recorder::sip::{Endpoint, EndpointConfig, Incoming, SipEvent, Transport};
+//! use rsip::headers::UntypedHeader; // brings `new` for untyped headers
+//!
+//! let mut endpoint = Endpoint::new(EndpointConfig::default());
+//! let now = Instant::now();
+//! let invite = "INVITE sip:srs@127.0.0.1 SIP/2.0\r\n\
+//!     Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
+//!     From: <sip:src@127.0.0.1>;tag=a\r\nTo: <sip:srs@127.0.0.1>\r\n\
+//!     Call-ID: doc\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+//! endpoint.handle_incoming(now, Incoming {
+//!     transport: Transport::Udp,
+//!     source: "127.0.0.1:5070".parse().unwrap(),
+//!     local: "127.0.0.1:5060".parse().unwrap(),
+//!     connection: None,
+//!     bytes: Bytes::from_static(invite.as_bytes()),
+//! });
+//! while let Some(event) = endpoint.poll_event() {
+//!     if let SipEvent::Request { txn, .. } = event {
+//!         let mut ok = endpoint.make_response(&txn, 200, None).unwrap();
+//!         ok.headers.push(rsip::Header::ContentType(rsip::headers::ContentType::new("application/sdp")));
+//!         ok.body = b"v=0\r\n".to_vec();
+//!         endpoint.respond(now, &txn, ok).unwrap();
+//!     }
+//! }
+//! assert!(endpoint.poll_transmit().unwrap().bytes.starts_with(b"SIP/2.0 100 Trying"));
+//! assert!(endpoint.poll_transmit().unwrap().bytes.starts_with(b"SIP/2.0 200 OK"));
+//! assert_eq!(endpoint.dialog_count(), 1);
+//! ```
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -177,7 +210,7 @@ impl Default for EndpointConfig {
 }
 
 /// Counters for metrics and logs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SipCounters {
     /// Requests received, by method (retransmissions included).
     pub requests: BTreeMap<String, u64>,

@@ -445,6 +445,39 @@ fn options_is_answered_with_capabilities() {
 }
 
 #[test]
+fn non_invite_transaction_lingers_for_timer_j_on_udp() {
+    let mut h = Harness::new();
+    h.udp(&options("z9hG4bKj"));
+    let first = h.take_sent().remove(0).1.bytes;
+    h.advance(secs(10.0));
+    h.udp(&options("z9hG4bKj"));
+    assert_eq!(
+        h.take_sent().remove(0).1.bytes,
+        first,
+        "answered from the transaction"
+    );
+    assert_eq!(h.ep.counters().retransmissions_absorbed, 1);
+    h.advance(secs(23.0));
+    assert_eq!(h.ep.transaction_count(), 0, "timer J (64*T1) ended it");
+    h.udp(&options("z9hG4bKj"));
+    let again = parse_response(&h.take_sent().remove(0).1.bytes);
+    assert_ne!(
+        Some(to_tag(&again)),
+        Some(to_tag(&parse_response(&first))),
+        "a new transaction"
+    );
+    // On TCP timer J is zero: the transaction is gone at once.
+    h.feed(
+        Transport::Tcp,
+        Some(3),
+        CLIENT,
+        &options("z9hG4bKjt").replace("/UDP", "/TCP"),
+    );
+    h.advance(Duration::ZERO);
+    assert_eq!(h.ep.transaction_count(), 1, "only the UDP one is left");
+}
+
+#[test]
 fn bye_in_dialog_reaches_the_app_and_ends_the_dialog() {
     let mut h = Harness::new();
     let (dialog, to) = h.establish("call-7");

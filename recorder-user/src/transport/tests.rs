@@ -272,3 +272,32 @@ async fn ipv4_and_ipv6_wildcards_share_a_port() {
     let v6 = bind(&[SocketAddr::new("::".parse().unwrap(), port)]).unwrap();
     assert_eq!(v6.local_addrs()[0].port(), port);
 }
+
+#[tokio::test]
+async fn unframeable_tcp_stream_is_closed() {
+    let sockets = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let server = sockets.local_addrs()[0];
+    let (seen_tx, _seen) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let app = AnsweringApp {
+        seen: seen_tx,
+        requests: 0,
+    };
+    let endpoint = Endpoint::new(EndpointConfig::default());
+    let driver = tokio::spawn(run_on(sockets, endpoint, app, shutdown.clone(), None));
+
+    let mut stream = TcpStream::connect(server).await.unwrap();
+    stream
+        .write_all(b"INVITE sip:a@b SIP/2.0\r\nContent-Length: 99999999999\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    // The server closes: EOF (or a reset), never a response.
+    match timeout(WAIT, stream.read(&mut buf)).await.unwrap() {
+        Ok(n) => assert_eq!(n, 0, "no response to an unframeable stream"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    shutdown.cancel();
+    let app = timeout(WAIT, driver).await.unwrap().unwrap().unwrap();
+    assert_eq!(app.requests, 0);
+}
