@@ -286,6 +286,23 @@ impl Endpoint {
         self.dialogs.len()
     }
 
+    /// The dialog of `txn`: the one an in-dialog request belongs to, or, for an initial INVITE,
+    /// the id its 2xx creates (known from the start, so sessions can be keyed by it at once).
+    pub fn dialog_of(&self, txn: &TxnId) -> Option<DialogId> {
+        let t = self.txns.get(txn)?;
+        if let Some(d) = &t.dialog {
+            return Some(d.clone());
+        }
+        if t.request.method != rsip::Method::Invite {
+            return None;
+        }
+        Some(DialogId {
+            call_id: t.facts.call_id.clone(),
+            local_tag: t.local_tag.clone()?,
+            remote_tag: t.facts.from_tag.clone().unwrap_or_default(),
+        })
+    }
+
     /// Whether `dialog` is live.
     pub fn has_dialog(&self, dialog: &DialogId) -> bool {
         self.dialogs.contains_key(dialog)

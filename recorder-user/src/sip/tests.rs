@@ -196,6 +196,9 @@ fn invite_gets_trying_then_app_ok_retransmitted_until_ack() {
     assert_eq!(trying[0].status_code.code(), 100);
     assert_eq!(to_tag(&trying[0]), None, "100 Trying carries no To-tag");
 
+    let expected =
+        h.ep.dialog_of(&txn)
+            .expect("an initial INVITE knows its future dialog");
     let mut ok = h.ep.make_response(&txn, 200, None).unwrap();
     ok.body = b"v=0\r\n".to_vec();
     h.ep.respond(h.now, &txn, ok).unwrap();
@@ -226,7 +229,8 @@ fn invite_gets_trying_then_app_ok_retransmitted_until_ack() {
 
     let to = first.to_header().unwrap().value().to_string();
     h.udp(&in_dialog("ACK", "z9hG4bKack1", "call-1", &to, 1));
-    assert!(matches!(h.events().as_slice(), [SipEvent::Acked { .. }]));
+    assert!(matches!(h.events().as_slice(), [SipEvent::Acked { dialog }] if *dialog == expected));
+    assert!(h.ep.has_dialog(&expected));
     assert!(h.take_sent().is_empty(), "ACK is never answered");
     h.advance(secs(40.0));
     assert!(h.take_sent().is_empty(), "no retransmission after the ACK");
