@@ -492,7 +492,12 @@ impl Endpoint {
                 rsip::Method::Bye => {
                     if let Some(dialog) = self.txns.get(txn).and_then(|t| t.dialog.clone()) {
                         self.dialogs.remove(&dialog);
-                        self.awaiting_ack.remove(&dialog);
+                        // A BYE before the ACK: stop retransmitting the 2xx, the dialog is over.
+                        if let Some(invite) = self.awaiting_ack.remove(&dialog) {
+                            if let Some(t) = self.txns.get_mut(&invite) {
+                                t.on_ack(now);
+                            }
+                        }
                     }
                 }
                 _ => {}
@@ -1256,7 +1261,11 @@ impl SipCounters {
 /// RFC 3261 §18.2.2 / RFC 3581: where a response goes.
 fn response_route(incoming: &Incoming, via: &message::TopVia) -> Route {
     let destination = match incoming.transport {
-        // Stream transports answer on the connection the request came on.
+        // Stream transports answer on the connection the request came on; `destination` is
+        // only used if it has gone: the received address and the sent-by port (§18.2.2).
+        Transport::Tcp if incoming.connection.is_some() => {
+            SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060))
+        }
         Transport::Tcp => incoming.source,
         Transport::Udp if via.rport => incoming.source,
         Transport::Udp => SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060)),

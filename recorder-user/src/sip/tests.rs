@@ -514,6 +514,33 @@ fn bye_in_dialog_reaches_the_app_and_ends_the_dialog() {
 }
 
 #[test]
+fn bye_before_ack_stops_the_2xx_retransmissions() {
+    let mut h = Harness::new();
+    let txn = h.invite("z9hG4bKba", "call-ba");
+    let ok = h.ep.make_response(&txn, 200, None).unwrap();
+    let to = ok.to_header().unwrap().value().to_string();
+    h.ep.respond(h.now, &txn, ok).unwrap();
+    h.take_sent();
+    h.udp(&in_dialog("BYE", "z9hG4bKbb", "call-ba", &to, 2));
+    let bye = match h.events().as_slice() {
+        [SipEvent::Request { txn, .. }] => *txn,
+        other => panic!("{other:?}"),
+    };
+    let ok = h.ep.make_response(&bye, 200, None).unwrap();
+    h.ep.respond(h.now, &bye, ok).unwrap();
+    h.take_sent();
+    h.advance(secs(40.0));
+    assert!(
+        h.take_sent().is_empty(),
+        "no 2xx retransmission, no BYE of our own"
+    );
+    assert!(
+        h.events().is_empty(),
+        "no AckTimeout for a dialog the client ended"
+    );
+}
+
+#[test]
 fn unknown_dialog_gets_481_and_never_reaches_the_app() {
     let mut h = Harness::new();
     h.udp(&in_dialog(
@@ -728,7 +755,8 @@ fn tcp_responses_use_the_connection_and_are_not_retransmitted() {
         assert_eq!(t.transport, Transport::Tcp);
         assert_eq!(
             t.destination,
-            "10.0.0.2:33000".parse::<SocketAddr>().unwrap()
+            "10.0.0.2:5062".parse::<SocketAddr>().unwrap(),
+            "fallback if the connection is gone: received address, sent-by port"
         );
         assert_eq!(
             t.local,
