@@ -928,3 +928,144 @@ proptest! {
         h.advance(secs(40.0));
     }
 }
+
+/// Client actions for the random-session property test.
+#[derive(Debug, Clone)]
+enum Op {
+    Invite(u8),
+    Reinvite(u8),
+    Ack(u8),
+    Cancel(u8),
+    Bye(u8),
+    Options,
+    Retransmit,
+    Advance(u16),
+    Answer(usize),
+    OurBye(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..3).prop_map(Op::Invite),
+        (0u8..3).prop_map(Op::Reinvite),
+        (0u8..3).prop_map(Op::Ack),
+        (0u8..3).prop_map(Op::Cancel),
+        (0u8..3).prop_map(Op::Bye),
+        Just(Op::Options),
+        Just(Op::Retransmit),
+        (0u16..6000).prop_map(Op::Advance),
+        (0usize..4).prop_map(Op::Answer),
+        (0u8..3).prop_map(Op::OurBye),
+    ]
+}
+
+#[derive(Default, Clone)]
+struct Call {
+    cseq: u32,
+    invite_branch: String,
+    invite_cseq: u32,
+    to: Option<String>,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    /// Any interleaving of client messages, retransmissions, app answers and time: the app sees
+    /// each request once, everything sent parses, and all transactions end.
+    #[test]
+    fn random_sessions_keep_the_invariants(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut h = Harness::new();
+        let mut calls = vec![Call::default(); 3];
+        let mut branch = 0u32;
+        let mut last: Option<String> = None;
+        let mut pending: Vec<TxnId> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut dialogs: std::collections::HashMap<u8, DialogId> = Default::default();
+        let statuses = [180u16, 200, 486, 500];
+        for op in ops {
+            branch += 1;
+            let b = format!("z9hG4bKr{branch}");
+            let text = match op {
+                Op::Invite(i) | Op::Reinvite(i) => {
+                    let c = &mut calls[i as usize];
+                    c.cseq += 1;
+                    c.invite_branch = b.clone();
+                    c.invite_cseq = c.cseq;
+                    let mut t = invite(&b, &format!("rc{i}"), c.cseq);
+                    if let (Op::Reinvite(_), Some(to)) = (&op, &c.to) {
+                        t = t.replace("To: <sip:srs@192.0.2.1>", &format!("To: {to}"));
+                    }
+                    Some(t)
+                }
+                Op::Ack(i) => calls[i as usize].to.clone().map(|to| {
+                    in_dialog("ACK", &b, &format!("rc{i}"), &to, calls[i as usize].invite_cseq)
+                }),
+                Op::Cancel(i) => {
+                    let c = &calls[i as usize];
+                    Some(invite(&c.invite_branch, &format!("rc{i}"), c.invite_cseq)
+                        .replace("INVITE sip:", "CANCEL sip:")
+                        .replace(" INVITE\r\n", " CANCEL\r\n"))
+                }
+                Op::Bye(i) => {
+                    let c = &mut calls[i as usize];
+                    c.cseq += 1;
+                    c.to.clone().map(|to| in_dialog("BYE", &b, &format!("rc{i}"), &to, c.cseq))
+                }
+                Op::Options => Some(options(&b)),
+                Op::Retransmit => last.clone(),
+                Op::Advance(ms) => {
+                    h.advance(Duration::from_millis(ms.into()));
+                    None
+                }
+                Op::Answer(k) => {
+                    if !pending.is_empty() {
+                        let txn = pending.remove(0);
+                        let status = statuses[k % statuses.len()];
+                        if let Some(r) = h.ep.make_response(&txn, status, None) {
+                            let dialog = h.ep.dialog_of(&txn);
+                            if h.ep.respond(h.now, &txn, r).is_ok() {
+                                if status < 200 {
+                                    pending.push(txn);
+                                } else if (200..300).contains(&status) {
+                                    if let Some(d) = dialog {
+                                        let i: u8 = d.call_id[2..].parse().unwrap();
+                                        calls[i as usize].to = Some(format!("<sip:srs@192.0.2.1>;tag={}", d.local_tag));
+                                        dialogs.insert(i, d);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    None
+                }
+                Op::OurBye(i) => {
+                    if let Some(d) = dialogs.get(&i) {
+                        let _ = h.ep.send_bye(h.now, d, None);
+                    }
+                    None
+                }
+            };
+            if let Some(text) = text {
+                h.udp(&text);
+                last = Some(text);
+            }
+            for event in h.events() {
+                if let SipEvent::Request { txn, request, .. } = event {
+                    let via = message::top_via(&request.headers).unwrap();
+                    prop_assert!(seen.insert((via.branch, request.method.to_string())), "delivered twice");
+                    pending.push(txn);
+                }
+            }
+            for (_, t) in h.take_sent() {
+                prop_assert!(rsip::SipMessage::try_from(&t.bytes[..]).is_ok());
+            }
+        }
+        for txn in std::mem::take(&mut pending) {
+            if let Some(r) = h.ep.make_response(&txn, 486, None) {
+                let _ = h.ep.respond(h.now, &txn, r);
+            }
+        }
+        h.advance(secs(200.0));
+        prop_assert_eq!(h.ep.transaction_count(), 0);
+        prop_assert_eq!(h.ep.poll_timeout(), None);
+    }
+}
