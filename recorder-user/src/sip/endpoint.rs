@@ -53,7 +53,8 @@
 //! ```
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap, VecDeque},
     fmt,
     net::{IpAddr, SocketAddr},
     time::Instant,
@@ -243,9 +244,19 @@ pub struct Endpoint {
     awaiting_ack: HashMap<DialogId, TxnId>,
     /// Our BYE client transactions by Via branch.
     clients: HashMap<String, ClientTransaction>,
+    /// Deadlines of all transactions, earliest first. Entries go stale when a transaction's
+    /// timers change; stale ones are skipped (and pruned from the top after every call), so
+    /// `poll_timeout` is O(1) and `handle_timeout` only visits due transactions.
+    timers: BinaryHeap<Reverse<(Instant, TimerOwner)>>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SipEvent>,
     counters: SipCounters,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerOwner {
+    Server(TxnId),
+    Client(String),
 }
 
 /// What a stateless answer needs about the request.
@@ -267,6 +278,7 @@ impl Endpoint {
             dialogs: HashMap::new(),
             awaiting_ack: HashMap::new(),
             clients: HashMap::new(),
+            timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: SipCounters::default(),
@@ -340,78 +352,111 @@ impl Endpoint {
                 }
             }
         }
+        self.prune_timers();
     }
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<TxnId> = self
-            .txns
-            .iter()
-            .filter(|(_, t)| t.poll_timeout().is_some_and(|at| at <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        let mut out = Vec::new();
-        for id in due {
-            let Some(txn) = self.txns.get_mut(&id) else {
+        while let Some(Reverse((at, owner))) = self.timers.peek().cloned() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if !self.timer_is_current(at, &owner) {
                 continue;
-            };
-            out.clear();
-            txn.handle_timeout(now, &mut out);
-            let route = txn.route;
-            let dialog = txn.dialog.clone();
-            for output in out.drain(..) {
-                match output {
-                    TxnOutput::Retransmit(bytes) => {
-                        self.counters.retransmissions_sent += 1;
-                        self.push_transmit(route, bytes);
-                    }
-                    TxnOutput::AckTimeout => {
-                        self.counters.ack_timeouts += 1;
-                        if let Some(dialog) = dialog.clone() {
-                            if self.awaiting_ack.get(&dialog) == Some(&id) {
-                                self.awaiting_ack.remove(&dialog);
-                            }
-                            // §13.3.1.4: the session SHOULD be ended with a BYE.
-                            let reason = "SIP;cause=408;text=\"ACK timeout\"";
-                            let _ = self.send_bye(now, &dialog, Some(reason));
-                            self.events.push_back(SipEvent::AckTimeout { dialog });
+            }
+            match owner {
+                TimerOwner::Server(id) => self.server_timeout(now, id),
+                TimerOwner::Client(branch) => self.client_timeout(now, branch),
+            }
+        }
+        self.prune_timers();
+    }
+
+    fn server_timeout(&mut self, now: Instant, id: TxnId) {
+        let Some(txn) = self.txns.get_mut(&id) else {
+            return;
+        };
+        let mut out = Vec::new();
+        txn.handle_timeout(now, &mut out);
+        let route = txn.route;
+        let dialog = txn.dialog.clone();
+        for output in out {
+            match output {
+                TxnOutput::Retransmit(bytes) => {
+                    self.counters.retransmissions_sent += 1;
+                    self.push_transmit(route, bytes);
+                }
+                TxnOutput::AckTimeout => {
+                    self.counters.ack_timeouts += 1;
+                    if let Some(dialog) = dialog.clone() {
+                        if self.awaiting_ack.get(&dialog) == Some(&id) {
+                            self.awaiting_ack.remove(&dialog);
                         }
+                        // §13.3.1.4: the session SHOULD be ended with a BYE.
+                        let reason = "SIP;cause=408;text=\"ACK timeout\"";
+                        let _ = self.send_bye(now, &dialog, Some(reason));
+                        self.events.push_back(SipEvent::AckTimeout { dialog });
                     }
-                    TxnOutput::Terminated => self.remove_txn(id),
+                }
+                TxnOutput::Terminated => self.remove_txn(id),
+            }
+        }
+        self.schedule(TimerOwner::Server(id));
+    }
+
+    fn client_timeout(&mut self, now: Instant, branch: String) {
+        let Some(client) = self.clients.get_mut(&branch) else {
+            return;
+        };
+        let mut out = Vec::new();
+        client.handle_timeout(now, &mut out);
+        let route = client.route;
+        for output in out {
+            match output {
+                ClientOutput::Retransmit(bytes) => {
+                    self.counters.retransmissions_sent += 1;
+                    self.push_transmit(route, bytes);
+                }
+                ClientOutput::TimedOut => {
+                    if let Some(client) = self.clients.remove(&branch) {
+                        self.events.push_back(SipEvent::ByeCompleted {
+                            dialog: client.dialog,
+                            status: None,
+                        });
+                    }
                 }
             }
         }
+        self.schedule(TimerOwner::Client(branch));
+    }
 
-        let due: Vec<String> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.poll_timeout().is_some_and(|at| at <= now))
-            .map(|(b, _)| b.clone())
-            .collect();
-        let mut out = Vec::new();
-        for branch in due {
-            let Some(client) = self.clients.get_mut(&branch) else {
-                continue;
-            };
-            out.clear();
-            client.handle_timeout(now, &mut out);
-            let route = client.route;
-            for output in out.drain(..) {
-                match output {
-                    ClientOutput::Retransmit(bytes) => {
-                        self.counters.retransmissions_sent += 1;
-                        self.push_transmit(route, bytes);
-                    }
-                    ClientOutput::TimedOut => {
-                        if let Some(client) = self.clients.remove(&branch) {
-                            self.events.push_back(SipEvent::ByeCompleted {
-                                dialog: client.dialog,
-                                status: None,
-                            });
-                        }
-                    }
-                }
+    /// Records the current deadline of a transaction (after anything that may change it).
+    fn schedule(&mut self, owner: TimerOwner) {
+        let at = match &owner {
+            TimerOwner::Server(id) => self.txns.get(id).and_then(|t| t.poll_timeout()),
+            TimerOwner::Client(b) => self.clients.get(b).and_then(|c| c.poll_timeout()),
+        };
+        if let Some(at) = at {
+            self.timers.push(Reverse((at, owner)));
+        }
+    }
+
+    fn timer_is_current(&self, at: Instant, owner: &TimerOwner) -> bool {
+        let current = match owner {
+            TimerOwner::Server(id) => self.txns.get(id).and_then(|t| t.poll_timeout()),
+            TimerOwner::Client(b) => self.clients.get(b).and_then(|c| c.poll_timeout()),
+        };
+        current == Some(at)
+    }
+
+    /// Drops stale entries from the top so that `poll_timeout` reports a real deadline.
+    fn prune_timers(&mut self) {
+        while let Some(Reverse((at, owner))) = self.timers.peek() {
+            if self.timer_is_current(*at, owner) {
+                return;
             }
+            self.timers.pop();
         }
     }
 
@@ -419,9 +464,7 @@ impl Endpoint {
 
     /// The earliest instant at which [`Endpoint::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let servers = self.txns.values().filter_map(|t| t.poll_timeout());
-        let clients = self.clients.values().filter_map(|c| c.poll_timeout());
-        servers.chain(clients).min()
+        self.timers.peek().map(|Reverse((at, _))| *at)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -485,6 +528,7 @@ impl Endpoint {
         let method = t.request.method;
         self.counters.count_response(status);
         self.push_transmit(route, bytes);
+        self.schedule(TimerOwner::Server(*txn));
         if (200..300).contains(&status) {
             match method {
                 rsip::Method::Invite => self.on_invite_accepted(*txn),
@@ -496,6 +540,7 @@ impl Endpoint {
                         if let Some(invite) = self.awaiting_ack.remove(&dialog) {
                             if let Some(t) = self.txns.get_mut(&invite) {
                                 t.on_ack(now);
+                                self.schedule(TimerOwner::Server(invite));
                             }
                         }
                     }
@@ -503,6 +548,7 @@ impl Endpoint {
                 _ => {}
             }
         }
+        self.prune_timers();
         Ok(())
     }
 
@@ -564,8 +610,12 @@ impl Endpoint {
             .entry("BYE(sent)".into())
             .or_default() += 1;
         self.push_transmit(route, bytes.clone());
-        self.clients
-            .insert(branch, ClientTransaction::new(now, route, d.id, bytes));
+        self.clients.insert(
+            branch.clone(),
+            ClientTransaction::new(now, route, d.id, bytes),
+        );
+        self.schedule(TimerOwner::Client(branch));
+        self.prune_timers();
         Ok(())
     }
 
@@ -860,9 +910,14 @@ impl Endpoint {
             return;
         };
         let was_accepted = txn.state == ServerState::Accepted;
-        if txn.facts.cseq != facts.cseq || !txn.on_ack(now) || !was_accepted {
+        let acked = txn.facts.cseq == facts.cseq && txn.on_ack(now);
+        self.schedule(TimerOwner::Server(id));
+        if !acked || !was_accepted {
             return;
         }
+        let Some(txn) = self.txns.get(&id) else {
+            return;
+        };
         if let Some(dialog) = txn.dialog.clone() {
             self.awaiting_ack.remove(&dialog);
             self.events.push_back(SipEvent::Acked { dialog });
