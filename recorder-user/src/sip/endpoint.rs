@@ -57,7 +57,7 @@ use std::{
     collections::{BTreeMap, BinaryHeap, HashMap, VecDeque},
     fmt,
     net::{IpAddr, SocketAddr},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -181,6 +181,9 @@ pub struct EndpointConfig {
     pub max_transactions: usize,
     /// `Retry-After` seconds in those 503s.
     pub retry_after_secs: u32,
+    /// A request the app has not answered by then gets 500 from the endpoint (so a stuck app
+    /// neither leaks transactions nor leaves clients waiting).
+    pub app_answer_timeout: Duration,
 }
 
 impl Default for EndpointConfig {
@@ -206,6 +209,7 @@ impl Default for EndpointConfig {
             app_handles_options: false,
             max_transactions: 10_000,
             retry_after_secs: 5,
+            app_answer_timeout: 64 * super::T1,
         }
     }
 }
@@ -397,6 +401,15 @@ impl Endpoint {
                         let reason = "SIP;cause=408;text=\"ACK timeout\"";
                         let _ = self.send_bye(now, &dialog, Some(reason));
                         self.events.push_back(SipEvent::AckTimeout { dialog });
+                    }
+                }
+                TxnOutput::AppDeadline => {
+                    let reason = "No answer from the application";
+                    if let Some(response) = self.make_response(&id, 500, Some(reason)) {
+                        let _ = self.respond(now, &id, response);
+                    }
+                    if let Some(source) = self.txns.get(&id).map(|t| t.source) {
+                        self.note_rejection(500, "app-timeout", reason.into(), source);
                     }
                 }
                 TxnOutput::Terminated => self.remove_txn(id),
@@ -846,6 +859,10 @@ impl Endpoint {
             local_tag,
             dialog.clone(),
         );
+        if let Some(txn) = self.txns.get_mut(&id) {
+            txn.start_app_deadline(now + self.config.app_answer_timeout);
+        }
+        self.schedule(TimerOwner::Server(id));
         if request.method == rsip::Method::Invite {
             // §17.2.1: 100 Trying at once, so the client stops retransmitting while the app decides.
             if let Some(trying) = self.make_response(&id, 100, None) {

@@ -402,6 +402,32 @@ fn cancel_before_answer_gets_200_and_487() {
 }
 
 #[test]
+fn unanswered_request_gets_500_from_the_endpoint() {
+    let mut h = Harness::new();
+    let txn = h.invite("z9hG4bKslow", "call-slow");
+    h.take_sent();
+    h.advance(secs(31.9));
+    assert!(h.take_sent().is_empty());
+    h.advance(secs(0.1));
+    let sent = h.take_sent();
+    assert!(sent[0]
+        .1
+        .bytes
+        .starts_with(b"SIP/2.0 500 No answer from the application\r\n"));
+    assert!(matches!(
+        h.events().as_slice(),
+        [SipEvent::Rejected { status: 500, .. }]
+    ));
+    assert_eq!(h.ep.counters().rejections.get("app-timeout"), Some(&1));
+    let late = h.ep.make_response(&txn, 200, None).unwrap();
+    assert!(matches!(
+        h.ep.respond(h.now, &txn, late),
+        Err(SipError::AlreadyAnswered)
+    ));
+    assert_eq!(h.ep.dialog_count(), 0);
+}
+
+#[test]
 fn cancel_without_match_gets_481() {
     let mut h = Harness::new();
     let cancel = invite("z9hG4bKnone", "call-6", 1)

@@ -72,12 +72,19 @@ pub(crate) enum Timer {
     Timeout = 1,
     /// I, J, or the tail that absorbs INVITE retransmissions after the ACK.
     Linger = 2,
+    /// The application must have answered by then (a safety net, not an RFC timer).
+    AppDeadline = 3,
 }
 
-const TIMERS: [Timer; 3] = [Timer::Retransmit, Timer::Timeout, Timer::Linger];
+const TIMERS: [Timer; 4] = [
+    Timer::Retransmit,
+    Timer::Timeout,
+    Timer::Linger,
+    Timer::AppDeadline,
+];
 
 #[derive(Clone, Debug, Default)]
-pub(crate) struct TimerTable([Option<Instant>; 3]);
+pub(crate) struct TimerTable([Option<Instant>; 4]);
 
 impl TimerTable {
     pub fn set(&mut self, timer: Timer, at: Instant) {
@@ -121,6 +128,8 @@ pub(crate) enum TxnOutput {
     Retransmit(Bytes),
     /// Our 2xx to an INVITE was never acknowledged (64*T1).
     AckTimeout,
+    /// The application did not answer in time; the endpoint answers for it.
+    AppDeadline,
     /// The transaction is over; forget it.
     Terminated,
 }
@@ -183,6 +192,11 @@ impl ServerTransaction {
         self.last_response.clone()
     }
 
+    /// Starts the deadline by which the application must send a final response.
+    pub fn start_app_deadline(&mut self, at: Instant) {
+        self.timers.set(Timer::AppDeadline, at);
+    }
+
     /// Records a response the endpoint is about to send and starts the matching timers.
     pub fn send(&mut self, now: Instant, status: u16, bytes: Bytes) -> Result<(), SipError> {
         if self.state != ServerState::Proceeding {
@@ -194,6 +208,7 @@ impl ServerTransaction {
             return Ok(());
         }
         self.final_at = Some(now);
+        self.timers.stop(Timer::AppDeadline);
         let unreliable = !self.route.reliable();
         if self.is_invite() {
             self.state = if status < 300 {
@@ -267,6 +282,11 @@ impl ServerTransaction {
                     out.push(TxnOutput::Terminated);
                     return;
                 }
+                Timer::AppDeadline => {
+                    if self.state == ServerState::Proceeding {
+                        out.push(TxnOutput::AppDeadline);
+                    }
+                }
             }
         }
     }
@@ -322,7 +342,7 @@ impl ClientTransaction {
                     self.interval = (self.interval * 2).min(T2);
                     self.timers.set(Timer::Retransmit, now + self.interval);
                 }
-                Timer::Timeout | Timer::Linger => {
+                Timer::Timeout | Timer::Linger | Timer::AppDeadline => {
                     out.push(ClientOutput::TimedOut);
                     return;
                 }
