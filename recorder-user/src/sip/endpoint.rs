@@ -2,7 +2,9 @@
 //! answer, or the application, and owns all their timers.
 //!
 //! # Method taxonomy (quinn-proto style)
-//! * `&self` getters: [`Endpoint::make_response`], [`Endpoint::counters`], [`Endpoint::dialog_count`].
+//! * `&self` getters: [`Endpoint::make_response`], [`Endpoint::dialog_of`],
+//!   [`Endpoint::has_dialog`], [`Endpoint::capability_headers`], [`Endpoint::counters`],
+//!   [`Endpoint::dialog_count`], [`Endpoint::transaction_count`].
 //! * input: [`Endpoint::handle_incoming`], [`Endpoint::handle_timeout`].
 //! * application commands: [`Endpoint::respond`], [`Endpoint::send_bye`].
 //! * output: [`Endpoint::poll_event`], [`Endpoint::poll_transmit`], [`Endpoint::poll_timeout`].
@@ -12,12 +14,25 @@
 //! exactly that in one function).
 //!
 //! # What the endpoint answers by itself
-//! Malformed requests (400 with a reason saying what), missing mandatory headers (400),
-//! unknown `Require` option tags (420), Max-Forwards 0 (483), unknown dialogs (481), CSeq out of
-//! order in a dialog (500), out-of-dialog OPTIONS (200 with Allow/Accept/Supported), CANCEL
-//! (200, plus 487 to the INVITE), methods it cannot serve (405/501), overload (503), and
-//! retransmitted requests (answered from their transaction). ACKs are absorbed. Everything else
-//! becomes a [`SipEvent::Request`] the application must answer with [`Endpoint::respond`].
+//! Malformed requests (400 with a reason saying what; 505 for another SIP version), missing
+//! mandatory headers (400), unknown `Require` option tags (420 + `Unsupported`), Max-Forwards 0
+//! (483), unknown dialogs (481), CSeq out of order in a dialog (500), a re-INVITE while the
+//! previous one is unanswered (500 + `Retry-After`), out-of-dialog OPTIONS (200 with
+//! Allow/Accept/Supported), CANCEL (200, plus 487 to the INVITE), methods it cannot serve
+//! (405/501), overload (503 + `Retry-After`), and retransmitted requests (answered from their
+//! transaction). ACKs are absorbed. Everything else becomes a [`SipEvent::Request`].
+//!
+//! # Contract with the application
+//! * Every [`SipEvent::Request`] gets one final response through [`Endpoint::respond`]
+//!   (build it with [`Endpoint::make_response`], add headers and a body). Unanswered after
+//!   [`EndpointConfig::app_answer_timeout`], the endpoint answers 500 itself.
+//! * INVITEs already got 100 Trying. A 2xx to an initial INVITE creates the dialog whose id
+//!   [`Endpoint::dialog_of`] gives from the start; [`SipEvent::Acked`] or
+//!   [`SipEvent::AckTimeout`] follows. After [`SipEvent::Cancelled`], do not answer.
+//! * A 2xx to an in-dialog BYE ends the dialog. To end it from our side, [`Endpoint::send_bye`]
+//!   (the dialog ends at once; [`SipEvent::ByeCompleted`] reports the outcome).
+//! * Hosts written as bracketed IPv6 references appear in parsed URIs as marker domains
+//!   (an rsip limitation, see [`super::message`]); [`super::message::marker_ip`] decodes them.
 //!
 //! # Example: answering a recording INVITE
 //! ```

@@ -125,7 +125,7 @@ fn mask_ipv6(head: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// Writes `[IPv6]` references back in place of the markers of [`mask_ipv6`].
+/// Writes `[IPv6]` references back in place of the markers `parse` put in.
 pub fn restore_ipv6(text: &str) -> Cow<'_, str> {
     if !text.contains(V6_PREFIX) {
         return Cow::Borrowed(text);
@@ -492,7 +492,7 @@ pub(crate) fn lenient_facts(request: &rsip::Request) -> Option<RequestFacts> {
 }
 
 /// Values of every header with this name (case-insensitive), comma-separated lists split.
-pub(crate) fn header_tokens(headers: &rsip::Headers, name: &str) -> Vec<String> {
+pub fn header_tokens(headers: &rsip::Headers, name: &str) -> Vec<String> {
     headers
         .iter()
         .filter_map(|h| {

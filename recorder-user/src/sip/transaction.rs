@@ -2,7 +2,7 @@
 //! the one client transaction kind we originate (an in-dialog BYE, §17.1.2).
 //!
 //! A transaction only keeps state and timers; the [`super::Endpoint`] decides what to do with
-//! what it reports, and turns bytes into [`super::Transmit`]s along the transaction's [`Route`].
+//! what it reports, and turns bytes into [`super::Transmit`]s along the transaction's `Route`.
 
 use std::{
     fmt,

@@ -2,7 +2,7 @@
 //! that mutates them.
 //!
 //! Each loop turn waits for exactly one input (a message, a TCP connection change, an app
-//! command, the earliest timer, or shutdown), applies it, then calls [`Driver::drain`], which
+//! command, the earliest timer, or shutdown), applies it, then calls `Driver::drain`, which
 //! delivers endpoint events to the app and sends endpoint transmits until both queues are empty
 //! (the str0m "drain after every mutation" invariant, enforced here in one function).
 
