@@ -196,6 +196,8 @@ pub struct EndpointConfig {
     pub max_transactions: usize,
     /// `Retry-After` seconds in those 503s.
     pub retry_after_secs: u32,
+    /// Networks allowed to open dialogs (new INVITEs); others get 403. Empty: everyone.
+    pub allowed_networks: Vec<Network>,
     /// A request the app has not answered by then gets 500 from the endpoint (so a stuck app
     /// neither leaks transactions nor leaves clients waiting).
     pub app_answer_timeout: Duration,
@@ -225,7 +227,66 @@ impl Default for EndpointConfig {
             max_transactions: 10_000,
             retry_after_secs: 5,
             app_answer_timeout: 64 * super::T1,
+            allowed_networks: Vec::new(),
         }
+    }
+}
+
+/// An IP network (`10.1.0.0/16`, `2001:db8::/32`, or one address) for the source ACL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    /// Whether `ip` is inside (IPv4-mapped IPv6 sources match IPv4 networks).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad network address in {s:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("bad prefix length in {s:?}"))?,
+            None => max,
+        };
+        Ok(Self { addr, prefix })
     }
 }
 
@@ -803,6 +864,19 @@ impl Endpoint {
         }
 
         match request.method {
+            rsip::Method::Invite if !self.source_allowed(incoming.source.ip()) => self
+                .answer_in_new_txn(
+                    now,
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                    403,
+                    "Source not allowed",
+                    Vec::new(),
+                    Some("source-not-allowed"),
+                ),
             rsip::Method::Invite => {
                 self.offer_to_app(now, incoming, request, facts, key, route, None)
             }
@@ -1306,6 +1380,11 @@ impl Endpoint {
             extra.push(Header::Other(name.clone(), value.clone()));
         }
         extra
+    }
+
+    fn source_allowed(&self, ip: IpAddr) -> bool {
+        self.config.allowed_networks.is_empty()
+            || self.config.allowed_networks.iter().any(|n| n.contains(ip))
     }
 
     fn push_transmit(&mut self, route: Route, bytes: Bytes) {

@@ -21,7 +21,7 @@ pub mod transaction;
 
 pub use dialog::DialogId;
 pub use endpoint::{
-    Endpoint, EndpointConfig, Incoming, SipCounters, SipEvent, Transmit, Transport, TxnId,
+    Endpoint, EndpointConfig, Incoming, Network, SipCounters, SipEvent, Transmit, Transport, TxnId,
 };
 pub use framing::{frame, FramingError};
 

@@ -428,6 +428,55 @@ fn unanswered_request_gets_500_from_the_endpoint() {
 }
 
 #[test]
+fn networks_parse_and_match() {
+    let net: Network = "10.1.0.0/16".parse().unwrap();
+    assert!(net.contains("10.1.200.3".parse().unwrap()));
+    assert!(!net.contains("10.2.0.1".parse().unwrap()));
+    assert!(
+        net.contains("::ffff:10.1.0.9".parse().unwrap()),
+        "IPv4-mapped source"
+    );
+    let v6: Network = "2001:db8::/32".parse().unwrap();
+    assert!(v6.contains("2001:db8:1::5".parse().unwrap()));
+    assert!(!v6.contains("10.1.0.1".parse().unwrap()));
+    let host: Network = "192.0.2.9".parse().unwrap();
+    assert!(host.contains("192.0.2.9".parse().unwrap()));
+    assert!(!host.contains("192.0.2.8".parse().unwrap()));
+    let all: Network = "0.0.0.0/0".parse().unwrap();
+    assert!(all.contains("203.0.113.1".parse().unwrap()));
+    assert!("10.0.0.0/33".parse::<Network>().is_err());
+    assert!("nonsense/8".parse::<Network>().is_err());
+}
+
+#[test]
+fn source_acl_rejects_new_invites_from_other_networks() {
+    let mut h = Harness::new();
+    h.ep = Endpoint::new(EndpointConfig {
+        allowed_networks: vec!["10.0.0.0/8".parse().unwrap()],
+        ..Default::default()
+    });
+    h.udp(&invite("z9hG4bKacl", "call-acl", 1)); // from 192.0.2.9
+    assert_eq!(h.responses()[0].status_code.code(), 403);
+    assert!(matches!(
+        h.events().as_slice(),
+        [SipEvent::Rejected { status: 403, .. }]
+    ));
+    h.udp(&options("z9hG4bKacl2"));
+    assert_eq!(
+        h.responses()[0].status_code.code(),
+        200,
+        "pings are still answered"
+    );
+    h.feed(
+        Transport::Udp,
+        None,
+        "10.0.0.2:5062",
+        &invite("z9hG4bKacl3", "call-acl3", 1),
+    );
+    assert!(matches!(h.events().as_slice(), [SipEvent::Request { .. }]));
+}
+
+#[test]
 fn cancel_without_match_gets_481() {
     let mut h = Harness::new();
     let cancel = invite("z9hG4bKnone", "call-6", 1)
