@@ -30,7 +30,7 @@
 //!   [`Endpoint::dialog_of`] gives from the start; [`SipEvent::Acked`] or
 //!   [`SipEvent::AckTimeout`] follows. After [`SipEvent::Cancelled`], do not answer.
 //! * A 2xx to an in-dialog BYE ends the dialog. To end it from our side, [`Endpoint::send_bye`]
-//!   (the dialog ends at once; [`SipEvent::ByeCompleted`] reports the outcome).
+//!   (the dialog ends at once; [`SipEvent::RequestCompleted`] reports the outcome).
 //! * Hosts written as bracketed IPv6 references appear in parsed URIs as marker domains
 //!   (an rsip limitation, see [`super::message`]); [`super::message::marker_ip`] decodes them.
 //!
@@ -154,12 +154,14 @@ pub enum SipEvent {
     /// The 2xx to an INVITE (initial or re-INVITE) got its ACK.
     Acked { dialog: DialogId },
     /// The 2xx to an INVITE was never ACKed (64*T1): the dialog is gone and the endpoint sent a
-    /// BYE for it (RFC 3261 §13.3.1.4); its outcome comes as [`SipEvent::ByeCompleted`].
+    /// BYE for it (RFC 3261 §13.3.1.4); its outcome comes as [`SipEvent::RequestCompleted`].
     AckTimeout { dialog: DialogId },
-    /// A BYE we sent got its final response (`status`), or none within 64*T1 (`None`).
-    ByeCompleted {
+    /// A request we sent ([`Endpoint::send_bye`], [`Endpoint::send_request`]) got its final
+    /// `response`, or none within 64*T1 (`None`).
+    RequestCompleted {
         dialog: DialogId,
-        status: Option<u16>,
+        method: rsip::Method,
+        response: Option<rsip::Response>,
     },
     /// A message could not be parsed or was rejected statelessly (for counters/logs).
     /// `status` is the response sent, or 0 when the message was dropped unanswered.
@@ -509,9 +511,10 @@ impl Endpoint {
                 }
                 ClientOutput::TimedOut => {
                     if let Some(client) = self.clients.remove(&branch) {
-                        self.events.push_back(SipEvent::ByeCompleted {
+                        self.events.push_back(SipEvent::RequestCompleted {
                             dialog: client.dialog,
-                            status: None,
+                            method: client.method,
+                            response: None,
                         });
                     }
                 }
@@ -644,7 +647,7 @@ impl Endpoint {
     /// Sends a BYE in `dialog` (e.g. the operator stopped the recording) and ends the dialog.
     /// `reason` is the value of a `Reason` header (RFC 3326), e.g. `SIP;cause=200;text="stop"`.
     /// Retransmitted on UDP until a final response or timer F; the outcome comes as
-    /// [`SipEvent::ByeCompleted`].
+    /// [`SipEvent::RequestCompleted`].
     pub fn send_bye(
         &mut self,
         now: Instant,
@@ -656,10 +659,52 @@ impl Endpoint {
             .remove(dialog)
             .ok_or_else(|| SipError::UnknownDialog(dialog.clone()))?;
         self.awaiting_ack.remove(dialog);
+        let extra = reason
+            .map(|r| vec![Header::Other("Reason".into(), r.into())])
+            .unwrap_or_default();
+        self.send_in_dialog(now, &mut d, rsip::Method::Bye, extra, Vec::new());
+        Ok(())
+    }
+
+    /// Sends a non-INVITE request in `dialog` (UPDATE, INFO, NOTIFY, MESSAGE, OPTIONS) with
+    /// extra headers (e.g. `Content-Type`) and a body; the dialog stays. Retransmitted on UDP
+    /// until a final response or timer F; the outcome comes as [`SipEvent::RequestCompleted`].
+    /// INVITE, ACK and CANCEL are refused (no INVITE client transaction here); use
+    /// [`Endpoint::send_bye`] for BYE.
+    pub fn send_request(
+        &mut self,
+        now: Instant,
+        dialog: &DialogId,
+        method: rsip::Method,
+        headers: Vec<Header>,
+        body: Vec<u8>,
+    ) -> Result<(), SipError> {
+        use rsip::Method::{Ack, Bye, Cancel, Invite};
+        if matches!(method, Invite | Ack | Cancel | Bye) {
+            return Err(SipError::UnsupportedMethod(method));
+        }
+        let mut d = self
+            .dialogs
+            .remove(dialog)
+            .ok_or_else(|| SipError::UnknownDialog(dialog.clone()))?;
+        self.send_in_dialog(now, &mut d, method, headers, body);
+        self.dialogs.insert(d.id.clone(), d);
+        Ok(())
+    }
+
+    /// Builds, sends and tracks one in-dialog request (RFC 3261 §12.2.1.1).
+    fn send_in_dialog(
+        &mut self,
+        now: Instant,
+        d: &mut Dialog,
+        method: rsip::Method,
+        extra: Vec<Header>,
+        body: Vec<u8>,
+    ) {
         d.local_cseq += 1;
         let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
         let target = d.remote_target.clone().unwrap_or_else(|| uri_for(d.source));
-        let route = bye_route(&d, &target);
+        let route = in_dialog_route(d, &target);
         let mut headers = rsip::Headers::default();
         headers.push(Header::Via(rsip::headers::Via::new(format!(
             "SIP/2.0/{} {}:{};branch={branch};rport",
@@ -679,33 +724,38 @@ impl Endpoint {
             d.id.call_id.clone(),
         )));
         headers.push(Header::CSeq(rsip::headers::CSeq::new(format!(
-            "{} BYE",
+            "{} {method}",
             d.local_cseq
         ))));
-        if let Some(reason) = reason {
-            headers.push(Header::Other("Reason".into(), reason.into()));
+        if method != rsip::Method::Bye {
+            headers.push(Header::Contact(rsip::headers::Contact::new(
+                self.contact_value(route.transport),
+            )));
         }
+        headers.extend(extra);
+        headers.retain(|h| !matches!(h, Header::ContentLength(_)));
         headers.push(Header::UserAgent(rsip::headers::UserAgent::new(
             self.config.user_agent.clone(),
         )));
         headers.push(Header::ContentLength(rsip::headers::ContentLength::new(
-            "0",
+            body.len().to_string(),
         )));
-        let text = format!("BYE {target} SIP/2.0\r\n{headers}\r\n");
-        let bytes = Bytes::from(message::restore_ipv6(&text).into_owned());
+        let text = format!("{method} {target} SIP/2.0\r\n{headers}\r\n");
+        let mut bytes = message::restore_ipv6(&text).into_owned().into_bytes();
+        bytes.extend_from_slice(&body);
+        let bytes = Bytes::from(bytes);
         *self
             .counters
             .requests
-            .entry("BYE(sent)".into())
+            .entry(format!("{method}(sent)"))
             .or_default() += 1;
         self.push_transmit(route, bytes.clone());
         self.clients.insert(
             branch.clone(),
-            ClientTransaction::new(now, route, d.id, bytes),
+            ClientTransaction::new(now, route, d.id.clone(), method, bytes),
         );
         self.schedule(TimerOwner::Client(branch));
         self.prune_timers();
-        Ok(())
     }
 
     // ---------------------------------------------------------------- requests
@@ -1174,9 +1224,10 @@ impl Endpoint {
             return;
         }
         if let Some(client) = self.clients.remove(&via.branch) {
-            self.events.push_back(SipEvent::ByeCompleted {
+            self.events.push_back(SipEvent::RequestCompleted {
                 dialog: client.dialog,
-                status: Some(status),
+                method: client.method,
+                response: Some(response),
             });
         }
     }
@@ -1466,9 +1517,9 @@ fn stamp_via(value: &str, via: &message::TopVia, source: SocketAddr) -> String {
     format!("{}{rest}", parts.join(";"))
 }
 
-/// Where our in-dialog BYE goes: the first Route, else the remote target, when they are IP
+/// Where our in-dialog requests go: the first Route, else the remote target, when they are IP
 /// literals, else the address the dialog came from; on TCP also the dialog's connection.
-fn bye_route(d: &Dialog, target: &rsip::Uri) -> Route {
+fn in_dialog_route(d: &Dialog, target: &rsip::Uri) -> Route {
     // On TCP the dialog's connection is used while it lives; `destination` is where the
     // transport connects if it has gone (never the client's ephemeral source port).
     let first_route = d.route_set.first().and_then(|r| {

@@ -45,6 +45,8 @@ pub enum SipError {
     UnknownDialog(DialogId),
     #[error("response is unusable: {0}")]
     BadResponse(String),
+    #[error("cannot send {0} requests")]
+    UnsupportedMethod(rsip::Method),
 }
 
 #[cfg(test)]

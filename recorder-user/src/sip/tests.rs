@@ -905,7 +905,7 @@ fn our_bye_is_retransmitted_until_answered() {
     );
     h.feed(Transport::Udp, None, "10.0.0.2:5062", &ok);
     assert!(
-        matches!(h.events().as_slice(), [SipEvent::ByeCompleted { status: Some(200), dialog: d }] if *d == dialog)
+        matches!(h.events().as_slice(), [SipEvent::RequestCompleted { response: Some(r), dialog: d, method: rsip::Method::Bye }] if *d == dialog && r.status_code.code() == 200)
     );
     h.advance(secs(40.0));
     assert!(h.take_sent().is_empty());
@@ -913,6 +913,69 @@ fn our_bye_is_retransmitted_until_answered() {
         h.ep.send_bye(h.now, &dialog, None),
         Err(SipError::UnknownDialog(_))
     ));
+}
+
+#[test]
+fn in_dialog_update_keeps_the_dialog_and_times_out_without_answer() {
+    let mut h = Harness::new();
+    let (dialog, _) = h.establish("call-up");
+    let body = b"<requestsnapshot/>".to_vec();
+    let ctype = rsip::Header::ContentType(rsip::headers::ContentType::new(
+        "application/rs-metadata-request",
+    ));
+    h.ep.send_request(
+        h.now,
+        &dialog,
+        rsip::Method::Update,
+        vec![ctype],
+        body.clone(),
+    )
+    .unwrap();
+    let sent = h.take_sent();
+    let update = rsip::Request::try_from(&sent[0].1.bytes[..]).unwrap();
+    assert_eq!(update.method, rsip::Method::Update);
+    assert_eq!(update.body, body);
+    assert_eq!(header_of(&update, "Content-Length").as_deref(), Some("18"));
+    assert!(
+        header_of(&update, "Contact").is_some(),
+        "UPDATE is a target refresh: Contact"
+    );
+    assert!(h.ep.has_dialog(&dialog));
+    // CSeq grows per request.
+    h.ep.send_request(h.now, &dialog, rsip::Method::Info, Vec::new(), Vec::new())
+        .unwrap();
+    let info = rsip::Request::try_from(&h.take_sent()[0].1.bytes[..]).unwrap();
+    let seq = |r: &rsip::Request| r.cseq_header().unwrap().seq().unwrap();
+    assert_eq!(seq(&info), seq(&update) + 1);
+    // No answer: timer F reports both after 32 s.
+    h.advance(secs(32.0));
+    let done: Vec<rsip::Method> = h
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            SipEvent::RequestCompleted {
+                response: None,
+                method,
+                ..
+            } => Some(method),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(done.len(), 2);
+    assert!(matches!(
+        h.ep.send_request(h.now, &dialog, rsip::Method::Invite, Vec::new(), Vec::new()),
+        Err(SipError::UnsupportedMethod(rsip::Method::Invite))
+    ));
+}
+
+fn header_of(r: &rsip::Request, name: &str) -> Option<String> {
+    r.headers.iter().find_map(|h| {
+        let text = h.to_string();
+        let (n, v) = text.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! RFC 3261 §17.2 server transactions (with RFC 6026's Accepted state for 2xx to INVITE) and
-//! the one client transaction kind we originate (an in-dialog BYE, §17.1.2).
+//! the one client transaction kind we originate (in-dialog non-INVITE requests such as BYE,
+//! §17.1.2).
 //!
 //! A transaction only keeps state and timers; the [`super::Endpoint`] decides what to do with
 //! what it reports, and turns bytes into [`super::Transmit`]s along the transaction's `Route`.
@@ -300,17 +301,24 @@ pub(crate) enum ClientOutput {
     TimedOut,
 }
 
-/// A non-INVITE client transaction (RFC 3261 §17.1.2), used for the BYE we send.
+/// A non-INVITE client transaction (RFC 3261 §17.1.2), used for the requests we send.
 pub(crate) struct ClientTransaction {
     pub route: Route,
     pub dialog: DialogId,
+    pub method: rsip::Method,
     bytes: Bytes,
     timers: TimerTable,
     interval: Duration,
 }
 
 impl ClientTransaction {
-    pub fn new(now: Instant, route: Route, dialog: DialogId, bytes: Bytes) -> Self {
+    pub fn new(
+        now: Instant,
+        route: Route,
+        dialog: DialogId,
+        method: rsip::Method,
+        bytes: Bytes,
+    ) -> Self {
         let mut timers = TimerTable::default();
         if !route.reliable() {
             timers.set(Timer::Retransmit, now + T1);
@@ -319,6 +327,7 @@ impl ClientTransaction {
         Self {
             route,
             dialog,
+            method,
             bytes,
             timers,
             interval: T1,

@@ -48,7 +48,8 @@ impl SipApp for AnsweringApp {
             SipEvent::Acked { dialog } => {
                 let _ = self.seen.send(Seen::Acked(dialog));
             }
-            SipEvent::ByeCompleted { status, .. } => {
+            SipEvent::RequestCompleted { response, .. } => {
+                let status = response.map(|r| r.status_code.code());
                 let _ = self.seen.send(Seen::ByeCompleted(status));
             }
             _ => {}
