@@ -430,7 +430,7 @@ impl Endpoint {
             }
             Parsed::Garbage(reason) => {
                 if !self.try_unknown_method(&incoming) {
-                    self.reject(0, "garbage", reason, incoming.source);
+                    self.note_rejection(0, "garbage", reason, incoming.source);
                 }
             }
         }
@@ -1158,7 +1158,7 @@ impl Endpoint {
     ) -> bool {
         let facts = message::lenient_facts(request).filter(|_| request.method != rsip::Method::Ack);
         let Some(facts) = facts else {
-            self.reject(0, category, reason, incoming.source);
+            self.note_rejection(0, category, reason, incoming.source);
             return false;
         };
         let tag = new_tag();
@@ -1203,7 +1203,7 @@ impl Endpoint {
         let status = response.status_code.code();
         *self.counters.responses_received.entry(status).or_default() += 1;
         let Ok(via) = message::top_via(&response.headers) else {
-            return self.reject(
+            return self.note_rejection(
                 0,
                 "stray-response",
                 "response without a usable Via".into(),
@@ -1212,7 +1212,7 @@ impl Endpoint {
         };
         let Some(client) = self.clients.get_mut(&via.branch) else {
             // Retransmitted final responses to a finished BYE land here too.
-            return self.reject(
+            return self.note_rejection(
                 0,
                 "stray-response",
                 format!("no transaction for {status}"),
@@ -1250,7 +1250,7 @@ impl Endpoint {
         self.by_key.insert(key.clone(), id);
         self.txns.insert(
             id,
-            ServerTransaction::new(id, key, route, source, request, facts, local_tag, dialog),
+            ServerTransaction::new(key, route, source, request, facts, local_tag, dialog),
         );
         id
     }
@@ -1446,10 +1446,6 @@ impl Endpoint {
             local: route.local,
             bytes,
         });
-    }
-
-    fn reject(&mut self, status: u16, category: &'static str, reason: String, source: SocketAddr) {
-        self.note_rejection(status, category, reason, source);
     }
 
     fn note_rejection(

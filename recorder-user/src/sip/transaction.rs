@@ -156,7 +156,6 @@ pub(crate) struct ServerTransaction {
 impl ServerTransaction {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: TxnId,
         key: TxnKey,
         route: Route,
         source: SocketAddr,
@@ -165,7 +164,6 @@ impl ServerTransaction {
         local_tag: Option<String>,
         dialog: Option<DialogId>,
     ) -> Self {
-        let _ = id;
         Self {
             key,
             route,
