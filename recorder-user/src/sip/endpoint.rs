@@ -69,10 +69,10 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, HashMap, VecDeque},
+    collections::{BinaryHeap, HashMap, VecDeque},
     fmt,
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -82,10 +82,15 @@ use rsip::{
     Header,
 };
 
+pub use super::config::{EndpointConfig, Network, SipCounters};
 pub use super::transaction::TxnId;
 use super::{
     dialog::{Dialog, DialogId},
     message::{self, Parsed, RequestFacts},
+    outgoing::{
+        bracket_v6, encode_response, ensure_to_tag, in_dialog_route, new_tag, response_route,
+        sanitize_reason, stamp_via, uri_for,
+    },
     transaction::{
         ClientOutput, ClientTransaction, Route, ServerState, ServerTransaction, TxnKey, TxnOutput,
     },
@@ -170,149 +175,6 @@ pub enum SipEvent {
         reason: String,
         source: SocketAddr,
     },
-}
-
-/// Static configuration of the endpoint.
-#[derive(Clone, Debug)]
-pub struct EndpointConfig {
-    /// User part of our Contact URI.
-    pub contact_user: String,
-    /// Host of our Contact URI and of the Via of requests we send (an address clients can reach).
-    pub contact_host: String,
-    pub contact_port: u16,
-    /// Header parameters appended to our Contact (e.g. `+sip.srs`).
-    pub contact_params: Vec<String>,
-    /// Sent as `Server` in responses and `User-Agent` in requests.
-    pub user_agent: String,
-    /// Methods listed in `Allow`.
-    pub allow: Vec<String>,
-    /// Option tags listed in `Supported`; a `Require` outside this list gets 420.
-    pub supported: Vec<String>,
-    /// Body types listed in `Accept`.
-    pub accept: Vec<String>,
-    /// Extra headers for the 200 to OPTIONS.
-    pub options_headers: Vec<(String, String)>,
-    /// Hand out-of-dialog OPTIONS to the app instead of answering them here.
-    pub app_handles_options: bool,
-    /// Server transactions kept at most; beyond that new requests get 503.
-    pub max_transactions: usize,
-    /// `Retry-After` seconds in those 503s.
-    pub retry_after_secs: u32,
-    /// Networks allowed to open dialogs (new INVITEs); others get 403. Empty: everyone.
-    pub allowed_networks: Vec<Network>,
-    /// A request the app has not answered by then gets 500 from the endpoint (so a stuck app
-    /// neither leaks transactions nor leaves clients waiting).
-    pub app_answer_timeout: Duration,
-}
-
-impl Default for EndpointConfig {
-    fn default() -> Self {
-        let list = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
-        Self {
-            contact_user: "srs".into(),
-            contact_host: "127.0.0.1".into(),
-            contact_port: 5060,
-            contact_params: Vec::new(),
-            user_agent: concat!("recorder/", env!("CARGO_PKG_VERSION")).into(),
-            allow: list(&[
-                "INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "UPDATE", "INFO",
-            ]),
-            supported: list(&["siprec", "timer"]),
-            accept: list(&[
-                "application/sdp",
-                "application/rs-metadata+xml",
-                "application/rs-metadata",
-                "multipart/mixed",
-            ]),
-            options_headers: Vec::new(),
-            app_handles_options: false,
-            max_transactions: 10_000,
-            retry_after_secs: 5,
-            app_answer_timeout: 64 * super::T1,
-            allowed_networks: Vec::new(),
-        }
-    }
-}
-
-/// An IP network (`10.1.0.0/16`, `2001:db8::/32`, or one address) for the source ACL.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Network {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Network {
-    /// Whether `ip` is inside (IPv4-mapped IPv6 sources match IPv4 networks).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl std::str::FromStr for Network {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("bad network address in {s:?}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("bad prefix length in {s:?}"))?,
-            None => max,
-        };
-        Ok(Self { addr, prefix })
-    }
-}
-
-/// Counters for metrics and logs.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SipCounters {
-    /// Requests received, by method (retransmissions included).
-    pub requests: BTreeMap<String, u64>,
-    /// Responses sent, by status (first transmissions only).
-    pub responses_sent: BTreeMap<u16, u64>,
-    /// Responses received to our requests, by status.
-    pub responses_received: BTreeMap<u16, u64>,
-    /// Stateless rejections and drops, by category (e.g. `malformed`, `unknown-dialog`).
-    pub rejections: BTreeMap<&'static str, u64>,
-    /// Retransmitted requests answered from their transaction (never given to the app).
-    pub retransmissions_absorbed: u64,
-    /// Timer-driven re-sends of our responses and requests.
-    pub retransmissions_sent: u64,
-    /// ACKs absorbed (all ACKs end here).
-    pub acks: u64,
-    /// 2xx responses never ACKed.
-    pub ack_timeouts: u64,
-    /// CRLF keep-alives received.
-    pub keepalives: u64,
 }
 
 /// The sans-IO SIP UAS. See the module documentation for the call order.
@@ -1463,143 +1325,4 @@ impl Endpoint {
             source,
         });
     }
-}
-
-impl SipCounters {
-    fn count_response(&mut self, status: u16) {
-        *self.responses_sent.entry(status).or_default() += 1;
-    }
-}
-
-/// RFC 3261 §18.2.2 / RFC 3581: where a response goes.
-fn response_route(incoming: &Incoming, via: &message::TopVia) -> Route {
-    let destination = match incoming.transport {
-        // Stream transports answer on the connection the request came on; `destination` is
-        // only used if it has gone: the received address and the sent-by port (§18.2.2).
-        Transport::Tcp if incoming.connection.is_some() => {
-            SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060))
-        }
-        Transport::Tcp => incoming.source,
-        Transport::Udp if via.rport => incoming.source,
-        Transport::Udp => SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060)),
-    };
-    Route {
-        transport: incoming.transport,
-        destination,
-        connection: incoming.connection,
-        local: Some(incoming.local),
-    }
-}
-
-/// Adds `received` (when the source differs from sent-by, or rport asks) and fills `rport`
-/// in the first value of the top Via line.
-fn stamp_via(value: &str, via: &message::TopVia, source: SocketAddr) -> String {
-    let (first, rest) = match value.find(',') {
-        Some(comma) => value.split_at(comma),
-        None => (value, ""),
-    };
-    let mut parts: Vec<String> = first.split(';').map(|p| p.trim().to_string()).collect();
-    let same_host = matches!(via.host, rsip::Host::IpAddr(ip) if ip == source.ip());
-    let add_received = !same_host || via.rport;
-    parts.retain(|p| !(add_received && p.to_ascii_lowercase().starts_with("received=")));
-    for p in parts.iter_mut().skip(1) {
-        if p.eq_ignore_ascii_case("rport") {
-            *p = format!("rport={}", source.port());
-        }
-    }
-    if add_received {
-        parts.push(format!("received={}", source.ip()));
-    }
-    format!("{}{rest}", parts.join(";"))
-}
-
-/// Where our in-dialog requests go: the first Route, else the remote target, when they are IP
-/// literals, else the address the dialog came from; on TCP also the dialog's connection.
-fn in_dialog_route(d: &Dialog, target: &rsip::Uri) -> Route {
-    // On TCP the dialog's connection is used while it lives; `destination` is where the
-    // transport connects if it has gone (never the client's ephemeral source port).
-    let first_route = d.route_set.first().and_then(|r| {
-        let start = r.find('<')? + 1;
-        let end = start + r[start..].find('>')?;
-        rsip::Uri::try_from(&r[start..end]).ok()
-    });
-    let destination = first_route
-        .as_ref()
-        .and_then(uri_addr)
-        .or_else(|| uri_addr(target))
-        .unwrap_or(d.source);
-    Route {
-        destination,
-        ..d.route
-    }
-}
-
-fn uri_addr(uri: &rsip::Uri) -> Option<SocketAddr> {
-    let ip = message::marker_ip(&uri.host_with_port.host)?;
-    Some(SocketAddr::new(
-        ip,
-        uri.host_with_port.port.map_or(5060, |p| *p.value()),
-    ))
-}
-
-fn uri_for(addr: SocketAddr) -> rsip::Uri {
-    rsip::Uri {
-        scheme: Some(rsip::Scheme::Sip),
-        host_with_port: addr.into(),
-        ..Default::default()
-    }
-}
-
-fn bracket_v6(host: &str) -> String {
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
-        _ => host.to_string(),
-    }
-}
-
-fn new_tag() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-/// A reason phrase must stay on the status line.
-fn sanitize_reason(reason: &str) -> String {
-    reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-fn ensure_to_tag(response: &mut rsip::Response, tag: &str) {
-    for h in response.headers.iter_mut() {
-        if let Header::To(to) = h {
-            let has_tag = to
-                .typed()
-                .map(|t| message::tag_param(&t.params).is_some())
-                .unwrap_or(true);
-            if !has_tag {
-                *to = rsip::headers::To::new(format!("{};tag={tag}", to.value()));
-            }
-            return;
-        }
-    }
-}
-
-/// Encodes with a correct Content-Length and the body bytes as they are (rsip's `Display`
-/// would pass the body through a lossy UTF-8 conversion).
-fn encode_response(response: &mut rsip::Response) -> Bytes {
-    response
-        .headers
-        .retain(|h| !matches!(h, Header::ContentLength(_)));
-    response
-        .headers
-        .push(Header::ContentLength(rsip::headers::ContentLength::new(
-            response.body.len().to_string(),
-        )));
-    let head = format!(
-        "{} {}\r\n{}\r\n",
-        response.version, response.status_code, response.headers
-    );
-    let mut out = message::restore_ipv6(&head).into_owned().into_bytes();
-    out.extend_from_slice(&response.body);
-    Bytes::from(out)
 }
