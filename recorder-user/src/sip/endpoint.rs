@@ -2,7 +2,9 @@
 //! answer, or the application, and owns all their timers.
 //!
 //! # Method taxonomy (quinn-proto style)
-//! * `&self` getters: [`Endpoint::make_response`], [`Endpoint::counters`], [`Endpoint::dialog_count`].
+//! * `&self` getters: [`Endpoint::make_response`], [`Endpoint::dialog_of`],
+//!   [`Endpoint::has_dialog`], [`Endpoint::capability_headers`], [`Endpoint::counters`],
+//!   [`Endpoint::dialog_count`], [`Endpoint::transaction_count`].
 //! * input: [`Endpoint::handle_incoming`], [`Endpoint::handle_timeout`].
 //! * application commands: [`Endpoint::respond`], [`Endpoint::send_bye`].
 //! * output: [`Endpoint::poll_event`], [`Endpoint::poll_transmit`], [`Endpoint::poll_timeout`].
@@ -12,15 +14,62 @@
 //! exactly that in one function).
 //!
 //! # What the endpoint answers by itself
-//! Malformed requests (400 with a reason saying what), missing mandatory headers (400),
-//! unknown `Require` option tags (420), Max-Forwards 0 (483), unknown dialogs (481), CSeq out of
-//! order in a dialog (500), out-of-dialog OPTIONS (200 with Allow/Accept/Supported), CANCEL
-//! (200, plus 487 to the INVITE), methods it cannot serve (405/501), overload (503), and
-//! retransmitted requests (answered from their transaction). ACKs are absorbed. Everything else
-//! becomes a [`SipEvent::Request`] the application must answer with [`Endpoint::respond`].
+//! Malformed requests (400 with a reason saying what; 505 for another SIP version), missing
+//! mandatory headers (400), unknown `Require` option tags (420 + `Unsupported`), Max-Forwards 0
+//! (483), unknown dialogs (481), CSeq out of order in a dialog (500), a re-INVITE while the
+//! previous one is unanswered (500 + `Retry-After`), out-of-dialog OPTIONS (200 with
+//! Allow/Accept/Supported), CANCEL (200, plus 487 to the INVITE), methods it cannot serve
+//! (405/501), overload (503 + `Retry-After`), and retransmitted requests (answered from their
+//! transaction). ACKs are absorbed. Everything else becomes a [`SipEvent::Request`].
+//!
+//! # Contract with the application
+//! * Every [`SipEvent::Request`] gets one final response through [`Endpoint::respond`]
+//!   (build it with [`Endpoint::make_response`], add headers and a body). Unanswered after
+//!   [`EndpointConfig::app_answer_timeout`], the endpoint answers 500 itself.
+//! * INVITEs already got 100 Trying. A 2xx to an initial INVITE creates the dialog whose id
+//!   [`Endpoint::dialog_of`] gives from the start; [`SipEvent::Acked`] or
+//!   [`SipEvent::AckTimeout`] follows. After [`SipEvent::Cancelled`], do not answer.
+//! * A 2xx to an in-dialog BYE ends the dialog. To end it from our side, [`Endpoint::send_bye`]
+//!   (the dialog ends at once; [`SipEvent::RequestCompleted`] reports the outcome).
+//! * Hosts written as bracketed IPv6 references appear in parsed URIs as marker domains
+//!   (an rsip limitation, see [`super::message`]); [`super::message::marker_ip`] decodes them.
+//!
+//! # Example: answering a recording INVITE
+//! ```
+//! use std::time::Instant;
+//! use bytes::Bytes;
+//! use recorder::sip::{Endpoint, EndpointConfig, Incoming, SipEvent, Transport};
+//! use rsip::headers::UntypedHeader; // brings `new` for untyped headers
+//!
+//! let mut endpoint = Endpoint::new(EndpointConfig::default());
+//! let now = Instant::now();
+//! let invite = "INVITE sip:srs@127.0.0.1 SIP/2.0\r\n\
+//!     Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
+//!     From: <sip:src@127.0.0.1>;tag=a\r\nTo: <sip:srs@127.0.0.1>\r\n\
+//!     Call-ID: doc\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+//! endpoint.handle_incoming(now, Incoming {
+//!     transport: Transport::Udp,
+//!     source: "127.0.0.1:5070".parse().unwrap(),
+//!     local: "127.0.0.1:5060".parse().unwrap(),
+//!     connection: None,
+//!     bytes: Bytes::from_static(invite.as_bytes()),
+//! });
+//! while let Some(event) = endpoint.poll_event() {
+//!     if let SipEvent::Request { txn, .. } = event {
+//!         let mut ok = endpoint.make_response(&txn, 200, None).unwrap();
+//!         ok.headers.push(rsip::Header::ContentType(rsip::headers::ContentType::new("application/sdp")));
+//!         ok.body = b"v=0\r\n".to_vec();
+//!         endpoint.respond(now, &txn, ok).unwrap();
+//!     }
+//! }
+//! assert!(endpoint.poll_transmit().unwrap().bytes.starts_with(b"SIP/2.0 100 Trying"));
+//! assert!(endpoint.poll_transmit().unwrap().bytes.starts_with(b"SIP/2.0 200 OK"));
+//! assert_eq!(endpoint.dialog_count(), 1);
+//! ```
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
     fmt,
     net::{IpAddr, SocketAddr},
     time::Instant,
@@ -33,10 +82,15 @@ use rsip::{
     Header,
 };
 
+pub use super::config::{EndpointConfig, Network, SipCounters};
 pub use super::transaction::TxnId;
 use super::{
     dialog::{Dialog, DialogId},
     message::{self, Parsed, RequestFacts},
+    outgoing::{
+        bracket_v6, encode_response, ensure_to_tag, in_dialog_route, new_tag, response_route,
+        sanitize_reason, stamp_via, uri_for,
+    },
     transaction::{
         ClientOutput, ClientTransaction, Route, ServerState, ServerTransaction, TxnKey, TxnOutput,
     },
@@ -66,6 +120,8 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// For TCP: the connection the request came on (responses and in-dialog requests reuse it).
     pub connection: Option<u64>,
+    /// Our address to send from (the one the request arrived on), when known.
+    pub local: Option<SocketAddr>,
     pub bytes: Bytes,
 }
 
@@ -103,12 +159,14 @@ pub enum SipEvent {
     /// The 2xx to an INVITE (initial or re-INVITE) got its ACK.
     Acked { dialog: DialogId },
     /// The 2xx to an INVITE was never ACKed (64*T1): the dialog is gone and the endpoint sent a
-    /// BYE for it (RFC 3261 §13.3.1.4); its outcome comes as [`SipEvent::ByeCompleted`].
+    /// BYE for it (RFC 3261 §13.3.1.4); its outcome comes as [`SipEvent::RequestCompleted`].
     AckTimeout { dialog: DialogId },
-    /// A BYE we sent got its final response (`status`), or none within 64*T1 (`None`).
-    ByeCompleted {
+    /// A request we sent ([`Endpoint::send_bye`], [`Endpoint::send_request`]) got its final
+    /// `response`, or none within 64*T1 (`None`).
+    RequestCompleted {
         dialog: DialogId,
-        status: Option<u16>,
+        method: rsip::Method,
+        response: Option<rsip::Response>,
     },
     /// A message could not be parsed or was rejected statelessly (for counters/logs).
     /// `status` is the response sent, or 0 when the message was dropped unanswered.
@@ -117,84 +175,6 @@ pub enum SipEvent {
         reason: String,
         source: SocketAddr,
     },
-}
-
-/// Static configuration of the endpoint.
-#[derive(Clone, Debug)]
-pub struct EndpointConfig {
-    /// User part of our Contact URI.
-    pub contact_user: String,
-    /// Host of our Contact URI and of the Via of requests we send (an address clients can reach).
-    pub contact_host: String,
-    pub contact_port: u16,
-    /// Header parameters appended to our Contact (e.g. `+sip.srs`).
-    pub contact_params: Vec<String>,
-    /// Sent as `Server` in responses and `User-Agent` in requests.
-    pub user_agent: String,
-    /// Methods listed in `Allow`.
-    pub allow: Vec<String>,
-    /// Option tags listed in `Supported`; a `Require` outside this list gets 420.
-    pub supported: Vec<String>,
-    /// Body types listed in `Accept`.
-    pub accept: Vec<String>,
-    /// Extra headers for the 200 to OPTIONS.
-    pub options_headers: Vec<(String, String)>,
-    /// Hand out-of-dialog OPTIONS to the app instead of answering them here.
-    pub app_handles_options: bool,
-    /// Server transactions kept at most; beyond that new requests get 503.
-    pub max_transactions: usize,
-    /// `Retry-After` seconds in those 503s.
-    pub retry_after_secs: u32,
-}
-
-impl Default for EndpointConfig {
-    fn default() -> Self {
-        let list = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
-        Self {
-            contact_user: "srs".into(),
-            contact_host: "127.0.0.1".into(),
-            contact_port: 5060,
-            contact_params: Vec::new(),
-            user_agent: concat!("recorder/", env!("CARGO_PKG_VERSION")).into(),
-            allow: list(&[
-                "INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "UPDATE", "INFO",
-            ]),
-            supported: list(&["siprec", "timer"]),
-            accept: list(&[
-                "application/sdp",
-                "application/rs-metadata+xml",
-                "application/rs-metadata",
-                "multipart/mixed",
-            ]),
-            options_headers: Vec::new(),
-            app_handles_options: false,
-            max_transactions: 10_000,
-            retry_after_secs: 5,
-        }
-    }
-}
-
-/// Counters for metrics and logs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SipCounters {
-    /// Requests received, by method (retransmissions included).
-    pub requests: BTreeMap<String, u64>,
-    /// Responses sent, by status (first transmissions only).
-    pub responses_sent: BTreeMap<u16, u64>,
-    /// Responses received to our requests, by status.
-    pub responses_received: BTreeMap<u16, u64>,
-    /// Stateless rejections and drops, by category (e.g. `malformed`, `unknown-dialog`).
-    pub rejections: BTreeMap<&'static str, u64>,
-    /// Retransmitted requests answered from their transaction (never given to the app).
-    pub retransmissions_absorbed: u64,
-    /// Timer-driven re-sends of our responses and requests.
-    pub retransmissions_sent: u64,
-    /// ACKs absorbed (all ACKs end here).
-    pub acks: u64,
-    /// 2xx responses never ACKed.
-    pub ack_timeouts: u64,
-    /// CRLF keep-alives received.
-    pub keepalives: u64,
 }
 
 /// The sans-IO SIP UAS. See the module documentation for the call order.
@@ -208,9 +188,19 @@ pub struct Endpoint {
     awaiting_ack: HashMap<DialogId, TxnId>,
     /// Our BYE client transactions by Via branch.
     clients: HashMap<String, ClientTransaction>,
+    /// Deadlines of all transactions, earliest first. Entries go stale when a transaction's
+    /// timers change; stale ones are skipped (and pruned from the top after every call), so
+    /// `poll_timeout` is O(1) and `handle_timeout` only visits due transactions.
+    timers: BinaryHeap<Reverse<(Instant, TimerOwner)>>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SipEvent>,
     counters: SipCounters,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerOwner {
+    Server(TxnId),
+    Client(String),
 }
 
 /// What a stateless answer needs about the request.
@@ -232,6 +222,7 @@ impl Endpoint {
             dialogs: HashMap::new(),
             awaiting_ack: HashMap::new(),
             clients: HashMap::new(),
+            timers: BinaryHeap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: SipCounters::default(),
@@ -249,6 +240,28 @@ impl Endpoint {
     /// Live dialogs (2xx sent and not yet ended).
     pub fn dialog_count(&self) -> usize {
         self.dialogs.len()
+    }
+
+    /// The dialog of `txn`: the one an in-dialog request belongs to, or, for an initial INVITE,
+    /// the id its 2xx creates (known from the start, so sessions can be keyed by it at once).
+    pub fn dialog_of(&self, txn: &TxnId) -> Option<DialogId> {
+        let t = self.txns.get(txn)?;
+        if let Some(d) = &t.dialog {
+            return Some(d.clone());
+        }
+        if t.request.method != rsip::Method::Invite {
+            return None;
+        }
+        Some(DialogId {
+            call_id: t.facts.call_id.clone(),
+            local_tag: t.local_tag.clone()?,
+            remote_tag: t.facts.from_tag.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Whether `dialog` is live.
+    pub fn has_dialog(&self, dialog: &DialogId) -> bool {
+        self.dialogs.contains_key(dialog)
     }
 
     /// Server transactions currently kept.
@@ -279,82 +292,125 @@ impl Endpoint {
             }
             Parsed::Garbage(reason) => {
                 if !self.try_unknown_method(&incoming) {
-                    self.reject(0, "garbage", reason, incoming.source);
+                    self.note_rejection(0, "garbage", reason, incoming.source);
                 }
             }
         }
+        self.prune_timers();
     }
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<TxnId> = self
-            .txns
-            .iter()
-            .filter(|(_, t)| t.poll_timeout().is_some_and(|at| at <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        let mut out = Vec::new();
-        for id in due {
-            let Some(txn) = self.txns.get_mut(&id) else {
+        while let Some(Reverse((at, owner))) = self.timers.peek().cloned() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if !self.timer_is_current(at, &owner) {
                 continue;
-            };
-            out.clear();
-            txn.handle_timeout(now, &mut out);
-            let route = txn.route;
-            let dialog = txn.dialog.clone();
-            for output in out.drain(..) {
-                match output {
-                    TxnOutput::Retransmit(bytes) => {
-                        self.counters.retransmissions_sent += 1;
-                        self.push_transmit(route, bytes);
-                    }
-                    TxnOutput::AckTimeout => {
-                        self.counters.ack_timeouts += 1;
-                        if let Some(dialog) = dialog.clone() {
-                            if self.awaiting_ack.get(&dialog) == Some(&id) {
-                                self.awaiting_ack.remove(&dialog);
-                            }
-                            // §13.3.1.4: the session SHOULD be ended with a BYE.
-                            let reason = "SIP;cause=408;text=\"ACK timeout\"";
-                            let _ = self.send_bye(now, &dialog, Some(reason));
-                            self.events.push_back(SipEvent::AckTimeout { dialog });
+            }
+            match owner {
+                TimerOwner::Server(id) => self.server_timeout(now, id),
+                TimerOwner::Client(branch) => self.client_timeout(now, branch),
+            }
+        }
+        self.prune_timers();
+    }
+
+    fn server_timeout(&mut self, now: Instant, id: TxnId) {
+        let Some(txn) = self.txns.get_mut(&id) else {
+            return;
+        };
+        let mut out = Vec::new();
+        txn.handle_timeout(now, &mut out);
+        let route = txn.route;
+        let dialog = txn.dialog.clone();
+        for output in out {
+            match output {
+                TxnOutput::Retransmit(bytes) => {
+                    self.counters.retransmissions_sent += 1;
+                    self.push_transmit(route, bytes);
+                }
+                TxnOutput::AckTimeout => {
+                    self.counters.ack_timeouts += 1;
+                    if let Some(dialog) = dialog.clone() {
+                        if self.awaiting_ack.get(&dialog) == Some(&id) {
+                            self.awaiting_ack.remove(&dialog);
                         }
+                        // §13.3.1.4: the session SHOULD be ended with a BYE.
+                        let reason = "SIP;cause=408;text=\"ACK timeout\"";
+                        let _ = self.send_bye(now, &dialog, Some(reason));
+                        self.events.push_back(SipEvent::AckTimeout { dialog });
                     }
-                    TxnOutput::Terminated => self.remove_txn(id),
+                }
+                TxnOutput::AppDeadline => {
+                    let reason = "No answer from the application";
+                    if let Some(response) = self.make_response(&id, 500, Some(reason)) {
+                        let _ = self.respond(now, &id, response);
+                    }
+                    if let Some(source) = self.txns.get(&id).map(|t| t.source) {
+                        self.note_rejection(500, "app-timeout", reason.into(), source);
+                    }
+                }
+                TxnOutput::Terminated => self.remove_txn(id),
+            }
+        }
+        self.schedule(TimerOwner::Server(id));
+    }
+
+    fn client_timeout(&mut self, now: Instant, branch: String) {
+        let Some(client) = self.clients.get_mut(&branch) else {
+            return;
+        };
+        let mut out = Vec::new();
+        client.handle_timeout(now, &mut out);
+        let route = client.route;
+        for output in out {
+            match output {
+                ClientOutput::Retransmit(bytes) => {
+                    self.counters.retransmissions_sent += 1;
+                    self.push_transmit(route, bytes);
+                }
+                ClientOutput::TimedOut => {
+                    if let Some(client) = self.clients.remove(&branch) {
+                        self.events.push_back(SipEvent::RequestCompleted {
+                            dialog: client.dialog,
+                            method: client.method,
+                            response: None,
+                        });
+                    }
                 }
             }
         }
+        self.schedule(TimerOwner::Client(branch));
+    }
 
-        let due: Vec<String> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.poll_timeout().is_some_and(|at| at <= now))
-            .map(|(b, _)| b.clone())
-            .collect();
-        let mut out = Vec::new();
-        for branch in due {
-            let Some(client) = self.clients.get_mut(&branch) else {
-                continue;
-            };
-            out.clear();
-            client.handle_timeout(now, &mut out);
-            let route = client.route;
-            for output in out.drain(..) {
-                match output {
-                    ClientOutput::Retransmit(bytes) => {
-                        self.counters.retransmissions_sent += 1;
-                        self.push_transmit(route, bytes);
-                    }
-                    ClientOutput::TimedOut => {
-                        if let Some(client) = self.clients.remove(&branch) {
-                            self.events.push_back(SipEvent::ByeCompleted {
-                                dialog: client.dialog,
-                                status: None,
-                            });
-                        }
-                    }
-                }
+    /// Records the current deadline of a transaction (after anything that may change it).
+    fn schedule(&mut self, owner: TimerOwner) {
+        let at = match &owner {
+            TimerOwner::Server(id) => self.txns.get(id).and_then(|t| t.poll_timeout()),
+            TimerOwner::Client(b) => self.clients.get(b).and_then(|c| c.poll_timeout()),
+        };
+        if let Some(at) = at {
+            self.timers.push(Reverse((at, owner)));
+        }
+    }
+
+    fn timer_is_current(&self, at: Instant, owner: &TimerOwner) -> bool {
+        let current = match owner {
+            TimerOwner::Server(id) => self.txns.get(id).and_then(|t| t.poll_timeout()),
+            TimerOwner::Client(b) => self.clients.get(b).and_then(|c| c.poll_timeout()),
+        };
+        current == Some(at)
+    }
+
+    /// Drops stale entries from the top so that `poll_timeout` reports a real deadline.
+    fn prune_timers(&mut self) {
+        while let Some(Reverse((at, owner))) = self.timers.peek() {
+            if self.timer_is_current(*at, owner) {
+                return;
             }
+            self.timers.pop();
         }
     }
 
@@ -362,9 +418,7 @@ impl Endpoint {
 
     /// The earliest instant at which [`Endpoint::handle_timeout`] has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let servers = self.txns.values().filter_map(|t| t.poll_timeout());
-        let clients = self.clients.values().filter_map(|c| c.poll_timeout());
-        servers.chain(clients).min()
+        self.timers.peek().map(|Reverse((at, _))| *at)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -428,6 +482,7 @@ impl Endpoint {
         let method = t.request.method;
         self.counters.count_response(status);
         self.push_transmit(route, bytes);
+        self.schedule(TimerOwner::Server(*txn));
         if (200..300).contains(&status) {
             match method {
                 rsip::Method::Invite => self.on_invite_accepted(*txn),
@@ -435,19 +490,26 @@ impl Endpoint {
                 rsip::Method::Bye => {
                     if let Some(dialog) = self.txns.get(txn).and_then(|t| t.dialog.clone()) {
                         self.dialogs.remove(&dialog);
-                        self.awaiting_ack.remove(&dialog);
+                        // A BYE before the ACK: stop retransmitting the 2xx, the dialog is over.
+                        if let Some(invite) = self.awaiting_ack.remove(&dialog) {
+                            if let Some(t) = self.txns.get_mut(&invite) {
+                                t.on_ack(now);
+                                self.schedule(TimerOwner::Server(invite));
+                            }
+                        }
                     }
                 }
                 _ => {}
             }
         }
+        self.prune_timers();
         Ok(())
     }
 
     /// Sends a BYE in `dialog` (e.g. the operator stopped the recording) and ends the dialog.
     /// `reason` is the value of a `Reason` header (RFC 3326), e.g. `SIP;cause=200;text="stop"`.
     /// Retransmitted on UDP until a final response or timer F; the outcome comes as
-    /// [`SipEvent::ByeCompleted`].
+    /// [`SipEvent::RequestCompleted`].
     pub fn send_bye(
         &mut self,
         now: Instant,
@@ -459,10 +521,52 @@ impl Endpoint {
             .remove(dialog)
             .ok_or_else(|| SipError::UnknownDialog(dialog.clone()))?;
         self.awaiting_ack.remove(dialog);
+        let extra = reason
+            .map(|r| vec![Header::Other("Reason".into(), r.into())])
+            .unwrap_or_default();
+        self.send_in_dialog(now, &mut d, rsip::Method::Bye, extra, Vec::new());
+        Ok(())
+    }
+
+    /// Sends a non-INVITE request in `dialog` (UPDATE, INFO, NOTIFY, MESSAGE, OPTIONS) with
+    /// extra headers (e.g. `Content-Type`) and a body; the dialog stays. Retransmitted on UDP
+    /// until a final response or timer F; the outcome comes as [`SipEvent::RequestCompleted`].
+    /// INVITE, ACK and CANCEL are refused (no INVITE client transaction here); use
+    /// [`Endpoint::send_bye`] for BYE.
+    pub fn send_request(
+        &mut self,
+        now: Instant,
+        dialog: &DialogId,
+        method: rsip::Method,
+        headers: Vec<Header>,
+        body: Vec<u8>,
+    ) -> Result<(), SipError> {
+        use rsip::Method::{Ack, Bye, Cancel, Invite};
+        if matches!(method, Invite | Ack | Cancel | Bye) {
+            return Err(SipError::UnsupportedMethod(method));
+        }
+        let mut d = self
+            .dialogs
+            .remove(dialog)
+            .ok_or_else(|| SipError::UnknownDialog(dialog.clone()))?;
+        self.send_in_dialog(now, &mut d, method, headers, body);
+        self.dialogs.insert(d.id.clone(), d);
+        Ok(())
+    }
+
+    /// Builds, sends and tracks one in-dialog request (RFC 3261 §12.2.1.1).
+    fn send_in_dialog(
+        &mut self,
+        now: Instant,
+        d: &mut Dialog,
+        method: rsip::Method,
+        extra: Vec<Header>,
+        body: Vec<u8>,
+    ) {
         d.local_cseq += 1;
         let branch = format!("z9hG4bK{:016x}", rand::random::<u64>());
         let target = d.remote_target.clone().unwrap_or_else(|| uri_for(d.source));
-        let route = bye_route(&d, &target);
+        let route = in_dialog_route(d, &target);
         let mut headers = rsip::Headers::default();
         headers.push(Header::Via(rsip::headers::Via::new(format!(
             "SIP/2.0/{} {}:{};branch={branch};rport",
@@ -482,29 +586,38 @@ impl Endpoint {
             d.id.call_id.clone(),
         )));
         headers.push(Header::CSeq(rsip::headers::CSeq::new(format!(
-            "{} BYE",
+            "{} {method}",
             d.local_cseq
         ))));
-        if let Some(reason) = reason {
-            headers.push(Header::Other("Reason".into(), reason.into()));
+        if method != rsip::Method::Bye {
+            headers.push(Header::Contact(rsip::headers::Contact::new(
+                self.contact_value(route.transport),
+            )));
         }
+        headers.extend(extra);
+        headers.retain(|h| !matches!(h, Header::ContentLength(_)));
         headers.push(Header::UserAgent(rsip::headers::UserAgent::new(
             self.config.user_agent.clone(),
         )));
         headers.push(Header::ContentLength(rsip::headers::ContentLength::new(
-            "0",
+            body.len().to_string(),
         )));
-        let text = format!("BYE {target} SIP/2.0\r\n{headers}\r\n");
-        let bytes = Bytes::from(message::restore_ipv6(&text).into_owned());
+        let text = format!("{method} {target} SIP/2.0\r\n{headers}\r\n");
+        let mut bytes = message::restore_ipv6(&text).into_owned().into_bytes();
+        bytes.extend_from_slice(&body);
+        let bytes = Bytes::from(bytes);
         *self
             .counters
             .requests
-            .entry("BYE(sent)".into())
+            .entry(format!("{method}(sent)"))
             .or_default() += 1;
         self.push_transmit(route, bytes.clone());
-        self.clients
-            .insert(branch, ClientTransaction::new(now, route, d.id, bytes));
-        Ok(())
+        self.clients.insert(
+            branch.clone(),
+            ClientTransaction::new(now, route, d.id.clone(), method, bytes),
+        );
+        self.schedule(TimerOwner::Client(branch));
+        self.prune_timers();
     }
 
     // ---------------------------------------------------------------- requests
@@ -603,7 +716,7 @@ impl Endpoint {
                 local_tag: to_tag,
                 remote_tag: facts.from_tag.clone().unwrap_or_default(),
             };
-            let Some(dialog) = self.dialogs.get_mut(&id) else {
+            if !self.dialogs.contains_key(&id) {
                 return self.answer_in_new_txn(
                     now,
                     incoming,
@@ -616,6 +729,34 @@ impl Endpoint {
                     Vec::new(),
                     Some("unknown-dialog"),
                 );
+            }
+            // §14.2: a second INVITE while the first is unanswered gets 500 + Retry-After.
+            let overlapping = request.method == rsip::Method::Invite
+                && self.txns.values().any(|t| {
+                    t.dialog.as_ref() == Some(&id)
+                        && t.is_invite()
+                        && t.state == ServerState::Proceeding
+                });
+            if overlapping {
+                let retry = rand::random::<u32>() % 10 + 1;
+                let extra = vec![Header::RetryAfter(rsip::headers::RetryAfter::new(
+                    retry.to_string(),
+                ))];
+                return self.answer_in_new_txn(
+                    now,
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                    500,
+                    "Previous INVITE pending",
+                    extra,
+                    Some("invite-pending"),
+                );
+            }
+            let Some(dialog) = self.dialogs.get_mut(&id) else {
+                return;
             };
             if !dialog.accept_cseq(facts.cseq) {
                 return self.answer_in_new_txn(
@@ -635,6 +776,19 @@ impl Endpoint {
         }
 
         match request.method {
+            rsip::Method::Invite if !self.source_allowed(incoming.source.ip()) => self
+                .answer_in_new_txn(
+                    now,
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                    403,
+                    "Source not allowed",
+                    Vec::new(),
+                    Some("source-not-allowed"),
+                ),
             rsip::Method::Invite => {
                 self.offer_to_app(now, incoming, request, facts, key, route, None)
             }
@@ -706,6 +860,10 @@ impl Endpoint {
             local_tag,
             dialog.clone(),
         );
+        if let Some(txn) = self.txns.get_mut(&id) {
+            txn.start_app_deadline(now + self.config.app_answer_timeout);
+        }
+        self.schedule(TimerOwner::Server(id));
         if request.method == rsip::Method::Invite {
             // §17.2.1: 100 Trying at once, so the client stops retransmitting while the app decides.
             if let Some(trying) = self.make_response(&id, 100, None) {
@@ -750,28 +908,35 @@ impl Endpoint {
 
     fn handle_ack(&mut self, now: Instant, facts: &RequestFacts) {
         self.counters.acks += 1;
-        // ACK to a non-2xx: same branch as the INVITE (§17.2.3).
+        // ACK to a non-2xx: same branch as the INVITE (§17.2.3). Some clients also reuse the
+        // INVITE's branch for the ACK to a 2xx (RFC 2543 habit), so an Accepted match counts too.
         let key = TxnKey::new(facts, &rsip::Method::Ack);
-        if let Some(txn) = self.by_key.get(&key).and_then(|id| self.txns.get_mut(id)) {
-            txn.on_ack(now);
-            return;
-        }
+        let by_branch = self.by_key.get(&key).copied();
         // ACK to a 2xx: a new transaction within the dialog (§13.2.2.4).
-        let Some(to_tag) = facts.to_tag.clone() else {
-            return;
-        };
-        let dialog = DialogId {
-            call_id: facts.call_id.clone(),
-            local_tag: to_tag,
-            remote_tag: facts.from_tag.clone().unwrap_or_default(),
-        };
-        let Some(id) = self.awaiting_ack.get(&dialog).copied() else {
+        let in_dialog = facts.to_tag.clone().and_then(|to_tag| {
+            let dialog = DialogId {
+                call_id: facts.call_id.clone(),
+                local_tag: to_tag,
+                remote_tag: facts.from_tag.clone().unwrap_or_default(),
+            };
+            self.awaiting_ack.get(&dialog).copied()
+        });
+        let Some(id) = by_branch.or(in_dialog) else {
             return;
         };
         let Some(txn) = self.txns.get_mut(&id) else {
             return;
         };
-        if txn.facts.cseq == facts.cseq && txn.on_ack(now) {
+        let was_accepted = txn.state == ServerState::Accepted;
+        let acked = txn.facts.cseq == facts.cseq && txn.on_ack(now);
+        self.schedule(TimerOwner::Server(id));
+        if !acked || !was_accepted {
+            return;
+        }
+        let Some(txn) = self.txns.get(&id) else {
+            return;
+        };
+        if let Some(dialog) = txn.dialog.clone() {
             self.awaiting_ack.remove(&dialog);
             self.events.push_back(SipEvent::Acked { dialog });
         }
@@ -855,7 +1020,7 @@ impl Endpoint {
     ) -> bool {
         let facts = message::lenient_facts(request).filter(|_| request.method != rsip::Method::Ack);
         let Some(facts) = facts else {
-            self.reject(0, category, reason, incoming.source);
+            self.note_rejection(0, category, reason, incoming.source);
             return false;
         };
         let tag = new_tag();
@@ -900,7 +1065,7 @@ impl Endpoint {
         let status = response.status_code.code();
         *self.counters.responses_received.entry(status).or_default() += 1;
         let Ok(via) = message::top_via(&response.headers) else {
-            return self.reject(
+            return self.note_rejection(
                 0,
                 "stray-response",
                 "response without a usable Via".into(),
@@ -909,7 +1074,7 @@ impl Endpoint {
         };
         let Some(client) = self.clients.get_mut(&via.branch) else {
             // Retransmitted final responses to a finished BYE land here too.
-            return self.reject(
+            return self.note_rejection(
                 0,
                 "stray-response",
                 format!("no transaction for {status}"),
@@ -921,9 +1086,10 @@ impl Endpoint {
             return;
         }
         if let Some(client) = self.clients.remove(&via.branch) {
-            self.events.push_back(SipEvent::ByeCompleted {
+            self.events.push_back(SipEvent::RequestCompleted {
                 dialog: client.dialog,
-                status: Some(status),
+                method: client.method,
+                response: Some(response),
             });
         }
     }
@@ -946,7 +1112,7 @@ impl Endpoint {
         self.by_key.insert(key.clone(), id);
         self.txns.insert(
             id,
-            ServerTransaction::new(id, key, route, source, request, facts, local_tag, dialog),
+            ServerTransaction::new(key, route, source, request, facts, local_tag, dialog),
         );
         id
     }
@@ -1113,7 +1279,9 @@ impl Endpoint {
         value
     }
 
-    fn capability_headers(&self) -> Vec<Header> {
+    /// `Allow`, `Accept`, `Supported` and the configured extra OPTIONS headers, for an app
+    /// that answers OPTIONS itself.
+    pub fn capability_headers(&self) -> Vec<Header> {
         let mut extra = vec![
             Header::Allow(rsip::headers::Allow::new(self.config.allow.join(", "))),
             Header::Accept(rsip::headers::Accept::new(self.config.accept.join(", "))),
@@ -1127,17 +1295,19 @@ impl Endpoint {
         extra
     }
 
+    fn source_allowed(&self, ip: IpAddr) -> bool {
+        self.config.allowed_networks.is_empty()
+            || self.config.allowed_networks.iter().any(|n| n.contains(ip))
+    }
+
     fn push_transmit(&mut self, route: Route, bytes: Bytes) {
         self.transmits.push_back(Transmit {
             transport: route.transport,
             destination: route.destination,
             connection: route.connection,
+            local: route.local,
             bytes,
         });
-    }
-
-    fn reject(&mut self, status: u16, category: &'static str, reason: String, source: SocketAddr) {
-        self.note_rejection(status, category, reason, source);
     }
 
     fn note_rejection(
@@ -1155,142 +1325,4 @@ impl Endpoint {
             source,
         });
     }
-}
-
-impl SipCounters {
-    fn count_response(&mut self, status: u16) {
-        *self.responses_sent.entry(status).or_default() += 1;
-    }
-}
-
-/// RFC 3261 §18.2.2 / RFC 3581: where a response goes.
-fn response_route(incoming: &Incoming, via: &message::TopVia) -> Route {
-    let destination = match incoming.transport {
-        // Stream transports answer on the connection the request came on.
-        Transport::Tcp => incoming.source,
-        Transport::Udp if via.rport => incoming.source,
-        Transport::Udp => SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060)),
-    };
-    Route {
-        transport: incoming.transport,
-        destination,
-        connection: incoming.connection,
-    }
-}
-
-/// Adds `received` (when the source differs from sent-by, or rport asks) and fills `rport`
-/// in the first value of the top Via line.
-fn stamp_via(value: &str, via: &message::TopVia, source: SocketAddr) -> String {
-    let (first, rest) = match value.find(',') {
-        Some(comma) => value.split_at(comma),
-        None => (value, ""),
-    };
-    let mut parts: Vec<String> = first.split(';').map(|p| p.trim().to_string()).collect();
-    let same_host = matches!(via.host, rsip::Host::IpAddr(ip) if ip == source.ip());
-    let add_received = !same_host || via.rport;
-    parts.retain(|p| !(add_received && p.to_ascii_lowercase().starts_with("received=")));
-    for p in parts.iter_mut().skip(1) {
-        if p.eq_ignore_ascii_case("rport") {
-            *p = format!("rport={}", source.port());
-        }
-    }
-    if add_received {
-        parts.push(format!("received={}", source.ip()));
-    }
-    format!("{}{rest}", parts.join(";"))
-}
-
-/// Where our in-dialog BYE goes: the same TCP connection, else the first Route or the remote
-/// target when they are IP literals, else the address the dialog came from.
-fn bye_route(d: &Dialog, target: &rsip::Uri) -> Route {
-    if d.route.transport == Transport::Tcp {
-        return Route {
-            destination: d.source,
-            ..d.route
-        };
-    }
-    let first_route = d.route_set.first().and_then(|r| {
-        let start = r.find('<')? + 1;
-        let end = start + r[start..].find('>')?;
-        rsip::Uri::try_from(&r[start..end]).ok()
-    });
-    let destination = first_route
-        .as_ref()
-        .and_then(uri_addr)
-        .or_else(|| uri_addr(target))
-        .unwrap_or(d.source);
-    Route {
-        destination,
-        ..d.route
-    }
-}
-
-fn uri_addr(uri: &rsip::Uri) -> Option<SocketAddr> {
-    let ip = message::marker_ip(&uri.host_with_port.host)?;
-    Some(SocketAddr::new(
-        ip,
-        uri.host_with_port.port.map_or(5060, |p| *p.value()),
-    ))
-}
-
-fn uri_for(addr: SocketAddr) -> rsip::Uri {
-    rsip::Uri {
-        scheme: Some(rsip::Scheme::Sip),
-        host_with_port: addr.into(),
-        ..Default::default()
-    }
-}
-
-fn bracket_v6(host: &str) -> String {
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) => format!("[{v6}]"),
-        _ => host.to_string(),
-    }
-}
-
-fn new_tag() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-/// A reason phrase must stay on the status line.
-fn sanitize_reason(reason: &str) -> String {
-    reason
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
-}
-
-fn ensure_to_tag(response: &mut rsip::Response, tag: &str) {
-    for h in response.headers.iter_mut() {
-        if let Header::To(to) = h {
-            let has_tag = to
-                .typed()
-                .map(|t| message::tag_param(&t.params).is_some())
-                .unwrap_or(true);
-            if !has_tag {
-                *to = rsip::headers::To::new(format!("{};tag={tag}", to.value()));
-            }
-            return;
-        }
-    }
-}
-
-/// Encodes with a correct Content-Length and the body bytes as they are (rsip's `Display`
-/// would pass the body through a lossy UTF-8 conversion).
-fn encode_response(response: &mut rsip::Response) -> Bytes {
-    response
-        .headers
-        .retain(|h| !matches!(h, Header::ContentLength(_)));
-    response
-        .headers
-        .push(Header::ContentLength(rsip::headers::ContentLength::new(
-            response.body.len().to_string(),
-        )));
-    let head = format!(
-        "{} {}\r\n{}\r\n",
-        response.version, response.status_code, response.headers
-    );
-    let mut out = message::restore_ipv6(&head).into_owned().into_bytes();
-    out.extend_from_slice(&response.body);
-    Bytes::from(out)
 }

@@ -11,17 +11,21 @@
 //! * [`message`]: parsing with `rsip` (plus the narrow normalisation it needs) and header helpers.
 //! * [`transaction`]: server transactions (INVITE and non-INVITE) and our BYE client transaction.
 //! * [`dialog`]: dialog state keyed by Call-ID and tags.
+//! * [`config`]: endpoint configuration and counters.
+//! * `outgoing`: where responses and our requests go, and their encoding.
 //! * [`endpoint`]: routing of incoming messages to all of the above; the public API.
 
+pub mod config;
 pub mod dialog;
 pub mod endpoint;
 pub mod framing;
 pub mod message;
+mod outgoing;
 pub mod transaction;
 
 pub use dialog::DialogId;
 pub use endpoint::{
-    Endpoint, EndpointConfig, Incoming, SipCounters, SipEvent, Transmit, Transport, TxnId,
+    Endpoint, EndpointConfig, Incoming, Network, SipCounters, SipEvent, Transmit, Transport, TxnId,
 };
 pub use framing::{frame, FramingError};
 
@@ -45,6 +49,8 @@ pub enum SipError {
     UnknownDialog(DialogId),
     #[error("response is unusable: {0}")]
     BadResponse(String),
+    #[error("cannot send {0} requests")]
+    UnsupportedMethod(rsip::Method),
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! RFC 3261 §17.2 server transactions (with RFC 6026's Accepted state for 2xx to INVITE) and
-//! the one client transaction kind we originate (an in-dialog BYE, §17.1.2).
+//! the one client transaction kind we originate (in-dialog non-INVITE requests such as BYE,
+//! §17.1.2).
 //!
 //! A transaction only keeps state and timers; the [`super::Endpoint`] decides what to do with
-//! what it reports, and turns bytes into [`super::Transmit`]s along the transaction's [`Route`].
+//! what it reports, and turns bytes into [`super::Transmit`]s along the transaction's `Route`.
 
 use std::{
     fmt,
@@ -52,6 +53,8 @@ pub(crate) struct Route {
     pub transport: Transport,
     pub destination: SocketAddr,
     pub connection: Option<u64>,
+    /// Our address the request arrived on, so the answer leaves from it.
+    pub local: Option<SocketAddr>,
 }
 
 impl Route {
@@ -70,12 +73,19 @@ pub(crate) enum Timer {
     Timeout = 1,
     /// I, J, or the tail that absorbs INVITE retransmissions after the ACK.
     Linger = 2,
+    /// The application must have answered by then (a safety net, not an RFC timer).
+    AppDeadline = 3,
 }
 
-const TIMERS: [Timer; 3] = [Timer::Retransmit, Timer::Timeout, Timer::Linger];
+const TIMERS: [Timer; 4] = [
+    Timer::Retransmit,
+    Timer::Timeout,
+    Timer::Linger,
+    Timer::AppDeadline,
+];
 
 #[derive(Clone, Debug, Default)]
-pub(crate) struct TimerTable([Option<Instant>; 3]);
+pub(crate) struct TimerTable([Option<Instant>; 4]);
 
 impl TimerTable {
     pub fn set(&mut self, timer: Timer, at: Instant) {
@@ -119,6 +129,8 @@ pub(crate) enum TxnOutput {
     Retransmit(Bytes),
     /// Our 2xx to an INVITE was never acknowledged (64*T1).
     AckTimeout,
+    /// The application did not answer in time; the endpoint answers for it.
+    AppDeadline,
     /// The transaction is over; forget it.
     Terminated,
 }
@@ -144,7 +156,6 @@ pub(crate) struct ServerTransaction {
 impl ServerTransaction {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: TxnId,
         key: TxnKey,
         route: Route,
         source: SocketAddr,
@@ -153,7 +164,6 @@ impl ServerTransaction {
         local_tag: Option<String>,
         dialog: Option<DialogId>,
     ) -> Self {
-        let _ = id;
         Self {
             key,
             route,
@@ -181,6 +191,11 @@ impl ServerTransaction {
         self.last_response.clone()
     }
 
+    /// Starts the deadline by which the application must send a final response.
+    pub fn start_app_deadline(&mut self, at: Instant) {
+        self.timers.set(Timer::AppDeadline, at);
+    }
+
     /// Records a response the endpoint is about to send and starts the matching timers.
     pub fn send(&mut self, now: Instant, status: u16, bytes: Bytes) -> Result<(), SipError> {
         if self.state != ServerState::Proceeding {
@@ -192,6 +207,7 @@ impl ServerTransaction {
             return Ok(());
         }
         self.final_at = Some(now);
+        self.timers.stop(Timer::AppDeadline);
         let unreliable = !self.route.reliable();
         if self.is_invite() {
             self.state = if status < 300 {
@@ -265,6 +281,11 @@ impl ServerTransaction {
                     out.push(TxnOutput::Terminated);
                     return;
                 }
+                Timer::AppDeadline => {
+                    if self.state == ServerState::Proceeding {
+                        out.push(TxnOutput::AppDeadline);
+                    }
+                }
             }
         }
     }
@@ -278,17 +299,24 @@ pub(crate) enum ClientOutput {
     TimedOut,
 }
 
-/// A non-INVITE client transaction (RFC 3261 §17.1.2), used for the BYE we send.
+/// A non-INVITE client transaction (RFC 3261 §17.1.2), used for the requests we send.
 pub(crate) struct ClientTransaction {
     pub route: Route,
     pub dialog: DialogId,
+    pub method: rsip::Method,
     bytes: Bytes,
     timers: TimerTable,
     interval: Duration,
 }
 
 impl ClientTransaction {
-    pub fn new(now: Instant, route: Route, dialog: DialogId, bytes: Bytes) -> Self {
+    pub fn new(
+        now: Instant,
+        route: Route,
+        dialog: DialogId,
+        method: rsip::Method,
+        bytes: Bytes,
+    ) -> Self {
         let mut timers = TimerTable::default();
         if !route.reliable() {
             timers.set(Timer::Retransmit, now + T1);
@@ -297,6 +325,7 @@ impl ClientTransaction {
         Self {
             route,
             dialog,
+            method,
             bytes,
             timers,
             interval: T1,
@@ -320,7 +349,7 @@ impl ClientTransaction {
                     self.interval = (self.interval * 2).min(T2);
                     self.timers.set(Timer::Retransmit, now + self.interval);
                 }
-                Timer::Timeout | Timer::Linger => {
+                Timer::Timeout | Timer::Linger | Timer::AppDeadline => {
                     out.push(ClientOutput::TimedOut);
                     return;
                 }
