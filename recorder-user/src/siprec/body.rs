@@ -319,11 +319,14 @@ fn trim_trailing_line_breaks(mut bytes: &[u8]) -> &[u8] {
     bytes
 }
 
+/// A part header as (name, unfolded value).
+type PartHeader = (String, String);
+
 /// Splits a part into unfolded headers and content. A part that starts with a blank line has no
 /// headers; a part without a blank line is all headers (no content). `None` when a header line
 /// has no colon.
-fn split_part_headers(part: &[u8]) -> Option<(Vec<(String, String)>, &[u8])> {
-    let mut headers: Vec<(String, String)> = Vec::new();
+fn split_part_headers(part: &[u8]) -> Option<(Vec<PartHeader>, &[u8])> {
+    let mut headers: Vec<PartHeader> = Vec::new();
     for (start, end, next) in lines(part) {
         let line = &part[start..end];
         if line.trim_ascii().is_empty() {

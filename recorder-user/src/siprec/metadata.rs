@@ -517,12 +517,12 @@ pub struct MetadataState {
     documents: u32,
 }
 
-/// Finds the entry with `key` or appends a default one carrying the key.
-fn upsert<'a, T: Default>(
-    items: &'a mut Vec<T>,
+/// Finds the entry `matches` selects, or appends a default one that `init` gives its key.
+fn upsert<T: Default>(
+    items: &mut Vec<T>,
     matches: impl Fn(&T) -> bool,
     init: impl FnOnce(&mut T),
-) -> &'a mut T {
+) -> &mut T {
     match items.iter().position(matches) {
         Some(i) => &mut items[i],
         None => {

@@ -9,6 +9,9 @@ pub mod metadata;
 pub mod ports;
 pub mod sdp;
 
+#[cfg(test)]
+mod fuzz_tests;
+
 pub use body::{split_body, BodyError, RecordingBody};
 pub use ids::{call_ids, DEFAULT_UUID_HEADERS};
 pub use metadata::{parse_metadata, MetadataDoc, MetadataError, MetadataState};

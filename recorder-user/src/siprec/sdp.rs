@@ -854,7 +854,7 @@ m=audio 6002 RTP/SAVP 8\r\na=label:2\r\na=sendonly\r\n";
             *crypto = Some(ours.clone());
         }
         let text = build_answer(&offer, &[answer], IpAddr::V4(Ipv4Addr::LOCALHOST), 1, 1);
-        assert!(text.contains(&format!("m=audio 40000 RTP/SAVP 8 101\r\n")));
+        assert!(text.contains("m=audio 40000 RTP/SAVP 8 101\r\n"));
         assert!(text.contains(&format!("a=crypto:{ours}\r\n")));
         assert!(text.ends_with("m=audio 0 RTP/SAVP 8\r\n"));
     }
