@@ -40,6 +40,17 @@ pub enum BodyError {
     TooLarge { size: usize, max: usize },
 }
 
+impl BodyError {
+    /// The SIP response code for a request whose body fails this way.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            BodyError::UnsupportedType(_) => 415,
+            BodyError::Malformed(_) => 400,
+            BodyError::TooLarge { .. } => 413,
+        }
+    }
+}
+
 /// What a body part is, judged from its media type (and for XML, its root element).
 #[derive(Debug, PartialEq, Eq)]
 enum PartKind {
@@ -547,6 +558,21 @@ Content-Disposition: recording-session\r
             split_body(None, b"v=0"),
             Err(BodyError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn errors_map_to_sip_status_codes() {
+        let unsupported = split_body(Some("text/html"), b"<p>").unwrap_err();
+        let malformed = split_body(Some("multipart/mixed"), b"x").unwrap_err();
+        let big = split_body(Some("application/sdp"), &vec![b'v'; MAX_BODY_LEN + 1]).unwrap_err();
+        assert_eq!(
+            [
+                unsupported.status_code(),
+                malformed.status_code(),
+                big.status_code()
+            ],
+            [415, 400, 413]
+        );
     }
 
     #[test]

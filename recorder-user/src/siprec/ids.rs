@@ -41,22 +41,31 @@ pub fn call_ids(
     uuid_headers: &[String],
 ) -> CallIds {
     let mut ids = CallIds::default();
-    let mut other_headers: Vec<(&str, &str)> = Vec::new();
-    for header in request.headers.iter() {
-        match header {
-            Header::CallId(call_id) if ids.sip_call_id.is_empty() => {
-                ids.sip_call_id = call_id.value().trim().to_string();
-            }
-            Header::Other(name, value) => other_headers.push((name.trim(), value.trim())),
-            _ => {}
-        }
-    }
+    // Header names are matched on the wire form so that any header works in `uuid_headers`,
+    // whether rsip types it or keeps it as `Header::Other`.
+    let headers: Vec<(String, String)> = request
+        .headers
+        .iter()
+        .filter_map(|h| {
+            let text = h.to_string();
+            let (name, value) = text.split_once(':')?;
+            Some((name.trim().to_string(), value.trim().to_string()))
+        })
+        .collect();
     let header = |wanted: &str| {
-        other_headers
+        headers
             .iter()
             .find(|(name, value)| name.eq_ignore_ascii_case(wanted) && !value.is_empty())
-            .map(|(_, value)| value.to_string())
+            .map(|(_, value)| value.clone())
     };
+    ids.sip_call_id = request
+        .headers
+        .iter()
+        .find_map(|h| match h {
+            Header::CallId(call_id) => Some(call_id.value().trim().to_string()),
+            _ => None,
+        })
+        .unwrap_or_default();
 
     let uri_param = |wanted: &str| {
         request.uri.params.iter().find_map(|p| match p {

@@ -43,6 +43,16 @@ pub enum MetadataError {
     Empty,
 }
 
+impl MetadataError {
+    /// The SIP response code for a request whose metadata fails this way.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            MetadataError::TooLarge { .. } => 413,
+            _ => 400,
+        }
+    }
+}
+
 /// `<group>`: groups communication sessions (constant across transfers for many SRCs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Group {
@@ -1186,6 +1196,7 @@ mod tests {
     fn hostile_and_broken_documents_are_refused() {
         let xxe = r#"<?xml version="1.0"?><!DOCTYPE r [<!ENTITY xxe SYSTEM "file:///etc/passwd">]><recording>&xxe;</recording>"#;
         assert_eq!(parse_metadata(xxe), Err(MetadataError::Dtd));
+        assert_eq!(MetadataError::Dtd.status_code(), 400);
         assert!(matches!(
             parse_metadata("<recording>&xxe;</recording>"),
             Err(MetadataError::Xml(_))

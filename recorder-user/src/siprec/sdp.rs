@@ -110,6 +110,17 @@ pub enum SdpError {
     TooManyStreams(usize),
 }
 
+impl SdpError {
+    /// The SIP response code for an offer that fails this way: 400 for broken syntax, 488 for
+    /// an offer that parses but that we will not take.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            SdpError::TooManyStreams(_) => 488,
+            _ => 400,
+        }
+    }
+}
+
 /// What we accept for one stream, in offer order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StreamAnswer {
@@ -973,10 +984,10 @@ m=audio 20002 RTP/AVP 8\r\na=rtcp:20003\r\na=rtcp-mux\r\na=label:2\r\n";
             "v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\n{}",
             "m=audio 1000 RTP/AVP 0\r\n".repeat(MAX_STREAMS + 1)
         );
-        assert_eq!(
-            parse_offer(&many),
-            Err(SdpError::TooManyStreams(MAX_STREAMS + 1))
-        );
+        let too_many = parse_offer(&many).unwrap_err();
+        assert_eq!(too_many, SdpError::TooManyStreams(MAX_STREAMS + 1));
+        assert_eq!(too_many.status_code(), 488);
+        assert_eq!(parse_offer("").unwrap_err().status_code(), 400);
     }
 
     #[test]
