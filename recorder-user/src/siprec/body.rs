@@ -111,9 +111,12 @@ fn take_part(out: &mut RecordingBody, index: usize, part: &[u8]) -> Result<(), B
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     };
-    // Per-part Content-Length (BroadWorks): trust it only when it fits inside the part.
+    // Per-part Content-Length (BroadWorks): the delimiters are authoritative (RFC 2046), so the
+    // length only trims trailing blank lines; a wrong length never cuts content.
     let content = match header("Content-Length").and_then(|v| v.trim().parse::<usize>().ok()) {
-        Some(len) if len <= content.len() => &content[..len],
+        Some(len) if len <= content.len() && content[len..].trim_ascii().is_empty() => {
+            &content[..len]
+        }
         _ => content,
     };
     let (mime, kind) = match header("Content-Type") {
@@ -638,6 +641,14 @@ Content-Disposition: recording-session\r\n\
         assert_eq!(out.metadata.as_deref(), Some(xml));
         assert_eq!(out.sdp.as_deref(), Some(sdp));
         assert!(out.ignored_parts.is_empty());
+    }
+
+    #[test]
+    fn wrong_part_content_length_never_cuts_content() {
+        let body = "--b\r\nContent-Type: application/sdp\r\nContent-Length: 5\r\n\r\nv=0\r\no=x\r\n\r\n--b\r\nContent-Type: application/rs-metadata\r\nContent-Length: 9999\r\n\r\n<recording/>\r\n--b--";
+        let out = split_body(Some("multipart/mixed;boundary=b"), body.as_bytes()).unwrap();
+        assert_eq!(out.sdp.as_deref(), Some("v=0\r\no=x\r\n"));
+        assert_eq!(out.metadata.as_deref(), Some("<recording/>"));
     }
 
     #[test]

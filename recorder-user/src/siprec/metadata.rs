@@ -88,6 +88,9 @@ pub struct ParticipantMeta {
     /// Draft/Sonus form: times under `<participant>`.
     pub associate_time: Option<SystemTime>,
     pub disassociate_time: Option<SystemTime>,
+    /// Extension elements inside this participant (Acme `callingParty`, Intrado `role`): kept
+    /// here because the same names repeat per participant.
+    pub extensions: Vec<(String, String)>,
 }
 
 /// `<stream>`: joins metadata to SDP through its label.
@@ -412,6 +415,7 @@ fn read_session(node: &Node, doc: &mut MetadataDoc) {
 }
 
 fn read_participant(node: &Node, doc: &mut MetadataDoc) {
+    let mut extensions = Vec::new();
     extensions_except(
         node,
         &[
@@ -423,7 +427,7 @@ fn read_participant(node: &Node, doc: &mut MetadataDoc) {
             "associate-time",
             "disassociate-time",
         ],
-        &mut doc.extensions,
+        &mut extensions,
     );
     let Some(id) = node.attr(&["participant_id", "id"]) else {
         return;
@@ -448,6 +452,7 @@ fn read_participant(node: &Node, doc: &mut MetadataDoc) {
         recv: texts(node, "recv"),
         associate_time,
         disassociate_time,
+        extensions,
     });
 }
 
@@ -544,6 +549,14 @@ fn upsert<T: Default>(
     }
 }
 
+/// Sets `key` to `value`, keeping the position of an existing key.
+fn upsert_pair(pairs: &mut Vec<(String, String)>, key: String, value: String) {
+    match pairs.iter_mut().find(|(k, _)| *k == key) {
+        Some(entry) => entry.1 = value,
+        None => pairs.push((key, value)),
+    }
+}
+
 fn merge_opt<T>(into: &mut Option<T>, from: Option<T>) {
     if from.is_some() {
         *into = from;
@@ -631,6 +644,9 @@ impl MetadataState {
             merge_opt(&mut entry.name, p.name);
             merge_list(&mut entry.send, p.send);
             merge_list(&mut entry.recv, p.recv);
+            for (key, value) in p.extensions {
+                upsert_pair(&mut entry.extensions, key, value);
+            }
             merge_times(
                 &mut entry.associate_time,
                 &mut entry.disassociate_time,
@@ -691,10 +707,7 @@ impl MetadataState {
             );
         }
         for (key, value) in doc.extensions {
-            match self.extensions.iter_mut().find(|(k, _)| *k == key) {
-                Some(entry) => entry.1 = value,
-                None => self.extensions.push((key, value)),
-            }
+            upsert_pair(&mut self.extensions, key, value);
         }
     }
 
@@ -762,6 +775,14 @@ impl MetadataState {
             sends: labels(send),
             receives: labels(recv),
         }
+    }
+
+    /// Extension (name, text) pairs found inside one participant's element.
+    pub fn participant_extensions(&self, participant_id: &str) -> &[(String, String)] {
+        self.participants
+            .iter()
+            .find(|p| p.id == participant_id)
+            .map_or(&[], |p| p.extensions.as_slice())
     }
 
     /// The SDP label of a metadata stream id.
@@ -1154,12 +1175,10 @@ mod tests {
 </recording>"#;
         let doc = parse_metadata(xml).unwrap();
         assert!(doc.partial);
+        assert_eq!(doc.extensions, vec![("channel".into(), "3".into())]);
         assert_eq!(
-            doc.extensions,
-            vec![
-                ("role".into(), "caller".into()),
-                ("channel".into(), "3".into())
-            ]
+            doc.participants[0].extensions,
+            vec![("role".into(), "caller".into())]
         );
         assert_eq!(
             doc.sessions[0].stop_time,
