@@ -484,9 +484,8 @@ pub fn parse_time(text: &str) -> Option<SystemTime> {
 
     let text = text.trim();
     // Date and time are at least `YYYY-MM-DDTHH:MM:SS`; the zone, if any, follows the time.
-    let split = text.get(..10)?.len();
-    let (date, rest) = text.split_at(split);
-    let rest = rest.strip_prefix(['T', 't', ' '])?;
+    let date = text.get(..10)?;
+    let rest = text[10..].strip_prefix(['T', 't', ' '])?;
     let (clock, offset) = if let Some(clock) = rest.strip_suffix(['Z', 'z']) {
         (clock, UtcOffset::UTC)
     } else if let Some(pos) = rest.find(['+', '-']) {

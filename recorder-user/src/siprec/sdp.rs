@@ -7,7 +7,10 @@
 //! `a=ptime:abc`) is dropped rather than failing the offer. The `o=`, `c=` and `m=` lines must
 //! parse; without them there is nothing to record.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use sdp_rs::lines::{self, Attribute};
 use thiserror::Error;
@@ -171,6 +174,18 @@ impl OfferStream {
 
     pub fn is_usable(&self) -> bool {
         self.rejection().is_none()
+    }
+
+    /// The `a=label`, or the m-line index when there is none (single mixed stream SRCs), which
+    /// is how recordings name their tracks.
+    pub fn label_or_index(&self) -> String {
+        self.label.clone().unwrap_or_else(|| self.index.to_string())
+    }
+
+    /// Where the client says it sends from, when it gave an address and a non-zero port.
+    pub fn remote(&self) -> Option<SocketAddr> {
+        let ip = self.connection?;
+        (self.port != 0).then_some(SocketAddr::new(ip, self.port))
     }
 
     /// True for `RTP/SAVP` and `RTP/SAVPF`.
@@ -689,6 +704,7 @@ mod tests {
         assert_eq!(s.formats, vec!["8", "0", "101"]);
         assert_eq!(s.connection, Some(src));
         assert_eq!(s.label.as_deref(), Some("2"));
+        assert_eq!(s.label_or_index(), "2");
         assert_eq!(
             s.codecs,
             vec![codec(8, "PCMA", None), codec(0, "PCMU", None)]
@@ -764,6 +780,8 @@ m=audio 20000 RTP/AVP 0 8 9 18 13\r\n";
         let offer = parse_offer(sdp).unwrap();
         let s = &offer.streams[0];
         assert_eq!(s.label, None);
+        assert_eq!(s.label_or_index(), "0");
+        assert_eq!(s.remote(), Some("192.0.2.1:20000".parse().unwrap()));
         let names: Vec<&str> = s.codecs.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, vec!["PCMU", "PCMA", "G722", "G729", "CN"]);
         assert_eq!(s.direction, Direction::SendRecv);
