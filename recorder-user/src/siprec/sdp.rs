@@ -450,7 +450,8 @@ fn normalise(sdp: &str) -> Result<(String, usize), SdpError> {
     let mut session = Section::default();
     let mut media: Vec<Section> = Vec::new();
 
-    for raw in sdp.lines() {
+    // A lone CR also ends a line for sdp-rs; splitting on it here keeps both views the same.
+    for raw in sdp.split(['\r', '\n']) {
         let line = raw.trim();
         let Some((kind, value)) = line.split_once('=') else {
             continue;
@@ -770,6 +771,16 @@ a=maxptime:150\na=direction:both\na=x-unknown\na=ptime:not-a-number\na=label:a_l
         assert_eq!(s.ptime, None, "unparsable ptime is dropped, not fatal");
         assert_eq!(s.direction, Direction::SendOnly);
         assert!(s.is_usable());
+    }
+
+    #[test]
+    fn lone_cr_ends_a_line() {
+        let sdp = "v=0\ro=- 1 1 IN IP4 192.0.2.1\rs=-\rc=IN IP4 192.0.2.1\rt=0 0\r\
+m=audio 20000 RTP/AVP 0\ra=label:x\ra=sendonly\rm=audio 20002 RTP/AVP 8\ra=label:y\r";
+        let offer = parse_offer(sdp).unwrap();
+        let labels: Vec<_> = offer.streams.iter().map(|s| s.label.as_deref()).collect();
+        assert_eq!(labels, vec![Some("x"), Some("y")]);
+        assert_eq!(offer.streams[0].direction, Direction::SendOnly);
     }
 
     #[test]
