@@ -6,7 +6,7 @@
 
 use rsip::{headers::UntypedHeader, Header, Param};
 
-use super::metadata::MetadataState;
+use super::{body::RecordingBody, metadata::MetadataState};
 use crate::events::CallIds;
 
 /// The default `uuid_headers` for [`call_ids`].
@@ -131,6 +131,15 @@ pub fn call_ids(
     ids
 }
 
+/// Adds ids that only the body carries (Cisco GTD `GCI`) to `ids.extra`.
+pub fn add_body_ids(ids: &mut CallIds, body: &RecordingBody) {
+    if let Some(gci) = &body.gci {
+        if !ids.extra.iter().any(|(k, v)| k == "GCI" && v == gci) {
+            ids.extra.push(("GCI".to_string(), gci.clone()));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +257,25 @@ Content-Type: multipart/mixed;boundary=rsb-42\r\n";
                 ("recordDN".to_string(), "7002".to_string()),
                 ("otherDN".to_string(), "5551234".to_string()),
             ]
+        );
+    }
+
+    #[test]
+    fn gci_from_the_body_is_kept_once() {
+        let req = request("sip:srs@10.20.0.50", "", "");
+        let mut ids = call_ids(&req, None, &defaults());
+        let body = RecordingBody {
+            gci: Some("91036128574411e789f9d0ff56c3c658".into()),
+            ..RecordingBody::default()
+        };
+        add_body_ids(&mut ids, &body);
+        add_body_ids(&mut ids, &body);
+        assert_eq!(
+            ids.extra,
+            vec![(
+                "GCI".to_string(),
+                "91036128574411e789f9d0ff56c3c658".to_string()
+            )]
         );
     }
 

@@ -13,7 +13,7 @@ pub mod sdp;
 mod fuzz_tests;
 
 pub use body::{split_body, BodyError, RecordingBody};
-pub use ids::{call_ids, DEFAULT_UUID_HEADERS};
+pub use ids::{add_body_ids, call_ids, DEFAULT_UUID_HEADERS};
 pub use metadata::{parse_metadata, MetadataDoc, MetadataError, MetadataState};
 pub use ports::PortAllocator;
 pub use sdp::{
