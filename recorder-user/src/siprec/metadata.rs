@@ -674,12 +674,16 @@ impl MetadataState {
         for a in doc.participant_session_assocs {
             let entry = upsert(
                 &mut self.participant_session_assocs,
-                |x| x.participant_id == a.participant_id && x.session_id == a.session_id,
+                // An association that omits its session matches the participant's (first) one.
                 |x| {
-                    x.participant_id = a.participant_id.clone();
-                    x.session_id = a.session_id.clone();
+                    x.participant_id == a.participant_id
+                        && (a.session_id.is_none()
+                            || x.session_id.is_none()
+                            || x.session_id == a.session_id)
                 },
+                |x| x.participant_id = a.participant_id.clone(),
             );
+            merge_opt(&mut entry.session_id, a.session_id);
             merge_times(
                 &mut entry.associate_time,
                 &mut entry.disassociate_time,
@@ -1200,6 +1204,16 @@ mod tests {
         let doc = parse_metadata(xml).unwrap();
         assert!(doc.participants.is_empty() && doc.streams.is_empty());
         assert!(doc.participant_session_assocs.is_empty());
+    }
+
+    #[test]
+    fn association_without_session_closes_the_open_one() {
+        let mut state = spec_state();
+        let bye = "<recording><datamode>partial</datamode><participantsessionassoc participant_id='c1D1yJ2oQ0yC4n7Zp8LhSw=='><disassociate-time>2025-03-04T10:30:00Z</disassociate-time></participantsessionassoc></recording>";
+        state.apply(parse_metadata(bye).unwrap(), UNIX_EPOCH);
+        let customer = &state.participants()[0];
+        assert_eq!(customer.name.as_deref(), Some("Customer"));
+        assert_eq!(customer.left_at, Some(at("2025-03-04T10:30:00Z")));
     }
 
     #[test]
