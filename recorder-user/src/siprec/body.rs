@@ -40,6 +40,17 @@ pub enum BodyError {
     TooLarge { size: usize, max: usize },
 }
 
+impl BodyError {
+    /// The SIP response code for a request whose body fails this way.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            BodyError::UnsupportedType(_) => 415,
+            BodyError::Malformed(_) => 400,
+            BodyError::TooLarge { .. } => 413,
+        }
+    }
+}
+
 /// What a body part is, judged from its media type (and for XML, its root element).
 #[derive(Debug, PartialEq, Eq)]
 enum PartKind {
@@ -100,9 +111,12 @@ fn take_part(out: &mut RecordingBody, index: usize, part: &[u8]) -> Result<(), B
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     };
-    // Per-part Content-Length (BroadWorks): trust it only when it fits inside the part.
+    // Per-part Content-Length (BroadWorks): the delimiters are authoritative (RFC 2046), so the
+    // length only trims trailing blank lines; a wrong length never cuts content.
     let content = match header("Content-Length").and_then(|v| v.trim().parse::<usize>().ok()) {
-        Some(len) if len <= content.len() => &content[..len],
+        Some(len) if len <= content.len() && content[len..].trim_ascii().is_empty() => {
+            &content[..len]
+        }
         _ => content,
     };
     let (mime, kind) = match header("Content-Type") {
@@ -319,11 +333,14 @@ fn trim_trailing_line_breaks(mut bytes: &[u8]) -> &[u8] {
     bytes
 }
 
+/// A part header as (name, unfolded value).
+type PartHeader = (String, String);
+
 /// Splits a part into unfolded headers and content. A part that starts with a blank line has no
 /// headers; a part without a blank line is all headers (no content). `None` when a header line
 /// has no colon.
-fn split_part_headers(part: &[u8]) -> Option<(Vec<(String, String)>, &[u8])> {
-    let mut headers: Vec<(String, String)> = Vec::new();
+fn split_part_headers(part: &[u8]) -> Option<(Vec<PartHeader>, &[u8])> {
+    let mut headers: Vec<PartHeader> = Vec::new();
     for (start, end, next) in lines(part) {
         let line = &part[start..end];
         if line.trim_ascii().is_empty() {
@@ -547,6 +564,21 @@ Content-Disposition: recording-session\r
     }
 
     #[test]
+    fn errors_map_to_sip_status_codes() {
+        let unsupported = split_body(Some("text/html"), b"<p>").unwrap_err();
+        let malformed = split_body(Some("multipart/mixed"), b"x").unwrap_err();
+        let big = split_body(Some("application/sdp"), &vec![b'v'; MAX_BODY_LEN + 1]).unwrap_err();
+        assert_eq!(
+            [
+                unsupported.status_code(),
+                malformed.status_code(),
+                big.status_code()
+            ],
+            [415, 400, 413]
+        );
+    }
+
+    #[test]
     fn oversized_body_is_refused() {
         let big = vec![b'a'; MAX_BODY_LEN + 1];
         assert_eq!(
@@ -609,6 +641,14 @@ Content-Disposition: recording-session\r\n\
         assert_eq!(out.metadata.as_deref(), Some(xml));
         assert_eq!(out.sdp.as_deref(), Some(sdp));
         assert!(out.ignored_parts.is_empty());
+    }
+
+    #[test]
+    fn wrong_part_content_length_never_cuts_content() {
+        let body = "--b\r\nContent-Type: application/sdp\r\nContent-Length: 5\r\n\r\nv=0\r\no=x\r\n\r\n--b\r\nContent-Type: application/rs-metadata\r\nContent-Length: 9999\r\n\r\n<recording/>\r\n--b--";
+        let out = split_body(Some("multipart/mixed;boundary=b"), body.as_bytes()).unwrap();
+        assert_eq!(out.sdp.as_deref(), Some("v=0\r\no=x\r\n"));
+        assert_eq!(out.metadata.as_deref(), Some("<recording/>"));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use rsip::{headers::UntypedHeader, Header, Param};
 
-use super::metadata::MetadataState;
+use super::{body::RecordingBody, metadata::MetadataState};
 use crate::events::CallIds;
 
 /// The default `uuid_headers` for [`call_ids`].
@@ -41,22 +41,31 @@ pub fn call_ids(
     uuid_headers: &[String],
 ) -> CallIds {
     let mut ids = CallIds::default();
-    let mut other_headers: Vec<(&str, &str)> = Vec::new();
-    for header in request.headers.iter() {
-        match header {
-            Header::CallId(call_id) if ids.sip_call_id.is_empty() => {
-                ids.sip_call_id = call_id.value().trim().to_string();
-            }
-            Header::Other(name, value) => other_headers.push((name.trim(), value.trim())),
-            _ => {}
-        }
-    }
+    // Header names are matched on the wire form so that any header works in `uuid_headers`,
+    // whether rsip types it or keeps it as `Header::Other`.
+    let headers: Vec<(String, String)> = request
+        .headers
+        .iter()
+        .filter_map(|h| {
+            let text = h.to_string();
+            let (name, value) = text.split_once(':')?;
+            Some((name.trim().to_string(), value.trim().to_string()))
+        })
+        .collect();
     let header = |wanted: &str| {
-        other_headers
+        headers
             .iter()
             .find(|(name, value)| name.eq_ignore_ascii_case(wanted) && !value.is_empty())
-            .map(|(_, value)| value.to_string())
+            .map(|(_, value)| value.clone())
     };
+    ids.sip_call_id = request
+        .headers
+        .iter()
+        .find_map(|h| match h {
+            Header::CallId(call_id) => Some(call_id.value().trim().to_string()),
+            _ => None,
+        })
+        .unwrap_or_default();
 
     let uri_param = |wanted: &str| {
         request.uri.params.iter().find_map(|p| match p {
@@ -120,6 +129,15 @@ pub fn call_ids(
         }
     }
     ids
+}
+
+/// Adds ids that only the body carries (Cisco GTD `GCI`) to `ids.extra`.
+pub fn add_body_ids(ids: &mut CallIds, body: &RecordingBody) {
+    if let Some(gci) = &body.gci {
+        if !ids.extra.iter().any(|(k, v)| k == "GCI" && v == gci) {
+            ids.extra.push(("GCI".to_string(), gci.clone()));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +257,25 @@ Content-Type: multipart/mixed;boundary=rsb-42\r\n";
                 ("recordDN".to_string(), "7002".to_string()),
                 ("otherDN".to_string(), "5551234".to_string()),
             ]
+        );
+    }
+
+    #[test]
+    fn gci_from_the_body_is_kept_once() {
+        let req = request("sip:srs@10.20.0.50", "", "");
+        let mut ids = call_ids(&req, None, &defaults());
+        let body = RecordingBody {
+            gci: Some("91036128574411e789f9d0ff56c3c658".into()),
+            ..RecordingBody::default()
+        };
+        add_body_ids(&mut ids, &body);
+        add_body_ids(&mut ids, &body);
+        assert_eq!(
+            ids.extra,
+            vec![(
+                "GCI".to_string(),
+                "91036128574411e789f9d0ff56c3c658".to_string()
+            )]
         );
     }
 

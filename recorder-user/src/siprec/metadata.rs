@@ -43,6 +43,16 @@ pub enum MetadataError {
     Empty,
 }
 
+impl MetadataError {
+    /// The SIP response code for a request whose metadata fails this way.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            MetadataError::TooLarge { .. } => 413,
+            _ => 400,
+        }
+    }
+}
+
 /// `<group>`: groups communication sessions (constant across transfers for many SRCs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Group {
@@ -78,6 +88,9 @@ pub struct ParticipantMeta {
     /// Draft/Sonus form: times under `<participant>`.
     pub associate_time: Option<SystemTime>,
     pub disassociate_time: Option<SystemTime>,
+    /// Extension elements inside this participant (Acme `callingParty`, Intrado `role`): kept
+    /// here because the same names repeat per participant.
+    pub extensions: Vec<(String, String)>,
 }
 
 /// `<stream>`: joins metadata to SDP through its label.
@@ -402,6 +415,7 @@ fn read_session(node: &Node, doc: &mut MetadataDoc) {
 }
 
 fn read_participant(node: &Node, doc: &mut MetadataDoc) {
+    let mut extensions = Vec::new();
     extensions_except(
         node,
         &[
@@ -413,7 +427,7 @@ fn read_participant(node: &Node, doc: &mut MetadataDoc) {
             "associate-time",
             "disassociate-time",
         ],
-        &mut doc.extensions,
+        &mut extensions,
     );
     let Some(id) = node.attr(&["participant_id", "id"]) else {
         return;
@@ -438,6 +452,7 @@ fn read_participant(node: &Node, doc: &mut MetadataDoc) {
         recv: texts(node, "recv"),
         associate_time,
         disassociate_time,
+        extensions,
     });
 }
 
@@ -469,9 +484,8 @@ pub fn parse_time(text: &str) -> Option<SystemTime> {
 
     let text = text.trim();
     // Date and time are at least `YYYY-MM-DDTHH:MM:SS`; the zone, if any, follows the time.
-    let split = text.get(..10)?.len();
-    let (date, rest) = text.split_at(split);
-    let rest = rest.strip_prefix(['T', 't', ' '])?;
+    let date = text.get(..10)?;
+    let rest = text[10..].strip_prefix(['T', 't', ' '])?;
     let (clock, offset) = if let Some(clock) = rest.strip_suffix(['Z', 'z']) {
         (clock, UtcOffset::UTC)
     } else if let Some(pos) = rest.find(['+', '-']) {
@@ -517,12 +531,12 @@ pub struct MetadataState {
     documents: u32,
 }
 
-/// Finds the entry with `key` or appends a default one carrying the key.
-fn upsert<'a, T: Default>(
-    items: &'a mut Vec<T>,
+/// Finds the entry `matches` selects, or appends a default one that `init` gives its key.
+fn upsert<T: Default>(
+    items: &mut Vec<T>,
     matches: impl Fn(&T) -> bool,
     init: impl FnOnce(&mut T),
-) -> &'a mut T {
+) -> &mut T {
     match items.iter().position(matches) {
         Some(i) => &mut items[i],
         None => {
@@ -531,6 +545,14 @@ fn upsert<'a, T: Default>(
             items.push(item);
             items.last_mut().expect("just pushed")
         }
+    }
+}
+
+/// Sets `key` to `value`, keeping the position of an existing key.
+fn upsert_pair(pairs: &mut Vec<(String, String)>, key: String, value: String) {
+    match pairs.iter_mut().find(|(k, _)| *k == key) {
+        Some(entry) => entry.1 = value,
+        None => pairs.push((key, value)),
     }
 }
 
@@ -621,6 +643,9 @@ impl MetadataState {
             merge_opt(&mut entry.name, p.name);
             merge_list(&mut entry.send, p.send);
             merge_list(&mut entry.recv, p.recv);
+            for (key, value) in p.extensions {
+                upsert_pair(&mut entry.extensions, key, value);
+            }
             merge_times(
                 &mut entry.associate_time,
                 &mut entry.disassociate_time,
@@ -649,12 +674,16 @@ impl MetadataState {
         for a in doc.participant_session_assocs {
             let entry = upsert(
                 &mut self.participant_session_assocs,
-                |x| x.participant_id == a.participant_id && x.session_id == a.session_id,
+                // An association that omits its session matches the participant's (first) one.
                 |x| {
-                    x.participant_id = a.participant_id.clone();
-                    x.session_id = a.session_id.clone();
+                    x.participant_id == a.participant_id
+                        && (a.session_id.is_none()
+                            || x.session_id.is_none()
+                            || x.session_id == a.session_id)
                 },
+                |x| x.participant_id = a.participant_id.clone(),
             );
+            merge_opt(&mut entry.session_id, a.session_id);
             merge_times(
                 &mut entry.associate_time,
                 &mut entry.disassociate_time,
@@ -681,10 +710,7 @@ impl MetadataState {
             );
         }
         for (key, value) in doc.extensions {
-            match self.extensions.iter_mut().find(|(k, _)| *k == key) {
-                Some(entry) => entry.1 = value,
-                None => self.extensions.push((key, value)),
-            }
+            upsert_pair(&mut self.extensions, key, value);
         }
     }
 
@@ -752,6 +778,14 @@ impl MetadataState {
             sends: labels(send),
             receives: labels(recv),
         }
+    }
+
+    /// Extension (name, text) pairs found inside one participant's element.
+    pub fn participant_extensions(&self, participant_id: &str) -> &[(String, String)] {
+        self.participants
+            .iter()
+            .find(|p| p.id == participant_id)
+            .map_or(&[], |p| p.extensions.as_slice())
     }
 
     /// The SDP label of a metadata stream id.
@@ -1144,12 +1178,10 @@ mod tests {
 </recording>"#;
         let doc = parse_metadata(xml).unwrap();
         assert!(doc.partial);
+        assert_eq!(doc.extensions, vec![("channel".into(), "3".into())]);
         assert_eq!(
-            doc.extensions,
-            vec![
-                ("role".into(), "caller".into()),
-                ("channel".into(), "3".into())
-            ]
+            doc.participants[0].extensions,
+            vec![("role".into(), "caller".into())]
         );
         assert_eq!(
             doc.sessions[0].stop_time,
@@ -1175,6 +1207,16 @@ mod tests {
     }
 
     #[test]
+    fn association_without_session_closes_the_open_one() {
+        let mut state = spec_state();
+        let bye = "<recording><datamode>partial</datamode><participantsessionassoc participant_id='c1D1yJ2oQ0yC4n7Zp8LhSw=='><disassociate-time>2025-03-04T10:30:00Z</disassociate-time></participantsessionassoc></recording>";
+        state.apply(parse_metadata(bye).unwrap(), UNIX_EPOCH);
+        let customer = &state.participants()[0];
+        assert_eq!(customer.name.as_deref(), Some("Customer"));
+        assert_eq!(customer.left_at, Some(at("2025-03-04T10:30:00Z")));
+    }
+
+    #[test]
     fn unresolved_references_are_reported() {
         let xml = "<recording><datamode>partial</datamode><participantstreamassoc participant_id='ghost'><send>nostream</send></participantstreamassoc></recording>";
         let mut state = spec_state();
@@ -1186,6 +1228,7 @@ mod tests {
     fn hostile_and_broken_documents_are_refused() {
         let xxe = r#"<?xml version="1.0"?><!DOCTYPE r [<!ENTITY xxe SYSTEM "file:///etc/passwd">]><recording>&xxe;</recording>"#;
         assert_eq!(parse_metadata(xxe), Err(MetadataError::Dtd));
+        assert_eq!(MetadataError::Dtd.status_code(), 400);
         assert!(matches!(
             parse_metadata("<recording>&xxe;</recording>"),
             Err(MetadataError::Xml(_))

@@ -7,7 +7,10 @@
 //! `a=ptime:abc`) is dropped rather than failing the offer. The `o=`, `c=` and `m=` lines must
 //! parse; without them there is nothing to record.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
 
 use sdp_rs::lines::{self, Attribute};
 use thiserror::Error;
@@ -110,6 +113,17 @@ pub enum SdpError {
     TooManyStreams(usize),
 }
 
+impl SdpError {
+    /// The SIP response code for an offer that fails this way: 400 for broken syntax, 488 for
+    /// an offer that parses but that we will not take.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            SdpError::TooManyStreams(_) => 488,
+            _ => 400,
+        }
+    }
+}
+
 /// What we accept for one stream, in offer order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StreamAnswer {
@@ -160,6 +174,18 @@ impl OfferStream {
 
     pub fn is_usable(&self) -> bool {
         self.rejection().is_none()
+    }
+
+    /// The `a=label`, or the m-line index when there is none (single mixed stream SRCs), which
+    /// is how recordings name their tracks.
+    pub fn label_or_index(&self) -> String {
+        self.label.clone().unwrap_or_else(|| self.index.to_string())
+    }
+
+    /// Where the client says it sends from, when it gave an address and a non-zero port.
+    pub fn remote(&self) -> Option<SocketAddr> {
+        let ip = self.connection?;
+        (self.port != 0).then_some(SocketAddr::new(ip, self.port))
     }
 
     /// True for `RTP/SAVP` and `RTP/SAVPF`.
@@ -424,7 +450,8 @@ fn normalise(sdp: &str) -> Result<(String, usize), SdpError> {
     let mut session = Section::default();
     let mut media: Vec<Section> = Vec::new();
 
-    for raw in sdp.lines() {
+    // A lone CR also ends a line for sdp-rs; splitting on it here keeps both views the same.
+    for raw in sdp.split(['\r', '\n']) {
         let line = raw.trim();
         let Some((kind, value)) = line.split_once('=') else {
             continue;
@@ -678,6 +705,7 @@ mod tests {
         assert_eq!(s.formats, vec!["8", "0", "101"]);
         assert_eq!(s.connection, Some(src));
         assert_eq!(s.label.as_deref(), Some("2"));
+        assert_eq!(s.label_or_index(), "2");
         assert_eq!(
             s.codecs,
             vec![codec(8, "PCMA", None), codec(0, "PCMU", None)]
@@ -746,6 +774,16 @@ a=maxptime:150\na=direction:both\na=x-unknown\na=ptime:not-a-number\na=label:a_l
     }
 
     #[test]
+    fn lone_cr_ends_a_line() {
+        let sdp = "v=0\ro=- 1 1 IN IP4 192.0.2.1\rs=-\rc=IN IP4 192.0.2.1\rt=0 0\r\
+m=audio 20000 RTP/AVP 0\ra=label:x\ra=sendonly\rm=audio 20002 RTP/AVP 8\ra=label:y\r";
+        let offer = parse_offer(sdp).unwrap();
+        let labels: Vec<_> = offer.streams.iter().map(|s| s.label.as_deref()).collect();
+        assert_eq!(labels, vec![Some("x"), Some("y")]);
+        assert_eq!(offer.streams[0].direction, Direction::SendOnly);
+    }
+
+    #[test]
     fn single_mixed_line_without_label_and_static_types() {
         let sdp =
             "v=0\r\no=FreeSWITCH 1 2 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n\
@@ -753,6 +791,8 @@ m=audio 20000 RTP/AVP 0 8 9 18 13\r\n";
         let offer = parse_offer(sdp).unwrap();
         let s = &offer.streams[0];
         assert_eq!(s.label, None);
+        assert_eq!(s.label_or_index(), "0");
+        assert_eq!(s.remote(), Some("192.0.2.1:20000".parse().unwrap()));
         let names: Vec<&str> = s.codecs.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, vec!["PCMU", "PCMA", "G722", "G729", "CN"]);
         assert_eq!(s.direction, Direction::SendRecv);
@@ -854,7 +894,7 @@ m=audio 6002 RTP/SAVP 8\r\na=label:2\r\na=sendonly\r\n";
             *crypto = Some(ours.clone());
         }
         let text = build_answer(&offer, &[answer], IpAddr::V4(Ipv4Addr::LOCALHOST), 1, 1);
-        assert!(text.contains(&format!("m=audio 40000 RTP/SAVP 8 101\r\n")));
+        assert!(text.contains("m=audio 40000 RTP/SAVP 8 101\r\n"));
         assert!(text.contains(&format!("a=crypto:{ours}\r\n")));
         assert!(text.ends_with("m=audio 0 RTP/SAVP 8\r\n"));
     }
@@ -973,10 +1013,10 @@ m=audio 20002 RTP/AVP 8\r\na=rtcp:20003\r\na=rtcp-mux\r\na=label:2\r\n";
             "v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\n{}",
             "m=audio 1000 RTP/AVP 0\r\n".repeat(MAX_STREAMS + 1)
         );
-        assert_eq!(
-            parse_offer(&many),
-            Err(SdpError::TooManyStreams(MAX_STREAMS + 1))
-        );
+        let too_many = parse_offer(&many).unwrap_err();
+        assert_eq!(too_many, SdpError::TooManyStreams(MAX_STREAMS + 1));
+        assert_eq!(too_many.status_code(), 488);
+        assert_eq!(parse_offer("").unwrap_err().status_code(), 400);
     }
 
     #[test]
