@@ -4,11 +4,13 @@
 //! Each submodule has its own error type; the recording-session state machine builds on these.
 
 pub mod body;
+pub mod ids;
 pub mod metadata;
 pub mod ports;
 pub mod sdp;
 
 pub use body::{split_body, BodyError, RecordingBody};
+pub use ids::{call_ids, DEFAULT_UUID_HEADERS};
 pub use metadata::{parse_metadata, MetadataDoc, MetadataError, MetadataState};
 pub use ports::PortAllocator;
 pub use sdp::{
