@@ -805,6 +805,7 @@ impl<F: FlowControl> Recorder<F> {
         if let Some((doc, xml)) = metadata {
             self.apply_metadata(wall, key, request, doc, xml);
         }
+        let contact = self.contact(request);
         let Some(session) = self.sessions.get_mut(key) else {
             return Err(Reject::new(
                 481,
@@ -819,14 +820,12 @@ impl<F: FlowControl> Recorder<F> {
             Some(t) => t.deadline(now),
             None => session.session_expires.map(|se| now + se),
         };
-        let require_siprec = session.require_siprec;
         let mut required = Vec::new();
-        let mut reply = Reply::new(200, "OK");
         // Our Contact (with +sip.srs) goes in every 2xx that refreshes the target.
-        reply = reply.header("Contact", self.contact(request));
+        let mut reply = Reply::new(200, "OK").header("Contact", contact);
         if is_invite {
             reply = reply.header("Allow", ALLOW).header("Supported", "timer");
-            if require_siprec {
+            if session.require_siprec {
                 required.push("siprec");
             }
         }
@@ -839,7 +838,6 @@ impl<F: FlowControl> Recorder<F> {
         if !required.is_empty() {
             reply = reply.header("Require", required.join(", "));
         }
-        let session = self.sessions.get_mut(key).expect("checked above");
         // An answer to a new offer, or (offer-less re-INVITE) our current SDP again.
         if body.sdp.is_some() || is_invite {
             session.sdp_version += 1;
@@ -1058,17 +1056,18 @@ impl<F: FlowControl> Recorder<F> {
         let mut expired = Vec::new();
         let mut idle = Vec::new();
         for (key, session) in self.sessions.iter_mut() {
-            if let Phase::Pending { answer_at, .. } = &session.phase {
-                if *answer_at <= now {
-                    let Phase::Pending { txn, reply, .. } =
-                        std::mem::replace(&mut session.phase, Phase::Answered)
-                    else {
-                        unreachable!("matched above");
-                    };
+            let due =
+                matches!(&session.phase, Phase::Pending { answer_at, .. } if *answer_at <= now);
+            if due {
+                if let Phase::Pending { txn, reply, .. } =
+                    std::mem::replace(&mut session.phase, Phase::Answered)
+                {
                     self.outbox.replies.push((txn, reply, Some(key.clone())));
                     session.last_activity = now;
                     session.refresh_deadline = session.session_expires.map(|se| now + se);
                 }
+            }
+            if due || matches!(session.phase, Phase::Pending { .. }) {
                 continue;
             }
             if session.refresh_deadline.is_some_and(|d| d <= now) {
@@ -2813,5 +2812,59 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
         let (code, resp2) = status(&mut h, &reinvite);
         assert_eq!(code, 200);
         assert_eq!(crypto(&body(&resp2)), first);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Arbitrary bodies and header values never panic; a rejection leaves nothing behind.
+        #[test]
+        fn malformed_input_is_answered_not_panicked_on(
+            ct in proptest::sample::select(vec![
+                "application/sdp",
+                "multipart/mixed;boundary=rsb-42",
+                "application/rs-metadata+xml",
+                "text/plain",
+            ]),
+            body in "[ -~\r\n]{0,400}",
+            sdp_tail in "[ -~\r\n]{0,120}",
+            session_expires in "[0-9a-z;= ]{0,12}",
+            reinvite in proptest::bool::ANY,
+        ) {
+            let mut h = Harness::new(config());
+            let body = if ct.starts_with("application/sdp") {
+                format!("{}{sdp_tail}", sdp(1, &[20000], "sendonly"))
+            } else {
+                body
+            };
+            let mut req = Req::new("INVITE", "fuzz@src").body(ct, &body);
+            if !session_expires.is_empty() {
+                req = req.header(&format!("Session-Expires: {session_expires}"));
+            }
+            let (code, resp) = if reinvite {
+                let (first, _) = h.establish(
+                    Req::new("INVITE", "fuzz@src").body("application/sdp", &sdp(1, &[20000], "sendonly")),
+                );
+                let tag = to_tag(&first.headers).unwrap();
+                status(&mut h, &req.in_dialog(&tag, 2))
+            } else {
+                status(&mut h, &req)
+            };
+            proptest::prop_assert!(code >= 200, "{}", resp);
+            let sessions = h.rec.sessions();
+            if reinvite {
+                // The session survives a bad re-INVITE, with its flows.
+                proptest::prop_assert_eq!(sessions.len(), 1);
+                let pinned: usize = sessions[0]
+                    .streams
+                    .iter()
+                    .map(|s| 1 + usize::from(s.rtcp_port.is_some()))
+                    .sum();
+                proptest::prop_assert_eq!(h.rec.flows().table.flows.len(), pinned);
+            } else if code != 200 {
+                proptest::prop_assert!(sessions.is_empty());
+                proptest::prop_assert!(h.rec.flows().table.flows.is_empty());
+            }
+        }
     }
 }
