@@ -239,6 +239,8 @@ struct Session {
     last_activity: Instant,
     last_activity_wall: SystemTime,
     packets_seen: u64,
+    /// When the flow counters are looked at next (RTP is only seen by polling them).
+    next_idle_check: Instant,
 }
 
 impl Session {
@@ -253,8 +255,10 @@ impl Session {
             .flat_map(|s| std::iter::once(s.flow_id).chain(s.rtcp_flow_id))
     }
 
-    fn idle_deadline(&self, idle: Duration) -> Instant {
-        self.last_activity + idle
+    /// Next idle check: the idle deadline, or sooner while RTP may be flowing, so that the
+    /// end of RTP is noticed within a quarter of the idle timeout.
+    fn schedule_idle_check(&mut self, now: Instant, idle: Duration) {
+        self.next_idle_check = (self.last_activity + idle).min(now + idle / 4);
     }
 }
 
@@ -587,6 +591,7 @@ impl<F: FlowControl> Recorder<F> {
             last_activity: now,
             last_activity_wall: wall,
             packets_seen: 0,
+            next_idle_check: now + self.config.idle_timeout / 4,
         };
         let streams = session.streams();
         info!(id = %id, call_id = %key.call_id, streams = streams.len(), "recording session started");
@@ -1074,14 +1079,17 @@ impl<F: FlowControl> Recorder<F> {
                 expired.push(key.clone());
                 continue;
             }
-            if session.idle_deadline(self.config.idle_timeout) <= now {
+            if session.next_idle_check <= now {
                 let packets: u64 = session.flow_ids().map(|id| self.flows.packets(id)).sum();
                 if packets != session.packets_seen {
                     session.packets_seen = packets;
                     session.last_activity = now;
                     session.last_activity_wall = wall;
-                } else {
+                }
+                if session.last_activity + self.config.idle_timeout <= now {
                     idle.push(key.clone());
+                } else {
+                    session.schedule_idle_check(now, self.config.idle_timeout);
                 }
             }
         }
@@ -1100,10 +1108,9 @@ impl<F: FlowControl> Recorder<F> {
             .values()
             .map(|s| match &s.phase {
                 Phase::Pending { answer_at, .. } => *answer_at,
-                _ => {
-                    let idle = s.idle_deadline(self.config.idle_timeout);
-                    s.refresh_deadline.map_or(idle, |d| d.min(idle))
-                }
+                _ => s
+                    .refresh_deadline
+                    .map_or(s.next_idle_check, |d| d.min(s.next_idle_check)),
             })
             .min()
     }
@@ -2507,8 +2514,9 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
         h.rec.flows_mut().packets.insert(flow_id, 20);
         assert!(requests(&h.advance(Duration::from_secs(61))).is_empty());
         assert_eq!(h.rec.sessions().len(), 1);
-        // Then silence.
-        let sent = h.advance(Duration::from_secs(130));
+        // Then silence: the last RTP was seen after 61 s, so the BYE comes within a quarter of
+        // the idle timeout after 61 + 60 s.
+        let sent = h.advance(Duration::from_secs(15));
         let byes = requests(&sent);
         assert_eq!(byes.len(), 1, "{sent:?}");
         assert_eq!(byes[0].method, Method::Bye);
