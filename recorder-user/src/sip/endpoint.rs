@@ -18,6 +18,39 @@
 //! (200, plus 487 to the INVITE), methods it cannot serve (405/501), overload (503), and
 //! retransmitted requests (answered from their transaction). ACKs are absorbed. Everything else
 //! becomes a [`SipEvent::Request`] the application must answer with [`Endpoint::respond`].
+//!
+//! # Example: answering a recording INVITE
+//! ```
+//! use std::time::Instant;
+//! use bytes::Bytes;
+//! use recorder::sip::{Endpoint, EndpointConfig, Incoming, SipEvent, Transport};
+//! use rsip::headers::UntypedHeader; // brings `new` for untyped headers
+//!
+//! let mut endpoint = Endpoint::new(EndpointConfig::default());
+//! let now = Instant::now();
+//! let invite = "INVITE sip:srs@127.0.0.1 SIP/2.0\r\n\
+//!     Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
+//!     From: <sip:src@127.0.0.1>;tag=a\r\nTo: <sip:srs@127.0.0.1>\r\n\
+//!     Call-ID: doc\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+//! endpoint.handle_incoming(now, Incoming {
+//!     transport: Transport::Udp,
+//!     source: "127.0.0.1:5070".parse().unwrap(),
+//!     local: "127.0.0.1:5060".parse().unwrap(),
+//!     connection: None,
+//!     bytes: Bytes::from_static(invite.as_bytes()),
+//! });
+//! while let Some(event) = endpoint.poll_event() {
+//!     if let SipEvent::Request { txn, .. } = event {
+//!         let mut ok = endpoint.make_response(&txn, 200, None).unwrap();
+//!         ok.headers.push(rsip::Header::ContentType(rsip::headers::ContentType::new("application/sdp")));
+//!         ok.body = b"v=0\r\n".to_vec();
+//!         endpoint.respond(now, &txn, ok).unwrap();
+//!     }
+//! }
+//! assert!(endpoint.poll_transmit().unwrap().bytes.starts_with(b"SIP/2.0 100 Trying"));
+//! assert!(endpoint.poll_transmit().unwrap().bytes.starts_with(b"SIP/2.0 200 OK"));
+//! assert_eq!(endpoint.dialog_count(), 1);
+//! ```
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -66,6 +99,8 @@ pub struct Transmit {
     pub destination: SocketAddr,
     /// For TCP: the connection the request came on (responses and in-dialog requests reuse it).
     pub connection: Option<u64>,
+    /// Our address to send from (the one the request arrived on), when known.
+    pub local: Option<SocketAddr>,
     pub bytes: Bytes,
 }
 
@@ -175,7 +210,7 @@ impl Default for EndpointConfig {
 }
 
 /// Counters for metrics and logs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SipCounters {
     /// Requests received, by method (retransmissions included).
     pub requests: BTreeMap<String, u64>,
@@ -249,6 +284,28 @@ impl Endpoint {
     /// Live dialogs (2xx sent and not yet ended).
     pub fn dialog_count(&self) -> usize {
         self.dialogs.len()
+    }
+
+    /// The dialog of `txn`: the one an in-dialog request belongs to, or, for an initial INVITE,
+    /// the id its 2xx creates (known from the start, so sessions can be keyed by it at once).
+    pub fn dialog_of(&self, txn: &TxnId) -> Option<DialogId> {
+        let t = self.txns.get(txn)?;
+        if let Some(d) = &t.dialog {
+            return Some(d.clone());
+        }
+        if t.request.method != rsip::Method::Invite {
+            return None;
+        }
+        Some(DialogId {
+            call_id: t.facts.call_id.clone(),
+            local_tag: t.local_tag.clone()?,
+            remote_tag: t.facts.from_tag.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Whether `dialog` is live.
+    pub fn has_dialog(&self, dialog: &DialogId) -> bool {
+        self.dialogs.contains_key(dialog)
     }
 
     /// Server transactions currently kept.
@@ -435,7 +492,12 @@ impl Endpoint {
                 rsip::Method::Bye => {
                     if let Some(dialog) = self.txns.get(txn).and_then(|t| t.dialog.clone()) {
                         self.dialogs.remove(&dialog);
-                        self.awaiting_ack.remove(&dialog);
+                        // A BYE before the ACK: stop retransmitting the 2xx, the dialog is over.
+                        if let Some(invite) = self.awaiting_ack.remove(&dialog) {
+                            if let Some(t) = self.txns.get_mut(&invite) {
+                                t.on_ack(now);
+                            }
+                        }
                     }
                 }
                 _ => {}
@@ -603,7 +665,7 @@ impl Endpoint {
                 local_tag: to_tag,
                 remote_tag: facts.from_tag.clone().unwrap_or_default(),
             };
-            let Some(dialog) = self.dialogs.get_mut(&id) else {
+            if !self.dialogs.contains_key(&id) {
                 return self.answer_in_new_txn(
                     now,
                     incoming,
@@ -616,6 +678,34 @@ impl Endpoint {
                     Vec::new(),
                     Some("unknown-dialog"),
                 );
+            }
+            // §14.2: a second INVITE while the first is unanswered gets 500 + Retry-After.
+            let overlapping = request.method == rsip::Method::Invite
+                && self.txns.values().any(|t| {
+                    t.dialog.as_ref() == Some(&id)
+                        && t.is_invite()
+                        && t.state == ServerState::Proceeding
+                });
+            if overlapping {
+                let retry = rand::random::<u32>() % 10 + 1;
+                let extra = vec![Header::RetryAfter(rsip::headers::RetryAfter::new(
+                    retry.to_string(),
+                ))];
+                return self.answer_in_new_txn(
+                    now,
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                    500,
+                    "Previous INVITE pending",
+                    extra,
+                    Some("invite-pending"),
+                );
+            }
+            let Some(dialog) = self.dialogs.get_mut(&id) else {
+                return;
             };
             if !dialog.accept_cseq(facts.cseq) {
                 return self.answer_in_new_txn(
@@ -750,28 +840,30 @@ impl Endpoint {
 
     fn handle_ack(&mut self, now: Instant, facts: &RequestFacts) {
         self.counters.acks += 1;
-        // ACK to a non-2xx: same branch as the INVITE (§17.2.3).
+        // ACK to a non-2xx: same branch as the INVITE (§17.2.3). Some clients also reuse the
+        // INVITE's branch for the ACK to a 2xx (RFC 2543 habit), so an Accepted match counts too.
         let key = TxnKey::new(facts, &rsip::Method::Ack);
-        if let Some(txn) = self.by_key.get(&key).and_then(|id| self.txns.get_mut(id)) {
-            txn.on_ack(now);
-            return;
-        }
+        let by_branch = self.by_key.get(&key).copied();
         // ACK to a 2xx: a new transaction within the dialog (§13.2.2.4).
-        let Some(to_tag) = facts.to_tag.clone() else {
-            return;
-        };
-        let dialog = DialogId {
-            call_id: facts.call_id.clone(),
-            local_tag: to_tag,
-            remote_tag: facts.from_tag.clone().unwrap_or_default(),
-        };
-        let Some(id) = self.awaiting_ack.get(&dialog).copied() else {
+        let in_dialog = facts.to_tag.clone().and_then(|to_tag| {
+            let dialog = DialogId {
+                call_id: facts.call_id.clone(),
+                local_tag: to_tag,
+                remote_tag: facts.from_tag.clone().unwrap_or_default(),
+            };
+            self.awaiting_ack.get(&dialog).copied()
+        });
+        let Some(id) = by_branch.or(in_dialog) else {
             return;
         };
         let Some(txn) = self.txns.get_mut(&id) else {
             return;
         };
-        if txn.facts.cseq == facts.cseq && txn.on_ack(now) {
+        let was_accepted = txn.state == ServerState::Accepted;
+        if txn.facts.cseq != facts.cseq || !txn.on_ack(now) || !was_accepted {
+            return;
+        }
+        if let Some(dialog) = txn.dialog.clone() {
             self.awaiting_ack.remove(&dialog);
             self.events.push_back(SipEvent::Acked { dialog });
         }
@@ -1113,7 +1205,9 @@ impl Endpoint {
         value
     }
 
-    fn capability_headers(&self) -> Vec<Header> {
+    /// `Allow`, `Accept`, `Supported` and the configured extra OPTIONS headers, for an app
+    /// that answers OPTIONS itself.
+    pub fn capability_headers(&self) -> Vec<Header> {
         let mut extra = vec![
             Header::Allow(rsip::headers::Allow::new(self.config.allow.join(", "))),
             Header::Accept(rsip::headers::Accept::new(self.config.accept.join(", "))),
@@ -1132,6 +1226,7 @@ impl Endpoint {
             transport: route.transport,
             destination: route.destination,
             connection: route.connection,
+            local: route.local,
             bytes,
         });
     }
@@ -1166,7 +1261,11 @@ impl SipCounters {
 /// RFC 3261 §18.2.2 / RFC 3581: where a response goes.
 fn response_route(incoming: &Incoming, via: &message::TopVia) -> Route {
     let destination = match incoming.transport {
-        // Stream transports answer on the connection the request came on.
+        // Stream transports answer on the connection the request came on; `destination` is
+        // only used if it has gone: the received address and the sent-by port (§18.2.2).
+        Transport::Tcp if incoming.connection.is_some() => {
+            SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060))
+        }
         Transport::Tcp => incoming.source,
         Transport::Udp if via.rport => incoming.source,
         Transport::Udp => SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060)),
@@ -1175,6 +1274,7 @@ fn response_route(incoming: &Incoming, via: &message::TopVia) -> Route {
         transport: incoming.transport,
         destination,
         connection: incoming.connection,
+        local: Some(incoming.local),
     }
 }
 
@@ -1200,15 +1300,11 @@ fn stamp_via(value: &str, via: &message::TopVia, source: SocketAddr) -> String {
     format!("{}{rest}", parts.join(";"))
 }
 
-/// Where our in-dialog BYE goes: the same TCP connection, else the first Route or the remote
-/// target when they are IP literals, else the address the dialog came from.
+/// Where our in-dialog BYE goes: the first Route, else the remote target, when they are IP
+/// literals, else the address the dialog came from; on TCP also the dialog's connection.
 fn bye_route(d: &Dialog, target: &rsip::Uri) -> Route {
-    if d.route.transport == Transport::Tcp {
-        return Route {
-            destination: d.source,
-            ..d.route
-        };
-    }
+    // On TCP the dialog's connection is used while it lives; `destination` is where the
+    // transport connects if it has gone (never the client's ephemeral source port).
     let first_route = d.route_set.first().and_then(|r| {
         let start = r.find('<')? + 1;
         let end = start + r[start..].find('>')?;

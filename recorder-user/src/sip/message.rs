@@ -245,7 +245,7 @@ fn diagnose(head: &[u8]) -> Option<String> {
         return Some("Malformed request line".into());
     }
     if !parts[2].eq_ignore_ascii_case("SIP/2.0") && !parts[0].starts_with("SIP/") {
-        return Some("Unsupported SIP version".into());
+        return Some(UNSUPPORTED_VERSION.into());
     }
     if !parts[0].starts_with("SIP/") {
         let probe = format!("OPTIONS {} SIP/2.0\r\n\r\n", parts[1]);
@@ -346,12 +346,20 @@ fn salvage_or_garbage(head: &[u8], reason: String) -> Parsed {
     if lenient_facts(&request).is_none() {
         return Parsed::Garbage(reason);
     }
+    // §8.2.2.1 wants 505 for a version we do not speak; everything else is a 400.
+    let status = if reason == UNSUPPORTED_VERSION {
+        505
+    } else {
+        400
+    };
     Parsed::Unprocessable {
         request,
-        status: 400,
+        status,
         reason,
     }
 }
+
+const UNSUPPORTED_VERSION: &str = "Unsupported SIP version";
 
 /// Parses a request whose method rsip does not know, to answer it with 501.
 pub(crate) fn parse_unknown_method(bytes: &[u8]) -> Option<(String, rsip::Request)> {
@@ -643,6 +651,17 @@ mod tests {
         let (method, r) = parse_unknown_method(text.as_bytes()).unwrap();
         assert_eq!(method, "FROBNICATE");
         assert_eq!(r.call_id_header().unwrap().value(), "c1@10.0.0.2");
+    }
+
+    #[test]
+    fn other_sip_versions_get_505() {
+        let text = BASE.replace("sip:srs@10.0.0.1 SIP/2.0", "sip:srs@10.0.0.1 SIP/3.0");
+        match parse(text.as_bytes(), true) {
+            Parsed::Unprocessable { status, reason, .. } => {
+                assert_eq!((status, reason.as_str()), (505, UNSUPPORTED_VERSION))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

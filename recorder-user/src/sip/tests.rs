@@ -196,6 +196,9 @@ fn invite_gets_trying_then_app_ok_retransmitted_until_ack() {
     assert_eq!(trying[0].status_code.code(), 100);
     assert_eq!(to_tag(&trying[0]), None, "100 Trying carries no To-tag");
 
+    let expected =
+        h.ep.dialog_of(&txn)
+            .expect("an initial INVITE knows its future dialog");
     let mut ok = h.ep.make_response(&txn, 200, None).unwrap();
     ok.body = b"v=0\r\n".to_vec();
     h.ep.respond(h.now, &txn, ok).unwrap();
@@ -226,7 +229,8 @@ fn invite_gets_trying_then_app_ok_retransmitted_until_ack() {
 
     let to = first.to_header().unwrap().value().to_string();
     h.udp(&in_dialog("ACK", "z9hG4bKack1", "call-1", &to, 1));
-    assert!(matches!(h.events().as_slice(), [SipEvent::Acked { .. }]));
+    assert!(matches!(h.events().as_slice(), [SipEvent::Acked { dialog }] if *dialog == expected));
+    assert!(h.ep.has_dialog(&expected));
     assert!(h.take_sent().is_empty(), "ACK is never answered");
     h.advance(secs(40.0));
     assert!(h.take_sent().is_empty(), "no retransmission after the ACK");
@@ -445,6 +449,39 @@ fn options_is_answered_with_capabilities() {
 }
 
 #[test]
+fn non_invite_transaction_lingers_for_timer_j_on_udp() {
+    let mut h = Harness::new();
+    h.udp(&options("z9hG4bKj"));
+    let first = h.take_sent().remove(0).1.bytes;
+    h.advance(secs(10.0));
+    h.udp(&options("z9hG4bKj"));
+    assert_eq!(
+        h.take_sent().remove(0).1.bytes,
+        first,
+        "answered from the transaction"
+    );
+    assert_eq!(h.ep.counters().retransmissions_absorbed, 1);
+    h.advance(secs(23.0));
+    assert_eq!(h.ep.transaction_count(), 0, "timer J (64*T1) ended it");
+    h.udp(&options("z9hG4bKj"));
+    let again = parse_response(&h.take_sent().remove(0).1.bytes);
+    assert_ne!(
+        Some(to_tag(&again)),
+        Some(to_tag(&parse_response(&first))),
+        "a new transaction"
+    );
+    // On TCP timer J is zero: the transaction is gone at once.
+    h.feed(
+        Transport::Tcp,
+        Some(3),
+        CLIENT,
+        &options("z9hG4bKjt").replace("/UDP", "/TCP"),
+    );
+    h.advance(Duration::ZERO);
+    assert_eq!(h.ep.transaction_count(), 1, "only the UDP one is left");
+}
+
+#[test]
 fn bye_in_dialog_reaches_the_app_and_ends_the_dialog() {
     let mut h = Harness::new();
     let (dialog, to) = h.establish("call-7");
@@ -474,6 +511,33 @@ fn bye_in_dialog_reaches_the_app_and_ends_the_dialog() {
         h.events().as_slice(),
         [SipEvent::Rejected { status: 481, .. }]
     ));
+}
+
+#[test]
+fn bye_before_ack_stops_the_2xx_retransmissions() {
+    let mut h = Harness::new();
+    let txn = h.invite("z9hG4bKba", "call-ba");
+    let ok = h.ep.make_response(&txn, 200, None).unwrap();
+    let to = ok.to_header().unwrap().value().to_string();
+    h.ep.respond(h.now, &txn, ok).unwrap();
+    h.take_sent();
+    h.udp(&in_dialog("BYE", "z9hG4bKbb", "call-ba", &to, 2));
+    let bye = match h.events().as_slice() {
+        [SipEvent::Request { txn, .. }] => *txn,
+        other => panic!("{other:?}"),
+    };
+    let ok = h.ep.make_response(&bye, 200, None).unwrap();
+    h.ep.respond(h.now, &bye, ok).unwrap();
+    h.take_sent();
+    h.advance(secs(40.0));
+    assert!(
+        h.take_sent().is_empty(),
+        "no 2xx retransmission, no BYE of our own"
+    );
+    assert!(
+        h.events().is_empty(),
+        "no AckTimeout for a dialog the client ended"
+    );
 }
 
 #[test]
@@ -536,6 +600,41 @@ fn reinvite_is_offered_in_dialog_and_acked() {
     h.advance(secs(40.0));
     assert!(h.take_sent().is_empty());
     assert_eq!(h.ep.dialog_count(), 1);
+}
+
+#[test]
+fn overlapping_reinvite_gets_500_with_retry_after() {
+    let mut h = Harness::new();
+    let (_, to) = h.establish("call-ov");
+    let reinvite = |branch: &str, cseq| {
+        invite(branch, "call-ov", cseq).replace("To: <sip:srs@192.0.2.1>", &format!("To: {to}"))
+    };
+    h.udp(&reinvite("z9hG4bKov1", 2));
+    assert!(matches!(h.events().as_slice(), [SipEvent::Request { .. }]));
+    h.take_sent();
+    h.udp(&reinvite("z9hG4bKov2", 3));
+    let r = h.responses();
+    assert_eq!(r[0].status_code.code(), 500);
+    let retry: u32 = header(&r[0], "Retry-After").unwrap().parse().unwrap();
+    assert!((1..=10).contains(&retry));
+    assert_eq!(h.ep.counters().rejections.get("invite-pending"), Some(&1));
+}
+
+#[test]
+fn ack_reusing_the_invite_branch_still_confirms_the_2xx() {
+    let mut h = Harness::new();
+    let txn = h.invite("z9hG4bKsame", "call-sb");
+    let ok = h.ep.make_response(&txn, 200, None).unwrap();
+    let to = ok.to_header().unwrap().value().to_string();
+    h.ep.respond(h.now, &txn, ok).unwrap();
+    h.take_sent();
+    h.udp(&in_dialog("ACK", "z9hG4bKsame", "call-sb", &to, 1));
+    assert!(
+        matches!(h.events().as_slice(), [SipEvent::Acked { dialog }] if dialog.call_id == "call-sb")
+    );
+    h.advance(secs(40.0));
+    assert!(h.take_sent().is_empty());
+    assert!(h.events().is_empty());
 }
 
 #[test]
@@ -656,7 +755,13 @@ fn tcp_responses_use_the_connection_and_are_not_retransmitted() {
         assert_eq!(t.transport, Transport::Tcp);
         assert_eq!(
             t.destination,
-            "10.0.0.2:33000".parse::<SocketAddr>().unwrap()
+            "10.0.0.2:5062".parse::<SocketAddr>().unwrap(),
+            "fallback if the connection is gone: received address, sent-by port"
+        );
+        assert_eq!(
+            t.local,
+            Some(LOCAL.parse().unwrap()),
+            "answers leave from where the request came"
         );
     }
     let txn = match h.events().as_slice() {
@@ -679,6 +784,19 @@ fn tcp_responses_use_the_connection_and_are_not_retransmitted() {
             .iter()
             .any(|e| matches!(e, SipEvent::AckTimeout { .. })),
         "the ACK is still required"
+    );
+    // The BYE that follows rides the same connection, addressed to the remote target should
+    // the connection be gone.
+    let bye = h.take_sent();
+    assert_eq!(bye.len(), 1);
+    assert!(bye[0]
+        .1
+        .bytes
+        .starts_with(b"BYE sip:src@10.0.0.2:5062 SIP/2.0\r\nVia: SIP/2.0/TCP "));
+    assert_eq!(bye[0].1.connection, Some(7));
+    assert_eq!(
+        bye[0].1.destination,
+        "10.0.0.2:5062".parse::<SocketAddr>().unwrap()
     );
 }
 
@@ -808,5 +926,146 @@ proptest! {
             prop_assert!(rsip::SipMessage::try_from(&t.bytes[..]).is_ok(), "we only send parseable messages: {:?}", t.bytes);
         }
         h.advance(secs(40.0));
+    }
+}
+
+/// Client actions for the random-session property test.
+#[derive(Debug, Clone)]
+enum Op {
+    Invite(u8),
+    Reinvite(u8),
+    Ack(u8),
+    Cancel(u8),
+    Bye(u8),
+    Options,
+    Retransmit,
+    Advance(u16),
+    Answer(usize),
+    OurBye(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..3).prop_map(Op::Invite),
+        (0u8..3).prop_map(Op::Reinvite),
+        (0u8..3).prop_map(Op::Ack),
+        (0u8..3).prop_map(Op::Cancel),
+        (0u8..3).prop_map(Op::Bye),
+        Just(Op::Options),
+        Just(Op::Retransmit),
+        (0u16..6000).prop_map(Op::Advance),
+        (0usize..4).prop_map(Op::Answer),
+        (0u8..3).prop_map(Op::OurBye),
+    ]
+}
+
+#[derive(Default, Clone)]
+struct Call {
+    cseq: u32,
+    invite_branch: String,
+    invite_cseq: u32,
+    to: Option<String>,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    /// Any interleaving of client messages, retransmissions, app answers and time: the app sees
+    /// each request once, everything sent parses, and all transactions end.
+    #[test]
+    fn random_sessions_keep_the_invariants(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut h = Harness::new();
+        let mut calls = vec![Call::default(); 3];
+        let mut branch = 0u32;
+        let mut last: Option<String> = None;
+        let mut pending: Vec<TxnId> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut dialogs: std::collections::HashMap<u8, DialogId> = Default::default();
+        let statuses = [180u16, 200, 486, 500];
+        for op in ops {
+            branch += 1;
+            let b = format!("z9hG4bKr{branch}");
+            let text = match op {
+                Op::Invite(i) | Op::Reinvite(i) => {
+                    let c = &mut calls[i as usize];
+                    c.cseq += 1;
+                    c.invite_branch = b.clone();
+                    c.invite_cseq = c.cseq;
+                    let mut t = invite(&b, &format!("rc{i}"), c.cseq);
+                    if let (Op::Reinvite(_), Some(to)) = (&op, &c.to) {
+                        t = t.replace("To: <sip:srs@192.0.2.1>", &format!("To: {to}"));
+                    }
+                    Some(t)
+                }
+                Op::Ack(i) => calls[i as usize].to.clone().map(|to| {
+                    in_dialog("ACK", &b, &format!("rc{i}"), &to, calls[i as usize].invite_cseq)
+                }),
+                Op::Cancel(i) => {
+                    let c = &calls[i as usize];
+                    Some(invite(&c.invite_branch, &format!("rc{i}"), c.invite_cseq)
+                        .replace("INVITE sip:", "CANCEL sip:")
+                        .replace(" INVITE\r\n", " CANCEL\r\n"))
+                }
+                Op::Bye(i) => {
+                    let c = &mut calls[i as usize];
+                    c.cseq += 1;
+                    c.to.clone().map(|to| in_dialog("BYE", &b, &format!("rc{i}"), &to, c.cseq))
+                }
+                Op::Options => Some(options(&b)),
+                Op::Retransmit => last.clone(),
+                Op::Advance(ms) => {
+                    h.advance(Duration::from_millis(ms.into()));
+                    None
+                }
+                Op::Answer(k) => {
+                    if !pending.is_empty() {
+                        let txn = pending.remove(0);
+                        let status = statuses[k % statuses.len()];
+                        if let Some(r) = h.ep.make_response(&txn, status, None) {
+                            let dialog = h.ep.dialog_of(&txn);
+                            if h.ep.respond(h.now, &txn, r).is_ok() {
+                                if status < 200 {
+                                    pending.push(txn);
+                                } else if (200..300).contains(&status) {
+                                    if let Some(d) = dialog {
+                                        let i: u8 = d.call_id[2..].parse().unwrap();
+                                        calls[i as usize].to = Some(format!("<sip:srs@192.0.2.1>;tag={}", d.local_tag));
+                                        dialogs.insert(i, d);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    None
+                }
+                Op::OurBye(i) => {
+                    if let Some(d) = dialogs.get(&i) {
+                        let _ = h.ep.send_bye(h.now, d, None);
+                    }
+                    None
+                }
+            };
+            if let Some(text) = text {
+                h.udp(&text);
+                last = Some(text);
+            }
+            for event in h.events() {
+                if let SipEvent::Request { txn, request, .. } = event {
+                    let via = message::top_via(&request.headers).unwrap();
+                    prop_assert!(seen.insert((via.branch, request.method.to_string())), "delivered twice");
+                    pending.push(txn);
+                }
+            }
+            for (_, t) in h.take_sent() {
+                prop_assert!(rsip::SipMessage::try_from(&t.bytes[..]).is_ok());
+            }
+        }
+        for txn in std::mem::take(&mut pending) {
+            if let Some(r) = h.ep.make_response(&txn, 486, None) {
+                let _ = h.ep.respond(h.now, &txn, r);
+            }
+        }
+        h.advance(secs(200.0));
+        prop_assert_eq!(h.ep.transaction_count(), 0);
+        prop_assert_eq!(h.ep.poll_timeout(), None);
     }
 }

@@ -52,6 +52,8 @@ pub(crate) struct Route {
     pub transport: Transport,
     pub destination: SocketAddr,
     pub connection: Option<u64>,
+    /// Our address the request arrived on, so the answer leaves from it.
+    pub local: Option<SocketAddr>,
 }
 
 impl Route {

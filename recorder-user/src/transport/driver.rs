@@ -122,8 +122,11 @@ pub async fn run_on<A: SipApp>(
     for socket in &sockets.udp {
         tasks.spawn(udp::receive(socket.clone(), inputs_tx.clone()));
     }
+    // Stops the accept and connection tasks however the driver ends.
+    let stop = shutdown.child_token();
+    let _stop_on_exit = stop.clone().drop_guard();
     for listener in sockets.tcp {
-        tasks.spawn(tcp::accept(listener, inputs_tx.clone()));
+        tasks.spawn(tcp::accept(listener, inputs_tx.clone(), stop.clone()));
     }
     let mut driver = Driver {
         endpoint,
@@ -132,6 +135,7 @@ pub async fn run_on<A: SipApp>(
         connections: HashMap::new(),
         by_peer: HashMap::new(),
         inputs_tx,
+        stop,
     };
     let result = driver.run(inputs, commands, shutdown).await;
     // Socket tasks end with the runtime or here; connection tasks end when their channels drop.
@@ -148,6 +152,7 @@ struct Driver<A> {
     /// The latest connection per peer, for sends whose connection has gone.
     by_peer: HashMap<SocketAddr, u64>,
     inputs_tx: mpsc::Sender<Input>,
+    stop: CancellationToken,
 }
 
 impl<A: SipApp> Driver<A> {
@@ -231,10 +236,17 @@ impl<A: SipApp> Driver<A> {
     async fn send(&mut self, t: Transmit) {
         match t.transport {
             Transport::Udp => {
-                let socket = self.udp.iter().find(|s| {
-                    s.local_addr()
-                        .is_ok_and(|l| l.is_ipv4() == t.destination.is_ipv4())
-                });
+                // The socket the request came in on, else any of the destination's family.
+                let socket = self
+                    .udp
+                    .iter()
+                    .find(|s| t.local.is_some() && s.local_addr().ok() == t.local)
+                    .or_else(|| {
+                        self.udp.iter().find(|s| {
+                            s.local_addr()
+                                .is_ok_and(|l| l.is_ipv4() == t.destination.is_ipv4())
+                        })
+                    });
                 let Some(socket) = socket else {
                     tracing::warn!(destination = %t.destination, "no UDP socket of that address family");
                     return;
@@ -259,6 +271,7 @@ impl<A: SipApp> Driver<A> {
                     t.destination,
                     t.bytes,
                     self.inputs_tx.clone(),
+                    self.stop.clone(),
                 ));
             }
         }

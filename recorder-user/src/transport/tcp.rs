@@ -1,7 +1,7 @@
 //! TCP: listeners, an accept task per listener, and per connection a reader task (framing by
 //! `Content-Length`, [`crate::sip::frame`]) and a writer task fed by a channel. The driver keeps
 //! each connection's writer channel under its id; a connection ends when its reader stops
-//! (EOF, error, or a framing error) and the driver drops the writer channel.
+//! (EOF, error, a framing error, or the driver stopping) and the driver drops the writer channel.
 
 use std::{
     net::SocketAddr,
@@ -15,6 +15,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::mpsc,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::{driver::Input, TransportError};
 use crate::sip::{frame, Incoming, Transport};
@@ -45,9 +46,17 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
 }
 
 /// Accepts connections until the driver goes away.
-pub(crate) async fn accept(listener: TcpListener, inputs: mpsc::Sender<Input>) {
+pub(crate) async fn accept(
+    listener: TcpListener,
+    inputs: mpsc::Sender<Input>,
+    stop: CancellationToken,
+) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: keep the listener, the condition may pass.
@@ -56,10 +65,7 @@ pub(crate) async fn accept(listener: TcpListener, inputs: mpsc::Sender<Input>) {
                 continue;
             }
         };
-        if inputs.is_closed() {
-            return;
-        }
-        spawn_connection(stream, peer, inputs.clone());
+        spawn_connection(stream, peer, inputs.clone(), stop.clone());
     }
 }
 
@@ -69,26 +75,30 @@ pub(crate) async fn connect_and_send(
     destination: SocketAddr,
     bytes: Bytes,
     inputs: mpsc::Sender<Input>,
+    stop: CancellationToken,
 ) {
     match TcpStream::connect(destination).await {
         Ok(stream) => {
-            let writer = spawn_connection(stream, destination, inputs);
+            let writer = spawn_connection(stream, destination, inputs, stop);
             let _ = writer.send(bytes).await;
         }
         Err(e) => tracing::warn!(%destination, error = %e, "TCP connect failed; message dropped"),
     }
 }
 
+/// Starts the reader and writer tasks of a connection and returns the writer's channel.
 fn spawn_connection(
     stream: TcpStream,
     peer: SocketAddr,
     inputs: mpsc::Sender<Input>,
+    stop: CancellationToken,
 ) -> mpsc::Sender<Bytes> {
     let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
     let local = stream.local_addr().unwrap_or(peer);
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     tokio::spawn(async move {
+        // Ends when every sender is gone: the driver forgot the connection, or stopped.
         while let Some(bytes) = rx.recv().await {
             if let Err(e) = writer.write_all(&bytes).await {
                 tracing::debug!(connection = id, error = %e, "TCP write failed");
@@ -99,20 +109,21 @@ fn spawn_connection(
     });
     let writer_for_driver = tx.clone();
     tokio::spawn(async move {
-        if inputs
-            .send(Input::Connected {
-                id,
-                peer,
-                writer: writer_for_driver,
-            })
-            .await
-            .is_err()
-        {
+        let connected = Input::Connected {
+            id,
+            peer,
+            writer: writer_for_driver,
+        };
+        if inputs.send(connected).await.is_err() {
             return;
         }
         let mut buf = BytesMut::with_capacity(8 * 1024);
         'read: loop {
-            match reader.read_buf(&mut buf).await {
+            let read = tokio::select! {
+                _ = stop.cancelled() => break,
+                read = reader.read_buf(&mut buf) => read,
+            };
+            match read {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
