@@ -265,8 +265,8 @@ impl Session {
 /// Things for the SIP layer to do, queued by the logic.
 #[derive(Default)]
 struct Outbox {
-    /// Deferred answers; the key names the session whose dialog a 2xx creates.
-    replies: Vec<(TxnId, Reply, Option<SessionKey>)>,
+    /// Deferred answers.
+    replies: Vec<(TxnId, Reply)>,
     byes: Vec<(DialogId, String)>,
 }
 
@@ -1010,7 +1010,7 @@ impl<F: FlowControl> Recorder<F> {
                 if reason != EndReason::Cancel {
                     self.outbox
                         .replies
-                        .push((txn, Reply::new(503, "Service Unavailable"), None));
+                        .push((txn, Reply::new(503, "Service Unavailable")));
                 }
             }
             Phase::Answered | Phase::Confirmed => {
@@ -1067,7 +1067,7 @@ impl<F: FlowControl> Recorder<F> {
                 if let Phase::Pending { txn, reply, .. } =
                     std::mem::replace(&mut session.phase, Phase::Answered)
                 {
-                    self.outbox.replies.push((txn, reply, Some(key.clone())));
+                    self.outbox.replies.push((txn, reply));
                     session.last_activity = now;
                     session.refresh_deadline = session.session_expires.map(|se| now + se);
                 }
@@ -1117,13 +1117,8 @@ impl<F: FlowControl> Recorder<F> {
 
     /// Sends what the logic queued.
     fn flush(&mut self, now: Instant, endpoint: &mut Endpoint) {
-        for (txn, reply, key) in std::mem::take(&mut self.outbox.replies) {
-            let dialog = send_reply(now, endpoint, &txn, reply);
-            if let (Some(key), Some(dialog)) = (key, dialog) {
-                if let Some(session) = self.sessions.get_mut(&key) {
-                    session.dialog = Some(dialog);
-                }
-            }
+        for (txn, reply) in std::mem::take(&mut self.outbox.replies) {
+            send_reply(now, endpoint, &txn, reply);
         }
         for (dialog, reason) in std::mem::take(&mut self.outbox.byes) {
             if let Err(e) = endpoint.send_bye(now, &dialog, Some(&reason)) {
@@ -1143,18 +1138,12 @@ impl<F: FlowControl> SipApp for Recorder<F> {
                 source,
                 ..
             } => {
+                // For a new INVITE: the dialog our 2xx will create, known from the start.
+                let dialog = dialog.or_else(|| endpoint.dialog_of(&txn));
                 if let Some(reply) =
                     self.handle_request(now, &txn, dialog.as_ref(), &request, source)
                 {
-                    let created = send_reply(now, endpoint, &txn, reply);
-                    // The endpoint creates the dialog with our 2xx; remember which it is.
-                    if let (None, Some(created)) = (dialog, created) {
-                        if let Some(key) = session_key(&request.headers) {
-                            if let Some(session) = self.sessions.get_mut(&key) {
-                                session.dialog = Some(created);
-                            }
-                        }
-                    }
+                    send_reply(now, endpoint, &txn, reply);
                 }
             }
             SipEvent::Cancelled { txn } => {
@@ -1189,17 +1178,11 @@ impl<F: FlowControl> SipApp for Recorder<F> {
     }
 }
 
-/// Turns a [`Reply`] into a response on its transaction. For a 2xx to an INVITE, returns the
-/// dialog it belongs to (the endpoint keys dialogs by Call-ID, our To tag, the client's tag).
-fn send_reply(
-    now: Instant,
-    endpoint: &mut Endpoint,
-    txn: &TxnId,
-    reply: Reply,
-) -> Option<DialogId> {
+/// Turns a [`Reply`] into a response on its transaction.
+fn send_reply(now: Instant, endpoint: &mut Endpoint, txn: &TxnId, reply: Reply) {
     let Some(mut response) = endpoint.make_response(txn, reply.status, Some(&reply.reason)) else {
         debug!(status = reply.status, "transaction gone before its answer");
-        return None;
+        return;
     };
     for (name, value) in reply.headers {
         if name.eq_ignore_ascii_case("Contact") {
@@ -1214,22 +1197,11 @@ fn send_reply(
             .push(Header::ContentType(rsip::headers::ContentType::new(
                 content_type,
             )));
-        response
-            .headers
-            .unique_push(Header::ContentLength(rsip::headers::ContentLength::new(
-                body.len().to_string(),
-            )));
         response.body = body;
     }
-    let dialog = (200..300)
-        .contains(&reply.status)
-        .then(|| dialog_of(&response.headers))
-        .flatten();
     if let Err(e) = endpoint.respond(now, txn, response) {
         warn!(error = %e, "sending response failed");
-        return None;
     }
-    dialog
 }
 
 /// Our Contact must carry `+sip.srs` (RFC 7866 §6.2): keep the endpoint's Contact and add the
@@ -1250,17 +1222,6 @@ fn mark_srs_contact(headers: &mut rsip::Headers, ours: String) {
             ours.trim_end_matches(";+sip.srs").to_string() + ";+sip.srs",
         )));
     }
-}
-
-/// The dialog a response belongs to, from its Call-ID, To tag (ours) and From tag (theirs).
-fn dialog_of(headers: &rsip::Headers) -> Option<DialogId> {
-    let key = session_key(headers)?;
-    let local_tag = header_value(headers, "To").and_then(|v| tag_of(&v))?;
-    Some(DialogId {
-        call_id: key.call_id,
-        local_tag,
-        remote_tag: key.from_tag,
-    })
 }
 
 /// RFC 4028 session timer granted to a session.
