@@ -5,7 +5,7 @@
 //! answer, pins and rewrites flows through [`FlowControl`] and reports what happened to the rest
 //! of the recorder as [`SessionEvent`]s. It never touches sockets or files.
 //!
-//! The decision logic ([`Recorder::on_request`] and friends) does not talk to the endpoint
+//! The decision logic ([`Recorder::handle_request`] and the timers) does not talk to the endpoint
 //! directly: it queues [`Reply`]s and BYEs in an outbox that the [`SipApp`] methods flush. That
 //! keeps the logic testable without a SIP stack and keeps the endpoint borrow out of it.
 
@@ -892,6 +892,7 @@ impl<F: FlowControl> Recorder<F> {
                     if paused != info.paused {
                         info.paused = paused;
                         toggles.push((info.label.clone(), paused));
+                        changed = true;
                     }
                     *slot = Some(info);
                 }
@@ -2152,6 +2153,10 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             .collect();
         assert_eq!(paused, ["1", "2"]);
         assert!(h.rec.sessions()[0].streams.iter().all(|s| s.paused));
+        assert!(
+            matches!(events.last(), Some(SessionEvent::MediaChanged { streams, .. }) if streams.iter().all(|s| s.paused)),
+            "{events:?}"
+        );
 
         let resume = Req::new("UPDATE", "pause@src")
             .in_dialog(&tag, 3)
