@@ -6,8 +6,12 @@
 //! of the recorder as [`SessionEvent`]s. It never touches sockets or files.
 //!
 //! The decision logic ([`Recorder::handle_request`] and the timers) does not talk to the endpoint
-//! directly: it queues [`Reply`]s and BYEs in an outbox that the [`SipApp`] methods flush. That
-//! keeps the logic testable without a SIP stack and keeps the endpoint borrow out of it.
+//! directly: it returns a [`Reply`], or queues deferred answers and BYEs in an outbox that the
+//! [`SipApp`] methods flush. That keeps the endpoint borrow out of the logic.
+//!
+//! Sessions are keyed by Call-ID plus the client's From tag, never by Call-ID alone. Each
+//! accepted m-line owns a local RTP port (and RTCP port unless rtcp-mux) for the session's life;
+//! re-offers are diffed m-line by m-line against it.
 
 use std::{
     collections::BTreeMap,
@@ -880,12 +884,16 @@ impl<F: FlowControl> Recorder<F> {
                         info.remote = remote;
                         info.codec = codec;
                         info.telephone_event_pt = te;
-                        info.label = stream_label(stream);
                         // Same local key; the generation bump tells the data path it changed.
                         self.rewrite_flow(info.local_port, info.flow_id, remote);
                         if let (Some(port), Some(id)) = (info.rtcp_port, info.rtcp_flow_id) {
                             self.rewrite_flow(port, id, rtcp_remote(stream));
                         }
+                        changed = true;
+                    }
+                    let label = stream_label(stream);
+                    if label != info.label {
+                        info.label = label;
                         changed = true;
                     }
                     let paused = stream_paused(stream);
