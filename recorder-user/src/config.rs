@@ -1,1 +1,411 @@
-//! Daemon configuration.
+//! Daemon configuration: a TOML file (`--config`), overridden by command-line flags.
+//!
+//! Unknown keys and bad values are errors at start, naming the key.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{capture::loader::AttachMode, flow::FlowAction};
+
+/// Errors in the configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// An inclusive UDP port range, written `lo-hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (lo, hi) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not a range like 20000-29999"))?;
+        let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo:?}: {e}"))?;
+        let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi:?}: {e}"))?;
+        if lo == 0 || hi < lo + 1 {
+            return Err(format!("{s:?}: need 0 < lo < hi"));
+        }
+        Ok(Self { lo, hi })
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<PortRange> for String {
+    fn from(r: PortRange) -> Self {
+        r.to_string()
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
+}
+
+/// A CIDR network, written `10.0.0.0/8` or `fd00::/8` (a bare address means /32 or /128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().map_err(|e| format!("{s:?}: {e}"))?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(format!("{s:?}: prefix longer than {max}"));
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Cidr> for String {
+    fn from(c: Cidr) -> Self {
+        format!("{}/{}", c.addr, c.prefix)
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the daemon needs. Field names are the TOML keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Interfaces to attach XDP to (at least one).
+    pub interfaces: Vec<String>,
+    /// SIP listen addresses (UDP and TCP on each).
+    pub sip_listen: Vec<SocketAddr>,
+    /// Address we answer in SDP; RTP arrives there.
+    pub media_address: Option<IpAddr>,
+    /// Local RTP ports (RTCP uses RTP + 1).
+    pub rtp_ports: PortRange,
+    /// Seconds a released port rests before reuse.
+    pub port_cooldown_secs: u64,
+    /// Where recordings are written.
+    pub spool: PathBuf,
+    /// SQLite index (default `<spool>/index.sqlite`).
+    pub index: Option<PathBuf>,
+    /// Bytes per CPU ring buffer.
+    pub ring_bytes: u32,
+    /// Bytes of each frame captured at most.
+    pub snaplen: u32,
+    /// Capacity of the XDP flow map.
+    pub max_flows: u32,
+    /// Concurrent recording sessions at most (503 beyond).
+    pub max_sessions: usize,
+    /// Client networks allowed to open sessions (empty: all).
+    pub acl: Vec<Cidr>,
+    /// Headers that may carry the interaction id (CallUUID), in order of preference.
+    pub uuid_headers: Vec<String>,
+    /// Seconds without RTP and signaling before a session is ended (reason `timeout`).
+    pub idle_timeout_secs: u64,
+    /// Milliseconds to wait before answering an INVITE (0: at once).
+    pub answer_delay_ms: u64,
+    /// Smallest Session-Expires accepted (RFC 4028 Min-SE).
+    pub min_session_expires: u32,
+    /// Seconds in the Retry-After of a 503.
+    pub retry_after_secs: u32,
+    /// XDP attach mode.
+    pub attach_mode: AttachMode,
+    /// What happens to captured packets: `pass` to the stack or `drop`.
+    pub flow_action: FlowAction,
+    /// Only capture packets from the source the SDP names.
+    pub pin_source: bool,
+    /// Refuse new sessions when the spool has less free space than this.
+    pub min_free_bytes: u64,
+    /// Delete completed recordings older than this many hours.
+    pub retention_max_age_hours: Option<u64>,
+    /// Keep the spool below this many bytes (oldest first).
+    pub retention_max_bytes: Option<u64>,
+    /// `error`, `warn`, `info`, `debug`, `trace` or a tracing filter.
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// Control socket the CLI talks to.
+    pub control_socket: PathBuf,
+    /// Prometheus metrics endpoint (off when absent).
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            sip_listen: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            media_address: None,
+            rtp_ports: PortRange {
+                lo: 20000,
+                hi: 39999,
+            },
+            port_cooldown_secs: 10,
+            spool: PathBuf::from("/var/spool/recorder"),
+            index: None,
+            ring_bytes: 8 << 20,
+            snaplen: recorder_ebpf::abi::DEFAULT_SNAPLEN,
+            max_flows: recorder_ebpf::abi::DEFAULT_MAX_FLOWS,
+            max_sessions: 10_000,
+            acl: Vec::new(),
+            uuid_headers: vec!["X-Genesys-CallUUID".into()],
+            idle_timeout_secs: 600,
+            answer_delay_ms: 0,
+            min_session_expires: 90,
+            retry_after_secs: 5,
+            attach_mode: AttachMode::Auto,
+            flow_action: FlowAction::Pass,
+            pin_source: false,
+            min_free_bytes: 64 << 20,
+            retention_max_age_hours: None,
+            retention_max_bytes: None,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            control_socket: PathBuf::from("/run/recorder/control.sock"),
+            metrics_listen: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.into(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+    }
+
+    /// Checks values that the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.interfaces.is_empty() {
+            return Err(invalid("interfaces", "at least one interface is needed"));
+        }
+        if self.sip_listen.is_empty() {
+            return Err(invalid("sip_listen", "at least one address is needed"));
+        }
+        let media = self
+            .media_address
+            .ok_or_else(|| invalid("media_address", "required (the address RTP is sent to)"))?;
+        if media.is_unspecified() {
+            return Err(invalid(
+                "media_address",
+                "must be a concrete address, not 0.0.0.0/::",
+            ));
+        }
+        if self.rtp_ports.hi - self.rtp_ports.lo < 3 {
+            return Err(invalid(
+                "rtp_ports",
+                "need room for at least two RTP/RTCP pairs",
+            ));
+        }
+        if self.snaplen == 0 || self.snaplen > recorder_ebpf::abi::MAX_SNAPLEN {
+            return Err(invalid(
+                "snaplen",
+                format!(
+                    "{} is outside 1..={}",
+                    self.snaplen,
+                    recorder_ebpf::abi::MAX_SNAPLEN
+                ),
+            ));
+        }
+        if self.ring_bytes < 4096 || !self.ring_bytes.is_power_of_two() {
+            return Err(invalid(
+                "ring_bytes",
+                "must be a power of two of at least 4096",
+            ));
+        }
+        if self.max_sessions == 0 {
+            return Err(invalid("max_sessions", "must be at least 1"));
+        }
+        if self.idle_timeout_secs == 0 {
+            return Err(invalid("idle_timeout_secs", "must be at least 1"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log_level).is_err() {
+            return Err(invalid(
+                "log_level",
+                format!("{:?} is not a level or filter", self.log_level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The index path (default `<spool>/index.sqlite`).
+    pub fn index_path(&self) -> PathBuf {
+        self.index
+            .clone()
+            .unwrap_or_else(|| self.spool.join("index.sqlite"))
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        Config {
+            interfaces: vec!["eth0".into()],
+            media_address: Some("10.0.0.2".parse().unwrap()),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("interfaces = [\"eth0\"]\nsnap_len = 100\n").unwrap_err();
+        assert!(err.contains("snap_len"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = Config::from_toml("rtp_ports = \"30000-20000\"").unwrap_err();
+        assert!(err.contains("rtp_ports"), "{err}");
+        let err = Config::from_toml("acl = [\"10.0.0.0/40\"]").unwrap_err();
+        assert!(err.contains("acl"), "{err}");
+        let c = Config {
+            snaplen: 9000,
+            ..valid()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { key: "snaplen", .. })
+        ));
+        let c = Config {
+            media_address: None,
+            ..valid()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "media_address",
+                ..
+            })
+        ));
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::from_toml(
+            r#"
+            interfaces = ["eth0", "eth1"]
+            sip_listen = ["0.0.0.0:5060", "[::]:5060"]
+            media_address = "192.0.2.10"
+            rtp_ports = "30000-30999"
+            spool = "/srv/rec"
+            acl = ["10.0.0.0/8", "fd00::/8"]
+            flow_action = "drop"
+            attach_mode = "generic"
+            log_format = "json"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.rtp_ports,
+            PortRange {
+                lo: 30000,
+                hi: 30999
+            }
+        );
+        assert_eq!(c.flow_action, FlowAction::Drop);
+        assert_eq!(c.attach_mode, AttachMode::Generic);
+        assert!(c.acl[0].contains("10.9.8.7".parse().unwrap()));
+        assert!(!c.acl[0].contains("11.0.0.1".parse().unwrap()));
+        assert!(c.acl[1].contains("fd00::1".parse().unwrap()));
+        assert!(c.acl[0].contains("::ffff:10.1.1.1".parse().unwrap()));
+        assert_eq!(c.index_path(), PathBuf::from("/srv/rec/index.sqlite"));
+    }
+}

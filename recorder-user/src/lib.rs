@@ -15,8 +15,10 @@
 //! * [`control`]: the control API the CLI talks to.
 //! * [`events`]: the typed events signaling emits.
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod events;
 pub mod flow;
 pub mod index;

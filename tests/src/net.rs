@@ -229,3 +229,20 @@ pub fn in_netns<R>(ns: &str, f: impl FnOnce() -> R) -> R {
     let _restore = Restore(original);
     f()
 }
+
+/// Gives a socket a 32 MiB receive buffer (SO_RCVBUFFORCE, root), so a burst sent by a test is
+/// not dropped by the socket before the test reads it.
+pub fn big_receive_buffer(socket: &impl std::os::fd::AsRawFd) {
+    let size: libc::c_int = 32 << 20;
+    // SAFETY: valid fd and a c_int option value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+}

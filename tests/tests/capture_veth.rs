@@ -130,6 +130,7 @@ fn pinned_flows_are_captured_byte_exact_and_in_order() {
             .iter()
             .map(|a| {
                 let s = UdpSocket::bind(a).unwrap();
+                tests::net::big_receive_buffer(&s);
                 s.set_read_timeout(Some(Duration::from_millis(200)))
                     .unwrap();
                 s
@@ -305,4 +306,74 @@ fn rewrite_while_traffic_runs_loses_nothing_and_remove_stops_capture() {
     );
     assert_eq!(rig.consumer.drain(&mut sink), 0);
     assert!(rig.flows.list().is_empty());
+}
+
+/// Counts records and says when `target` is reached.
+struct CountingSink {
+    count: usize,
+    target: usize,
+    reached: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl recorder::capture::PacketSink for CountingSink {
+    fn packet(&mut self, _packet: &recorder::capture::CapturedPacket<'_>) {
+        self.count += 1;
+        if self.count == self.target {
+            if let Some(tx) = self.reached.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+#[test]
+fn async_consumer_is_woken_by_the_ring_not_the_tick() {
+    let mut rig = rig("async");
+    let local: SocketAddr = (rig.pair.recorder_v4, 42000).into();
+    rig.flows
+        .insert(FlowSpec {
+            flow_id: 5,
+            local,
+            remote: None,
+            action: FlowAction::Drop,
+        })
+        .unwrap();
+    let sender = rig
+        .pair
+        .in_sender(|| UdpSocket::bind((rig.pair.sender_v4, 0)).unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let consumer = std::mem::replace(&mut rig.consumer, RingConsumer::new(Vec::new()).unwrap());
+    const N: usize = 500;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut sink = CountingSink {
+        count: 0,
+        target: N,
+        reached: Some(tx),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    let started = Instant::now();
+    runtime.block_on(async {
+        // An hour-long tick: only the epoll wake-up can deliver the records in time.
+        let run = consumer.run(&mut sink, Duration::from_secs(3600), shutdown);
+        let send = async {
+            tokio::task::yield_now().await;
+            for seq in 0..N as u64 {
+                sender.send_to(&payload(seq, 1, 172), local).unwrap();
+            }
+            tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .expect("consumer woken for every record")
+                .unwrap();
+            stop.cancel();
+        };
+        let (consumer, ()) = tokio::join!(run, send);
+        assert_eq!(consumer.stats.records, N as u64);
+        assert!(consumer.stats.wakeups >= 1);
+    });
+    assert_eq!(sink.count, N);
+    assert!(started.elapsed() < Duration::from_secs(60));
 }

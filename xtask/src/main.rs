@@ -129,6 +129,8 @@ fn build_user() -> Result<()> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    // The end-to-end tests run the real daemon binary (target/debug/recorder).
+    run(cargo(None).args(["build", "--package", "recorder-user", "--bins"]))?;
     let mut cmd = cargo(None);
     cmd.args(["test", "--workspace"]).args(args);
     run(&mut cmd)
@@ -147,6 +149,11 @@ fn lint() -> Result<()> {
 }
 
 fn demo() -> Result<()> {
-    let binary = workspace_root().join("target/release/recorder");
-    run(Command::new(binary).arg("demo"))
+    // The demo driver (namespaces, SIPREC client, RTP) lives with the end-to-end test helpers.
+    run(cargo(None)
+        .env(
+            "RECORDER_BIN",
+            workspace_root().join("target/release/recorder"),
+        )
+        .args(["run", "--release", "--package", "tests", "--bin", "demo"]))
 }

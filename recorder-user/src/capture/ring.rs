@@ -33,7 +33,9 @@ pub struct ConsumerStats {
 /// Owns the rings and drains them into a sink.
 pub struct RingConsumer {
     rings: Vec<RingBuf<MapData>>,
-    epoll: AsyncFd<OwnedFd>,
+    /// Epoll set of every ring fd (registered with tokio only while `run` runs, so `drain`
+    /// works without a runtime).
+    epoll: Option<OwnedFd>,
     clock: MonoClock,
     pub stats: ConsumerStats,
 }
@@ -52,9 +54,7 @@ impl RingConsumer {
         }
         Ok(Self {
             rings,
-            // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open while registered.
-            epoll: unsafe { AsyncFd::register(epoll) }
-                .map_err(|e| CaptureError::Epoll(e.into_parts().1))?,
+            epoll: Some(epoll),
             clock: MonoClock::now(),
             stats: ConsumerStats::default(),
         })
@@ -100,22 +100,43 @@ impl RingConsumer {
     ) -> Self {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let fd = self.epoll.take().expect("epoll fd present outside run");
+        // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open while registered.
+        let epoll = match unsafe { AsyncFd::register(fd) } {
+            Ok(epoll) => Some(epoll),
+            Err(e) => {
+                let (fd, error) = e.into_parts();
+                warn!(%error, "cannot watch the rings with epoll; draining on the tick only");
+                self.epoll = Some(fd);
+                None
+            }
+        };
         loop {
+            let readable = async {
+                match &epoll {
+                    Some(epoll) => epoll.readable().await.map(Some),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                guard = self.epoll.readable() => {
+                guard = readable => {
                     match guard {
-                        Ok(mut guard) => {
+                        Ok(Some(mut guard)) => {
                             // Consume the epoll readiness, then drain.
-                            clear_epoll(self.epoll.get_ref().as_raw_fd());
+                            clear_epoll(guard.get_inner().as_raw_fd());
                             guard.clear_ready();
                         }
+                        Ok(None) => {}
                         Err(error) => warn!(%error, "ring epoll wait failed"),
                     }
                     self.drain(sink);
                 }
                 _ = interval.tick() => { self.drain(sink); }
             }
+        }
+        if let Some(epoll) = epoll {
+            self.epoll = Some(epoll.into_inner());
         }
         self.drain(sink);
         self

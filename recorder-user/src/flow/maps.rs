@@ -223,6 +223,10 @@ impl FlowControl for BpfFlowTable {
             .remove(&flow_key(local))
             .map_err(Self::map_err("remove", local))
     }
+
+    fn packets(&self, flow_id: u64) -> u64 {
+        self.stats(flow_id).packets
+    }
 }
 
 #[cfg(test)]

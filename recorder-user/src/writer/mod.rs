@@ -1,1 +1,669 @@
-//! (in progress)
+//! Recording writers: per-recording files in the spool, fed by captured packets and signaling
+//! events.
+//!
+//! # Layout (a contract other tools rely on)
+//! `<spool>/<recording-id>/` holds
+//! * `recording.pcap`: every captured packet of every stream (RTP and RTCP) as received: classic
+//!   pcap, `LINKTYPE_ETHERNET`, nanosecond wall-clock timestamps, `incl_len` = captured length,
+//!   `orig_len` = wire length;
+//! * `recording.wav`: 16-bit PCM at 8 kHz, one channel per audio stream in stream order (first
+//!   label left), time-aligned: frame N of every channel is `started_at + N / 8000` s; silence
+//!   for gaps, late starts, pauses and lost packets. PCMU and PCMA are decoded; other codecs
+//!   (and SRTP) are kept in the pcap only and their channel is silent (said in `notes`);
+//! * `metadata.json` ([`RecordingMetadata`]), replaced atomically on every change and every flush;
+//! * `metadata-<n>.xml`: each SIPREC metadata body as received.
+//!
+//! # Data flow
+//! ```text
+//! capture ring ──packets──> WriterSink ─┐ (one unbounded channel, packets bounded by a counter)
+//! signaling  ──SessionEvent─> WriterHandle ─┴─> writer thread ─> files ─> index (SQLite)
+//! ```
+//! [`WriterSink::packet`] only copies the frame and queues it: it never blocks and never touches
+//! a file; when `queue_packets` packets are waiting it drops and counts (per flow, reported to
+//! the recording's `dropped.queue_full`). Events and packets share the channel, so a packet sent
+//! after an event is handled after it. The writer thread routes packets by `flow_id` (RTP port)
+//! or `rtcp_flow_id` (RTCP: pcap only); unknown flow ids (late packets after `Ended`) are
+//! counted in [`WriterStats::unknown_flow`] and dropped.
+//!
+//! # Daemon use
+//! ```no_run
+//! # use recorder::writer::*;
+//! # fn main() -> Result<(), WriterError> {
+//! let mut config = WriterConfig::new("/var/spool/recorder".into());
+//! config.index = Some("/var/lib/recorder/index.db".into());
+//! repair_spool(&config.spool)?; // before any writer runs: `active` -> `interrupted`
+//! let (handle, sink) = start(config)?; // `sink` goes to the capture task (a PacketSink)
+//! // signaling: handle.event(ev); before answering an INVITE: handle.can_accept_new_session()
+//! // (false -> 503); every few minutes: handle.enforce_retention()?; metrics: handle.stats()
+//! handle.shutdown(); // ends active recordings with end_reason "shutdown"
+//! # Ok(()) }
+//! ```
+//! The index is written only by the writer thread; readers (control API, CLI) open their own
+//! [`crate::index::Index`] on the same file (SQLite WAL allows concurrent readers).
+//!
+//! # Disk full
+//! Media files grow by `fallocate` and stop growing when the spool would have less than
+//! `media_floor_bytes` free: packets that do not fit are counted (`dropped.pcap_write_failed`,
+//! `dropped.wav_write_failed`, [`WriterStats`]) and logged once per recording; what is written
+//! stays whole (a pcap record is written body first, header last; the WAV is positional), and
+//! the floor leaves room to finish the files and replace `metadata.json`.
+//! Files are written through `memmap2` mappings grown in large steps with space reserved by
+//! `fallocate`, so a full disk is an error, not a `SIGBUS` (see `mmapfile.rs` for the measurement
+//! against `write(2)`).
+
+mod g711;
+pub mod metadata;
+mod mmapfile;
+mod pcap;
+mod recording;
+mod repair;
+mod retention;
+mod rtp;
+#[cfg(test)]
+mod tests;
+mod wav;
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    io,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tracing::{info, warn};
+
+use self::recording::{Recording, Start};
+pub use self::{
+    metadata::{RecordingMetadata, RecordingState},
+    repair::repair_spool,
+    retention::{enforce_retention, RetentionPolicy},
+    rtp::SsrcStats,
+};
+use crate::{
+    capture::{CapturedPacket, PacketSink, RecordHeader},
+    events::SessionEvent,
+    index::{Index, IndexError},
+};
+
+/// Writer settings.
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// Directory holding one directory per recording.
+    pub spool: PathBuf,
+    /// How often WAV headers, writeback and `metadata.json` are refreshed.
+    pub flush_interval: Duration,
+    /// Below this many free bytes in the spool, [`WriterHandle::can_accept_new_session`] is false.
+    pub min_free_bytes: u64,
+    pub retention_max_age: Option<Duration>,
+    pub retention_max_bytes: Option<u64>,
+    /// Packets queued between capture and the writer thread before capture drops.
+    pub queue_packets: usize,
+    /// SQLite index kept up to date by the writer thread (None: no index).
+    pub index: Option<PathBuf>,
+    /// Host (site) name written in metadata and the index.
+    pub host: String,
+    /// Media writes stop (counted as write failures) when they would leave less free space than
+    /// this in the spool, so that files can still be finished and metadata written on a full
+    /// disk. Capped at half of `min_free_bytes` (new sessions are refused before media stops).
+    pub media_floor_bytes: u64,
+}
+
+impl WriterConfig {
+    /// Defaults: flush every 2 s, refuse below 256 MiB free, stop media writes below 16 MiB free,
+    /// no retention, 65536 queued packets, no index, the machine's host name.
+    pub fn new(spool: PathBuf) -> Self {
+        Self {
+            spool,
+            flush_interval: Duration::from_secs(2),
+            min_free_bytes: 256 * 1024 * 1024,
+            retention_max_age: None,
+            retention_max_bytes: None,
+            queue_packets: 65536,
+            index: None,
+            host: hostname(),
+            media_floor_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Errors of the writer layer.
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// A file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The index could not be opened.
+    #[error("index: {0}")]
+    Index(#[from] IndexError),
+    /// The writer thread is gone.
+    #[error("the writer thread has stopped")]
+    Stopped,
+}
+
+/// Counters of the writer (all recordings, since start).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Packets handed to the sink.
+    pub packets_in: u64,
+    /// Packets dropped by the sink: the queue to the writer thread was full.
+    pub queue_full: u64,
+    /// Packets whose flow id belongs to no active recording (late after `Ended`, or unknown).
+    pub unknown_flow: u64,
+    /// Packets not written to a pcap (disk full or write error).
+    pub pcap_write_failed: u64,
+    /// Audio packets not written to a WAV (disk full or write error).
+    pub wav_write_failed: u64,
+    /// `Started` events whose recording could not be created (disk full, bad id).
+    pub start_failed: u64,
+    /// Events about a recording the writer does not have.
+    pub unknown_recording_events: u64,
+    /// Index updates that failed.
+    pub index_errors: u64,
+    pub active_recordings: u64,
+    pub completed_recordings: u64,
+    /// Packets waiting in the queue to the writer thread right now.
+    pub queued_packets: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    queued: AtomicUsize,
+    packets_in: AtomicU64,
+    queue_full: AtomicU64,
+    unknown_flow: AtomicU64,
+    pcap_write_failed: AtomicU64,
+    wav_write_failed: AtomicU64,
+    start_failed: AtomicU64,
+    unknown_recording_events: AtomicU64,
+    index_errors: AtomicU64,
+    active: AtomicU64,
+    completed: AtomicU64,
+}
+
+/// A captured packet copied out of the ring.
+pub(crate) struct OwnedPacket {
+    pub header: RecordHeader,
+    pub wall: SystemTime,
+    pub frame: Box<[u8]>,
+}
+
+type Reply<T> = mpsc::SyncSender<T>;
+
+enum Msg {
+    Packet(OwnedPacket),
+    Event(Box<SessionEvent>),
+    /// Packets the sink dropped, per flow id.
+    QueueDrops(Vec<(u64, u64)>),
+    Sync(Reply<()>),
+    Retention(Reply<Result<Vec<String>, WriterError>>),
+    Shutdown,
+}
+
+/// Control side of the writer (owned by the daemon/signaling).
+pub struct WriterHandle {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    spool: PathBuf,
+    min_free_bytes: u64,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The capture side: a [`PacketSink`] that queues packets to the writer thread. Clone it for
+/// several capture tasks (they share the queue bound and the counters).
+pub struct WriterSink {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    capacity: usize,
+    /// Drops per flow id since the last `batch_end`.
+    drops: HashMap<u64, u64>,
+}
+
+/// Creates the spool if needed, opens the index (rebuilding it if missing or corrupt, refreshing
+/// the rows a previous run left active) and spawns the writer thread. Run [`repair_spool`] before.
+pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterError> {
+    std::fs::create_dir_all(&config.spool).map_err(|source| WriterError::Io {
+        op: "create spool",
+        path: config.spool.clone(),
+        source,
+    })?;
+    let index = match &config.index {
+        Some(db) => {
+            let mut index = Index::open(db, &config.spool)?;
+            // Rows left `active` by the previous run now say what repair_spool made of them.
+            index.refresh_active()?;
+            Some(index)
+        }
+        None => None,
+    };
+    let (tx, rx) = mpsc::channel();
+    let shared = Arc::new(Shared::default());
+    let mut writer = Writer {
+        policy: RetentionPolicy {
+            max_age: config.retention_max_age,
+            max_bytes: config.retention_max_bytes,
+        },
+        config: config.clone(),
+        shared: shared.clone(),
+        recordings: HashMap::new(),
+        flows: HashMap::new(),
+        index,
+    };
+    let thread = std::thread::Builder::new()
+        .name("rec-writer".into())
+        .spawn(move || writer.run(rx))
+        .map_err(|source| WriterError::Io {
+            op: "spawn writer thread",
+            path: config.spool.clone(),
+            source,
+        })?;
+    let handle = WriterHandle {
+        tx: tx.clone(),
+        shared: shared.clone(),
+        spool: config.spool.clone(),
+        min_free_bytes: config.min_free_bytes,
+        thread: Some(thread),
+    };
+    let sink = WriterSink {
+        tx,
+        shared,
+        capacity: config.queue_packets.max(1),
+        drops: HashMap::new(),
+    };
+    Ok((handle, sink))
+}
+
+impl WriterHandle {
+    /// Hands a signaling event to the writer thread (never blocks).
+    pub fn event(&self, ev: SessionEvent) {
+        if self.tx.send(Msg::Event(Box::new(ev))).is_err() {
+            warn!("writer thread stopped; event dropped");
+        }
+    }
+
+    /// Returns once everything sent before (events, packets) has been processed. Blocks: from
+    /// async code, call it in `spawn_blocking` (as [`Self::enforce_retention`]).
+    pub fn sync(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.tx.send(Msg::Sync(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        let s = &self.shared;
+        WriterStats {
+            packets_in: s.packets_in.load(Relaxed),
+            queue_full: s.queue_full.load(Relaxed),
+            unknown_flow: s.unknown_flow.load(Relaxed),
+            pcap_write_failed: s.pcap_write_failed.load(Relaxed),
+            wav_write_failed: s.wav_write_failed.load(Relaxed),
+            start_failed: s.start_failed.load(Relaxed),
+            unknown_recording_events: s.unknown_recording_events.load(Relaxed),
+            index_errors: s.index_errors.load(Relaxed),
+            active_recordings: s.active.load(Relaxed),
+            completed_recordings: s.completed.load(Relaxed),
+            queued_packets: s.queued.load(Relaxed) as u64,
+        }
+    }
+
+    /// False when the spool's free space is below `min_free_bytes` (or cannot be read):
+    /// signaling answers new recording INVITEs with 503.
+    pub fn can_accept_new_session(&self) -> bool {
+        free_bytes(&self.spool).is_some_and(|free| free >= self.min_free_bytes)
+    }
+
+    /// Applies the retention limits of the config (on the writer thread, which also removes the
+    /// deleted recordings from the index). Returns the ids deleted. Blocks until done.
+    pub fn enforce_retention(&self) -> Result<Vec<String>, WriterError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Msg::Retention(tx))
+            .map_err(|_| WriterError::Stopped)?;
+        rx.recv().map_err(|_| WriterError::Stopped)?
+    }
+
+    /// Ends every active recording (`end_reason: shutdown`), flushes and closes all files, and
+    /// waits for the writer thread. Packets still queued are written first. Dropping the handle
+    /// does the same.
+    pub fn shutdown(mut self) -> WriterStats {
+        self.stop();
+        self.stats()
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.tx.send(Msg::Shutdown);
+            if t.join().is_err() {
+                warn!("writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Clone for WriterSink {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+            capacity: self.capacity,
+            drops: HashMap::new(),
+        }
+    }
+}
+
+impl PacketSink for WriterSink {
+    fn packet(&mut self, p: &CapturedPacket<'_>) {
+        self.shared.packets_in.fetch_add(1, Relaxed);
+        if self.shared.queued.load(Relaxed) >= self.capacity {
+            self.shared.queue_full.fetch_add(1, Relaxed);
+            *self.drops.entry(p.header.flow_id).or_default() += 1;
+            return;
+        }
+        self.shared.queued.fetch_add(1, Relaxed);
+        let cap = (p.header.cap_len as usize).min(p.frame.len());
+        let msg = Msg::Packet(OwnedPacket {
+            header: p.header,
+            wall: p.wall,
+            frame: p.frame[..cap].into(),
+        });
+        if self.tx.send(msg).is_err() {
+            // The writer thread has stopped (shutdown): nothing will take packets any more.
+            self.shared.queued.fetch_sub(1, Relaxed);
+            self.shared.queue_full.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn batch_end(&mut self) {
+        if !self.drops.is_empty() {
+            let _ = self.tx.send(Msg::QueueDrops(self.drops.drain().collect()));
+        }
+    }
+}
+
+/// Free bytes for unprivileged users on the filesystem of `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail * st.f_frsize)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its length; gethostname NUL-terminates within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// State of the writer thread.
+struct Writer {
+    config: WriterConfig,
+    policy: RetentionPolicy,
+    shared: Arc<Shared>,
+    recordings: HashMap<String, Recording>,
+    /// flow id -> (recording id, stream index, is RTCP).
+    flows: HashMap<u64, (String, usize, bool)>,
+    index: Option<Index>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+        let interval = self.config.flush_interval.max(Duration::from_millis(10));
+        let mut next_flush = Instant::now() + interval;
+        loop {
+            let wait = next_flush.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Ok(msg) => self.handle(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_flush {
+                self.flush_all();
+                next_flush = Instant::now() + interval;
+            }
+        }
+        // Drain what capture queued before the shutdown.
+        while let Ok(msg) = rx.try_recv() {
+            if !matches!(msg, Msg::Shutdown) {
+                self.handle(msg);
+            }
+        }
+        let now = SystemTime::now();
+        let ids: Vec<String> = self.recordings.keys().cloned().collect();
+        for id in ids {
+            self.end(&id, now, "shutdown", None);
+        }
+        info!("writer stopped");
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Packet(p) => {
+                self.shared.queued.fetch_sub(1, Relaxed);
+                self.packet(&p);
+            }
+            Msg::Event(ev) => self.event(*ev),
+            Msg::QueueDrops(drops) => {
+                for (flow, n) in drops {
+                    if let Some(rec) = self
+                        .flows
+                        .get(&flow)
+                        .and_then(|(id, _, _)| self.recordings.get_mut(id))
+                    {
+                        rec.drops().queue_full += n;
+                        rec.dirty = true;
+                    }
+                }
+            }
+            Msg::Sync(reply) => {
+                let _ = reply.send(());
+            }
+            Msg::Retention(reply) => {
+                let _ = reply.send(self.retention());
+            }
+            Msg::Shutdown => {}
+        }
+    }
+
+    fn packet(&mut self, p: &OwnedPacket) {
+        let Some((id, stream, rtcp)) = self.flows.get(&p.header.flow_id) else {
+            self.shared.unknown_flow.fetch_add(1, Relaxed);
+            return;
+        };
+        let Some(rec) = self.recordings.get_mut(id) else {
+            self.shared.unknown_flow.fetch_add(1, Relaxed);
+            return;
+        };
+        let failed = rec.packet(*stream, *rtcp, p);
+        rec.dirty = true;
+        if failed.pcap {
+            self.shared.pcap_write_failed.fetch_add(1, Relaxed);
+        }
+        if failed.wav {
+            self.shared.wav_write_failed.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn event(&mut self, ev: SessionEvent) {
+        let id = ev.recording_id().to_string();
+        if let SessionEvent::Started {
+            id,
+            at,
+            ids,
+            streams,
+            participants,
+            metadata,
+        } = &ev
+        {
+            if self.recordings.contains_key(id) {
+                warn!(recording = %id, "duplicate Started ignored");
+                self.shared.unknown_recording_events.fetch_add(1, Relaxed);
+                return;
+            }
+            let start = Start {
+                id,
+                at: *at,
+                ids,
+                streams,
+                participants,
+                metadata: metadata.as_ref(),
+                host: &self.config.host,
+                floor: self
+                    .config
+                    .media_floor_bytes
+                    .min(self.config.min_free_bytes / 2),
+            };
+            match Recording::create(&self.config.spool, start) {
+                Ok(mut rec) => {
+                    rec.write_metadata(*at);
+                    self.index_update(rec.metadata());
+                    self.route(&rec);
+                    self.recordings.insert(id.clone(), rec);
+                    self.shared.active.fetch_add(1, Relaxed);
+                    info!(recording = %id, "recording started");
+                }
+                Err(e) => {
+                    self.shared.start_failed.fetch_add(1, Relaxed);
+                    warn!(recording = %id, error = %e, "cannot create recording");
+                }
+            }
+            return;
+        }
+        if let SessionEvent::Ended { at, reason, .. } = &ev {
+            let detail = match reason {
+                crate::events::EndReason::Bye { reason } => reason.clone(),
+                crate::events::EndReason::Error { detail } => Some(detail.clone()),
+                _ => None,
+            };
+            if !self.end(&id, *at, reason.name(), detail) {
+                self.shared.unknown_recording_events.fetch_add(1, Relaxed);
+            }
+            return;
+        }
+        let Some(rec) = self.recordings.get_mut(&id) else {
+            warn!(recording = %id, "event for an unknown recording");
+            self.shared.unknown_recording_events.fetch_add(1, Relaxed);
+            return;
+        };
+        let at = match ev {
+            SessionEvent::MediaChanged { at, streams, .. } => {
+                rec.media_changed(at, &streams);
+                at
+            }
+            SessionEvent::ParticipantsChanged {
+                at,
+                participants,
+                metadata,
+                ids,
+                ..
+            } => {
+                rec.set_ids(&ids);
+                rec.set_participants(&participants);
+                if let Some(m) = &metadata {
+                    rec.add_metadata_version(m);
+                }
+                at
+            }
+            SessionEvent::Paused { at, label, .. } => {
+                rec.set_paused(&label, true, at);
+                at
+            }
+            SessionEvent::Resumed { at, label, .. } => {
+                rec.set_paused(&label, false, at);
+                at
+            }
+            SessionEvent::Started { .. } | SessionEvent::Ended { .. } => return,
+        };
+        rec.write_metadata(at);
+        let Some(rec) = self.recordings.remove(&id) else {
+            return;
+        };
+        self.index_update(rec.metadata());
+        self.route(&rec);
+        self.recordings.insert(id, rec);
+    }
+
+    /// (Re)registers the flow ids of a recording.
+    fn route(&mut self, rec: &Recording) {
+        self.flows.retain(|_, (id, _, _)| id != rec.id());
+        for (flow, stream, rtcp) in rec.flows() {
+            if let Some((other, _, _)) = self.flows.get(&flow) {
+                warn!(flow, recording = %rec.id(), other = %other, "flow id reused; last one wins");
+            }
+            self.flows
+                .insert(flow, (rec.id().to_string(), stream, rtcp));
+        }
+    }
+
+    fn end(&mut self, id: &str, at: SystemTime, reason: &str, detail: Option<String>) -> bool {
+        let Some(rec) = self.recordings.remove(id) else {
+            return false;
+        };
+        self.flows.retain(|_, (rid, _, _)| rid != id);
+        let meta = rec.finish(at, reason, detail);
+        self.index_update(&meta);
+        self.shared.active.fetch_sub(1, Relaxed);
+        self.shared.completed.fetch_add(1, Relaxed);
+        info!(recording = %id, reason, "recording ended");
+        true
+    }
+
+    fn flush_all(&mut self) {
+        let now = SystemTime::now();
+        for rec in self.recordings.values_mut() {
+            if rec.dirty {
+                rec.flush(now);
+            }
+        }
+    }
+
+    fn index_update(&mut self, meta: &RecordingMetadata) {
+        if let Some(index) = self.index.as_mut() {
+            if let Err(e) = index.upsert_from_metadata(meta) {
+                self.shared.index_errors.fetch_add(1, Relaxed);
+                warn!(recording = %meta.id, error = %e, "index update failed");
+            }
+        }
+    }
+
+    fn retention(&mut self) -> Result<Vec<String>, WriterError> {
+        let deleted = enforce_retention(&self.config.spool, self.policy, SystemTime::now())?;
+        if let Some(index) = self.index.as_mut() {
+            for id in &deleted {
+                if let Err(e) = index.remove(id) {
+                    self.shared.index_errors.fetch_add(1, Relaxed);
+                    warn!(recording = %id, error = %e, "index removal failed");
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}

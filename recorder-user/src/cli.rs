@@ -1,0 +1,174 @@
+//! Human-readable rendering of control API answers for the `recorder` CLI.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+use crate::control::Request;
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A plain text table: header row, then rows, columns padded to their widest cell.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect(), &mut out);
+    for row in rows {
+        line(row.clone(), &mut out);
+    }
+    if rows.is_empty() {
+        out.push_str("(none)\n");
+    }
+    out
+}
+
+fn participants(v: &Value) -> String {
+    v.as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    p["name"]
+                        .as_str()
+                        .or(p["aor"].as_str())
+                        .unwrap_or("?")
+                        .to_string()
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+/// Renders the data of a successful answer to `request`.
+pub fn render(request: &Request, data: &Value) -> String {
+    match request {
+        Request::Status => {
+            let mut out = String::new();
+            let _ = writeln!(out, "recorder {}  up {} s", s(&data["version"]), s(&data["uptime_secs"]));
+            for i in data["interfaces"].as_array().into_iter().flatten() {
+                let _ = writeln!(out, "interface {}  XDP {}", s(&i["name"]), s(&i["mode"]));
+            }
+            let _ = writeln!(out, "sessions active {}", s(&data["sip"]["sessions_active"]));
+            if let Some(xdp) = data["xdp"].as_object() {
+                let counters: Vec<String> = xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let _ = writeln!(out, "xdp {}", counters.join(" "));
+            }
+            let spool = &data["spool"];
+            let _ = writeln!(
+                out,
+                "spool {}  free {} of {} bytes",
+                s(&spool["path"]),
+                s(&spool["free_bytes"]),
+                s(&spool["total_bytes"])
+            );
+            out
+        }
+        Request::Sessions => {
+            let rows: Vec<Vec<String>> = data
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    vec![
+                        s(&x["id"]),
+                        s(&x["call_ids"]["call_uuid"]),
+                        participants(&x["participants"]),
+                        x["streams"].as_array().map(|a| a.len()).unwrap_or(0).to_string(),
+                        s(&x["started_at"]),
+                    ]
+                })
+                .collect();
+            table(&["ID", "CALL UUID", "PARTICIPANTS", "STREAMS", "STARTED"], &rows)
+        }
+        Request::Flows => {
+            let rows: Vec<Vec<String>> = data
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    vec![
+                        s(&f["flow_id"]),
+                        s(&f["local"]),
+                        s(&f["action"]),
+                        s(&f["generation"]),
+                        s(&f["packets"]),
+                        s(&f["bytes"]),
+                        s(&f["ring_drops"]),
+                    ]
+                })
+                .collect();
+            table(&["FLOW", "LOCAL", "ACTION", "GEN", "PACKETS", "BYTES", "RING DROPS"], &rows)
+        }
+        Request::Stop { id } => format!("stopped {id}\n"),
+        Request::Recordings { .. } => {
+            let rows: Vec<Vec<String>> = data
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        s(&r["id"]),
+                        s(&r["call_uuid"]),
+                        s(&r["started_at"]),
+                        s(&r["ended_at"]),
+                        s(&r["state"]),
+                        s(&r["end_reason"]),
+                        s(&r["host"]),
+                        participants(&r["participants"]),
+                    ]
+                })
+                .collect();
+            table(
+                &["ID", "CALL UUID", "STARTED", "ENDED", "STATE", "REASON", "HOST", "PARTICIPANTS"],
+                &rows,
+            )
+        }
+        Request::Show { .. } => {
+            let mut out = String::new();
+            for key in ["id", "sip_call_id", "call_uuid", "state", "end_reason", "started_at", "ended_at"] {
+                let _ = writeln!(out, "{key:<12} {}", s(&data[key]));
+            }
+            for p in data["participants"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "participant  {} <{}> joined {} left {}",
+                    s(&p["name"]),
+                    s(&p["aor"]),
+                    s(&p["joined_at"]),
+                    s(&p["left_at"])
+                );
+            }
+            for st in data["streams"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "stream {:<4} {} port {} packets {} lost {}",
+                    s(&st["label"]),
+                    s(&st["codec"]),
+                    s(&st["local_port"]),
+                    s(&st["packets"]),
+                    s(&st["lost"])
+                );
+            }
+            out
+        }
+    }
+}

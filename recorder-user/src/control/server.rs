@@ -1,0 +1,328 @@
+//! The daemon side of the control API.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Request, Response};
+use crate::{
+    capture::loader::{AttachedMode, Counters},
+    config::Config,
+    daemon::{query, DriverCommand},
+    flow::FlowAction,
+    index::Index,
+    writer::WriterHandle,
+};
+
+/// What the control server needs from the daemon.
+#[derive(Clone)]
+pub struct ControlState {
+    config: Config,
+    commands: mpsc::Sender<DriverCommand>,
+    counters: Arc<Counters>,
+    writer: Arc<WriterHandle>,
+    attachments: Vec<(String, AttachedMode)>,
+    started: Instant,
+}
+
+impl ControlState {
+    pub fn new(
+        config: Config,
+        commands: mpsc::Sender<DriverCommand>,
+        counters: Arc<Counters>,
+        writer: Arc<WriterHandle>,
+        attachments: Vec<(String, AttachedMode)>,
+    ) -> Self {
+        Self {
+            config,
+            commands,
+            counters,
+            writer,
+            attachments,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Binds the control socket (mode 0660, group `recorder` when that group exists) and serves it
+/// until `shutdown`.
+pub async fn serve(
+    state: ControlState,
+    shutdown: CancellationToken,
+) -> std::io::Result<JoinHandle<()>> {
+    let path = state.config.control_socket.clone();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket file left by a crashed daemon would make bind fail.
+    if path.exists() {
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    set_service_group(&path);
+    info!(socket = %path.display(), "control socket listening");
+    let state = Arc::new(state);
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = handle_connection(&state, stream).await {
+                                debug!(error = %e, "control connection ended");
+                            }
+                        });
+                    }
+                    Err(e) => warn!(error = %e, "control accept failed"),
+                },
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }))
+}
+
+/// Gives the socket to the `recorder` group, if the host has one (the systemd unit creates it).
+fn set_service_group(path: &Path) {
+    let name = std::ffi::CString::new("recorder").expect("no NUL");
+    // SAFETY: getgrnam returns a pointer to static storage or null; read once, immediately.
+    let group = unsafe { libc::getgrnam(name.as_ptr()) };
+    if group.is_null() {
+        return;
+    }
+    // SAFETY: non-null pointer from getgrnam.
+    let gid = unsafe { (*group).gr_gid };
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: valid C string path; -1 keeps the owner.
+    if unsafe { libc::chown(cpath.as_ptr(), u32::MAX, gid) } != 0 {
+        warn!(socket = %path.display(), "cannot give the control socket to group recorder");
+    }
+}
+
+async fn handle_connection(state: &ControlState, stream: UnixStream) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handle(state, request).await,
+            Err(e) => Response::error(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_string(&response).unwrap_or_else(|e| {
+            format!("{{\"ok\":false,\"error\":\"cannot encode response: {e}\"}}")
+        });
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+    }
+    Ok(())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn spool_usage(spool: &Path) -> Value {
+    let Ok(c) = std::ffi::CString::new(spool.as_os_str().as_encoded_bytes()) else {
+        return Value::Null;
+    };
+    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Value::Null;
+    }
+    let block = st.f_frsize as u64;
+    json!({
+        "path": spool.display().to_string(),
+        "total_bytes": st.f_blocks as u64 * block,
+        "free_bytes": st.f_bavail as u64 * block,
+    })
+}
+
+async fn handle(state: &ControlState, request: Request) -> Response {
+    match request {
+        Request::Status => status(state).await,
+        Request::Sessions => {
+            match query(&state.commands, |app, _, _| serde_json::to_value(app.sessions())).await {
+                Some(Ok(v)) => Response::ok(v),
+                Some(Err(e)) => Response::error(e.to_string()),
+                None => Response::error("the SIP driver is not running"),
+            }
+        }
+        Request::Flows => flows(state).await,
+        Request::Stop { id } => {
+            let target = id.clone();
+            match query(&state.commands, move |app, endpoint, now| {
+                app.stop(now, &target, endpoint)
+            })
+            .await
+            {
+                Some(true) => Response::ok(json!({ "stopped": id })),
+                Some(false) => Response::error(format!("no live recording {id}")),
+                None => Response::error("the SIP driver is not running"),
+            }
+        }
+        Request::Recordings {
+            call_uuid,
+            aor,
+            since,
+        } => recordings(state, call_uuid, aor, since).await,
+        Request::Show { id } => show(state, &id),
+    }
+}
+
+async fn status(state: &ControlState) -> Response {
+    let counters = match state.counters.named() {
+        Ok(named) => named
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect::<serde_json::Map<_, _>>(),
+        Err(e) => return Response::error(e.to_string()),
+    };
+    let sip = query(&state.commands, |app, endpoint, _| {
+        json!({
+            "sessions_active": app.sessions().len(),
+            "siprec": format!("{:?}", app.counters()),
+            "endpoint": format!("{:?}", endpoint.counters()),
+        })
+    })
+    .await
+    .unwrap_or(Value::Null);
+    Response::ok(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": state.started.elapsed().as_secs(),
+        "interfaces": state.attachments.iter().map(|(name, mode)| json!({
+            "name": name, "mode": mode.to_string(),
+        })).collect::<Vec<_>>(),
+        "xdp": counters,
+        "writer": format!("{:?}", state.writer.stats()),
+        "sip": sip,
+        "spool": spool_usage(&state.config.spool),
+    }))
+}
+
+async fn flows(state: &ControlState) -> Response {
+    let listed = query(&state.commands, |app, _, _| {
+        let flows = app.flows();
+        let kernel = flows.kernel_entries();
+        flows
+            .list()
+            .into_iter()
+            .map(|e| {
+                let in_kernel = kernel.iter().find(|(local, _)| *local == e.spec.local);
+                json!({
+                    "flow_id": e.spec.flow_id,
+                    "local": e.spec.local.to_string(),
+                    "remote": e.spec.remote.map(|r| r.to_string()),
+                    "action": match e.spec.action { FlowAction::Pass => "pass", FlowAction::Drop => "drop" },
+                    "generation": e.generation,
+                    "in_kernel": in_kernel.is_some(),
+                    "kernel_generation": in_kernel.map(|(_, v)| v.generation),
+                    "packets": e.stats.packets,
+                    "bytes": e.stats.bytes,
+                    "ring_drops": e.stats.ring_drops,
+                    "truncated": e.stats.truncated,
+                    "wrong_source": e.stats.wrong_source,
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match listed {
+        Some(v) => Response::ok(Value::Array(v)),
+        None => Response::error("the SIP driver is not running"),
+    }
+}
+
+async fn recordings(
+    state: &ControlState,
+    call_uuid: Option<String>,
+    aor: Option<String>,
+    since: Option<String>,
+) -> Response {
+    let since = match since.as_deref().map(parse_time).transpose() {
+        Ok(t) => t,
+        Err(e) => return Response::error(e),
+    };
+    let db = state.config.index_path();
+    let spool = state.config.spool.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let index = Index::open(&db, &spool).map_err(|e| e.to_string())?;
+        let mut rows = if let Some(uuid) = &call_uuid {
+            index.by_call_uuid(uuid)
+        } else if let Some(aor) = &aor {
+            index.by_participant_aor(aor)
+        } else {
+            index.by_time_range(
+                since.unwrap_or(UNIX_EPOCH),
+                SystemTime::now() + Duration::from_secs(365 * 86400),
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        if let Some(since) = since {
+            rows.retain(|r| r.ended_at.is_none_or(|end| end >= since));
+        }
+        Ok::<_, String>(
+            rows.into_iter()
+                .map(|r| {
+                    json!({
+                        "id": r.id,
+                        "sip_call_id": r.sip_call_id,
+                        "call_uuid": r.call_uuid,
+                        "connection_id": r.connection_id,
+                        "participants": r.participants.iter().map(|p| json!({"name": p.name, "aor": p.aor})).collect::<Vec<_>>(),
+                        "started_at": rfc3339(r.started_at),
+                        "ended_at": r.ended_at.map(rfc3339),
+                        "state": r.state,
+                        "end_reason": r.end_reason,
+                        "path": r.path.display().to_string(),
+                        "host": r.host,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+    })
+    .await;
+    match result {
+        Ok(Ok(rows)) => Response::ok(Value::Array(rows)),
+        Ok(Err(e)) => Response::error(format!("index: {e}")),
+        Err(e) => Response::error(format!("index query failed: {e}")),
+    }
+}
+
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|e| format!("bad time {s:?} (want RFC 3339): {e}"))
+}
+
+fn show(state: &ControlState, id: &str) -> Response {
+    if id.is_empty() || id.contains('/') || id.contains("..") {
+        return Response::error(format!("bad recording id {id:?}"));
+    }
+    let path: PathBuf = state.config.spool.join(id).join("metadata.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match serde_json::from_str(&text) {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::error(format!("{}: {e}", path.display())),
+        },
+        Err(_) => Response::error(format!("no recording {id}")),
+    }
+}

@@ -1,0 +1,610 @@
+//! One recording: its directory, files and counters. Driven by the writer thread only.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use tracing::warn;
+
+use super::{
+    g711,
+    metadata::{
+        rfc3339, write_atomic, DropCounters, Interval, MetadataVersionMeta, ParticipantMeta,
+        RecordingMetadata, RecordingState, StreamMeta, WavMeta, PCAP_FILE, WAV_FILE,
+    },
+    pcap::PcapWriter,
+    rtp::{self, Aligner, Kind, SsrcStats},
+    wav::WavWriter,
+    OwnedPacket,
+};
+use crate::events::{CallIds, MetadataVersion, Participant, StreamInfo};
+
+/// Sample rate of the WAV: G.711 is the only codec decoded.
+pub(crate) const WAV_RATE: u32 = 8000;
+/// Longest WAV written (24 h): guards against a wall clock step turning into gigabytes of
+/// silence. Audio past it stays in the pcap (counted as `out_of_range`).
+const MAX_WAV_SECONDS: i64 = 24 * 3600;
+
+/// Codec of a payload type the WAV can take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Decoder {
+    Pcmu,
+    Pcma,
+}
+
+impl Decoder {
+    fn for_name(name: &str) -> Option<Self> {
+        match name.to_ascii_uppercase().as_str() {
+            "PCMU" => Some(Decoder::Pcmu),
+            "PCMA" => Some(Decoder::Pcma),
+            _ => None,
+        }
+    }
+
+    fn decode(self, payload: &[u8], out: &mut Vec<i16>) {
+        out.clear();
+        match self {
+            Decoder::Pcmu => out.extend(payload.iter().map(|&b| g711::ulaw(b))),
+            Decoder::Pcma => out.extend(payload.iter().map(|&b| g711::alaw(b))),
+        }
+    }
+}
+
+struct Stream {
+    info: StreamInfo,
+    channel: Option<u16>,
+    packets: u64,
+    bytes: u64,
+    rtcp_packets: u64,
+    ssrcs: Vec<SsrcStats>,
+    aligner: Aligner,
+    paused: Vec<Interval>,
+    paused_now: bool,
+    added_at: SystemTime,
+    removed_at: Option<SystemTime>,
+}
+
+impl Stream {
+    fn new(info: StreamInfo, channel: Option<u16>, at: SystemTime) -> Self {
+        let paused_now = info.paused;
+        Self {
+            paused: if paused_now {
+                vec![Interval {
+                    from: rfc3339(at),
+                    to: None,
+                }]
+            } else {
+                Vec::new()
+            },
+            info,
+            channel,
+            packets: 0,
+            bytes: 0,
+            rtcp_packets: 0,
+            ssrcs: Vec::new(),
+            aligner: Aligner::default(),
+            paused_now,
+            added_at: at,
+            removed_at: None,
+        }
+    }
+
+    fn decoder(&self) -> Option<Decoder> {
+        if self.info.srtp || self.info.media != "audio" {
+            return None;
+        }
+        Decoder::for_name(&self.info.codec.name)
+    }
+
+    /// Decoder for one packet's payload type (static PCMU/PCMA types are honoured even when
+    /// the answer chose the other, as some clients switch).
+    fn decoder_for(&self, pt: u8) -> Option<Decoder> {
+        self.decoder()?;
+        if pt == self.info.codec.payload_type {
+            return self.decoder();
+        }
+        match pt {
+            0 => Some(Decoder::Pcmu),
+            8 => Some(Decoder::Pcma),
+            _ => None,
+        }
+    }
+
+    fn set_paused(&mut self, paused: bool, at: SystemTime) {
+        if paused == self.paused_now {
+            return;
+        }
+        self.paused_now = paused;
+        if paused {
+            self.paused.push(Interval {
+                from: rfc3339(at),
+                to: None,
+            });
+        } else if let Some(last) = self.paused.last_mut() {
+            last.to = Some(rfc3339(at));
+        }
+    }
+
+    fn meta(&self) -> StreamMeta {
+        StreamMeta {
+            label: self.info.label.clone(),
+            media: self.info.media.clone(),
+            codec: self.info.codec.name.clone(),
+            payload_type: self.info.codec.payload_type,
+            clock_rate: self.info.codec.clock_rate,
+            local_port: self.info.local_port,
+            rtcp_port: self.info.rtcp_port,
+            channel: self.channel,
+            decoded: self.channel.is_some() && self.decoder().is_some(),
+            srtp: self.info.srtp,
+            packets: self.packets,
+            bytes: self.bytes,
+            rtcp_packets: self.rtcp_packets,
+            lost: self.ssrcs.iter().map(|s| s.lost).sum(),
+            ssrcs: self.ssrcs.clone(),
+            paused: self.paused.clone(),
+            added_at: rfc3339(self.added_at),
+            removed_at: self.removed_at.map(rfc3339),
+        }
+    }
+}
+
+/// Which file failed, for the caller's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct WriteFailures {
+    pub pcap: bool,
+    pub wav: bool,
+}
+
+pub(crate) struct Recording {
+    pub dir: PathBuf,
+    started: SystemTime,
+    meta: RecordingMetadata,
+    streams: Vec<Stream>,
+    pcap: Option<PcapWriter>,
+    wav: Option<WavWriter>,
+    /// Metadata changed since the last write.
+    pub dirty: bool,
+    /// A disk error was already logged (log once, count always).
+    warned: bool,
+    scratch: Vec<i16>,
+}
+
+/// What a recording starts with (the fields of `SessionEvent::Started`).
+pub(crate) struct Start<'a> {
+    pub id: &'a str,
+    pub at: SystemTime,
+    pub ids: &'a CallIds,
+    pub streams: &'a [StreamInfo],
+    pub participants: &'a [Participant],
+    pub metadata: Option<&'a MetadataVersion>,
+    pub host: &'a str,
+    /// Free space media writes leave on the filesystem.
+    pub floor: u64,
+}
+
+impl Recording {
+    pub(crate) fn create(spool: &Path, s: Start<'_>) -> io::Result<Self> {
+        if s.id.is_empty() || s.id.contains(['/', '\\', '\0']) || s.id.starts_with('.') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("recording id {:?} is not a valid directory name", s.id),
+            ));
+        }
+        let dir = spool.join(s.id);
+        // Never reuse (and truncate) the files of an earlier recording with the same id.
+        fs::create_dir(&dir)?;
+        // One channel per audio stream, in stream order.
+        let mut labels = Vec::new();
+        let mut streams = Vec::new();
+        for info in s.streams {
+            let channel = (info.media == "audio").then(|| {
+                labels.push(info.label.clone());
+                labels.len() as u16 - 1
+            });
+            streams.push(Stream::new(info.clone(), channel, s.at));
+        }
+        let mut notes = Vec::new();
+        for st in &streams {
+            if st.channel.is_some() && st.decoder().is_none() {
+                notes.push(not_decoded_note(&st.info));
+            }
+        }
+        let files = PcapWriter::create(&dir.join(PCAP_FILE), s.floor).and_then(|pcap| {
+            let channels = labels.len().max(1) as u16;
+            let wav = WavWriter::create(&dir.join(WAV_FILE), channels, WAV_RATE, s.floor)?;
+            Ok((pcap, wav))
+        });
+        let (pcap, wav) = match files {
+            Ok(f) => f,
+            Err(e) => {
+                // The directory is ours (created above): leave no half-made recording behind.
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let now = rfc3339(s.at);
+        let mut rec = Self {
+            meta: RecordingMetadata {
+                id: s.id.to_string(),
+                sip_call_id: s.ids.sip_call_id.clone(),
+                call_uuid: None,
+                call_uuid_source: None,
+                connection_id: None,
+                extra_ids: Vec::new(),
+                host: s.host.to_string(),
+                state: RecordingState::Active,
+                end_reason: None,
+                end_detail: None,
+                started_at: now.clone(),
+                ended_at: None,
+                updated_at: now,
+                media_received: false,
+                participants: Vec::new(),
+                streams: Vec::new(),
+                metadata_versions: Vec::new(),
+                wav: WavMeta {
+                    sample_rate: WAV_RATE,
+                    channels: labels,
+                    frames: 0,
+                },
+                dropped: DropCounters::default(),
+                notes,
+            },
+            dir,
+            started: s.at,
+            streams,
+            pcap: Some(pcap),
+            wav: Some(wav),
+            dirty: true,
+            warned: false,
+            scratch: Vec::new(),
+        };
+        rec.set_ids(s.ids);
+        rec.set_participants(s.participants);
+        if let Some(m) = s.metadata {
+            rec.add_metadata_version(m);
+        }
+        Ok(rec)
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.meta.id
+    }
+
+    pub(crate) fn drops(&mut self) -> &mut DropCounters {
+        &mut self.meta.dropped
+    }
+
+    /// Flow ids routed to this recording: (flow id, stream index, is RTCP).
+    pub(crate) fn flows(&self) -> Vec<(u64, usize, bool)> {
+        let mut out = Vec::new();
+        for (i, s) in self.streams.iter().enumerate() {
+            if s.removed_at.is_some() {
+                continue;
+            }
+            out.push((s.info.flow_id, i, false));
+            if let Some(r) = s.info.rtcp_flow_id {
+                out.push((r, i, true));
+            }
+        }
+        out
+    }
+
+    pub(crate) fn set_ids(&mut self, ids: &CallIds) {
+        let m = &mut self.meta;
+        if !ids.sip_call_id.is_empty() {
+            m.sip_call_id = ids.sip_call_id.clone();
+        }
+        // Later messages may add ids; never forget one already known.
+        if ids.call_uuid.is_some() {
+            m.call_uuid = ids.call_uuid.clone();
+            m.call_uuid_source = ids.call_uuid_source.clone();
+        }
+        if ids.connection_id.is_some() {
+            m.connection_id = ids.connection_id.clone();
+        }
+        for kv in &ids.extra {
+            if !m.extra_ids.contains(kv) {
+                m.extra_ids.push(kv.clone());
+            }
+        }
+        self.dirty = true;
+    }
+
+    pub(crate) fn set_participants(&mut self, ps: &[Participant]) {
+        self.meta.participants = ps
+            .iter()
+            .map(|p| ParticipantMeta {
+                id: p.id.clone(),
+                name: p.name.clone(),
+                aor: p.aor.clone(),
+                joined_at: p.joined_at.map(rfc3339),
+                left_at: p.left_at.map(rfc3339),
+                sends: p.sends.clone(),
+                receives: p.receives.clone(),
+            })
+            .collect();
+        self.dirty = true;
+    }
+
+    /// Stores a SIPREC metadata body as `metadata-<n>.xml` and lists it.
+    pub(crate) fn add_metadata_version(&mut self, m: &MetadataVersion) {
+        let file = format!("metadata-{}.xml", m.version);
+        if let Err(e) = write_atomic(&self.dir.join(&file), m.xml.as_bytes()) {
+            self.meta.dropped.metadata_write_failed += 1;
+            warn!(recording = %self.meta.id, error = %e, "cannot write {file}");
+            return;
+        }
+        self.meta
+            .metadata_versions
+            .retain(|v| v.version != m.version);
+        self.meta.metadata_versions.push(MetadataVersionMeta {
+            version: m.version,
+            received_at: rfc3339(m.received_at),
+            method: m.method.clone(),
+            file,
+        });
+        self.dirty = true;
+    }
+
+    /// A new stream list (re-INVITE). Streams keep their state when their flow id (or, failing
+    /// that, their label) matches; absent ones are marked removed; new labels get no WAV channel
+    /// (the channel count is fixed when the file is created) and are kept in the pcap.
+    pub(crate) fn media_changed(&mut self, at: SystemTime, new: &[StreamInfo]) {
+        let mut seen = vec![false; self.streams.len()];
+        for info in new {
+            let existing = self
+                .streams
+                .iter()
+                .position(|s| s.removed_at.is_none() && s.info.flow_id == info.flow_id)
+                .or_else(|| self.streams.iter().position(|s| s.info.label == info.label));
+            match existing {
+                Some(i) => {
+                    let s = &mut self.streams[i];
+                    let was_decoded = s.decoder().is_some();
+                    s.removed_at = None;
+                    s.info = info.clone();
+                    s.set_paused(info.paused, at);
+                    if s.channel.is_some() && was_decoded && s.decoder().is_none() {
+                        self.meta.notes.push(not_decoded_note(info));
+                    }
+                    seen[i] = true;
+                }
+                None => {
+                    self.meta.notes.push(format!(
+                        "stream {:?} added at {} after the WAV was laid out: kept in the pcap only",
+                        info.label,
+                        rfc3339(at)
+                    ));
+                    self.streams.push(Stream::new(info.clone(), None, at));
+                }
+            }
+        }
+        for (s, seen) in self.streams.iter_mut().zip(seen) {
+            if !seen && s.removed_at.is_none() {
+                s.removed_at = Some(at);
+            }
+        }
+        self.dirty = true;
+    }
+
+    pub(crate) fn set_paused(&mut self, label: &str, paused: bool, at: SystemTime) {
+        for s in self.streams.iter_mut().filter(|s| s.info.label == label) {
+            s.set_paused(paused, at);
+        }
+        self.dirty = true;
+    }
+
+    /// Records one captured packet of stream `stream`.
+    pub(crate) fn packet(&mut self, stream: usize, rtcp: bool, p: &OwnedPacket) -> WriteFailures {
+        let mut failed = WriteFailures::default();
+        let Some(s) = self.streams.get_mut(stream) else {
+            return failed;
+        };
+        if let Some(pcap) = self.pcap.as_mut() {
+            if let Err(e) = pcap.write(p.wall, p.header.wire_len, &p.frame) {
+                failed.pcap = true;
+                self.meta.dropped.pcap_write_failed += 1;
+                if !self.warned {
+                    self.warned = true;
+                    warn!(recording = %self.meta.id, error = %e, "pcap write failed; dropping packets");
+                }
+                // Without the pcap record, it is not counted as recorded either.
+                return failed;
+            }
+        }
+        let payload = p
+            .frame
+            .get(p.header.payload_offset as usize..)
+            .unwrap_or(&[]);
+        if rtcp {
+            s.rtcp_packets += 1;
+            return failed;
+        }
+        let h = match rtp::parse(payload) {
+            Kind::Rtp(h) => h,
+            Kind::Rtcp => {
+                s.rtcp_packets += 1;
+                return failed;
+            }
+            Kind::Malformed => {
+                self.meta.dropped.malformed += 1;
+                return failed;
+            }
+        };
+        s.packets += 1;
+        s.bytes += p.header.wire_len as u64;
+        self.meta.media_received = true;
+        match s.ssrcs.iter_mut().find(|x| x.ssrc == h.ssrc) {
+            Some(x) => x.record(h.seq),
+            None => {
+                let mut x = SsrcStats::new(h.ssrc, h.seq);
+                x.record(h.seq);
+                s.ssrcs.push(x);
+            }
+        }
+        if let Some(te) = s.info.telephone_event_pt {
+            if te == h.payload_type {
+                return failed; // DTMF events: pcap only, not audio.
+            }
+        }
+        let (Some(channel), Some(dec)) = (s.channel, s.decoder_for(h.payload_type)) else {
+            self.meta.dropped.not_decoded += 1;
+            return failed;
+        };
+        if s.paused_now {
+            self.meta.dropped.while_paused += 1;
+            return failed;
+        }
+        let Some(wav) = self.wav.as_mut() else {
+            return failed;
+        };
+        let wall_pos = frames_between(self.started, p.wall, wav.rate());
+        let pos = s
+            .aligner
+            .position(&h, s.info.codec.clock_rate, wav.rate(), wall_pos);
+        let data = payload
+            .get(h.payload_offset..h.payload_offset + h.payload_len)
+            .unwrap_or(&[]);
+        dec.decode(data, &mut self.scratch);
+        // Audio before the start of the recording is cut (packets racing the 200 OK).
+        let skip = (-pos).max(0) as usize;
+        if skip >= self.scratch.len() || pos > MAX_WAV_SECONDS * wav.rate() as i64 {
+            self.meta.dropped.out_of_range += 1;
+            return failed;
+        }
+        let start = pos.max(0) as u64;
+        match wav.write(channel, start, &self.scratch[skip..]) {
+            Ok(n) if n + skip < self.scratch.len() => self.meta.dropped.out_of_range += 1,
+            Ok(_) => {}
+            Err(e) => {
+                failed.wav = true;
+                self.meta.dropped.wav_write_failed += 1;
+                if !self.warned {
+                    self.warned = true;
+                    warn!(recording = %self.meta.id, error = %e, "wav write failed; dropping audio");
+                }
+            }
+        }
+        failed
+    }
+
+    fn refresh_meta(&mut self, now: SystemTime) {
+        self.meta.streams = self.streams.iter().map(Stream::meta).collect();
+        self.meta.wav.frames = self
+            .wav
+            .as_ref()
+            .map_or(self.meta.wav.frames, |w| w.frames());
+        self.meta.updated_at = rfc3339(now);
+    }
+
+    /// Writes `metadata.json` (atomically). Failures are counted, the old file stays.
+    pub(crate) fn write_metadata(&mut self, now: SystemTime) -> bool {
+        self.refresh_meta(now);
+        match self.meta.write(&self.dir) {
+            Ok(()) => {
+                self.dirty = false;
+                true
+            }
+            Err(e) => {
+                self.meta.dropped.metadata_write_failed += 1;
+                warn!(recording = %self.meta.id, error = %e, "cannot write metadata.json");
+                false
+            }
+        }
+    }
+
+    /// Periodic flush: WAV header sizes, writeback of both files, metadata.
+    pub(crate) fn flush(&mut self, now: SystemTime) {
+        if let Some(w) = self.wav.as_mut() {
+            if let Err(e) = w.flush() {
+                warn!(recording = %self.meta.id, error = %e, "wav flush failed");
+            }
+        }
+        if let Some(p) = self.pcap.as_ref() {
+            if let Err(e) = p.flush_async() {
+                warn!(recording = %self.meta.id, error = %e, "pcap flush failed");
+            }
+        }
+        self.write_metadata(now);
+    }
+
+    /// Ends the recording: the WAV covers the whole call (silence up to the end), files are cut
+    /// to their length and synced, metadata says `complete`.
+    pub(crate) fn finish(
+        mut self,
+        at: SystemTime,
+        reason: &str,
+        detail: Option<String>,
+    ) -> RecordingMetadata {
+        for s in &mut self.streams {
+            s.set_paused(false, at);
+        }
+        if let Some(mut w) = self.wav.take() {
+            let mut frames = frames_between(self.started, at, w.rate()).max(0);
+            let max = MAX_WAV_SECONDS * w.rate() as i64;
+            if frames > max {
+                frames = max;
+                self.meta.notes.push(format!(
+                    "end time {} is more than {MAX_WAV_SECONDS} s after the start: WAV cut there",
+                    rfc3339(at)
+                ));
+            }
+            if let Err(e) = w.extend_to(frames as u64) {
+                self.meta.dropped.wav_write_failed += 1;
+                warn!(recording = %self.meta.id, error = %e, "cannot extend wav to the call's end");
+            }
+            self.meta.wav.frames = w.frames();
+            if let Err(e) = w.finish() {
+                warn!(recording = %self.meta.id, error = %e, "cannot finish wav");
+            }
+        }
+        if let Some(p) = self.pcap.take() {
+            if let Err(e) = p.finish() {
+                warn!(recording = %self.meta.id, error = %e, "cannot finish pcap");
+            }
+        }
+        if !self.meta.media_received {
+            self.meta.notes.push("no media arrived".to_string());
+        }
+        if self.meta.dropped.pcap_write_failed + self.meta.dropped.wav_write_failed > 0 {
+            self.meta
+                .notes
+                .push("some media was not written (disk full or write error)".to_string());
+        }
+        self.meta.state = RecordingState::Complete;
+        self.meta.end_reason = Some(reason.to_string());
+        self.meta.end_detail = detail;
+        self.meta.ended_at = Some(rfc3339(at));
+        self.write_metadata(at);
+        self.meta.clone()
+    }
+
+    pub(crate) fn metadata(&self) -> &RecordingMetadata {
+        &self.meta
+    }
+}
+
+fn not_decoded_note(info: &StreamInfo) -> String {
+    let why = if info.srtp {
+        "SRTP".to_string()
+    } else {
+        format!("codec {} is not decoded", info.codec.name)
+    };
+    format!(
+        "stream {:?}: {why}; its audio is kept in the pcap only (silent WAV channel)",
+        info.label
+    )
+}
+
+/// Frames at `rate` from `from` to `to` (negative when `to` is earlier).
+fn frames_between(from: SystemTime, to: SystemTime, rate: u32) -> i64 {
+    let ns = match to.duration_since(from) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    };
+    (ns * rate as i128 / 1_000_000_000) as i64
+}

@@ -1,0 +1,87 @@
+//! Crash repair: recordings left `active` by a writer that died (kill -9, power loss).
+
+use std::{fs, path::Path, time::SystemTime};
+
+use tracing::{info, warn};
+
+use super::{
+    metadata::{
+        parse_rfc3339, rfc3339, RecordingMetadata, RecordingState, METADATA_FILE, PCAP_FILE,
+        WAV_FILE,
+    },
+    pcap, wav, WriterError,
+};
+
+/// Repairs every recording of `spool` whose metadata says `active`. Run before [`super::start`]
+/// (no writer may be using the spool). Returns the ids repaired.
+///
+/// For each: the pcap is cut to its last whole record, the WAV to its last written frame with
+/// its header sizes corrected (the zero tails of the mmap growth are trimmed), and the metadata
+/// says `state: interrupted`, `end_reason: crash`, `ended_at` = the last media written (or the
+/// last metadata update). Nothing that was written is dropped. A recording that cannot be
+/// repaired is logged and skipped; the others are still repaired.
+pub fn repair_spool(spool: &Path) -> Result<Vec<String>, WriterError> {
+    let entries = fs::read_dir(spool).map_err(|source| WriterError::Io {
+        op: "read spool",
+        path: spool.to_path_buf(),
+        source,
+    })?;
+    let mut repaired = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(mut meta) = RecordingMetadata::read(&dir) else {
+            continue; // Not a recording directory (or metadata never written: nothing to fix).
+        };
+        if meta.state != RecordingState::Active {
+            continue;
+        }
+        match repair_one(&dir, &mut meta) {
+            Ok(()) => {
+                info!(recording = %meta.id, "repaired interrupted recording");
+                repaired.push(meta.id);
+            }
+            Err(e) => warn!(dir = %dir.display(), error = %e, "cannot repair recording"),
+        }
+    }
+    repaired.sort();
+    Ok(repaired)
+}
+
+fn repair_one(dir: &Path, meta: &mut RecordingMetadata) -> Result<(), WriterError> {
+    let io = |op: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| WriterError::Io { op, path, source }
+    };
+    let mut last: Option<SystemTime> = parse_rfc3339(&meta.updated_at);
+    let started = parse_rfc3339(&meta.started_at);
+    let pcap_path = dir.join(PCAP_FILE);
+    if pcap_path.exists() {
+        let r = pcap::repair(&pcap_path).map_err(io("repair pcap", &pcap_path))?;
+        last = last.max(r.last);
+        meta.notes.push(format!(
+            "repaired after a crash: pcap cut from {} to {} bytes ({} records)",
+            r.old_len, r.new_len, r.records
+        ));
+    }
+    let wav_path = dir.join(WAV_FILE);
+    if wav_path.exists() {
+        let r = wav::repair(&wav_path).map_err(io("repair wav", &wav_path))?;
+        meta.wav.frames = r.frames;
+        if let (Some(s), true) = (started, r.rate > 0) {
+            let wav_end =
+                s + std::time::Duration::from_nanos(r.frames * 1_000_000_000 / r.rate as u64);
+            last = last.max(Some(wav_end));
+        }
+        meta.notes.push(format!(
+            "repaired after a crash: wav cut from {} to {} bytes ({} frames)",
+            r.old_len, r.new_len, r.frames
+        ));
+    }
+    // A metadata.json replacement the crash cut short.
+    let _ = fs::remove_file(dir.join(format!(".{METADATA_FILE}.tmp")));
+    meta.state = RecordingState::Interrupted;
+    meta.end_reason = Some("crash".to_string());
+    meta.ended_at = last.map(rfc3339);
+    meta.updated_at = rfc3339(SystemTime::now());
+    meta.write(dir).map_err(io("write metadata", dir))
+}
