@@ -280,6 +280,8 @@ pub struct Recorder<F: FlowControl> {
     flows: F,
     events: Box<dyn FnMut(SessionEvent) + Send>,
     ports: PortAllocator,
+    /// Ports taken from `ports` but never answered (a rollback): reusable without cool-down.
+    spare_ports: Vec<u16>,
     sessions: BTreeMap<SessionKey, Session>,
     next_flow_id: u64,
     accepting: bool,
@@ -301,6 +303,7 @@ impl<F: FlowControl> Recorder<F> {
             flows,
             events,
             ports,
+            spare_ports: Vec::new(),
             sessions: BTreeMap::new(),
             next_flow_id: 1,
             accepting: true,
@@ -509,7 +512,7 @@ impl<F: FlowControl> Recorder<F> {
                     Ok(info) => Some(info),
                     Err(reject) => {
                         for info in slots.into_iter().flatten() {
-                            self.close_stream(now, &info);
+                            self.close_stream(now, &info, false);
                         }
                         return Err(reject);
                     }
@@ -620,7 +623,11 @@ impl<F: FlowControl> Recorder<F> {
         codec: Codec,
     ) -> Result<StreamInfo, Reject> {
         let need_rtcp = !stream.rtcp_mux;
-        let Some(port) = self.ports.allocate(now, need_rtcp) else {
+        let port = self
+            .spare_ports
+            .pop()
+            .or_else(|| self.ports.allocate(now, need_rtcp));
+        let Some(port) = port else {
             return Err(Reject::new(503, "Media ports exhausted", "ports_exhausted")
                 .header("Retry-After", self.config.retry_after.to_string()));
         };
@@ -642,7 +649,7 @@ impl<F: FlowControl> Recorder<F> {
         let rtp_spec = self.spec(port, remote);
         info.flow_id = rtp_spec.flow_id;
         if let Err(e) = self.flows.insert(rtp_spec) {
-            self.ports.release(now, port);
+            self.give_back(now, port, false);
             warn!(error = %e, port, "pinning RTP flow failed");
             return Err(Reject::new(500, "Flow table error", "flow_error"));
         }
@@ -650,7 +657,7 @@ impl<F: FlowControl> Recorder<F> {
             let spec = self.spec(rtcp_port, rtcp_remote(stream));
             if let Err(e) = self.flows.insert(spec) {
                 let _ = self.flows.remove(rtp_spec.local);
-                self.ports.release(now, port);
+                self.give_back(now, port, false);
                 warn!(error = %e, port = rtcp_port, "pinning RTCP flow failed");
                 return Err(Reject::new(500, "Flow table error", "flow_error"));
             }
@@ -659,15 +666,25 @@ impl<F: FlowControl> Recorder<F> {
         Ok(info)
     }
 
-    /// Unpins a stream's flows and releases its ports (they cool down before reuse).
-    fn close_stream(&mut self, now: Instant, info: &StreamInfo) {
+    /// Unpins a stream's flows and gives its ports back.
+    fn close_stream(&mut self, now: Instant, info: &StreamInfo, advertised: bool) {
         let ip = self.config.media_address;
         for port in std::iter::once(info.local_port).chain(info.rtcp_port) {
             if let Err(e) = self.flows.remove(SocketAddr::new(ip, port)) {
                 warn!(error = %e, port, "unpinning flow failed");
             }
         }
-        self.ports.release(now, info.local_port);
+        self.give_back(now, info.local_port, advertised);
+    }
+
+    /// An advertised port cools down before reuse (late packets must not reach another call);
+    /// one no client ever saw in an answer can be reused at once, so it is kept aside here.
+    fn give_back(&mut self, now: Instant, port: u16, advertised: bool) {
+        if advertised {
+            self.ports.release(now, port);
+        } else {
+            self.spare_ports.push(port);
+        }
     }
 
     /// A flow spec with a fresh flow id.
@@ -906,7 +923,7 @@ impl<F: FlowControl> Recorder<F> {
                 }
                 (Some(info), _, _) => {
                     // Port 0 (or nothing usable left): the stream is gone.
-                    self.close_stream(now, &info);
+                    self.close_stream(now, &info, true);
                     changed = true;
                 }
                 (None, Some(stream), Some(codec)) => match self.open_stream(now, stream, codec) {
@@ -1011,7 +1028,7 @@ impl<F: FlowControl> Recorder<F> {
             return;
         };
         for info in session.slots.iter().flatten() {
-            self.close_stream(now, info);
+            self.close_stream(now, info, true);
         }
         match session.phase {
             // Never answered: the INVITE gets a final answer instead of a BYE.
@@ -2848,5 +2865,36 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
                 proptest::prop_assert!(h.rec.flows().table.flows.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn ports_of_a_refused_offer_are_reusable_at_once() {
+        // Three pairs; four streams cannot fit, but that must not block the next calls.
+        let mut h = Harness::new(SiprecConfig {
+            rtp_ports: (40000, 40005),
+            ..config()
+        });
+        let four = sdp(1, &[20000, 20002, 20004, 20006], "sendonly");
+        let (code, _) = status(
+            &mut h,
+            &Req::new("INVITE", "four@src").body("application/sdp", &four),
+        );
+        assert_eq!(code, 503);
+        assert!(h.rec.flows().table.flows.is_empty());
+        for call in ["a@src", "b@src", "c@src"] {
+            let one = sdp(1, &[20000], "sendonly");
+            let (code, resp) = status(
+                &mut h,
+                &Req::new("INVITE", call).body("application/sdp", &one),
+            );
+            assert_eq!(code, 200, "{call}: {resp}");
+        }
+        let ports: std::collections::BTreeSet<u16> = h
+            .rec
+            .sessions()
+            .iter()
+            .map(|s| s.streams[0].local_port)
+            .collect();
+        assert_eq!(ports.len(), 3, "three distinct pairs");
     }
 }
