@@ -99,13 +99,25 @@ impl Default for SiprecConfig {
 }
 
 /// Counters of the recording layer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SiprecCounters {
     pub sessions_started: u64,
     /// Ended sessions by [`EndReason::name`].
     pub sessions_ended: BTreeMap<&'static str, u64>,
-    /// Rejected requests by (status code, short cause).
+    /// Rejected requests by (status code, short cause); serialized as `"503 session_limit": n`.
+    #[serde(serialize_with = "rejections_by_name")]
     pub rejections: BTreeMap<(u16, &'static str), u64>,
+}
+
+fn rejections_by_name<S: serde::Serializer>(
+    rejections: &BTreeMap<(u16, &'static str), u64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(
+        rejections
+            .iter()
+            .map(|((code, cause), n)| (format!("{code} {cause}"), n)),
+    )
 }
 
 impl SiprecCounters {
@@ -2433,6 +2445,9 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
             h.rec.counters().rejections.get(&(503, "session_limit")),
             Some(&1)
         );
+        let json = serde_json::to_value(h.rec.counters()).unwrap();
+        assert_eq!(json["rejections"]["503 session_limit"], 1);
+        assert_eq!(json["sessions_started"], 1);
 
         let mut h = Harness::new(config());
         h.rec.set_accepting(false, "disk full");
