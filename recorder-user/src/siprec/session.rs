@@ -396,11 +396,7 @@ impl<F: FlowControl> Recorder<F> {
             return None;
         }
         let Some(key) = session_key(&request.headers) else {
-            return Some(self.reject(Reject::new(
-                400,
-                "Missing Call-ID or From tag",
-                "bad_request",
-            )));
+            return Some(self.reject(Reject::new(400, "Missing Call-ID or From", "bad_request")));
         };
         let in_dialog = to_tag(&request.headers).is_some();
         let result = match (&request.method, in_dialog) {
@@ -1390,7 +1386,9 @@ fn to_tag(headers: &rsip::Headers) -> Option<String> {
 
 fn session_key(headers: &rsip::Headers) -> Option<SessionKey> {
     let call_id = header_value(headers, "Call-ID").filter(|c| !c.is_empty())?;
-    let from_tag = header_value(headers, "From").and_then(|v| tag_of(&v))?;
+    // RFC 2543 clients may send no From tag; the endpoint keys their dialog by an empty one.
+    let from_tag = header_value(headers, "From")?;
+    let from_tag = tag_of(&from_tag).unwrap_or_default();
     Some(SessionKey { call_id, from_tag })
 }
 
@@ -2911,5 +2909,28 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
             .map(|s| s.streams[0].local_port)
             .collect();
         assert_eq!(ports.len(), 3, "three distinct pairs");
+    }
+
+    #[test]
+    fn invite_without_from_tag_is_recorded_and_ended() {
+        let mut h = Harness::new(config());
+        let mut req = Req::new("INVITE", "rfc2543@src")
+            .body("application/sdp", &sdp(1, &[20000], "sendonly"));
+        req.from_tag = "";
+        let text = req.text(1).replace(";tag=\r\n", "\r\n");
+        assert!(text.contains("From: <sip:src@sbc1.cc.example>\r\n"));
+        let resp = final_response(&h.send_raw(&text));
+        assert_eq!(resp.status_code.code(), 200, "{resp}");
+        let tag = to_tag(&resp.headers).unwrap();
+        let bye = Req::new("BYE", "rfc2543@src")
+            .in_dialog(&tag, 2)
+            .text(2)
+            .replace(";tag=sbc-7731", "");
+        let codes: Vec<u16> = responses(&h.send_raw(&bye))
+            .iter()
+            .map(|r| r.status_code.code())
+            .collect();
+        assert_eq!(codes, [200]);
+        assert!(h.rec.sessions().is_empty());
     }
 }
