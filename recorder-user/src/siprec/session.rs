@@ -5,9 +5,13 @@
 //! answer, pins and rewrites flows through [`FlowControl`] and reports what happened to the rest
 //! of the recorder as [`SessionEvent`]s. It never touches sockets or files.
 //!
-//! The decision logic ([`Recorder::on_request`] and friends) does not talk to the endpoint
-//! directly: it queues [`Reply`]s and BYEs in an outbox that the [`SipApp`] methods flush. That
-//! keeps the logic testable without a SIP stack and keeps the endpoint borrow out of it.
+//! The decision logic ([`Recorder::handle_request`] and the timers) does not talk to the endpoint
+//! directly: it returns a [`Reply`], or queues deferred answers and BYEs in an outbox that the
+//! [`SipApp`] methods flush. That keeps the endpoint borrow out of the logic.
+//!
+//! Sessions are keyed by Call-ID plus the client's From tag, never by Call-ID alone. Each
+//! accepted m-line owns a local RTP port (and RTCP port unless rtcp-mux) for the session's life;
+//! re-offers are diffed m-line by m-line against it.
 
 use std::{
     collections::BTreeMap,
@@ -95,13 +99,25 @@ impl Default for SiprecConfig {
 }
 
 /// Counters of the recording layer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SiprecCounters {
     pub sessions_started: u64,
     /// Ended sessions by [`EndReason::name`].
     pub sessions_ended: BTreeMap<&'static str, u64>,
-    /// Rejected requests by (status code, short cause).
+    /// Rejected requests by (status code, short cause); serialized as `"503 session_limit": n`.
+    #[serde(serialize_with = "rejections_by_name")]
     pub rejections: BTreeMap<(u16, &'static str), u64>,
+}
+
+fn rejections_by_name<S: serde::Serializer>(
+    rejections: &BTreeMap<(u16, &'static str), u64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(
+        rejections
+            .iter()
+            .map(|((code, cause), n)| (format!("{code} {cause}"), n)),
+    )
 }
 
 impl SiprecCounters {
@@ -239,6 +255,8 @@ struct Session {
     last_activity: Instant,
     last_activity_wall: SystemTime,
     packets_seen: u64,
+    /// When the flow counters are looked at next (RTP is only seen by polling them).
+    next_idle_check: Instant,
 }
 
 impl Session {
@@ -253,16 +271,18 @@ impl Session {
             .flat_map(|s| std::iter::once(s.flow_id).chain(s.rtcp_flow_id))
     }
 
-    fn idle_deadline(&self, idle: Duration) -> Instant {
-        self.last_activity + idle
+    /// Next idle check: the idle deadline, or sooner while RTP may be flowing, so that the
+    /// end of RTP is noticed within a quarter of the idle timeout.
+    fn schedule_idle_check(&mut self, now: Instant, idle: Duration) {
+        self.next_idle_check = (self.last_activity + idle).min(now + idle / 4);
     }
 }
 
 /// Things for the SIP layer to do, queued by the logic.
 #[derive(Default)]
 struct Outbox {
-    /// Deferred answers; the key names the session whose dialog a 2xx creates.
-    replies: Vec<(TxnId, Reply, Option<SessionKey>)>,
+    /// Deferred answers.
+    replies: Vec<(TxnId, Reply)>,
     byes: Vec<(DialogId, String)>,
 }
 
@@ -272,6 +292,8 @@ pub struct Recorder<F: FlowControl> {
     flows: F,
     events: Box<dyn FnMut(SessionEvent) + Send>,
     ports: PortAllocator,
+    /// Ports taken from `ports` but never answered (a rollback): reusable without cool-down.
+    spare_ports: Vec<u16>,
     sessions: BTreeMap<SessionKey, Session>,
     next_flow_id: u64,
     accepting: bool,
@@ -293,6 +315,7 @@ impl<F: FlowControl> Recorder<F> {
             flows,
             events,
             ports,
+            spare_ports: Vec::new(),
             sessions: BTreeMap::new(),
             next_flow_id: 1,
             accepting: true,
@@ -373,11 +396,7 @@ impl<F: FlowControl> Recorder<F> {
             return None;
         }
         let Some(key) = session_key(&request.headers) else {
-            return Some(self.reject(Reject::new(
-                400,
-                "Missing Call-ID or From tag",
-                "bad_request",
-            )));
+            return Some(self.reject(Reject::new(400, "Missing Call-ID or From", "bad_request")));
         };
         let in_dialog = to_tag(&request.headers).is_some();
         let result = match (&request.method, in_dialog) {
@@ -501,7 +520,7 @@ impl<F: FlowControl> Recorder<F> {
                     Ok(info) => Some(info),
                     Err(reject) => {
                         for info in slots.into_iter().flatten() {
-                            self.close_stream(now, &info);
+                            self.close_stream(now, &info, false);
                         }
                         return Err(reject);
                     }
@@ -587,6 +606,7 @@ impl<F: FlowControl> Recorder<F> {
             last_activity: now,
             last_activity_wall: wall,
             packets_seen: 0,
+            next_idle_check: now + self.config.idle_timeout / 4,
         };
         let streams = session.streams();
         info!(id = %id, call_id = %key.call_id, streams = streams.len(), "recording session started");
@@ -611,7 +631,11 @@ impl<F: FlowControl> Recorder<F> {
         codec: Codec,
     ) -> Result<StreamInfo, Reject> {
         let need_rtcp = !stream.rtcp_mux;
-        let Some(port) = self.ports.allocate(now, need_rtcp) else {
+        let port = self
+            .spare_ports
+            .pop()
+            .or_else(|| self.ports.allocate(now, need_rtcp));
+        let Some(port) = port else {
             return Err(Reject::new(503, "Media ports exhausted", "ports_exhausted")
                 .header("Retry-After", self.config.retry_after.to_string()));
         };
@@ -633,7 +657,7 @@ impl<F: FlowControl> Recorder<F> {
         let rtp_spec = self.spec(port, remote);
         info.flow_id = rtp_spec.flow_id;
         if let Err(e) = self.flows.insert(rtp_spec) {
-            self.ports.release(now, port);
+            self.give_back(now, port, false);
             warn!(error = %e, port, "pinning RTP flow failed");
             return Err(Reject::new(500, "Flow table error", "flow_error"));
         }
@@ -641,7 +665,7 @@ impl<F: FlowControl> Recorder<F> {
             let spec = self.spec(rtcp_port, rtcp_remote(stream));
             if let Err(e) = self.flows.insert(spec) {
                 let _ = self.flows.remove(rtp_spec.local);
-                self.ports.release(now, port);
+                self.give_back(now, port, false);
                 warn!(error = %e, port = rtcp_port, "pinning RTCP flow failed");
                 return Err(Reject::new(500, "Flow table error", "flow_error"));
             }
@@ -650,15 +674,25 @@ impl<F: FlowControl> Recorder<F> {
         Ok(info)
     }
 
-    /// Unpins a stream's flows and releases its ports (they cool down before reuse).
-    fn close_stream(&mut self, now: Instant, info: &StreamInfo) {
+    /// Unpins a stream's flows and gives its ports back.
+    fn close_stream(&mut self, now: Instant, info: &StreamInfo, advertised: bool) {
         let ip = self.config.media_address;
         for port in std::iter::once(info.local_port).chain(info.rtcp_port) {
             if let Err(e) = self.flows.remove(SocketAddr::new(ip, port)) {
                 warn!(error = %e, port, "unpinning flow failed");
             }
         }
-        self.ports.release(now, info.local_port);
+        self.give_back(now, info.local_port, advertised);
+    }
+
+    /// An advertised port cools down before reuse (late packets must not reach another call);
+    /// one no client ever saw in an answer can be reused at once, so it is kept aside here.
+    fn give_back(&mut self, now: Instant, port: u16, advertised: bool) {
+        if advertised {
+            self.ports.release(now, port);
+        } else {
+            self.spare_ports.push(port);
+        }
     }
 
     /// A flow spec with a fresh flow id.
@@ -805,6 +839,7 @@ impl<F: FlowControl> Recorder<F> {
         if let Some((doc, xml)) = metadata {
             self.apply_metadata(wall, key, request, doc, xml);
         }
+        let contact = self.contact(request);
         let Some(session) = self.sessions.get_mut(key) else {
             return Err(Reject::new(
                 481,
@@ -819,14 +854,12 @@ impl<F: FlowControl> Recorder<F> {
             Some(t) => t.deadline(now),
             None => session.session_expires.map(|se| now + se),
         };
-        let require_siprec = session.require_siprec;
         let mut required = Vec::new();
-        let mut reply = Reply::new(200, "OK");
         // Our Contact (with +sip.srs) goes in every 2xx that refreshes the target.
-        reply = reply.header("Contact", self.contact(request));
+        let mut reply = Reply::new(200, "OK").header("Contact", contact);
         if is_invite {
             reply = reply.header("Allow", ALLOW).header("Supported", "timer");
-            if require_siprec {
+            if session.require_siprec {
                 required.push("siprec");
             }
         }
@@ -839,7 +872,6 @@ impl<F: FlowControl> Recorder<F> {
         if !required.is_empty() {
             reply = reply.header("Require", required.join(", "));
         }
-        let session = self.sessions.get_mut(key).expect("checked above");
         // An answer to a new offer, or (offer-less re-INVITE) our current SDP again.
         if body.sdp.is_some() || is_invite {
             session.sdp_version += 1;
@@ -877,7 +909,6 @@ impl<F: FlowControl> Recorder<F> {
                         info.remote = remote;
                         info.codec = codec;
                         info.telephone_event_pt = te;
-                        info.label = stream_label(stream);
                         // Same local key; the generation bump tells the data path it changed.
                         self.rewrite_flow(info.local_port, info.flow_id, remote);
                         if let (Some(port), Some(id)) = (info.rtcp_port, info.rtcp_flow_id) {
@@ -885,16 +916,22 @@ impl<F: FlowControl> Recorder<F> {
                         }
                         changed = true;
                     }
+                    let label = stream_label(stream);
+                    if label != info.label {
+                        info.label = label;
+                        changed = true;
+                    }
                     let paused = stream_paused(stream);
                     if paused != info.paused {
                         info.paused = paused;
                         toggles.push((info.label.clone(), paused));
+                        changed = true;
                     }
                     *slot = Some(info);
                 }
                 (Some(info), _, _) => {
                     // Port 0 (or nothing usable left): the stream is gone.
-                    self.close_stream(now, &info);
+                    self.close_stream(now, &info, true);
                     changed = true;
                 }
                 (None, Some(stream), Some(codec)) => match self.open_stream(now, stream, codec) {
@@ -999,7 +1036,7 @@ impl<F: FlowControl> Recorder<F> {
             return;
         };
         for info in session.slots.iter().flatten() {
-            self.close_stream(now, info);
+            self.close_stream(now, info, true);
         }
         match session.phase {
             // Never answered: the INVITE gets a final answer instead of a BYE.
@@ -1007,7 +1044,7 @@ impl<F: FlowControl> Recorder<F> {
                 if reason != EndReason::Cancel {
                     self.outbox
                         .replies
-                        .push((txn, Reply::new(503, "Service Unavailable"), None));
+                        .push((txn, Reply::new(503, "Service Unavailable")));
                 }
             }
             Phase::Answered | Phase::Confirmed => {
@@ -1058,31 +1095,35 @@ impl<F: FlowControl> Recorder<F> {
         let mut expired = Vec::new();
         let mut idle = Vec::new();
         for (key, session) in self.sessions.iter_mut() {
-            if let Phase::Pending { answer_at, .. } = &session.phase {
-                if *answer_at <= now {
-                    let Phase::Pending { txn, reply, .. } =
-                        std::mem::replace(&mut session.phase, Phase::Answered)
-                    else {
-                        unreachable!("matched above");
-                    };
-                    self.outbox.replies.push((txn, reply, Some(key.clone())));
+            let due =
+                matches!(&session.phase, Phase::Pending { answer_at, .. } if *answer_at <= now);
+            if due {
+                if let Phase::Pending { txn, reply, .. } =
+                    std::mem::replace(&mut session.phase, Phase::Answered)
+                {
+                    self.outbox.replies.push((txn, reply));
                     session.last_activity = now;
                     session.refresh_deadline = session.session_expires.map(|se| now + se);
                 }
+            }
+            if due || matches!(session.phase, Phase::Pending { .. }) {
                 continue;
             }
             if session.refresh_deadline.is_some_and(|d| d <= now) {
                 expired.push(key.clone());
                 continue;
             }
-            if session.idle_deadline(self.config.idle_timeout) <= now {
+            if session.next_idle_check <= now {
                 let packets: u64 = session.flow_ids().map(|id| self.flows.packets(id)).sum();
                 if packets != session.packets_seen {
                     session.packets_seen = packets;
                     session.last_activity = now;
                     session.last_activity_wall = wall;
-                } else {
+                }
+                if session.last_activity + self.config.idle_timeout <= now {
                     idle.push(key.clone());
+                } else {
+                    session.schedule_idle_check(now, self.config.idle_timeout);
                 }
             }
         }
@@ -1101,23 +1142,17 @@ impl<F: FlowControl> Recorder<F> {
             .values()
             .map(|s| match &s.phase {
                 Phase::Pending { answer_at, .. } => *answer_at,
-                _ => {
-                    let idle = s.idle_deadline(self.config.idle_timeout);
-                    s.refresh_deadline.map_or(idle, |d| d.min(idle))
-                }
+                _ => s
+                    .refresh_deadline
+                    .map_or(s.next_idle_check, |d| d.min(s.next_idle_check)),
             })
             .min()
     }
 
     /// Sends what the logic queued.
     fn flush(&mut self, now: Instant, endpoint: &mut Endpoint) {
-        for (txn, reply, key) in std::mem::take(&mut self.outbox.replies) {
-            let dialog = send_reply(now, endpoint, &txn, reply);
-            if let (Some(key), Some(dialog)) = (key, dialog) {
-                if let Some(session) = self.sessions.get_mut(&key) {
-                    session.dialog = Some(dialog);
-                }
-            }
+        for (txn, reply) in std::mem::take(&mut self.outbox.replies) {
+            send_reply(now, endpoint, &txn, reply);
         }
         for (dialog, reason) in std::mem::take(&mut self.outbox.byes) {
             if let Err(e) = endpoint.send_bye(now, &dialog, Some(&reason)) {
@@ -1137,18 +1172,12 @@ impl<F: FlowControl> SipApp for Recorder<F> {
                 source,
                 ..
             } => {
+                // For a new INVITE: the dialog our 2xx will create, known from the start.
+                let dialog = dialog.or_else(|| endpoint.dialog_of(&txn));
                 if let Some(reply) =
                     self.handle_request(now, &txn, dialog.as_ref(), &request, source)
                 {
-                    let created = send_reply(now, endpoint, &txn, reply);
-                    // The endpoint creates the dialog with our 2xx; remember which it is.
-                    if let (None, Some(created)) = (dialog, created) {
-                        if let Some(key) = session_key(&request.headers) {
-                            if let Some(session) = self.sessions.get_mut(&key) {
-                                session.dialog = Some(created);
-                            }
-                        }
-                    }
+                    send_reply(now, endpoint, &txn, reply);
                 }
             }
             SipEvent::Cancelled { txn } => {
@@ -1183,17 +1212,11 @@ impl<F: FlowControl> SipApp for Recorder<F> {
     }
 }
 
-/// Turns a [`Reply`] into a response on its transaction. For a 2xx to an INVITE, returns the
-/// dialog it belongs to (the endpoint keys dialogs by Call-ID, our To tag, the client's tag).
-fn send_reply(
-    now: Instant,
-    endpoint: &mut Endpoint,
-    txn: &TxnId,
-    reply: Reply,
-) -> Option<DialogId> {
+/// Turns a [`Reply`] into a response on its transaction.
+fn send_reply(now: Instant, endpoint: &mut Endpoint, txn: &TxnId, reply: Reply) {
     let Some(mut response) = endpoint.make_response(txn, reply.status, Some(&reply.reason)) else {
         debug!(status = reply.status, "transaction gone before its answer");
-        return None;
+        return;
     };
     for (name, value) in reply.headers {
         if name.eq_ignore_ascii_case("Contact") {
@@ -1208,22 +1231,11 @@ fn send_reply(
             .push(Header::ContentType(rsip::headers::ContentType::new(
                 content_type,
             )));
-        response
-            .headers
-            .unique_push(Header::ContentLength(rsip::headers::ContentLength::new(
-                body.len().to_string(),
-            )));
         response.body = body;
     }
-    let dialog = (200..300)
-        .contains(&reply.status)
-        .then(|| dialog_of(&response.headers))
-        .flatten();
     if let Err(e) = endpoint.respond(now, txn, response) {
         warn!(error = %e, "sending response failed");
-        return None;
     }
-    dialog
 }
 
 /// Our Contact must carry `+sip.srs` (RFC 7866 §6.2): keep the endpoint's Contact and add the
@@ -1244,17 +1256,6 @@ fn mark_srs_contact(headers: &mut rsip::Headers, ours: String) {
             ours.trim_end_matches(";+sip.srs").to_string() + ";+sip.srs",
         )));
     }
-}
-
-/// The dialog a response belongs to, from its Call-ID, To tag (ours) and From tag (theirs).
-fn dialog_of(headers: &rsip::Headers) -> Option<DialogId> {
-    let key = session_key(headers)?;
-    let local_tag = header_value(headers, "To").and_then(|v| tag_of(&v))?;
-    Some(DialogId {
-        call_id: key.call_id,
-        local_tag,
-        remote_tag: key.from_tag,
-    })
 }
 
 /// RFC 4028 session timer granted to a session.
@@ -1385,7 +1386,9 @@ fn to_tag(headers: &rsip::Headers) -> Option<String> {
 
 fn session_key(headers: &rsip::Headers) -> Option<SessionKey> {
     let call_id = header_value(headers, "Call-ID").filter(|c| !c.is_empty())?;
-    let from_tag = header_value(headers, "From").and_then(|v| tag_of(&v))?;
+    // RFC 2543 clients may send no From tag; the endpoint keys their dialog by an empty one.
+    let from_tag = header_value(headers, "From")?;
+    let from_tag = tag_of(&from_tag).unwrap_or_default();
     Some(SessionKey { call_id, from_tag })
 }
 
@@ -2185,6 +2188,10 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             .collect();
         assert_eq!(paused, ["1", "2"]);
         assert!(h.rec.sessions()[0].streams.iter().all(|s| s.paused));
+        assert!(
+            matches!(events.last(), Some(SessionEvent::MediaChanged { streams, .. }) if streams.iter().all(|s| s.paused)),
+            "{events:?}"
+        );
 
         let resume = Req::new("UPDATE", "pause@src")
             .in_dialog(&tag, 3)
@@ -2436,6 +2443,9 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
             h.rec.counters().rejections.get(&(503, "session_limit")),
             Some(&1)
         );
+        let json = serde_json::to_value(h.rec.counters()).unwrap();
+        assert_eq!(json["rejections"]["503 session_limit"], 1);
+        assert_eq!(json["sessions_started"], 1);
 
         let mut h = Harness::new(config());
         h.rec.set_accepting(false, "disk full");
@@ -2508,8 +2518,9 @@ m=audio 20000 UDP/TLS/RTP/SAVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendonly\r\n",
         h.rec.flows_mut().packets.insert(flow_id, 20);
         assert!(requests(&h.advance(Duration::from_secs(61))).is_empty());
         assert_eq!(h.rec.sessions().len(), 1);
-        // Then silence.
-        let sent = h.advance(Duration::from_secs(130));
+        // Then silence: the last RTP was seen after 61 s, so the BYE comes within a quarter of
+        // the idle timeout after 61 + 60 s.
+        let sent = h.advance(Duration::from_secs(15));
         let byes = requests(&sent);
         assert_eq!(byes.len(), 1, "{sent:?}");
         assert_eq!(byes[0].method, Method::Bye);
@@ -2813,5 +2824,113 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
         let (code, resp2) = status(&mut h, &reinvite);
         assert_eq!(code, 200);
         assert_eq!(crypto(&body(&resp2)), first);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Arbitrary bodies and header values never panic; a rejection leaves nothing behind.
+        #[test]
+        fn malformed_input_is_answered_not_panicked_on(
+            ct in proptest::sample::select(vec![
+                "application/sdp",
+                "multipart/mixed;boundary=rsb-42",
+                "application/rs-metadata+xml",
+                "text/plain",
+            ]),
+            body in "[ -~\r\n]{0,400}",
+            sdp_tail in "[ -~\r\n]{0,120}",
+            session_expires in "[0-9a-z;= ]{0,12}",
+            reinvite in proptest::bool::ANY,
+        ) {
+            let mut h = Harness::new(config());
+            let body = if ct.starts_with("application/sdp") {
+                format!("{}{sdp_tail}", sdp(1, &[20000], "sendonly"))
+            } else {
+                body
+            };
+            let mut req = Req::new("INVITE", "fuzz@src").body(ct, &body);
+            if !session_expires.is_empty() {
+                req = req.header(&format!("Session-Expires: {session_expires}"));
+            }
+            let (code, resp) = if reinvite {
+                let (first, _) = h.establish(
+                    Req::new("INVITE", "fuzz@src").body("application/sdp", &sdp(1, &[20000], "sendonly")),
+                );
+                let tag = to_tag(&first.headers).unwrap();
+                status(&mut h, &req.in_dialog(&tag, 2))
+            } else {
+                status(&mut h, &req)
+            };
+            proptest::prop_assert!(code >= 200, "{}", resp);
+            let sessions = h.rec.sessions();
+            if reinvite {
+                // The session survives a bad re-INVITE, with its flows.
+                proptest::prop_assert_eq!(sessions.len(), 1);
+                let pinned: usize = sessions[0]
+                    .streams
+                    .iter()
+                    .map(|s| 1 + usize::from(s.rtcp_port.is_some()))
+                    .sum();
+                proptest::prop_assert_eq!(h.rec.flows().table.flows.len(), pinned);
+            } else if code != 200 {
+                proptest::prop_assert!(sessions.is_empty());
+                proptest::prop_assert!(h.rec.flows().table.flows.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn ports_of_a_refused_offer_are_reusable_at_once() {
+        // Three pairs; four streams cannot fit, but that must not block the next calls.
+        let mut h = Harness::new(SiprecConfig {
+            rtp_ports: (40000, 40005),
+            ..config()
+        });
+        let four = sdp(1, &[20000, 20002, 20004, 20006], "sendonly");
+        let (code, _) = status(
+            &mut h,
+            &Req::new("INVITE", "four@src").body("application/sdp", &four),
+        );
+        assert_eq!(code, 503);
+        assert!(h.rec.flows().table.flows.is_empty());
+        for call in ["a@src", "b@src", "c@src"] {
+            let one = sdp(1, &[20000], "sendonly");
+            let (code, resp) = status(
+                &mut h,
+                &Req::new("INVITE", call).body("application/sdp", &one),
+            );
+            assert_eq!(code, 200, "{call}: {resp}");
+        }
+        let ports: std::collections::BTreeSet<u16> = h
+            .rec
+            .sessions()
+            .iter()
+            .map(|s| s.streams[0].local_port)
+            .collect();
+        assert_eq!(ports.len(), 3, "three distinct pairs");
+    }
+
+    #[test]
+    fn invite_without_from_tag_is_recorded_and_ended() {
+        let mut h = Harness::new(config());
+        let mut req = Req::new("INVITE", "rfc2543@src")
+            .body("application/sdp", &sdp(1, &[20000], "sendonly"));
+        req.from_tag = "";
+        let text = req.text(1).replace(";tag=\r\n", "\r\n");
+        assert!(text.contains("From: <sip:src@sbc1.cc.example>\r\n"));
+        let resp = final_response(&h.send_raw(&text));
+        assert_eq!(resp.status_code.code(), 200, "{resp}");
+        let tag = to_tag(&resp.headers).unwrap();
+        let bye = Req::new("BYE", "rfc2543@src")
+            .in_dialog(&tag, 2)
+            .text(2)
+            .replace(";tag=sbc-7731", "");
+        let codes: Vec<u16> = responses(&h.send_raw(&bye))
+            .iter()
+            .map(|r| r.status_code.code())
+            .collect();
+        assert_eq!(codes, [200]);
+        assert!(h.rec.sessions().is_empty());
     }
 }
