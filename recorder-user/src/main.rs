@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the recorder daemon in the foreground.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Version, uptime, interfaces and XDP mode, counters, spool usage.
     Status(ReadArgs),
     /// Live recording sessions.
