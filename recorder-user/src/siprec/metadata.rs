@@ -262,6 +262,20 @@ fn parse_tree(xml: &str) -> Result<Node, MetadataError> {
 }
 
 /// Parses one metadata document.
+/// Content type of a metadata snapshot request (RFC 7866 §9, IANA registration).
+pub const SNAPSHOT_REQUEST_TYPE: &str = "application/rs-metadata-request";
+
+/// The body of a metadata snapshot request: asks the SRC for a complete metadata snapshot,
+/// saying why in `reason` (escaped here).
+pub fn snapshot_request_xml(reason: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <requestsnapshot xmlns=\"urn:ietf:params:xml:ns:recording:1\">\
+         <requestreason xml:lang=\"en\">{}</requestreason></requestsnapshot>\n",
+        quick_xml::escape::escape(reason)
+    )
+}
+
 pub fn parse_metadata(xml: &str) -> Result<MetadataDoc, MetadataError> {
     let root = parse_tree(xml)?;
     // `recording` per RFC 7865; BroadWorks uses `recording_metadata`.
@@ -885,6 +899,18 @@ impl MetadataState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_request_body_escapes_the_reason() {
+        let xml = snapshot_request_xml("ids <a> & \"b\"");
+        assert!(xml.contains("ids &lt;a&gt; &amp; &quot;b&quot;"), "{xml}");
+        assert!(xml.contains(
+            r#"<requestsnapshot xmlns="urn:ietf:params:xml:ns:recording:1"><requestreason xml:lang="en">"#
+        ));
+        assert!(xml
+            .trim_end()
+            .ends_with("</requestreason></requestsnapshot>"));
+    }
     use crate::siprec::body::tests::{spec_invite, spec_reinvite};
     use std::time::{Duration, UNIX_EPOCH};
 
