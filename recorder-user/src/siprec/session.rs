@@ -3156,4 +3156,40 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
             Some(call)
         );
     }
+
+    #[test]
+    fn call_leaving_a_persistent_recording_ends_its_participants_not_the_recording() {
+        let mut h = Harness::new(config());
+        let (resp, id) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let call = "rs-0c6e2b11@10.20.0.10";
+        let cs_ends = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1"><datamode>partial</datamode>
+  <sessionrecordingassoc session_id="mT0b4zR8Sxq1dQm5n9VqKw=="><disassociate-time>2025-03-04T10:25:00Z</disassociate-time></sessionrecordingassoc>
+</recording>"#;
+        let (code, _) = status(
+            &mut h,
+            &Req::new("UPDATE", call)
+                .in_dialog(&tag, 2)
+                .body("application/rs-metadata+xml", cs_ends),
+        );
+        assert_eq!(code, 200);
+        let events = h.take_events();
+        let [SessionEvent::ParticipantsChanged {
+            id: changed,
+            participants,
+            ..
+        }] = &events[..]
+        else {
+            panic!("one ParticipantsChanged, no Ended: {events:?}");
+        };
+        assert_eq!(changed, &id);
+        let end = crate::siprec::metadata::parse_time("2025-03-04T10:25:00Z");
+        assert_eq!(participants.len(), 2);
+        assert!(
+            participants.iter().all(|p| p.left_at == end),
+            "{participants:?}"
+        );
+        assert_eq!(h.rec.sessions().len(), 1, "the recording session goes on");
+        assert!(h.flow(h.rec.sessions()[0].streams[0].local_port).is_some());
+    }
 }
