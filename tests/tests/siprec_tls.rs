@@ -56,6 +56,8 @@ fn recording_session_over_tls() {
 
     let mut client =
         pair.in_sender(|| SipClient::tls(tls_addr, certified.cert.der(), "recorder.test"));
+    // SIPS Request-URI, as a TLS-only SRC addresses us.
+    client.request_uri = format!("sips:srs@{tls_addr}");
     let sdp = offer_sdp(
         IpAddr::V4(pair.sender_v4),
         1,

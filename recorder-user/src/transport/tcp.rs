@@ -27,8 +27,16 @@ static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// Binds a TCP listener. Must be called within a tokio runtime.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
+    bind_stream(addr, "TCP")
+}
+
+/// Binds a listener for a stream transport (`transport` names it in errors).
+pub(crate) fn bind_stream(
+    addr: SocketAddr,
+    transport: &'static str,
+) -> Result<TcpListener, TransportError> {
     let err = |source| TransportError::Bind {
-        transport: "TCP",
+        transport,
         addr,
         source,
     };

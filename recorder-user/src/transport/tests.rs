@@ -440,8 +440,8 @@ async fn driver_over_tls() {
     let _ = std::fs::remove_dir_all(cert.parent().unwrap());
 }
 
-#[test]
-fn tls_config_errors_name_the_file() {
+#[tokio::test]
+async fn tls_config_errors_name_the_file() {
     let (cert, key, _) = self_signed();
     let missing = cert.with_file_name("missing.pem");
     match tls::server_config(&missing, &key) {
@@ -458,6 +458,16 @@ fn tls_config_errors_name_the_file() {
         Err(TransportError::TlsFile { path, .. }) => assert_eq!(path, key),
         other => panic!("{other:?}"),
     }
-    assert!(tls::server_config(&cert, &key).is_ok());
+    let config = tls::server_config(&cert, &key).unwrap();
+    // A taken TLS port is reported as TLS.
+    let mut sockets = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let taken = sockets.local_addrs()[0];
+    assert!(matches!(
+        sockets.bind_tls(&[taken], config),
+        Err(TransportError::Bind {
+            transport: "TLS",
+            ..
+        })
+    ));
     let _ = std::fs::remove_dir_all(cert.parent().unwrap());
 }

@@ -89,5 +89,5 @@ pub(crate) async fn accept(
 
 /// Binds a TLS listener (a TCP listener; TLS starts per connection).
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
-    tcp::bind(addr)
+    tcp::bind_stream(addr, "TLS")
 }
