@@ -128,7 +128,8 @@ fn test(args: &[String]) -> Result<()> {
     // The end-to-end tests run the real daemon binary (target/debug/recorder).
     run(cargo(None).args(["build", "--package", "recorder-user", "--bins"]))?;
     let mut cmd = cargo(None);
-    cmd.args(["test", "--workspace"]).args(args);
+    // Every suite runs even after a failure, so one run shows every problem.
+    cmd.args(["test", "--workspace", "--no-fail-fast"]).args(args);
     run(&mut cmd)
 }
 
