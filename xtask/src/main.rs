@@ -76,13 +76,18 @@ pub fn ebpf_object() -> PathBuf {
 /// proxy honours `rust-toolchain` files it finds in the directory cargo compiles a crate in,
 /// and some registry crates ship one naming a toolchain this machine does not have.
 fn cargo(toolchain: Option<&str>) -> Command {
-    let toolchain = toolchain.map(str::to_string).unwrap_or_else(|| {
-        std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".into())
-    });
+    let toolchain = toolchain
+        .map(str::to_string)
+        .unwrap_or_else(|| std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".into()));
     let mut cmd = Command::new("rustup");
     cmd.args(["run", &toolchain, "cargo"]);
     // Settings of the outer cargo that would leak into the inner build.
-    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ] {
         cmd.env_remove(var);
     }
     cmd.env("RUSTUP_TOOLCHAIN", &toolchain);
@@ -129,7 +134,8 @@ fn test(args: &[String]) -> Result<()> {
     run(cargo(None).args(["build", "--package", "recorder-user", "--bins"]))?;
     let mut cmd = cargo(None);
     // Every suite runs even after a failure, so one run shows every problem.
-    cmd.args(["test", "--workspace", "--no-fail-fast"]).args(args);
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .args(args);
     run(&mut cmd)
 }
 
