@@ -153,7 +153,7 @@ pub enum WriterError {
 }
 
 /// Counters of the writer (all recordings, since start).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct WriterStats {
     /// Packets handed to the sink.
     pub packets_in: u64,

@@ -1,0 +1,375 @@
+//! Operating the recorder: the real `recorder` CLI against a running daemon in a network
+//! namespace (every read command in text and JSON, operator stop), bad configuration rejected at
+//! start, and SIGTERM finishing live recordings.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tests::{
+    client::{metadata_xml, offer_sdp, siprec_body, MetaParticipant, OfferedStream, SipClient},
+    daemon::{recorder_bin, scratch_dir, tshark_count, Daemon, DaemonOptions},
+    net::VethPair,
+    rtp::RtpStream,
+};
+
+const UUID: &str = "OPS0CALL0UUID0000000000000000001";
+
+/// Runs `recorder <args> --socket <control>` and returns its output.
+fn cli(control: &Path, args: &[&str]) -> Output {
+    Command::new(recorder_bin())
+        .args(args)
+        .arg("--socket")
+        .arg(control)
+        .output()
+        .expect("run the recorder CLI")
+}
+
+/// Text output of a command that must succeed.
+fn cli_text(control: &Path, args: &[&str]) -> String {
+    let out = cli(control, args);
+    assert!(
+        out.status.success(),
+        "recorder {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// JSON output (`--json`) of a command that must succeed.
+fn cli_json(control: &Path, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let text = cli_text(control, &args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("recorder {args:?}: {e}: {text}"))
+}
+
+fn participants() -> Vec<MetaParticipant> {
+    vec![
+        MetaParticipant {
+            id: "p-customer".into(),
+            aor: "sip:+4930555@carrier.example".into(),
+            name: "Customer".into(),
+            sends: vec!["1".into()],
+        },
+        MetaParticipant {
+            id: "p-agent".into(),
+            aor: "sip:7001@cc.example".into(),
+            name: "Agent".into(),
+            sends: vec!["2".into()],
+        },
+    ]
+}
+
+/// A daemon with one answered two-stream call on which `packets` RTP packets per stream were
+/// sent.
+struct LiveCall {
+    pair: VethPair,
+    daemon: Daemon,
+    client: SipClient,
+    ports: Vec<u16>,
+}
+
+impl LiveCall {
+    fn start(tag: &str, options: DaemonOptions) -> Self {
+        let pair = VethPair::new(tag);
+        let daemon = Daemon::start(&pair, options);
+        let mut client = pair.in_sender(|| SipClient::udp(IpAddr::V4(pair.sender_v4), daemon.sip));
+        let offered: Vec<OfferedStream> = [(31000, "1", 0), (31002, "2", 8)]
+            .into_iter()
+            .map(|(port, label, pt)| OfferedStream {
+                label: label.into(),
+                port,
+                pt,
+                direction: "sendonly",
+                connection: None,
+            })
+            .collect();
+        let sdp = offer_sdp(IpAddr::V4(pair.sender_v4), 1, &offered);
+        let xml = metadata_xml(
+            Some(UUID),
+            &["1", "2"],
+            &participants(),
+            "2026-11-24T10:00:00Z",
+        );
+        let (ctype, body) = siprec_body(&sdp, Some(&xml));
+        let reply = client.invite(Some((&ctype, &body)), &[]);
+        assert_eq!(reply.status, 200, "{}", reply.raw);
+        let ports = reply.answer_ports();
+        assert_eq!(ports.len(), 2);
+        Self {
+            pair,
+            daemon,
+            client,
+            ports,
+        }
+    }
+
+    fn send(&self, packets: usize) {
+        for (i, port) in self.ports.iter().enumerate() {
+            let socket = self
+                .pair
+                .in_sender(|| UdpSocket::bind((self.pair.sender_v4, 0)).unwrap());
+            let mut stream = RtpStream::new(
+                socket,
+                SocketAddr::new(IpAddr::V4(self.pair.recorder_v4), *port),
+                0x5000 + i as u32,
+                if i == 0 { 0 } else { 8 },
+            );
+            for _ in 0..packets {
+                stream.send_tone_packet(440.0 + 100.0 * i as f64);
+            }
+        }
+    }
+
+    fn control(&self) -> &Path {
+        &self.daemon.control
+    }
+
+    /// Waits until the kernel counted `packets` on the call's flows (seen through `flows`).
+    fn wait_flow_packets(&self, packets: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let flows = cli_json(self.control(), &["flows"]);
+            let total: u64 = flows
+                .as_array()
+                .expect("flows is an array")
+                .iter()
+                .map(|f| f["packets"].as_u64().unwrap_or(0))
+                .sum();
+            if total >= packets {
+                return flows;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "flows never counted {packets} packets: {flows}"
+            );
+            std::thread::sleep(Duration::from_millis(20)); // polling counters of another process
+        }
+    }
+}
+
+fn xdp_attached(ns: &str, dev: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", ns, "link", "show", dev])
+        .output()
+        .expect("ip link show");
+    assert!(out.status.success(), "ip -n {ns} link show {dev} failed");
+    String::from_utf8_lossy(&out.stdout).contains("xdp")
+}
+
+#[test]
+fn every_read_command_in_text_and_json_and_operator_stop() {
+    let mut call = LiveCall::start("cli", DaemonOptions::default());
+    call.send(50);
+    let flows = call.wait_flow_packets(100);
+    let control = call.control().to_path_buf();
+
+    // flows: one per RTP and RTCP port, our two RTP ports among them, 50 packets each.
+    let flows = flows.as_array().unwrap();
+    for port in &call.ports {
+        let local = format!("{}:{port}", call.pair.recorder_v4);
+        let flow = flows
+            .iter()
+            .find(|f| f["local"] == local.as_str())
+            .unwrap_or_else(|| panic!("flow {local} in {flows:?}"));
+        assert_eq!(flow["packets"], 50, "{flow}");
+        assert_eq!(flow["in_kernel"], true);
+    }
+    let text = cli_text(&control, &["flows"]);
+    assert!(text.starts_with("FLOW"), "{text}");
+    for port in &call.ports {
+        assert!(text.contains(&format!(":{port}")), "{text}");
+    }
+
+    // status
+    let status = cli_json(&control, &["status"]);
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["interfaces"][0]["name"], call.pair.recorder_if);
+    assert!(status["interfaces"][0]["mode"].is_string());
+    assert_eq!(status["sip"]["sessions_active"], 1);
+    assert_eq!(status["sip"]["siprec"]["sessions_started"], 1);
+    assert!(status["sip"]["endpoint"]["requests"]["INVITE"].as_u64() >= Some(1));
+    assert!(status["xdp"]["captured"].as_u64() >= Some(100), "{status}");
+    assert!(
+        status["writer"]["packets_in"].is_u64(),
+        "writer stats are JSON: {status}"
+    );
+    assert_eq!(status["writer"]["active_recordings"], 1);
+    assert!(status["spool"]["free_bytes"].as_u64() > Some(0));
+    let text = cli_text(&control, &["status"]);
+    assert!(
+        text.starts_with(&format!("recorder {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    assert!(text.contains(&format!("interface {}", call.pair.recorder_if)));
+    assert!(text.contains("sessions active 1"), "{text}");
+
+    // sessions
+    let sessions = cli_json(&control, &["sessions"]);
+    let sessions = sessions.as_array().expect("sessions is an array");
+    assert_eq!(sessions.len(), 1);
+    let session = &sessions[0];
+    let id = session["id"].as_str().expect("session id").to_string();
+    assert_eq!(session["call_ids"]["call_uuid"], UUID);
+    assert_eq!(session["call_ids"]["sip_call_id"], call.client.call_id);
+    assert_eq!(session["streams"].as_array().unwrap().len(), 2);
+    assert_eq!(session["participants"].as_array().unwrap().len(), 2);
+    assert_eq!(session["packets"], 100, "{session}");
+    assert!(session["duration_secs"].is_u64());
+    assert!(session["started_at"].as_str().unwrap().ends_with('Z'));
+    let text = cli_text(&control, &["sessions"]);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{id} in {text}"));
+    assert!(
+        row.contains(UUID) && row.contains("Customer, Agent"),
+        "{row}"
+    );
+
+    // stop: BYE to the client, reason operator.
+    let unknown = cli(&control, &["stop", "no-such-recording"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no-such-recording"));
+    let text = cli_text(&control, &["stop", &id]);
+    assert_eq!(text, format!("stopped {id}\n"));
+    let bye = call
+        .client
+        .recv_request(Duration::from_secs(5))
+        .expect("BYE from the recorder");
+    assert_eq!(bye.method, rsip::Method::Bye);
+    let (dir, meta) = call.daemon.metadata_for(&call.client.call_id, true);
+    assert_eq!(meta["id"], id.as_str());
+    assert_eq!(meta["state"], "complete");
+    assert_eq!(meta["end_reason"], "operator");
+    assert_eq!(tshark_count(&dir.join("recording.pcap"), Some("udp")), 100);
+    let sessions = cli_json(&control, &["sessions"]);
+    assert_eq!(sessions.as_array().unwrap().len(), 0);
+    assert!(cli_text(&control, &["sessions"]).contains("(none)"));
+
+    // recordings: all, then filtered by CallUUID (a miss and a hit) and by AOR.
+    let all = cli_json(&control, &["recordings"]);
+    let all = all.as_array().expect("recordings is an array");
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0]["id"], id.as_str());
+    assert_eq!(all[0]["state"], "complete");
+    assert_eq!(all[0]["end_reason"], "operator");
+    assert_eq!(all[0]["call_uuid"], UUID);
+    let hit = cli_json(&control, &["recordings", "--call-uuid", UUID]);
+    assert_eq!(hit.as_array().unwrap().len(), 1);
+    let miss = cli_json(&control, &["recordings", "--call-uuid", "nope"]);
+    assert_eq!(miss.as_array().unwrap().len(), 0);
+    let by_aor = cli_json(&control, &["recordings", "--aor", "sip:7001@cc.example"]);
+    assert_eq!(by_aor.as_array().unwrap().len(), 1);
+    let text = cli_text(&control, &["recordings"]);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{id} in {text}"));
+    assert!(
+        row.contains("complete") && row.contains("operator"),
+        "{row}"
+    );
+    let bad_since = cli(&control, &["recordings", "--since", "yesterday"]);
+    assert_eq!(bad_since.status.code(), Some(1));
+
+    // show
+    let shown = cli_json(&control, &["show", &id]);
+    assert_eq!(shown, meta, "show prints metadata.json");
+    let text = cli_text(&control, &["show", &id]);
+    assert!(text.contains(&format!("id           {id}")), "{text}");
+    assert!(text.contains("state        complete"), "{text}");
+    assert!(text.contains("end_reason   operator"), "{text}");
+    assert!(text.contains("participant  Customer <sip:+4930555@carrier.example>"));
+    assert_eq!(text.matches("\nstream ").count(), 2, "{text}");
+    assert_eq!(cli(&control, &["show", "../etc"]).status.code(), Some(1));
+
+    // A daemon that is not there: exit code 3.
+    let gone = cli(&call.daemon.dir.join("nothing.sock"), &["status"]);
+    assert_eq!(gone.status.code(), Some(3));
+}
+
+/// `recorder run --config <file>` with `toml` appended to a valid configuration; returns the exit
+/// code and stderr.
+fn run_with_config(toml: &str) -> (Option<i32>, String) {
+    let dir = scratch_dir("badconf");
+    let path = dir.join("recorder.toml");
+    let base = format!(
+        "interfaces = [\"lo\"]\nmedia_address = \"127.0.0.1\"\nspool = \"{}\"\ncontrol_socket = \"{}\"\n",
+        dir.join("spool").display(),
+        dir.join("control.sock").display()
+    );
+    std::fs::write(&path, format!("{base}{toml}")).unwrap();
+    let mut child = Command::new(recorder_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run recorder");
+    // A configuration wrongly accepted would start a daemon: never wait for it forever.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("recorder accepted the configuration:\n{toml}");
+        }
+        std::thread::sleep(Duration::from_millis(10)); // polling a child's exit
+    }
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_config_is_rejected_at_start_naming_the_key() {
+    // Unknown key.
+    let (code, err) = run_with_config("snap_len = 100\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("snap_len"), "{err}");
+    // A value of the wrong form.
+    let (code, err) = run_with_config("rtp_ports = \"30000-20000\"\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("rtp_ports"), "{err}");
+    // A value of the right type that validation refuses.
+    let (code, err) = run_with_config("snaplen = 9000\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("snaplen"), "{err}");
+    // A wrong type.
+    let (code, err) = run_with_config("max_sessions = \"many\"\n");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("max_sessions"), "{err}");
+}
+
+#[test]
+fn sigterm_finishes_live_recordings_and_detaches_xdp() {
+    let mut call = LiveCall::start("term", DaemonOptions::default());
+    call.send(30);
+    call.wait_flow_packets(60);
+    assert!(xdp_attached(&call.pair.recorder_ns, &call.pair.recorder_if));
+
+    assert_eq!(call.daemon.stop(), Some(0), "{}", call.daemon.log_text());
+    let bye = call
+        .client
+        .recv_request(Duration::from_secs(5))
+        .expect("BYE from the recorder at shutdown");
+    assert_eq!(bye.method, rsip::Method::Bye);
+    let (dir, meta) = call.daemon.metadata_for(&call.client.call_id, true);
+    assert_eq!(meta["state"], "complete");
+    assert_eq!(meta["end_reason"], "shutdown");
+    assert_eq!(tshark_count(&dir.join("recording.pcap"), Some("udp")), 60);
+    assert!(
+        !xdp_attached(&call.pair.recorder_ns, &call.pair.recorder_if),
+        "XDP still attached after exit"
+    );
+    assert!(!call.daemon.control.exists(), "control socket removed");
+}
