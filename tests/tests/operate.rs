@@ -102,6 +102,8 @@ impl LiveCall {
         assert_eq!(reply.status, 200, "{}", reply.raw);
         let ports = reply.answer_ports();
         assert_eq!(ports.len(), 2);
+        // The writer has created the recording (its counters say so from here on).
+        daemon.metadata_for(&client.call_id, false);
         Self {
             pair,
             daemon,
@@ -372,4 +374,171 @@ fn sigterm_finishes_live_recordings_and_detaches_xdp() {
         "XDP still attached after exit"
     );
     assert!(!call.daemon.control.exists(), "control socket removed");
+}
+
+/// `GET /metrics` from the sender namespace; returns the body after checking the response head.
+fn scrape(pair: &VethPair, addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let raw = pair.in_sender(|| {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .expect("connect to the metrics endpoint");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: recorder\r\nAccept: */*\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).expect("read the response");
+        raw
+    });
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    body.to_string()
+}
+
+/// Samples of the text exposition format as `name{labels}` -> value. Every sample must belong
+/// to a family announced by a `# TYPE` line.
+fn parse_exposition(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut families: Vec<String> = Vec::new();
+    let mut samples = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            families.push(parts.next().unwrap().to_string());
+            let kind = parts.next().unwrap();
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line.rsplit_once(' ').expect("sample with a value");
+        let name = key.split('{').next().unwrap();
+        assert!(
+            families.iter().any(|f| name == f
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| name == format!("{f}{s}"))),
+            "sample {name} without a TYPE line"
+        );
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|e| panic!("{line}: value {e}"));
+        assert!(
+            samples.insert(key.to_string(), value).is_none(),
+            "duplicate {key}"
+        );
+    }
+    samples
+}
+
+fn metric(m: &std::collections::BTreeMap<String, f64>, key: &str) -> u64 {
+    *m.get(key)
+        .unwrap_or_else(|| panic!("{key} missing from {m:?}")) as u64
+}
+
+#[test]
+fn metrics_endpoint_parses_and_matches_the_cli() {
+    let metrics_addr = SocketAddr::new(IpAddr::V4("10.231.0.2".parse().unwrap()), 9464);
+    let mut call = LiveCall::start(
+        "metr",
+        DaemonOptions {
+            extra: vec!["--metrics-listen".into(), metrics_addr.to_string()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(IpAddr::V4(call.pair.recorder_v4), metrics_addr.ip());
+    call.send(40);
+    call.wait_flow_packets(80);
+
+    // During the call.
+    let m = parse_exposition(&scrape(&call.pair, metrics_addr));
+    let status = cli_json(call.control(), &["status"]);
+    assert_eq!(metric(&m, "recorder_sessions_active"), 1);
+    assert_eq!(status["sip"]["sessions_active"], 1);
+    assert_eq!(metric(&m, "recorder_sessions_started_total"), 1);
+
+    // After the call, when nothing moves any more, every counter matches the CLI's.
+    assert_eq!(call.client.bye(&[]).status, 200);
+    let (dir, meta) = call.daemon.metadata_for(&call.client.call_id, true);
+    assert_eq!(meta["end_reason"], "bye");
+    let m = parse_exposition(&scrape(&call.pair, metrics_addr));
+    let status = cli_json(call.control(), &["status"]);
+    let xdp = &status["xdp"];
+    assert_eq!(
+        metric(&m, "recorder_xdp_packets_captured_total"),
+        xdp["captured"].as_u64().unwrap()
+    );
+    assert_eq!(metric(&m, "recorder_xdp_packets_captured_total"), 80);
+    assert_eq!(
+        metric(&m, "recorder_xdp_packets_matched_total"),
+        xdp["matched"].as_u64().unwrap()
+    );
+    for reason in ["ring_full", "copy_failed"] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("recorder_xdp_packets_dropped_total{{reason=\"{reason}\"}}")
+            ),
+            xdp[reason].as_u64().unwrap()
+        );
+    }
+    assert_eq!(metric(&m, "recorder_sessions_active"), 0);
+    assert_eq!(metric(&m, "recorder_sessions_started_total"), 1);
+    assert_eq!(
+        metric(&m, "recorder_sessions_ended_total{reason=\"bye\"}"),
+        status["sip"]["siprec"]["sessions_ended"]["bye"]
+            .as_u64()
+            .unwrap()
+    );
+    let endpoint = &status["sip"]["endpoint"];
+    let requests = endpoint["requests"].as_object().unwrap();
+    assert!(requests.contains_key("INVITE") && requests.contains_key("BYE"));
+    for (method, n) in requests {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("recorder_sip_requests_total{{method=\"{method}\"}}")
+            ),
+            n.as_u64().unwrap(),
+            "{method}"
+        );
+    }
+    let responses = endpoint["responses_sent"].as_object().unwrap();
+    assert!(responses.contains_key("200"));
+    for (code, n) in responses {
+        assert_eq!(
+            metric(
+                &m,
+                &format!("recorder_sip_responses_sent_total{{code=\"{code}\"}}")
+            ),
+            n.as_u64().unwrap(),
+            "{code}"
+        );
+    }
+    let writer = &status["writer"];
+    let bytes = metric(&m, "recorder_disk_bytes_written_total");
+    assert_eq!(bytes, writer["bytes_written"].as_u64().unwrap());
+    // At least the pcap records (16-byte header + frame each) of the 80 packets.
+    let pcap_len = std::fs::metadata(dir.join("recording.pcap")).unwrap().len();
+    assert!(bytes >= pcap_len - 24, "{bytes} < pcap {pcap_len}");
+    assert_eq!(
+        metric(&m, "recorder_ring_records_consumed_total"),
+        writer["packets_in"].as_u64().unwrap()
+    );
+    assert_eq!(metric(&m, "recorder_ring_backlog_records"), 0);
+    assert_eq!(metric(&m, "recorder_write_latency_seconds_count"), 80);
+    assert_eq!(
+        metric(&m, "recorder_write_latency_seconds_bucket{le=\"+Inf\"}"),
+        writer["write_latency"]["count"].as_u64().unwrap()
+    );
 }
