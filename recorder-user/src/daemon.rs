@@ -22,6 +22,7 @@ use crate::{
     control::{self, ControlState},
     events::SessionEvent,
     flow::maps::BpfFlowTable,
+    metrics,
     sip::{Endpoint, EndpointConfig},
     siprec::session::{Recorder, SiprecConfig},
     transport::driver::{self, Command},
@@ -238,6 +239,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let control_task = control::serve(control_state, shutdown.clone())
         .await
         .context("starting the control socket")?;
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => Some(
+            metrics::serve(
+                addr,
+                metrics::Sources {
+                    commands: commands_tx.clone(),
+                    counters: counters.clone(),
+                    writer: writer.clone(),
+                    started: std::time::Instant::now(),
+                },
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     // Housekeeping: refuse sessions on a full disk, enforce retention.
     let housekeeping = {
@@ -311,6 +328,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     drop(sink);
     let _ = housekeeping.await;
     let _ = control_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     capture.detach_all();
     let writer =
         Arc::try_unwrap(writer).map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;
