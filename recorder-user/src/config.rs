@@ -408,4 +408,30 @@ mod tests {
         assert!(c.acl[0].contains("::ffff:10.1.1.1".parse().unwrap()));
         assert_eq!(c.index_path(), PathBuf::from("/srv/rec/index.sqlite"));
     }
+
+    /// The example shipped in packaging/ parses, validates, documents every key, and shows
+    /// each key's default (apart from the two required keys, which have none).
+    #[test]
+    fn packaged_example_is_valid_and_shows_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/recorder.toml");
+        let example = Config::from_file(&path).unwrap();
+        example.validate().unwrap();
+        let expected = Config {
+            interfaces: example.interfaces.clone(),
+            media_address: example.media_address,
+            ..Config::default()
+        };
+        assert_eq!(example, expected);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keys = serde_json::to_value(Config::default()).unwrap();
+        for key in keys.as_object().unwrap().keys() {
+            assert!(
+                text.lines().any(|l| {
+                    let l = l.trim_start_matches("# ");
+                    l.starts_with(&format!("{key} ="))
+                }),
+                "packaging/recorder.toml does not document `{key}`"
+            );
+        }
+    }
 }

@@ -373,9 +373,15 @@ pub async fn serve(
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let sources = sources.clone();
+                        let shutdown = shutdown.clone();
+                        // Ends with the daemon: the sources hold the writer, which shutdown
+                        // needs back.
                         tokio::spawn(async move {
-                            if let Err(e) = handle(stream, &sources).await {
-                                debug!(%peer, error = %e, "metrics connection ended");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {}
+                                result = handle(stream, &sources) => if let Err(e) = result {
+                                    debug!(%peer, error = %e, "metrics connection ended");
+                                },
                             }
                         });
                     }
