@@ -208,6 +208,9 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Prometheus metrics endpoint (off when absent).
     pub metrics_listen: Option<SocketAddr>,
+    /// The file this configuration was read from (SIGHUP reads it again); not a key.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -243,6 +246,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             control_socket: PathBuf::from("/run/recorder/control.sock"),
             metrics_listen: None,
+            config_file: None,
         }
     }
 }
@@ -254,10 +258,12 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+        let mut config = Self::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.into(),
             message,
-        })
+        })?;
+        config.config_file = Some(path.into());
+        Ok(config)
     }
 
     /// Parses TOML text.
@@ -419,6 +425,7 @@ mod tests {
         let expected = Config {
             interfaces: example.interfaces.clone(),
             media_address: example.media_address,
+            config_file: Some(path.clone()),
             ..Config::default()
         };
         assert_eq!(example, expected);

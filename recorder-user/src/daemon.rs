@@ -22,7 +22,7 @@ use crate::{
     control::{self, ControlState},
     events::SessionEvent,
     flow::maps::BpfFlowTable,
-    metrics,
+    metrics, reload,
     sip::{Endpoint, EndpointConfig},
     siprec::session::{Recorder, SiprecConfig},
     transport::driver::{self, Command},
@@ -35,6 +35,10 @@ pub type DaemonRecorder = Recorder<BpfFlowTable>;
 /// A command for the driver task (operator stop, shutdown, queries).
 pub type DriverCommand = Command<DaemonRecorder>;
 
+/// Replaces the log filter of the subscriber [`init_logging`] installed (SIGHUP).
+type FilterReload = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+static LOG_FILTER: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::new();
+
 /// Sets up logging as configured (human text on a terminal, JSON when asked).
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
@@ -42,10 +46,31 @@ pub fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = match config.log_format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    // The filter sits behind a reload handle so SIGHUP can change the level.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                let _ = LOG_FILTER.set(Box::new(move |f| {
+                    handle.reload(f).map_err(|e| e.to_string())
+                }));
+            }
+        }};
+    }
+    match config.log_format {
+        LogFormat::Json => install!(builder.json()),
+        LogFormat::Text => install!(builder),
+    }
+}
+
+/// Changes the log level or filter of the running daemon.
+pub fn set_log_filter(level: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let reload = LOG_FILTER
+        .get()
+        .ok_or("logging was not set up by the daemon")?;
+    reload(filter)
 }
 
 /// Runs the daemon on a fresh runtime until SIGTERM/SIGINT.
@@ -255,6 +280,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         ),
         None => None,
     };
+    let reload_task = reload::spawn(
+        config.clone(),
+        commands_tx.clone(),
+        writer.clone(),
+        shutdown.clone(),
+    );
 
     // Housekeeping: refuse sessions on a full disk, enforce retention.
     let housekeeping = {
@@ -331,6 +362,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     if let Some(task) = metrics_task {
         let _ = task.await;
     }
+    let _ = reload_task.await;
     capture.detach_all();
     let writer =
         Arc::try_unwrap(writer).map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;

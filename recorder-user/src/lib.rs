@@ -24,6 +24,7 @@ pub mod events;
 pub mod flow;
 pub mod index;
 pub mod metrics;
+pub mod reload;
 pub mod sip;
 pub mod siprec;
 pub mod transport;

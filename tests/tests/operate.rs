@@ -542,3 +542,100 @@ fn metrics_endpoint_parses_and_matches_the_cli() {
         writer["write_latency"]["count"].as_u64().unwrap()
     );
 }
+
+/// Waits until the daemon's log has `needle` at least `count` times.
+fn wait_log(daemon: &Daemon, needle: &str, count: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = daemon.log_text();
+        if log.matches(needle).count() >= count {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} never logged {count} times:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling another process's log
+    }
+}
+
+#[test]
+fn sighup_reloads_acl_and_session_limit_and_names_what_needs_a_restart() {
+    let pair = VethPair::new("hup");
+    let dir = scratch_dir("hup");
+    let config = dir.join("recorder.toml");
+    // The sender (10.231.0.1) is outside the ACL at first.
+    std::fs::write(
+        &config,
+        "acl = [\"192.0.2.0/24\"]\nmax_sessions = 10\nsnaplen = 1500\n",
+    )
+    .unwrap();
+    let mut daemon = Daemon::start_with_spool(
+        &pair,
+        DaemonOptions {
+            extra: vec!["--config".into(), config.display().to_string()],
+            ..Default::default()
+        },
+        dir.clone(),
+        dir.join("spool"),
+    );
+    let sdp = offer_sdp(
+        IpAddr::V4(pair.sender_v4),
+        1,
+        &[OfferedStream {
+            label: "1".into(),
+            port: 31000,
+            pt: 0,
+            direction: "sendonly",
+            connection: None,
+        }],
+    );
+    let invite = |daemon: &Daemon| {
+        let mut c = pair.in_sender(|| SipClient::udp(IpAddr::V4(pair.sender_v4), daemon.sip));
+        let status = c
+            .invite(Some(("application/sdp", sdp.as_bytes())), &[])
+            .status;
+        (status, c)
+    };
+    assert_eq!(invite(&daemon).0, 403, "ACL from the file");
+
+    // Open the ACL, allow one session, change a key that needs a restart.
+    std::fs::write(
+        &config,
+        "acl = [\"10.231.0.0/24\"]\nmax_sessions = 1\nsnaplen = 1000\n\
+         log_level = \"warn,recorder::reload=info\"\n",
+    )
+    .unwrap();
+    let debug_before = daemon.log_text().matches("DEBUG").count();
+    assert!(debug_before > 0, "started with --log-level debug");
+    daemon.signal(libc::SIGHUP);
+    let log = wait_log(&daemon, "configuration reloaded", 1);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("need a restart") && l.contains("snaplen")),
+        "{log}"
+    );
+    let (status, mut first) = invite(&daemon);
+    assert_eq!(status, 200, "ACL reloaded");
+    assert_eq!(invite(&daemon).0, 503, "session limit reloaded");
+    let log = daemon.log_text();
+    let after = &log[log.find("configuration reloaded").unwrap()..];
+    assert!(
+        !after.contains("DEBUG") && !after.contains("recording started"),
+        "log level reloaded to warn:\n{after}"
+    );
+    let status = cli_json(&daemon.control, &["status"]);
+    assert_eq!(
+        status["sip"]["siprec"]["rejections"]["403 acl"], 1,
+        "{status}"
+    );
+
+    // A bad file is refused; the running configuration stays.
+    std::fs::write(&config, "max_sessions = 0\n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    wait_log(&daemon, "configuration not reloaded", 1);
+    assert_eq!(invite(&daemon).0, 503, "limit of 1 still in force");
+    assert_eq!(first.bye(&[]).status, 200);
+    assert_eq!(invite(&daemon).0, 200, "the daemon survived both SIGHUPs");
+    assert_eq!(daemon.stop(), Some(0));
+}

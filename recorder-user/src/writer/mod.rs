@@ -262,6 +262,8 @@ enum Msg {
     QueueDrops(Vec<(u64, u64)>),
     Sync(Reply<()>),
     Retention(Reply<Result<Vec<String>, WriterError>>),
+    /// New retention limits (configuration reload).
+    SetRetention(retention::RetentionPolicy),
     Shutdown,
 }
 
@@ -339,6 +341,15 @@ pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterE
 }
 
 impl WriterHandle {
+    /// Replaces the retention limits (configuration reload); the next
+    /// [`Self::enforce_retention`] applies them.
+    pub fn set_retention(&self, max_age: Option<Duration>, max_bytes: Option<u64>) {
+        let policy = retention::RetentionPolicy { max_age, max_bytes };
+        if self.tx.send(Msg::SetRetention(policy)).is_err() {
+            warn!("writer thread stopped; retention change dropped");
+        }
+    }
+
     /// Hands a signaling event to the writer thread (never blocks).
     pub fn event(&self, ev: SessionEvent) {
         if self.tx.send(Msg::Event(Box::new(ev))).is_err() {
@@ -545,6 +556,7 @@ impl Writer {
             Msg::Retention(reply) => {
                 let _ = reply.send(self.retention());
             }
+            Msg::SetRetention(policy) => self.policy = policy,
             Msg::Shutdown => {}
         }
     }
