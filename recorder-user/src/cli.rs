@@ -107,6 +107,7 @@ pub fn render(request: &Request, data: &Value) -> String {
                             .unwrap_or(0)
                             .to_string(),
                         s(&x["packets"]),
+                        s(&x["lost"]),
                         s(&x["ring_drops"]),
                         s(&x["duration_secs"]),
                         s(&x["started_at"]),
@@ -120,6 +121,7 @@ pub fn render(request: &Request, data: &Value) -> String {
                     "PARTICIPANTS",
                     "STREAMS",
                     "PACKETS",
+                    "LOST",
                     "DROPS",
                     "SECS",
                     "STARTED",

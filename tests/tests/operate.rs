@@ -113,6 +113,11 @@ impl LiveCall {
     }
 
     fn send(&self, packets: usize) {
+        self.send_with_gap(packets, 0);
+    }
+
+    /// Sends `packets` per stream; the first stream skips `gap` sequence numbers halfway (loss).
+    fn send_with_gap(&self, packets: usize, gap: u16) {
         for (i, port) in self.ports.iter().enumerate() {
             let socket = self
                 .pair
@@ -123,7 +128,10 @@ impl LiveCall {
                 0x5000 + i as u32,
                 if i == 0 { 0 } else { 8 },
             );
-            for _ in 0..packets {
+            for n in 0..packets {
+                if i == 0 && n == packets / 2 {
+                    stream.skip(gap);
+                }
                 stream.send_tone_packet(440.0 + 100.0 * i as f64);
             }
         }
@@ -168,7 +176,7 @@ fn xdp_attached(ns: &str, dev: &str) -> bool {
 #[test]
 fn every_read_command_in_text_and_json_and_operator_stop() {
     let mut call = LiveCall::start("cli", DaemonOptions::default());
-    call.send(50);
+    call.send_with_gap(50, 3);
     let flows = call.wait_flow_packets(100);
     let control = call.control().to_path_buf();
 
@@ -225,7 +233,14 @@ fn every_read_command_in_text_and_json_and_operator_stop() {
     assert_eq!(session["packets"], 100, "{session}");
     assert!(session["duration_secs"].is_u64());
     assert!(session["started_at"].as_str().unwrap().ends_with('Z'));
+    // Sequence loss comes from the writer's periodic metadata flush.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cli_json(&control, &["sessions"])[0]["lost"] != 3 {
+        assert!(Instant::now() < deadline, "loss of 3 never reported");
+        std::thread::sleep(Duration::from_millis(50)); // polling the writer's flush
+    }
     let text = cli_text(&control, &["sessions"]);
+    assert!(text.lines().next().unwrap().contains("LOST"), "{text}");
     let row = text
         .lines()
         .find(|l| l.starts_with(&id))
@@ -290,6 +305,7 @@ fn every_read_command_in_text_and_json_and_operator_stop() {
     assert!(text.contains("end_reason   operator"), "{text}");
     assert!(text.contains("participant  Customer <sip:+4930555@carrier.example>"));
     assert_eq!(text.matches("\nstream ").count(), 2, "{text}");
+    assert!(text.contains("packets 50 lost 3"), "{text}");
     assert_eq!(cli(&control, &["show", "../etc"]).status.code(), Some(1));
 
     // A daemon that is not there: exit code 3.
