@@ -655,3 +655,98 @@ fn sighup_reloads_acl_and_session_limit_and_names_what_needs_a_restart() {
     assert_eq!(invite(&daemon).0, 200, "the daemon survived both SIGHUPs");
     assert_eq!(daemon.stop(), Some(0));
 }
+
+/// The capabilities the systemd unit grants (`AmbientCapabilities=`), as setpriv wants them.
+fn unit_capabilities() -> String {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/recorder.service"),
+    )
+    .expect("packaging/recorder.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities in the unit");
+    let bounding = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in the unit");
+    assert_eq!(line, bounding, "ambient and bounding sets agree");
+    line.split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn runs_unprivileged_with_the_capabilities_of_the_systemd_unit() {
+    let caps = unit_capabilities();
+    let pair = VethPair::new("caps");
+    let dir = scratch_dir("caps");
+    let spool = dir.join("spool");
+    let run = dir.join("run");
+    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    for d in [&dir, &spool, &run] {
+        // SAFETY: chown(2) on paths we created; 65534 is nobody/nogroup.
+        let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+    }
+    let control = run.join("control.sock");
+    let log = std::fs::File::create(dir.join("recorder.log")).unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &pair.recorder_ns, "setpriv"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--no-new-privs",
+        ])
+        .arg(format!("--inh-caps=-all,{caps}"))
+        .arg(format!("--ambient-caps=-all,{caps}"))
+        .arg(format!("--bounding-set=-all,{caps}"))
+        .arg(recorder_bin())
+        .args(["run", "--interface", &pair.recorder_if])
+        .args(["--sip-listen", &format!("{}:5060", pair.recorder_v4)])
+        .args(["--media-address", &pair.recorder_v4.to_string()])
+        .arg("--spool")
+        .arg(&spool)
+        .arg("--control-socket")
+        .arg(&control)
+        .stderr(Stdio::from(log.try_clone().unwrap()))
+        .stdout(Stdio::from(log))
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let log_text = || std::fs::read_to_string(dir.join("recorder.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            panic!("recorder exited ({exit}) with caps {caps}:\n{}", log_text());
+        }
+        let out = cli(&control, &["status", "--json"]);
+        if out.status.success() {
+            break serde_json::from_slice::<Value>(&out.stdout).unwrap();
+        }
+        assert!(Instant::now() < deadline, "never ready:\n{}", log_text());
+        std::thread::sleep(Duration::from_millis(50)); // polling another process's start
+    };
+    assert_eq!(status["interfaces"][0]["name"], pair.recorder_if);
+    assert!(xdp_attached(&pair.recorder_ns, &pair.recorder_if));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&control).unwrap();
+    assert_eq!(meta.uid(), 65534, "socket owned by the service user");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+    // SAFETY: kill(2) on our child (ip netns exec and setpriv exec the recorder in place).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "no exit:\n{}", log_text());
+        std::thread::sleep(Duration::from_millis(20)); // polling a child's exit
+    };
+    assert_eq!(exit.code(), Some(0), "{}", log_text());
+    assert!(!xdp_attached(&pair.recorder_ns, &pair.recorder_if));
+    let _ = std::fs::remove_dir_all(&dir);
+}
