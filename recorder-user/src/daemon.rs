@@ -102,36 +102,53 @@ pub fn run_blocking(config: Config) -> Result<()> {
     })
 }
 
-/// Logs one line per session event, with the recording id and CallUUID.
-fn log_event(event: &SessionEvent) {
+/// Logs one line per session event, with the recording id and CallUUID. `uuids` remembers each
+/// live recording's CallUUID for the events that do not carry it.
+fn log_event(event: &SessionEvent, uuids: &mut std::collections::HashMap<String, String>) {
+    let uuid = |id: &String, uuids: &std::collections::HashMap<String, String>| {
+        uuids.get(id).cloned().unwrap_or_else(|| "-".into())
+    };
     match event {
         SessionEvent::Started {
             id, ids, streams, ..
-        } => info!(
-            recording = %id,
-            call_uuid = ids.call_uuid.as_deref().unwrap_or("-"),
-            call_id = %ids.sip_call_id,
-            streams = streams.len(),
-            "recording started"
-        ),
+        } => {
+            let call_uuid = ids.call_uuid.clone().unwrap_or_else(|| "-".into());
+            info!(
+                recording = %id,
+                call_uuid = %call_uuid,
+                call_id = %ids.sip_call_id,
+                streams = streams.len(),
+                "recording started"
+            );
+            uuids.insert(id.clone(), call_uuid);
+        }
         SessionEvent::MediaChanged { id, streams, .. } => {
-            info!(recording = %id, streams = streams.len(), "media changed")
+            info!(recording = %id, call_uuid = %uuid(id, uuids), streams = streams.len(), "media changed")
         }
         SessionEvent::ParticipantsChanged {
             id,
             participants,
             ids,
             ..
-        } => info!(
-            recording = %id,
-            call_uuid = ids.call_uuid.as_deref().unwrap_or("-"),
-            participants = participants.len(),
-            "participants changed"
-        ),
-        SessionEvent::Paused { id, label, .. } => info!(recording = %id, label, "stream paused"),
-        SessionEvent::Resumed { id, label, .. } => info!(recording = %id, label, "stream resumed"),
+        } => {
+            let call_uuid = ids.call_uuid.clone().unwrap_or_else(|| "-".into());
+            info!(
+                recording = %id,
+                call_uuid = %call_uuid,
+                participants = participants.len(),
+                "participants changed"
+            );
+            uuids.insert(id.clone(), call_uuid);
+        }
+        SessionEvent::Paused { id, label, .. } => {
+            info!(recording = %id, call_uuid = %uuid(id, uuids), label, "stream paused")
+        }
+        SessionEvent::Resumed { id, label, .. } => {
+            info!(recording = %id, call_uuid = %uuid(id, uuids), label, "stream resumed")
+        }
         SessionEvent::Ended { id, reason, .. } => {
-            info!(recording = %id, reason = reason.name(), "recording ended")
+            let call_uuid = uuids.remove(id).unwrap_or_else(|| "-".into());
+            info!(recording = %id, call_uuid = %call_uuid, reason = reason.name(), "recording ended")
         }
     }
 }
@@ -214,6 +231,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         retry_after_secs: config.retry_after_secs,
         ..EndpointConfig::default()
     });
+    let mut call_uuids = std::collections::HashMap::new();
     let recorder = Recorder::new(
         SiprecConfig {
             media_address,
@@ -231,7 +249,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         },
         flows,
         Box::new(move |event: SessionEvent| {
-            log_event(&event);
+            log_event(&event, &mut call_uuids);
             // Fails only once the capture task is gone, at the very end of shutdown.
             let _ = events_tx.send(event);
         }),

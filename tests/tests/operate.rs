@@ -384,6 +384,17 @@ fn sigterm_finishes_live_recordings_and_detaches_xdp() {
     let (dir, meta) = call.daemon.metadata_for(&call.client.call_id, true);
     assert_eq!(meta["state"], "complete");
     assert_eq!(meta["end_reason"], "shutdown");
+    let log = call.daemon.log_text();
+    let id = meta["id"].as_str().unwrap();
+    for event in ["recording started", "recording ended"] {
+        assert!(
+            log.lines().any(|l| l.contains("recorder::daemon")
+                && l.contains(event)
+                && l.contains(id)
+                && l.contains(UUID)),
+            "one {event:?} line with the id and CallUUID:\n{log}"
+        );
+    }
     assert_eq!(tshark_count(&dir.join("recording.pcap"), Some("udp")), 60);
     assert!(
         !xdp_attached(&call.pair.recorder_ns, &call.pair.recorder_if),
