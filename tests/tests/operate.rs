@@ -293,6 +293,10 @@ fn every_read_command_in_text_and_json_and_operator_stop() {
         row.contains("complete") && row.contains("operator"),
         "{row}"
     );
+    let since = cli_json(&control, &["recordings", "--since", "2000-01-01T00:00:00Z"]);
+    assert_eq!(since.as_array().unwrap().len(), 1);
+    let future = cli_json(&control, &["recordings", "--since", "2099-01-01T00:00:00Z"]);
+    assert_eq!(future.as_array().unwrap().len(), 0);
     let bad_since = cli(&control, &["recordings", "--since", "yesterday"]);
     assert_eq!(bad_since.status.code(), Some(1));
 
