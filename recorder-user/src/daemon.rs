@@ -156,6 +156,9 @@ fn log_event(event: &SessionEvent, uuids: &mut std::collections::HashMap<String,
 /// Runs everything until `shutdown` is cancelled, then stops in order: no new sessions, every
 /// recording finished (`shutdown`), rings drained, files closed, XDP detached.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    // Before anything else: a SIGHUP during start-up must not kill the daemon (default action).
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let media_address = config.media_address.context("media_address is required")?;
     std::fs::create_dir_all(&config.spool)
         .with_context(|| format!("creating spool {}", config.spool.display()))?;
@@ -299,6 +302,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         None => None,
     };
     let reload_task = reload::spawn(
+        hangup,
         config.clone(),
         commands_tx.clone(),
         writer.clone(),

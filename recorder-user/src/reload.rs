@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use thiserror::Error;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     config::{Config, ConfigError},
@@ -119,22 +119,15 @@ pub fn plan_from_file(
     Ok((plan(running, file_before, &file_now)?, file_now))
 }
 
-/// Reloads on every SIGHUP until `shutdown`.
+/// Reloads on every SIGHUP (`hangup`, installed early by the daemon) until `shutdown`.
 pub fn spawn(
+    mut hangup: tokio::signal::unix::Signal,
     config: Config,
     commands: mpsc::Sender<DriverCommand>,
     writer: Arc<WriterHandle>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hangup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                error!(error = %e, "cannot install the SIGHUP handler: no reload");
-                return;
-            }
-        };
         let mut running = config;
         // The file as it was at start; a failed read leaves "unknown", so the first reload
         // applies whatever differs from the running values.
