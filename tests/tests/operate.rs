@@ -765,3 +765,31 @@ fn runs_unprivileged_with_the_capabilities_of_the_systemd_unit() {
     assert!(!xdp_attached(&pair.recorder_ns, &pair.recorder_if));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn json_logs_carry_the_session_fields() {
+    let mut call = LiveCall::start(
+        "json",
+        DaemonOptions {
+            extra: vec!["--log-format".into(), "json".into()],
+            ..Default::default()
+        },
+    );
+    call.send(10);
+    assert_eq!(call.client.bye(&[]).status, 200);
+    let (_, meta) = call.daemon.metadata_for(&call.client.call_id, true);
+    assert_eq!(call.daemon.stop(), Some(0));
+    let log = call.daemon.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for message in ["recording started", "recording ended"] {
+        let line = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message && l["target"] == "recorder::daemon")
+            .unwrap_or_else(|| panic!("{message:?} in {log}"));
+        assert_eq!(line["fields"]["recording"], meta["id"], "{line}");
+        assert_eq!(line["fields"]["call_uuid"], UUID, "{line}");
+    }
+}
