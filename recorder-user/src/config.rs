@@ -159,6 +159,12 @@ pub struct Config {
     pub interfaces: Vec<String>,
     /// SIP listen addresses (UDP and TCP on each).
     pub sip_listen: Vec<SocketAddr>,
+    /// SIP over TLS listen addresses (usually port 5061; none by default).
+    pub sip_tls_listen: Vec<SocketAddr>,
+    /// PEM certificate chain presented on TLS connections.
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub tls_private_key: Option<PathBuf>,
     /// Address we answer in SDP; RTP arrives there.
     pub media_address: Option<IpAddr>,
     /// Local RTP ports (RTCP uses RTP + 1).
@@ -218,6 +224,9 @@ impl Default for Config {
         Self {
             interfaces: Vec::new(),
             sip_listen: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            sip_tls_listen: Vec::new(),
+            tls_certificate: None,
+            tls_private_key: None,
             media_address: None,
             rtp_ports: PortRange {
                 lo: 20000,
@@ -278,6 +287,20 @@ impl Config {
         }
         if self.sip_listen.is_empty() {
             return Err(invalid("sip_listen", "at least one address is needed"));
+        }
+        if !self.sip_tls_listen.is_empty() {
+            if self.tls_certificate.is_none() {
+                return Err(invalid(
+                    "tls_certificate",
+                    "required when sip_tls_listen is set (PEM certificate chain)",
+                ));
+            }
+            if self.tls_private_key.is_none() {
+                return Err(invalid(
+                    "tls_private_key",
+                    "required when sip_tls_listen is set (PEM private key)",
+                ));
+            }
         }
         let media = self
             .media_address
@@ -381,6 +404,32 @@ mod tests {
             })
         ));
         valid().validate().unwrap();
+    }
+
+    #[test]
+    fn tls_listen_needs_certificate_and_key() {
+        let mut c = Config {
+            sip_tls_listen: vec!["0.0.0.0:5061".parse().unwrap()],
+            ..valid()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "tls_certificate",
+                ..
+            })
+        ));
+        c.tls_certificate = Some("/etc/recorder/cert.pem".into());
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("tls_private_key"), "{err}");
+        c.tls_private_key = Some("/etc/recorder/key.pem".into());
+        c.validate().unwrap();
+        let c = Config::from_toml(
+            "sip_tls_listen = [\"[::]:5061\"]\ntls_certificate = \"/c.pem\"\ntls_private_key = \"/k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.sip_tls_listen, vec!["[::]:5061".parse().unwrap()]);
+        assert_eq!(c.tls_private_key, Some(PathBuf::from("/k.pem")));
     }
 
     #[test]

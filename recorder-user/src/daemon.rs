@@ -25,7 +25,10 @@ use crate::{
     metrics, reload,
     sip::{Endpoint, EndpointConfig},
     siprec::session::{Recorder, SiprecConfig},
-    transport::driver::{self, Command},
+    transport::{
+        driver::{self, Command},
+        tls,
+    },
     writer::{self, WriterConfig},
 };
 
@@ -221,8 +224,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         })
     };
 
-    let sockets = driver::bind(&config.sip_listen).context("binding SIP listen addresses")?;
+    let mut sockets = driver::bind(&config.sip_listen).context("binding SIP listen addresses")?;
+    if let (false, Some(cert), Some(key)) = (
+        config.sip_tls_listen.is_empty(),
+        &config.tls_certificate,
+        &config.tls_private_key,
+    ) {
+        let tls_config = tls::server_config(cert, key).context("loading the TLS certificate")?;
+        sockets
+            .bind_tls(&config.sip_tls_listen, tls_config)
+            .context("binding SIP TLS listen addresses")?;
+    }
     let listen = sockets.local_addrs();
+    let tls_listen = sockets.tls_local_addrs();
     let contact_host = match listen.first().map(|a| a.ip()) {
         Some(ip) if !ip.is_unspecified() => ip,
         _ => media_address,
@@ -230,6 +244,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let endpoint = Endpoint::new(EndpointConfig {
         contact_host: contact_host.to_string(),
         contact_port: listen.first().map(|a| a.port()).unwrap_or(5060),
+        contact_tls_port: tls_listen.first().map(|a| a.port()),
         contact_params: vec!["+sip.srs".into()],
         retry_after_secs: config.retry_after_secs,
         ..EndpointConfig::default()
@@ -269,6 +284,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     ));
     info!(
         sip = ?listen,
+        sip_tls = ?tls_listen,
         media = %media_address,
         interfaces = ?capture.attachments(),
         spool = %config.spool.display(),

@@ -85,6 +85,15 @@ struct RunArgs {
     /// SIP listen address, UDP and TCP (repeat for several).
     #[arg(long = "sip-listen")]
     sip_listen: Vec<SocketAddr>,
+    /// SIP over TLS listen address (repeat for several; needs the certificate and key).
+    #[arg(long = "sip-tls-listen")]
+    sip_tls_listen: Vec<SocketAddr>,
+    /// PEM certificate chain for SIP over TLS.
+    #[arg(long)]
+    tls_certificate: Option<PathBuf>,
+    /// PEM private key for SIP over TLS.
+    #[arg(long)]
+    tls_private_key: Option<PathBuf>,
     /// Address answered in SDP (where RTP is sent).
     #[arg(long)]
     media_address: Option<IpAddr>,
@@ -140,6 +149,15 @@ impl RunArgs {
         }
         if !self.sip_listen.is_empty() {
             c.sip_listen = self.sip_listen;
+        }
+        if !self.sip_tls_listen.is_empty() {
+            c.sip_tls_listen = self.sip_tls_listen;
+        }
+        if self.tls_certificate.is_some() {
+            c.tls_certificate = self.tls_certificate;
+        }
+        if self.tls_private_key.is_some() {
+            c.tls_private_key = self.tls_private_key;
         }
         if !self.acl.is_empty() {
             c.acl = self.acl;

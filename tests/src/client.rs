@@ -1,10 +1,11 @@
 //! A SIPREC client (SRC) for tests and the demo: builds recording INVITEs, re-INVITEs, BYE,
-//! CANCEL and OPTIONS as real SIP text, sends them over UDP or TCP, and reads responses with
-//! rsip.
+//! CANCEL and OPTIONS as real SIP text, sends them over UDP, TCP or TLS, and reads responses
+//! with rsip.
 
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -66,9 +67,12 @@ impl Reply {
     }
 }
 
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
 enum Link {
     Udp(UdpSocket),
     Tcp(TcpStream, Vec<u8>),
+    Tls(Box<TlsStream>, Vec<u8>),
 }
 
 /// One SIP dialog's client side.
@@ -110,6 +114,37 @@ impl SipClient {
         Self::new(Link::Tcp(stream, Vec::new()), local, server)
     }
 
+    /// A TLS client connected to `server`, trusting only `ca_der` (e.g. the recorder's
+    /// self-signed certificate) and checking it is valid for `server_name`. The handshake
+    /// is completed here, so a bad certificate fails now.
+    pub fn tls(server: SocketAddr, ca_der: &[u8], server_name: &str) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls_pki_types::CertificateDer::from(ca_der.to_vec()))
+            .expect("a DER certificate");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
+            .expect("a valid server name");
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let tcp = TcpStream::connect(server).expect("connect SIP over TLS");
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let local = tcp.local_addr().unwrap();
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .expect("TLS handshake with the recorder");
+        }
+        Self::new(Link::Tls(Box::new(stream), Vec::new()), local, server)
+    }
+
     fn new(link: Link, local: SocketAddr, server: SocketAddr) -> Self {
         Self {
             link,
@@ -132,6 +167,7 @@ impl SipClient {
         match self.link {
             Link::Udp(_) => "UDP",
             Link::Tcp(..) => "TCP",
+            Link::Tls(..) => "TLS",
         }
     }
 
@@ -147,6 +183,10 @@ impl SipClient {
                 s.send_to(bytes, self.server).expect("send SIP datagram");
             }
             Link::Tcp(s, _) => s.write_all(bytes).expect("send SIP over TCP"),
+            Link::Tls(s, _) => {
+                s.write_all(bytes).expect("send SIP over TLS");
+                s.flush().expect("flush TLS");
+            }
         }
     }
 
@@ -227,6 +267,19 @@ impl SipClient {
                         break pending.drain(..len).collect();
                     }
                     s.set_read_timeout(Some(remaining.max(Duration::from_millis(1))))
+                        .unwrap();
+                    let mut buf = [0u8; 8192];
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return None,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                },
+                Link::Tls(s, pending) => loop {
+                    if let Some(len) = complete_message_len(pending) {
+                        break pending.drain(..len).collect();
+                    }
+                    s.sock
+                        .set_read_timeout(Some(remaining.max(Duration::from_millis(1))))
                         .unwrap();
                     let mut buf = [0u8; 8192];
                     match s.read(&mut buf) {

@@ -114,6 +114,38 @@ impl RtpStream {
         self.sent += 1;
     }
 
+    /// Sends one RFC 4733 telephone event (`event` 0-9, 10 `*`, 11 `#`) of `packets` x 20 ms on
+    /// payload type `pt`, as an SRC does: all packets carry the event's start timestamp, the
+    /// first has the marker bit, the duration grows by 160 per packet, and the end packet is
+    /// sent three times. The stream's timestamp then moves past the event. Returns the packets
+    /// sent.
+    pub fn send_dtmf(&mut self, pt: u8, event: u8, packets: u16) -> u64 {
+        let start = self.timestamp;
+        let mut sent = 0;
+        let mut send = |s: &mut Self, marker: bool, end: bool, duration: u16| {
+            let d = duration.to_be_bytes();
+            let flags = if end { 0x80 } else { 0 } | 10;
+            let mut p = vec![0x80, (pt & 0x7f) | if marker { 0x80 } else { 0 }];
+            p.extend_from_slice(&s.seq.to_be_bytes());
+            p.extend_from_slice(&start.to_be_bytes());
+            p.extend_from_slice(&s.ssrc.to_be_bytes());
+            p.extend_from_slice(&[event, flags, d[0], d[1]]);
+            s.seq = s.seq.wrapping_add(1);
+            s.socket.send_to(&p, s.dest).expect("send RTP event");
+            sent += 1;
+        };
+        for i in 1..packets {
+            send(self, i == 1, false, 160 * i);
+        }
+        for _ in 0..3 {
+            send(self, false, true, 160 * packets);
+        }
+        self.timestamp = start.wrapping_add(160 * packets as u32);
+        self.sample += 160 * packets as u64;
+        self.sent += sent;
+        sent
+    }
+
     /// Skips `packets` packet times without sending (a pause or loss): seq and timestamp advance
     /// as the SRC's would if it dropped them.
     pub fn skip(&mut self, packets: u16) {

@@ -70,26 +70,22 @@ pub fn ebpf_object() -> PathBuf {
     workspace_root().join("target/bpfel-unknown-none/release/recorder-xdp")
 }
 
-/// A cargo command with the environment of the `cargo xtask` invocation cleaned, so that the
-/// toolchain chosen here (stable or nightly) is the one that runs.
+/// A cargo command for `toolchain` (default: the one running xtask, else `stable`).
+///
+/// The toolchain is always named through `RUSTUP_TOOLCHAIN`: without it, the rustup `rustc`
+/// proxy honours `rust-toolchain` files it finds in the directory cargo compiles a crate in,
+/// and some registry crates ship one naming a toolchain this machine does not have.
 fn cargo(toolchain: Option<&str>) -> Command {
-    let mut cmd = match toolchain {
-        Some(tc) => {
-            let mut c = Command::new("rustup");
-            c.args(["run", tc, "cargo"]);
-            c
-        }
-        None => Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())),
-    };
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-    ] {
+    let toolchain = toolchain.map(str::to_string).unwrap_or_else(|| {
+        std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".into())
+    });
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", &toolchain, "cargo"]);
+    // Settings of the outer cargo that would leak into the inner build.
+    for var in ["RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
         cmd.env_remove(var);
     }
+    cmd.env("RUSTUP_TOOLCHAIN", &toolchain);
     cmd.current_dir(workspace_root());
     cmd.env("RECORDER_EBPF_OBJECT", ebpf_object());
     cmd
@@ -132,7 +128,8 @@ fn test(args: &[String]) -> Result<()> {
     // The end-to-end tests run the real daemon binary (target/debug/recorder).
     run(cargo(None).args(["build", "--package", "recorder-user", "--bins"]))?;
     let mut cmd = cargo(None);
-    cmd.args(["test", "--workspace"]).args(args);
+    // Every suite runs even after a failure, so one run shows every problem.
+    cmd.args(["test", "--workspace", "--no-fail-fast"]).args(args);
     run(&mut cmd)
 }
 

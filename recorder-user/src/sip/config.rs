@@ -10,6 +10,8 @@ pub struct EndpointConfig {
     /// Host of our Contact URI and of the Via of requests we send (an address clients can reach).
     pub contact_host: String,
     pub contact_port: u16,
+    /// Port of our Contact on TLS dialogs (the TLS listener's), when it differs.
+    pub contact_tls_port: Option<u16>,
     /// Header parameters appended to our Contact (e.g. `+sip.srs`).
     pub contact_params: Vec<String>,
     /// Sent as `Server` in responses and `User-Agent` in requests.
@@ -42,6 +44,7 @@ impl Default for EndpointConfig {
             contact_user: "srs".into(),
             contact_host: "127.0.0.1".into(),
             contact_port: 5060,
+            contact_tls_port: None,
             contact_params: Vec::new(),
             user_agent: concat!("recorder/", env!("CARGO_PKG_VERSION")).into(),
             allow: list(&[

@@ -102,6 +102,8 @@ use super::{
 pub enum Transport {
     Udp,
     Tcp,
+    /// SIP over TLS (RFC 3261 §26.3.1): framed like TCP, answered on the same connection.
+    Tls,
 }
 
 impl fmt::Display for Transport {
@@ -109,6 +111,7 @@ impl fmt::Display for Transport {
         f.write_str(match self {
             Transport::Udp => "UDP",
             Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
         })
     }
 }
@@ -1261,16 +1264,22 @@ impl Endpoint {
     }
 
     fn contact_value(&self, transport: Transport) -> String {
+        let (port, param) = match transport {
+            Transport::Udp => (self.config.contact_port, ""),
+            Transport::Tcp => (self.config.contact_port, ";transport=tcp"),
+            Transport::Tls => (
+                self.config
+                    .contact_tls_port
+                    .unwrap_or(self.config.contact_port),
+                ";transport=tls",
+            ),
+        };
         let mut value = format!(
             "<sip:{}@{}:{}{}>",
             self.config.contact_user,
             bracket_v6(&self.config.contact_host),
-            self.config.contact_port,
-            if transport == Transport::Tcp {
-                ";transport=tcp"
-            } else {
-                ""
-            }
+            port,
+            param
         );
         for p in &self.config.contact_params {
             value.push(';');

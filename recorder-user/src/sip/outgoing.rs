@@ -20,10 +20,15 @@ pub(crate) fn response_route(incoming: &Incoming, via: &message::TopVia) -> Rout
     let destination = match incoming.transport {
         // Stream transports answer on the connection the request came on; `destination` is
         // only used if it has gone: the received address and the sent-by port (§18.2.2).
-        Transport::Tcp if incoming.connection.is_some() => {
-            SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060))
+        Transport::Tcp | Transport::Tls if incoming.connection.is_some() => {
+            let default = if incoming.transport == Transport::Tls {
+                5061
+            } else {
+                5060
+            };
+            SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(default))
         }
-        Transport::Tcp => incoming.source,
+        Transport::Tcp | Transport::Tls => incoming.source,
         Transport::Udp if via.rport => incoming.source,
         Transport::Udp => SocketAddr::new(incoming.source.ip(), via.port.unwrap_or(5060)),
     };

@@ -60,7 +60,7 @@ pub(crate) struct Route {
 impl Route {
     /// Reliable transports get no retransmissions and zero-length linger timers.
     pub fn reliable(&self) -> bool {
-        self.transport == Transport::Tcp
+        self.transport != Transport::Udp
     }
 }
 

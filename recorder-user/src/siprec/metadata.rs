@@ -262,6 +262,20 @@ fn parse_tree(xml: &str) -> Result<Node, MetadataError> {
 }
 
 /// Parses one metadata document.
+/// Content type of a metadata snapshot request (RFC 7866 §9, IANA registration).
+pub const SNAPSHOT_REQUEST_TYPE: &str = "application/rs-metadata-request";
+
+/// The body of a metadata snapshot request: asks the SRC for a complete metadata snapshot,
+/// saying why in `reason` (escaped here).
+pub fn snapshot_request_xml(reason: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <requestsnapshot xmlns=\"urn:ietf:params:xml:ns:recording:1\">\
+         <requestreason xml:lang=\"en\">{}</requestreason></requestsnapshot>\n",
+        quick_xml::escape::escape(reason)
+    )
+}
+
 pub fn parse_metadata(xml: &str) -> Result<MetadataDoc, MetadataError> {
     let root = parse_tree(xml)?;
     // `recording` per RFC 7865; BroadWorks uses `recording_metadata`.
@@ -774,10 +788,53 @@ impl MetadataState {
                 .or_else(|| self.first_seen.get(&p.id).copied()),
             left_at: session_left
                 .or(streams.and_then(|a| a.disassociate_time))
-                .or(p.disassociate_time),
+                .or(p.disassociate_time)
+                .or_else(|| self.left_with_sessions(&sessions, send, recv)),
             sends: labels(send),
             receives: labels(recv),
         }
+    }
+
+    /// Persistent recording sessions (RFC 7866, RFC 7865 `sessionrecordingassoc`): when
+    /// the communication sessions a participant belongs to have left the recording session
+    /// (`disassociate-time`), the participant has left too, at the latest of those times; the
+    /// recording itself goes on. A participant's sessions are its `participantsessionassoc`
+    /// ones (each closed by its own time or its session's), else those of the streams it
+    /// sends or receives. `None` while any of them is still recorded.
+    fn left_with_sessions(
+        &self,
+        assocs: &[&ParticipantSessionAssoc],
+        send: &[String],
+        recv: &[String],
+    ) -> Option<SystemTime> {
+        let session_end = |session_id: Option<&String>| {
+            let id = session_id?;
+            self.session_recording_assocs
+                .iter()
+                .find(|a| &a.session_id == id)?
+                .disassociate_time
+        };
+        let ends: Vec<Option<SystemTime>> = if assocs.is_empty() {
+            send.iter()
+                .chain(recv)
+                .map(|stream_id| {
+                    let stream = self.streams.iter().find(|s| &s.id == stream_id)?;
+                    session_end(stream.session_id.as_ref())
+                })
+                .collect()
+        } else {
+            assocs
+                .iter()
+                .map(|a| {
+                    a.disassociate_time
+                        .or_else(|| session_end(a.session_id.as_ref()))
+                })
+                .collect()
+        };
+        if ends.is_empty() || ends.iter().any(Option::is_none) {
+            return None;
+        }
+        ends.into_iter().flatten().max()
     }
 
     /// Extension (name, text) pairs found inside one participant's element.
@@ -885,6 +942,18 @@ impl MetadataState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_request_body_escapes_the_reason() {
+        let xml = snapshot_request_xml("ids <a> & \"b\"");
+        assert!(xml.contains("ids &lt;a&gt; &amp; &quot;b&quot;"), "{xml}");
+        assert!(xml.contains(
+            r#"<requestsnapshot xmlns="urn:ietf:params:xml:ns:recording:1"><requestreason xml:lang="en">"#
+        ));
+        assert!(xml
+            .trim_end()
+            .ends_with("</requestreason></requestsnapshot>"));
+    }
     use crate::siprec::body::tests::{spec_invite, spec_reinvite};
     use std::time::{Duration, UNIX_EPOCH};
 
@@ -1042,6 +1111,93 @@ mod tests {
         assert_eq!(people[1].left_at, Some(received));
         assert_eq!(state.label_of_stream("s1Fw9uR3Q7iL2c8Vb4NxEw=="), None);
         assert!(state.groups().is_empty());
+    }
+
+    /// A persistent recording session carrying two calls: A (customer + agent, with session
+    /// associations) and B (a participant tied to it only through its stream).
+    const PERSISTENT: &str = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1">
+  <datamode>complete</datamode>
+  <session session_id="cs-A"><start-time>2025-03-04T10:00:00Z</start-time></session>
+  <session session_id="cs-B"><start-time>2025-03-04T10:02:00Z</start-time></session>
+  <participant participant_id="a-cust"><nameID aor="sip:cust@x"/></participant>
+  <participant participant_id="a-agent"><nameID aor="sip:7002@cc"/></participant>
+  <participant participant_id="b-cust"><nameID aor="sip:other@x"/></participant>
+  <stream stream_id="st-a1" session_id="cs-A"><label>1</label></stream>
+  <stream stream_id="st-a2" session_id="cs-A"><label>2</label></stream>
+  <stream stream_id="st-b1" session_id="cs-B"><label>3</label></stream>
+  <sessionrecordingassoc session_id="cs-A"><associate-time>2025-03-04T10:00:00Z</associate-time></sessionrecordingassoc>
+  <sessionrecordingassoc session_id="cs-B"><associate-time>2025-03-04T10:02:00Z</associate-time></sessionrecordingassoc>
+  <participantsessionassoc participant_id="a-cust" session_id="cs-A"><associate-time>2025-03-04T10:00:00Z</associate-time></participantsessionassoc>
+  <participantsessionassoc participant_id="a-agent" session_id="cs-A"><associate-time>2025-03-04T10:00:05Z</associate-time></participantsessionassoc>
+  <participantstreamassoc participant_id="a-cust"><send>st-a1</send></participantstreamassoc>
+  <participantstreamassoc participant_id="a-agent"><send>st-a2</send></participantstreamassoc>
+  <participantstreamassoc participant_id="b-cust"><send>st-b1</send></participantstreamassoc>
+</recording>"#;
+
+    #[test]
+    fn session_leaving_a_persistent_recording_ends_its_participants_only() {
+        let mut state = MetadataState::default();
+        state.apply(
+            parse_metadata(PERSISTENT).unwrap(),
+            at("2025-03-04T10:02:00Z"),
+        );
+        assert!(state.participants().iter().all(|p| p.left_at.is_none()));
+        let a_ends = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1"><datamode>partial</datamode>
+  <sessionrecordingassoc session_id="cs-A"><disassociate-time>2025-03-04T10:05:00Z</disassociate-time></sessionrecordingassoc>
+</recording>"#;
+        state.apply(parse_metadata(a_ends).unwrap(), at("2025-03-04T10:05:01Z"));
+        let left = |state: &MetadataState, id: &str| {
+            state
+                .participants()
+                .into_iter()
+                .find(|p| p.id == id)
+                .unwrap()
+                .left_at
+        };
+        let end_a = Some(at("2025-03-04T10:05:00Z"));
+        assert_eq!(left(&state, "a-cust"), end_a);
+        assert_eq!(left(&state, "a-agent"), end_a);
+        assert_eq!(left(&state, "b-cust"), None, "call B is still recorded");
+        assert_eq!(
+            state.participants()[0].joined_at,
+            Some(at("2025-03-04T10:00:00Z")),
+            "join times are kept"
+        );
+        // Call B leaves too; its participant is tied to it by its stream only.
+        let b_ends = a_ends
+            .replace("cs-A", "cs-B")
+            .replace("10:05:00", "10:07:30");
+        state.apply(parse_metadata(&b_ends).unwrap(), at("2025-03-04T10:07:31Z"));
+        assert_eq!(left(&state, "b-cust"), Some(at("2025-03-04T10:07:30Z")));
+        assert_eq!(left(&state, "a-cust"), end_a);
+        // Call A rejoins (a new associate-time): its participants are back.
+        let a_back = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1"><datamode>partial</datamode>
+  <sessionrecordingassoc session_id="cs-A"><associate-time>2025-03-04T10:09:00Z</associate-time></sessionrecordingassoc>
+</recording>"#;
+        state.apply(parse_metadata(a_back).unwrap(), at("2025-03-04T10:09:01Z"));
+        assert_eq!(left(&state, "a-cust"), None);
+    }
+
+    #[test]
+    fn own_disassociation_wins_over_the_session_end() {
+        let mut state = MetadataState::default();
+        state.apply(
+            parse_metadata(PERSISTENT).unwrap(),
+            at("2025-03-04T10:02:00Z"),
+        );
+        let agent_leaves = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1"><datamode>partial</datamode>
+  <participantsessionassoc participant_id="a-agent" session_id="cs-A"><disassociate-time>2025-03-04T10:03:00Z</disassociate-time></participantsessionassoc>
+  <sessionrecordingassoc session_id="cs-A"><disassociate-time>2025-03-04T10:05:00Z</disassociate-time></sessionrecordingassoc>
+</recording>"#;
+        state.apply(
+            parse_metadata(agent_leaves).unwrap(),
+            at("2025-03-04T10:05:01Z"),
+        );
+        let people = state.participants();
+        let agent = people.iter().find(|p| p.id == "a-agent").unwrap();
+        let cust = people.iter().find(|p| p.id == "a-cust").unwrap();
+        assert_eq!(agent.left_at, Some(at("2025-03-04T10:03:00Z")));
+        assert_eq!(cust.left_at, Some(at("2025-03-04T10:05:00Z")));
     }
 
     #[test]

@@ -32,7 +32,9 @@ use crate::{
     siprec::{
         body::{split_body, BodyError, RecordingBody},
         ids::call_ids,
-        metadata::{parse_metadata, MetadataDoc, MetadataState},
+        metadata::{
+            parse_metadata, snapshot_request_xml, MetadataDoc, MetadataState, SNAPSHOT_REQUEST_TYPE,
+        },
         ports::PortAllocator,
         sdp::{
             answer_crypto, build_answer, choose_codec, parse_offer, Direction, Offer, OfferStream,
@@ -107,6 +109,10 @@ pub struct SiprecCounters {
     /// Rejected requests by (status code, short cause); serialized as `"503 session_limit": n`.
     #[serde(serialize_with = "rejections_by_name")]
     pub rejections: BTreeMap<(u16, &'static str), u64>,
+    /// Metadata snapshot requests (UPDATE with `application/rs-metadata-request`) sent.
+    pub snapshot_requests: u64,
+    /// Of those, the ones the client refused (non-2xx) or never answered.
+    pub snapshot_requests_failed: u64,
 }
 
 fn rejections_by_name<S: serde::Serializer>(
@@ -257,6 +263,11 @@ struct Session {
     packets_seen: u64,
     /// When the flow counters are looked at next (RTP is only seen by polling them).
     next_idle_check: Instant,
+    /// Unresolved metadata ids a snapshot was already requested for (cleared once the
+    /// metadata is consistent again), so that one inconsistency gets one request.
+    snapshot_asked: Vec<String>,
+    /// A snapshot request to send (its reason) once the dialog is confirmed.
+    snapshot_due: Option<String>,
 }
 
 impl Session {
@@ -284,6 +295,8 @@ struct Outbox {
     /// Deferred answers.
     replies: Vec<(TxnId, Reply)>,
     byes: Vec<(DialogId, String)>,
+    /// Metadata snapshot requests: (dialog, `requestsnapshot` body).
+    snapshot_requests: Vec<(DialogId, String)>,
 }
 
 /// The recording server: sessions, ports, flows.
@@ -620,10 +633,13 @@ impl<F: FlowControl> Recorder<F> {
             last_activity_wall: wall,
             packets_seen: 0,
             next_idle_check: now + self.config.idle_timeout / 4,
+            snapshot_asked: Vec::new(),
+            snapshot_due: None,
         };
         let streams = session.streams();
         info!(id = %id, call_id = %key.call_id, streams = streams.len(), "recording session started");
-        self.sessions.insert(key, session);
+        self.sessions.insert(key.clone(), session);
+        self.check_metadata_refs(&key);
         self.counters.sessions_started += 1;
         (self.events)(SessionEvent::Started {
             id,
@@ -851,6 +867,7 @@ impl<F: FlowControl> Recorder<F> {
         }
         if let Some((doc, xml)) = metadata {
             self.apply_metadata(wall, key, request, doc, xml);
+            self.check_metadata_refs(key);
         }
         let contact = self.contact(request);
         let Some(session) = self.sessions.get_mut(key) else {
@@ -1043,6 +1060,56 @@ impl<F: FlowControl> Recorder<F> {
         (self.events)(event);
     }
 
+    /// Schedules a metadata snapshot request when the session's metadata references ids it
+    /// never described (a missed partial update): once per inconsistency, i.e. only when an
+    /// unresolved id was not asked about yet.
+    fn check_metadata_refs(&mut self, key: &SessionKey) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let unresolved = session
+            .metadata
+            .as_ref()
+            .map(MetadataState::unresolved_refs)
+            .unwrap_or_default();
+        if unresolved.is_empty() {
+            session.snapshot_asked.clear();
+            return;
+        }
+        if unresolved
+            .iter()
+            .all(|id| session.snapshot_asked.contains(id))
+        {
+            return;
+        }
+        for id in &unresolved {
+            if !session.snapshot_asked.contains(id) {
+                session.snapshot_asked.push(id.clone());
+            }
+        }
+        let reason = format!(
+            "metadata references undescribed ids: {}",
+            unresolved.join(", ")
+        );
+        info!(id = %session.id, %reason, "requesting a metadata snapshot");
+        session.snapshot_due = Some(reason);
+    }
+
+    /// Queues the due snapshot requests of confirmed dialogs (an initial INVITE's request
+    /// waits for its ACK).
+    fn queue_snapshot_requests(&mut self) {
+        for session in self.sessions.values_mut() {
+            let (Phase::Confirmed, Some(dialog)) = (&session.phase, &session.dialog) else {
+                continue;
+            };
+            if let Some(reason) = session.snapshot_due.take() {
+                self.outbox
+                    .snapshot_requests
+                    .push((dialog.clone(), snapshot_request_xml(&reason)));
+            }
+        }
+    }
+
     /// Ends a session: flows removed, ports released, `Ended` emitted, BYE queued if asked.
     fn end_session(&mut self, now: Instant, key: &SessionKey, reason: EndReason, send_bye: bool) {
         let Some(session) = self.sessions.remove(key) else {
@@ -1172,6 +1239,20 @@ impl<F: FlowControl> Recorder<F> {
                 warn!(error = %e, "sending BYE failed");
             }
         }
+        self.queue_snapshot_requests();
+        for (dialog, xml) in std::mem::take(&mut self.outbox.snapshot_requests) {
+            let headers = vec![
+                Header::ContentType(rsip::headers::ContentType::new(SNAPSHOT_REQUEST_TYPE)),
+                Header::ContentDisposition(rsip::headers::ContentDisposition::new(
+                    "recording-session",
+                )),
+            ];
+            match endpoint.send_request(now, &dialog, Method::Update, headers, xml.into_bytes()) {
+                Ok(()) => self.counters.snapshot_requests += 1,
+                // The dialog went away meanwhile (BYE crossed): nothing to ask for.
+                Err(e) => debug!(error = %e, "snapshot request not sent"),
+            }
+        }
     }
 }
 
@@ -1210,6 +1291,25 @@ impl<F: FlowControl> SipApp for Recorder<F> {
                     self.end_session(now, &key, EndReason::TransactionTimeout, false);
                 }
             }
+            // Our only UPDATEs are snapshot requests; a refusal is logged, never fatal (the
+            // recording goes on with the metadata it has).
+            SipEvent::RequestCompleted {
+                dialog,
+                method: Method::Update,
+                response,
+            } => match response.map(|r| r.status_code.code()) {
+                Some(code @ 200..=299) => {
+                    debug!(call_id = %dialog.call_id, code, "snapshot request accepted");
+                }
+                Some(code) => {
+                    self.counters.snapshot_requests_failed += 1;
+                    warn!(call_id = %dialog.call_id, code, "snapshot request refused");
+                }
+                None => {
+                    self.counters.snapshot_requests_failed += 1;
+                    warn!(call_id = %dialog.call_id, "snapshot request unanswered");
+                }
+            },
             _ => {}
         }
         self.flush(now, endpoint);
@@ -2945,5 +3045,164 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
             .collect();
         assert_eq!(codes, [200]);
         assert!(h.rec.sessions().is_empty());
+    }
+
+    /// Partial metadata whose association names a participant and a stream never described.
+    const META_GHOST: &str = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1">
+  <datamode>partial</datamode>
+  <participantstreamassoc participant_id="p-ghost"><send>s-ghost</send></participantstreamassoc>
+</recording>"#;
+
+    /// Our snapshot-request UPDATEs among what was sent.
+    fn snapshot_requests(msgs: &[rsip::SipMessage]) -> Vec<rsip::Request> {
+        requests(msgs)
+            .into_iter()
+            .filter(|r| r.method == Method::Update)
+            .cloned()
+            .collect()
+    }
+
+    /// The client's answer to a request we sent.
+    fn answer(h: &mut Harness, req: &rsip::Request, code: u16, reason: &str) {
+        let mut text = format!("SIP/2.0 {code} {reason}\r\n");
+        for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+            text += &format!("{name}: {}\r\n", header_value(&req.headers, name).unwrap());
+        }
+        text += "Content-Length: 0\r\n\r\n";
+        assert!(h.send_raw(&text).is_empty(), "a response needs no answer");
+    }
+
+    fn assert_snapshot_request(req: &rsip::Request) {
+        assert_eq!(
+            header_value(&req.headers, "Content-Type").as_deref(),
+            Some("application/rs-metadata-request")
+        );
+        assert_eq!(
+            header_value(&req.headers, "Content-Disposition").as_deref(),
+            Some("recording-session")
+        );
+        let xml = String::from_utf8(req.body.clone()).unwrap();
+        assert!(
+            xml.contains(r#"<requestsnapshot xmlns="urn:ietf:params:xml:ns:recording:1">"#),
+            "{xml}"
+        );
+        assert!(xml.contains(r#"<requestreason xml:lang="en">"#), "{xml}");
+        assert!(xml.contains("p-ghost") && xml.contains("s-ghost"), "{xml}");
+    }
+
+    #[test]
+    fn unresolved_metadata_refs_get_one_snapshot_request_per_inconsistency() {
+        let mut h = Harness::new(config());
+        let (resp, _) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let call = "rs-0c6e2b11@10.20.0.10";
+        assert_eq!(
+            h.rec.counters().snapshot_requests,
+            0,
+            "META_7 is consistent"
+        );
+
+        let ghost = Req::new("UPDATE", call)
+            .in_dialog(&tag, 2)
+            .body("application/rs-metadata+xml", META_GHOST);
+        let out = h.send(&ghost);
+        assert_eq!(final_response(&out).status_code.code(), 200);
+        let sent = snapshot_requests(&out);
+        assert_eq!(sent.len(), 1, "{out:?}");
+        assert_snapshot_request(&sent[0]);
+        assert_eq!(h.rec.counters().snapshot_requests, 1);
+
+        // The same inconsistency again (the SRC repeats itself): no second request.
+        let again = Req::new("UPDATE", call)
+            .in_dialog(&tag, 3)
+            .body("application/rs-metadata+xml", META_GHOST);
+        assert!(snapshot_requests(&h.send(&again)).is_empty());
+        // The SRC refuses: counted and logged, the recording goes on.
+        answer(&mut h, &sent[0], 488, "Not Acceptable Here");
+        assert_eq!(h.rec.counters().snapshot_requests_failed, 1);
+        assert_eq!(h.rec.sessions().len(), 1);
+
+        // A complete snapshot resolves it; a later inconsistency is a new one.
+        let (ct, b) = multipart(SDP_7, META_7);
+        let complete = Req::new("INVITE", call).in_dialog(&tag, 4).body(&ct, &b);
+        let out = h.send(&complete);
+        assert_eq!(final_response(&out).status_code.code(), 200);
+        assert!(snapshot_requests(&out).is_empty());
+        h.send(&ack(call, "sbc-7731", &tag, 4));
+        let out = h.send(
+            &Req::new("UPDATE", call)
+                .in_dialog(&tag, 5)
+                .body("application/rs-metadata+xml", META_GHOST),
+        );
+        let sent = snapshot_requests(&out);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(h.rec.counters().snapshot_requests, 2);
+        answer(&mut h, &sent[0], 200, "OK");
+        assert_eq!(h.rec.counters().snapshot_requests_failed, 1);
+        // Unanswered requests time out (64*T1) and count as failed too.
+        let out = h.send(&Req::new("UPDATE", call).in_dialog(&tag, 6).body(
+            "application/rs-metadata+xml",
+            &META_GHOST.replace("ghost", "phantom"),
+        ));
+        assert_eq!(snapshot_requests(&out).len(), 1);
+        h.advance(Duration::from_secs(40));
+        assert_eq!(h.rec.counters().snapshot_requests_failed, 2);
+        assert_eq!(h.rec.sessions().len(), 1);
+    }
+
+    #[test]
+    fn snapshot_request_for_an_initial_invite_waits_for_the_ack() {
+        let mut h = Harness::new(config());
+        let call = "ghost@10.20.0.10";
+        let (ct, b) = multipart(SDP_7, META_GHOST);
+        let out = h.send(&Req::new("INVITE", call).siprec().body(&ct, &b));
+        let ok = final_response(&out);
+        assert_eq!(ok.status_code.code(), 200);
+        assert!(snapshot_requests(&out).is_empty(), "not before the ACK");
+        let tag = to_tag(&ok.headers).unwrap();
+        let out = h.send(&ack(call, "sbc-7731", &tag, 1));
+        let sent = snapshot_requests(&out);
+        assert_eq!(sent.len(), 1, "{out:?}");
+        assert_snapshot_request(&sent[0]);
+        assert_eq!(
+            header_value(&sent[0].headers, "Call-ID").as_deref(),
+            Some(call)
+        );
+    }
+
+    #[test]
+    fn call_leaving_a_persistent_recording_ends_its_participants_not_the_recording() {
+        let mut h = Harness::new(config());
+        let (resp, id) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let call = "rs-0c6e2b11@10.20.0.10";
+        let cs_ends = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1"><datamode>partial</datamode>
+  <sessionrecordingassoc session_id="mT0b4zR8Sxq1dQm5n9VqKw=="><disassociate-time>2025-03-04T10:25:00Z</disassociate-time></sessionrecordingassoc>
+</recording>"#;
+        let (code, _) = status(
+            &mut h,
+            &Req::new("UPDATE", call)
+                .in_dialog(&tag, 2)
+                .body("application/rs-metadata+xml", cs_ends),
+        );
+        assert_eq!(code, 200);
+        let events = h.take_events();
+        let [SessionEvent::ParticipantsChanged {
+            id: changed,
+            participants,
+            ..
+        }] = &events[..]
+        else {
+            panic!("one ParticipantsChanged, no Ended: {events:?}");
+        };
+        assert_eq!(changed, &id);
+        let end = crate::siprec::metadata::parse_time("2025-03-04T10:25:00Z");
+        assert_eq!(participants.len(), 2);
+        assert!(
+            participants.iter().all(|p| p.left_at == end),
+            "{participants:?}"
+        );
+        assert_eq!(h.rec.sessions().len(), 1, "the recording session goes on");
+        assert!(h.flow(h.rec.sessions()[0].streams[0].local_port).is_some());
     }
 }

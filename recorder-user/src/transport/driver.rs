@@ -16,7 +16,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{tcp, udp, TransportError};
+use rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
+
+use super::{tcp, tls, udp, TransportError};
 use crate::sip::{Endpoint, Incoming, SipEvent, Transmit, Transport};
 
 /// The application driven with the endpoint (the SIPREC session layer, or a test app).
@@ -52,6 +55,8 @@ pub(crate) enum Input {
 pub struct Sockets {
     udp: Vec<Arc<UdpSocket>>,
     tcp: Vec<TcpListener>,
+    tls: Vec<TcpListener>,
+    tls_acceptor: Option<TlsAcceptor>,
 }
 
 impl Sockets {
@@ -61,6 +66,27 @@ impl Sockets {
             .iter()
             .filter_map(|s| s.local_addr().ok())
             .collect()
+    }
+
+    /// The bound TLS listener addresses.
+    pub fn tls_local_addrs(&self) -> Vec<SocketAddr> {
+        self.tls
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Adds TLS listeners on `listen` (port 0 picks a free port), served with `config`.
+    pub fn bind_tls(
+        &mut self,
+        listen: &[SocketAddr],
+        config: Arc<ServerConfig>,
+    ) -> Result<(), TransportError> {
+        for addr in listen {
+            self.tls.push(tls::bind(*addr)?);
+        }
+        self.tls_acceptor = Some(TlsAcceptor::from(config));
+        Ok(())
     }
 }
 
@@ -74,6 +100,8 @@ pub fn bind(listen: &[SocketAddr]) -> Result<Sockets, TransportError> {
     let mut sockets = Sockets {
         udp: Vec::new(),
         tcp: Vec::new(),
+        tls: Vec::new(),
+        tls_acceptor: None,
     };
     for addr in listen {
         let mut attempts = 0;
@@ -127,6 +155,16 @@ pub async fn run_on<A: SipApp>(
     let _stop_on_exit = stop.clone().drop_guard();
     for listener in sockets.tcp {
         tasks.spawn(tcp::accept(listener, inputs_tx.clone(), stop.clone()));
+    }
+    if let Some(acceptor) = sockets.tls_acceptor {
+        for listener in sockets.tls {
+            tasks.spawn(tls::accept(
+                listener,
+                acceptor.clone(),
+                inputs_tx.clone(),
+                stop.clone(),
+            ));
+        }
     }
     let mut driver = Driver {
         endpoint,
@@ -255,7 +293,7 @@ impl<A: SipApp> Driver<A> {
                     tracing::warn!(destination = %t.destination, error = %e, "UDP send failed");
                 }
             }
-            Transport::Tcp => {
+            Transport::Tcp | Transport::Tls => {
                 let id = t
                     .connection
                     .filter(|id| self.connections.contains_key(id))
@@ -265,6 +303,10 @@ impl<A: SipApp> Driver<A> {
                     if writer.try_send(t.bytes).is_err() {
                         tracing::warn!(destination = %t.destination, "TCP write queue full or closed; message dropped");
                     }
+                    return;
+                }
+                if t.transport == Transport::Tls {
+                    tracing::warn!(destination = %t.destination, "TLS connection gone; message dropped (no outbound TLS)");
                     return;
                 }
                 tokio::spawn(tcp::connect_and_send(

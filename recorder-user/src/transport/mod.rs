@@ -3,16 +3,18 @@
 //!
 //! * [`udp`]: UDP sockets and their receive tasks.
 //! * [`tcp`]: TCP listeners, one task per connection (reader + writer), connection ids.
+//! * [`tls`]: TLS listeners; their connections are then served like TCP ones.
 //! * [`driver`]: [`driver::run`], the loop that feeds the endpoint and drains it.
 
 pub mod driver;
 pub mod tcp;
+pub mod tls;
 pub mod udp;
 
 #[cfg(test)]
 mod tests;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
 pub use driver::{bind, run, run_on, Command, SipApp, Sockets};
 
@@ -28,6 +30,10 @@ pub enum TransportError {
     },
     #[error("no listen address given")]
     NoListenAddress,
+    #[error("TLS file {path}: {reason}")]
+    TlsFile { path: PathBuf, reason: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] rustls::Error),
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -11,7 +11,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::mpsc,
 };
@@ -27,8 +27,16 @@ static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// Binds a TCP listener. Must be called within a tokio runtime.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, TransportError> {
+    bind_stream(addr, "TCP")
+}
+
+/// Binds a listener for a stream transport (`transport` names it in errors).
+pub(crate) fn bind_stream(
+    addr: SocketAddr,
+    transport: &'static str,
+) -> Result<TcpListener, TransportError> {
     let err = |source| TransportError::Bind {
-        transport: "TCP",
+        transport,
         addr,
         source,
     };
@@ -65,7 +73,15 @@ pub(crate) async fn accept(
                 continue;
             }
         };
-        spawn_connection(stream, peer, inputs.clone(), stop.clone());
+        let local = stream.local_addr().unwrap_or(peer);
+        spawn_connection(
+            stream,
+            peer,
+            local,
+            Transport::Tcp,
+            inputs.clone(),
+            stop.clone(),
+        );
     }
 }
 
@@ -79,29 +95,35 @@ pub(crate) async fn connect_and_send(
 ) {
     match TcpStream::connect(destination).await {
         Ok(stream) => {
-            let writer = spawn_connection(stream, destination, inputs, stop);
+            let local = stream.local_addr().unwrap_or(destination);
+            let writer = spawn_connection(stream, destination, local, Transport::Tcp, inputs, stop);
             let _ = writer.send(bytes).await;
         }
         Err(e) => tracing::warn!(%destination, error = %e, "TCP connect failed; message dropped"),
     }
 }
 
-/// Starts the reader and writer tasks of a connection and returns the writer's channel.
-fn spawn_connection(
-    stream: TcpStream,
+/// Starts the reader and writer tasks of a stream connection (plain TCP, or TLS once the
+/// handshake is done) and returns the writer's channel.
+pub(crate) fn spawn_connection<S>(
+    stream: S,
     peer: SocketAddr,
+    local: SocketAddr,
+    transport: Transport,
     inputs: mpsc::Sender<Input>,
     stop: CancellationToken,
-) -> mpsc::Sender<Bytes> {
+) -> mpsc::Sender<Bytes>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let id = NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed);
-    let local = stream.local_addr().unwrap_or(peer);
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     tokio::spawn(async move {
         // Ends when every sender is gone: the driver forgot the connection, or stopped.
         while let Some(bytes) = rx.recv().await {
             if let Err(e) = writer.write_all(&bytes).await {
-                tracing::debug!(connection = id, error = %e, "TCP write failed");
+                tracing::debug!(connection = id, %transport, error = %e, "stream write failed");
                 break;
             }
         }
@@ -127,7 +149,7 @@ fn spawn_connection(
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(connection = id, error = %e, "TCP read failed");
+                    tracing::debug!(connection = id, %transport, error = %e, "stream read failed");
                     break;
                 }
             }
@@ -135,7 +157,7 @@ fn spawn_connection(
                 match frame(&mut buf) {
                     Ok(Some(bytes)) => {
                         let incoming = Incoming {
-                            transport: Transport::Tcp,
+                            transport,
                             source: peer,
                             local,
                             connection: Some(id),
@@ -147,7 +169,7 @@ fn spawn_connection(
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::info!(connection = id, %peer, error = %e, "closing unframeable TCP connection");
+                        tracing::info!(connection = id, %peer, %transport, error = %e, "closing unframeable stream connection");
                         break 'read;
                     }
                 }

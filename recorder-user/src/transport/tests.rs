@@ -302,3 +302,172 @@ async fn unframeable_tcp_stream_is_closed() {
     let app = timeout(WAIT, driver).await.unwrap().unwrap().unwrap();
     assert_eq!(app.requests, 0);
 }
+
+/// A self-signed certificate for `localhost` written as PEM files in a fresh directory.
+fn self_signed() -> (std::path::PathBuf, std::path::PathBuf, rcgen::CertifiedKey) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("recorder-tls-{:016x}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    (cert, key, certified)
+}
+
+async fn read_message<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+) -> bytes::Bytes {
+    loop {
+        if let Some(msg) = frame(buf).unwrap() {
+            return msg;
+        }
+        let n = timeout(WAIT, stream.read_buf(buf)).await.unwrap().unwrap();
+        assert!(n > 0, "connection closed early");
+    }
+}
+
+#[tokio::test]
+async fn driver_over_tls() {
+    let (cert, key, certified) = self_signed();
+    let mut sockets = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    sockets
+        .bind_tls(
+            &["127.0.0.1:0".parse().unwrap()],
+            tls::server_config(&cert, &key).unwrap(),
+        )
+        .unwrap();
+    let server = sockets.tls_local_addrs()[0];
+    assert_ne!(server.port(), 0);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let (commands_tx, commands) = mpsc::channel::<Command<AnsweringApp>>(4);
+    let shutdown = CancellationToken::new();
+    let config = EndpointConfig {
+        contact_host: "127.0.0.1".into(),
+        contact_port: sockets.local_addrs()[0].port(),
+        contact_tls_port: Some(server.port()),
+        ..Default::default()
+    };
+    let app = AnsweringApp {
+        seen: seen_tx,
+        requests: 0,
+    };
+    let driver = tokio::spawn(run_on(
+        sockets,
+        Endpoint::new(config),
+        app,
+        shutdown.clone(),
+        Some(commands),
+    ));
+
+    // A client that trusts exactly the server's self-signed certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let client_config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_config));
+    let tcp = TcpStream::connect(server).await.unwrap();
+    let client = tcp.local_addr().unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = timeout(WAIT, connector.connect(name, tcp))
+        .await
+        .unwrap()
+        .unwrap();
+
+    stream
+        .write_all(invite("TLS", client, "tls-1").as_bytes())
+        .await
+        .unwrap();
+    let mut rbuf = BytesMut::new();
+    let mut codes = Vec::new();
+    let mut ok = None;
+    while codes.last() != Some(&200) {
+        let r = parse_response(&read_message(&mut stream, &mut rbuf).await);
+        codes.push(r.status_code.code());
+        ok = Some(r);
+    }
+    assert_eq!(codes, vec![100, 200]);
+    let ok = ok.unwrap();
+    let contact = ok.contact_header().unwrap().value().to_string();
+    assert!(
+        contact.contains(&format!(":{};transport=tls", server.port())),
+        "Contact names the TLS port and transport: {contact}"
+    );
+    assert_eq!(
+        timeout(WAIT, seen.recv()).await.unwrap(),
+        Some(Seen::Invite)
+    );
+    let to = ok.to_header().unwrap().value().to_string();
+    stream
+        .write_all(ack("TLS", client, "tls-1", &to).as_bytes())
+        .await
+        .unwrap();
+    let dialog = match timeout(WAIT, seen.recv()).await.unwrap() {
+        Some(Seen::Acked(d)) => d,
+        other => panic!("{other:?}"),
+    };
+
+    // Our BYE goes out on the same TLS connection, with a TLS Via.
+    let stop: Command<AnsweringApp> = Box::new(move |_app, endpoint, now| {
+        endpoint.send_bye(now, &dialog, None).unwrap();
+    });
+    assert!(commands_tx.send(stop).await.is_ok());
+    let bye = rsip::Request::try_from(&read_message(&mut stream, &mut rbuf).await[..]).unwrap();
+    assert_eq!(bye.method, rsip::Method::Bye);
+    let via = bye.via_header().unwrap().value().to_string();
+    assert!(via.starts_with("SIP/2.0/TLS "), "{via}");
+    let bye_ok = format!(
+        "SIP/2.0 200 OK\r\nVia: {via}\r\nFrom: {}\r\nTo: {}\r\nCall-ID: tls-1\r\nCSeq: {}\r\nContent-Length: 0\r\n\r\n",
+        bye.from_header().unwrap().value(),
+        bye.to_header().unwrap().value(),
+        bye.cseq_header().unwrap().value(),
+    );
+    stream.write_all(bye_ok.as_bytes()).await.unwrap();
+    assert_eq!(
+        timeout(WAIT, seen.recv()).await.unwrap(),
+        Some(Seen::ByeCompleted(Some(200)))
+    );
+
+    shutdown.cancel();
+    let app = timeout(WAIT, driver).await.unwrap().unwrap().unwrap();
+    assert_eq!(app.requests, 1);
+    let _ = std::fs::remove_dir_all(cert.parent().unwrap());
+}
+
+#[tokio::test]
+async fn tls_config_errors_name_the_file() {
+    let (cert, key, _) = self_signed();
+    let missing = cert.with_file_name("missing.pem");
+    match tls::server_config(&missing, &key) {
+        Err(TransportError::TlsFile { path, .. }) => assert_eq!(path, missing),
+        other => panic!("{other:?}"),
+    }
+    // A certificate file given as the key: no private key in it.
+    match tls::server_config(&cert, &cert) {
+        Err(TransportError::TlsFile { path, .. }) => assert_eq!(path, cert),
+        other => panic!("{other:?}"),
+    }
+    // The key file given as the certificate: no certificate in it.
+    match tls::server_config(&key, &key) {
+        Err(TransportError::TlsFile { path, .. }) => assert_eq!(path, key),
+        other => panic!("{other:?}"),
+    }
+    let config = tls::server_config(&cert, &key).unwrap();
+    // A taken TLS port is reported as TLS.
+    let mut sockets = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let taken = sockets.local_addrs()[0];
+    assert!(matches!(
+        sockets.bind_tls(&[taken], config),
+        Err(TransportError::Bind {
+            transport: "TLS",
+            ..
+        })
+    ));
+    let _ = std::fs::remove_dir_all(cert.parent().unwrap());
+}

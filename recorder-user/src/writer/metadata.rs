@@ -11,7 +11,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-use super::rtp::SsrcStats;
+use super::{dtmf::DtmfEvent, rtp::SsrcStats};
 
 pub const METADATA_FILE: &str = "metadata.json";
 pub const PCAP_FILE: &str = "recording.pcap";
@@ -114,6 +114,9 @@ pub struct StreamMeta {
     pub added_at: String,
     /// Set when a re-INVITE removed the stream.
     pub removed_at: Option<String>,
+    /// RFC 4733 telephone events (DTMF) received on the stream, in arrival order.
+    #[serde(default)]
+    pub dtmf: Vec<DtmfEvent>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

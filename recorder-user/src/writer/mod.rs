@@ -51,6 +51,7 @@
 //! `fallocate`, so a full disk is an error, not a `SIGBUS` (see `mmapfile.rs` for the measurement
 //! against `write(2)`).
 
+pub mod dtmf;
 mod g711;
 pub mod metadata;
 mod mmapfile;
@@ -81,6 +82,7 @@ use tracing::{info, warn};
 
 use self::recording::{Recording, Start};
 pub use self::{
+    dtmf::DtmfEvent,
     metadata::{RecordingMetadata, RecordingState},
     repair::repair_spool,
     retention::{enforce_retention, RetentionPolicy},

@@ -9,6 +9,7 @@ use std::{
 use tracing::warn;
 
 use super::{
+    dtmf::{self, DtmfEvent},
     g711,
     metadata::{
         rfc3339, write_atomic, DropCounters, Interval, MetadataVersionMeta, ParticipantMeta,
@@ -59,6 +60,7 @@ struct Stream {
     bytes: u64,
     rtcp_packets: u64,
     ssrcs: Vec<SsrcStats>,
+    dtmf: Vec<DtmfEvent>,
     aligner: Aligner,
     paused: Vec<Interval>,
     paused_now: bool,
@@ -84,6 +86,7 @@ impl Stream {
             bytes: 0,
             rtcp_packets: 0,
             ssrcs: Vec::new(),
+            dtmf: Vec::new(),
             aligner: Aligner::default(),
             paused_now,
             added_at: at,
@@ -147,6 +150,7 @@ impl Stream {
             paused: self.paused.clone(),
             added_at: rfc3339(self.added_at),
             removed_at: self.removed_at.map(rfc3339),
+            dtmf: self.dtmf.clone(),
         }
     }
 }
@@ -448,10 +452,26 @@ impl Recording {
                 s.ssrcs.push(x);
             }
         }
-        if let Some(te) = s.info.telephone_event_pt {
-            if te == h.payload_type {
-                return failed; // DTMF events: pcap only, not audio.
+        if s.info.telephone_event_pt == Some(h.payload_type) {
+            // DTMF: listed in the metadata, kept in the pcap, never decoded as audio (the WAV
+            // channel stays silent for these packets).
+            let data = payload
+                .get(h.payload_offset..h.payload_offset + h.payload_len)
+                .unwrap_or(&[]);
+            let offset_ms = frames_between(self.started, p.wall, 1000);
+            if dtmf::record(
+                &mut s.dtmf,
+                &h,
+                data,
+                s.info.codec.clock_rate,
+                p.wall,
+                offset_ms,
+            ) {
+                self.dirty = true;
+            } else {
+                self.meta.dropped.malformed += 1;
             }
+            return failed;
         }
         let (Some(channel), Some(dec)) = (s.channel, s.decoder_for(h.payload_type)) else {
             self.meta.dropped.not_decoded += 1;
