@@ -106,12 +106,26 @@ pub fn render(request: &Request, data: &Value) -> String {
                             .map(|a| a.len())
                             .unwrap_or(0)
                             .to_string(),
+                        s(&x["packets"]),
+                        s(&x["lost"]),
+                        s(&x["ring_drops"]),
+                        s(&x["duration_secs"]),
                         s(&x["started_at"]),
                     ]
                 })
                 .collect();
             table(
-                &["ID", "CALL UUID", "PARTICIPANTS", "STREAMS", "STARTED"],
+                &[
+                    "ID",
+                    "CALL UUID",
+                    "PARTICIPANTS",
+                    "STREAMS",
+                    "PACKETS",
+                    "LOST",
+                    "DROPS",
+                    "SECS",
+                    "STARTED",
+                ],
                 &rows,
             )
         }

@@ -214,6 +214,9 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Prometheus metrics endpoint (off when absent).
     pub metrics_listen: Option<SocketAddr>,
+    /// The file this configuration was read from (SIGHUP reads it again); not a key.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -252,6 +255,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             control_socket: PathBuf::from("/run/recorder/control.sock"),
             metrics_listen: None,
+            config_file: None,
         }
     }
 }
@@ -263,10 +267,12 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+        let mut config = Self::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.into(),
             message,
-        })
+        })?;
+        config.config_file = Some(path.into());
+        Ok(config)
     }
 
     /// Parses TOML text.
@@ -456,5 +462,32 @@ mod tests {
         assert!(c.acl[1].contains("fd00::1".parse().unwrap()));
         assert!(c.acl[0].contains("::ffff:10.1.1.1".parse().unwrap()));
         assert_eq!(c.index_path(), PathBuf::from("/srv/rec/index.sqlite"));
+    }
+
+    /// The example shipped in packaging/ parses, validates, documents every key, and shows
+    /// each key's default (apart from the two required keys, which have none).
+    #[test]
+    fn packaged_example_is_valid_and_shows_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/recorder.toml");
+        let example = Config::from_file(&path).unwrap();
+        example.validate().unwrap();
+        let expected = Config {
+            interfaces: example.interfaces.clone(),
+            media_address: example.media_address,
+            config_file: Some(path.clone()),
+            ..Config::default()
+        };
+        assert_eq!(example, expected);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keys = serde_json::to_value(Config::default()).unwrap();
+        for key in keys.as_object().unwrap().keys() {
+            assert!(
+                text.lines().any(|l| {
+                    let l = l.trim_start_matches("# ");
+                    l.starts_with(&format!("{key} ="))
+                }),
+                "packaging/recorder.toml does not document `{key}`"
+            );
+        }
     }
 }

@@ -22,6 +22,7 @@ use crate::{
     control::{self, ControlState},
     events::SessionEvent,
     flow::maps::BpfFlowTable,
+    metrics, reload,
     sip::{Endpoint, EndpointConfig},
     siprec::session::{Recorder, SiprecConfig},
     transport::{
@@ -37,6 +38,10 @@ pub type DaemonRecorder = Recorder<BpfFlowTable>;
 /// A command for the driver task (operator stop, shutdown, queries).
 pub type DriverCommand = Command<DaemonRecorder>;
 
+/// Replaces the log filter of the subscriber [`init_logging`] installed (SIGHUP).
+type FilterReload = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+static LOG_FILTER: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::new();
+
 /// Sets up logging as configured (human text on a terminal, JSON when asked).
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
@@ -44,10 +49,31 @@ pub fn init_logging(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = match config.log_format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    // The filter sits behind a reload handle so SIGHUP can change the level.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                let _ = LOG_FILTER.set(Box::new(move |f| {
+                    handle.reload(f).map_err(|e| e.to_string())
+                }));
+            }
+        }};
+    }
+    match config.log_format {
+        LogFormat::Json => install!(builder.json()),
+        LogFormat::Text => install!(builder),
+    }
+}
+
+/// Changes the log level or filter of the running daemon.
+pub fn set_log_filter(level: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let reload = LOG_FILTER
+        .get()
+        .ok_or("logging was not set up by the daemon")?;
+    reload(filter)
 }
 
 /// Runs the daemon on a fresh runtime until SIGTERM/SIGINT.
@@ -79,36 +105,53 @@ pub fn run_blocking(config: Config) -> Result<()> {
     })
 }
 
-/// Logs one line per session event, with the recording id and CallUUID.
-fn log_event(event: &SessionEvent) {
+/// Logs one line per session event, with the recording id and CallUUID. `uuids` remembers each
+/// live recording's CallUUID for the events that do not carry it.
+fn log_event(event: &SessionEvent, uuids: &mut std::collections::HashMap<String, String>) {
+    let uuid = |id: &String, uuids: &std::collections::HashMap<String, String>| {
+        uuids.get(id).cloned().unwrap_or_else(|| "-".into())
+    };
     match event {
         SessionEvent::Started {
             id, ids, streams, ..
-        } => info!(
-            recording = %id,
-            call_uuid = ids.call_uuid.as_deref().unwrap_or("-"),
-            call_id = %ids.sip_call_id,
-            streams = streams.len(),
-            "recording started"
-        ),
+        } => {
+            let call_uuid = ids.call_uuid.clone().unwrap_or_else(|| "-".into());
+            info!(
+                recording = %id,
+                call_uuid = %call_uuid,
+                call_id = %ids.sip_call_id,
+                streams = streams.len(),
+                "recording started"
+            );
+            uuids.insert(id.clone(), call_uuid);
+        }
         SessionEvent::MediaChanged { id, streams, .. } => {
-            info!(recording = %id, streams = streams.len(), "media changed")
+            info!(recording = %id, call_uuid = %uuid(id, uuids), streams = streams.len(), "media changed")
         }
         SessionEvent::ParticipantsChanged {
             id,
             participants,
             ids,
             ..
-        } => info!(
-            recording = %id,
-            call_uuid = ids.call_uuid.as_deref().unwrap_or("-"),
-            participants = participants.len(),
-            "participants changed"
-        ),
-        SessionEvent::Paused { id, label, .. } => info!(recording = %id, label, "stream paused"),
-        SessionEvent::Resumed { id, label, .. } => info!(recording = %id, label, "stream resumed"),
+        } => {
+            let call_uuid = ids.call_uuid.clone().unwrap_or_else(|| "-".into());
+            info!(
+                recording = %id,
+                call_uuid = %call_uuid,
+                participants = participants.len(),
+                "participants changed"
+            );
+            uuids.insert(id.clone(), call_uuid);
+        }
+        SessionEvent::Paused { id, label, .. } => {
+            info!(recording = %id, call_uuid = %uuid(id, uuids), label, "stream paused")
+        }
+        SessionEvent::Resumed { id, label, .. } => {
+            info!(recording = %id, call_uuid = %uuid(id, uuids), label, "stream resumed")
+        }
         SessionEvent::Ended { id, reason, .. } => {
-            info!(recording = %id, reason = reason.name(), "recording ended")
+            let call_uuid = uuids.remove(id).unwrap_or_else(|| "-".into());
+            info!(recording = %id, call_uuid = %call_uuid, reason = reason.name(), "recording ended")
         }
     }
 }
@@ -116,6 +159,9 @@ fn log_event(event: &SessionEvent) {
 /// Runs everything until `shutdown` is cancelled, then stops in order: no new sessions, every
 /// recording finished (`shutdown`), rings drained, files closed, XDP detached.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    // Before anything else: a SIGHUP during start-up must not kill the daemon (default action).
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let media_address = config.media_address.context("media_address is required")?;
     std::fs::create_dir_all(&config.spool)
         .with_context(|| format!("creating spool {}", config.spool.display()))?;
@@ -203,6 +249,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         retry_after_secs: config.retry_after_secs,
         ..EndpointConfig::default()
     });
+    let mut call_uuids = std::collections::HashMap::new();
     let recorder = Recorder::new(
         SiprecConfig {
             media_address,
@@ -220,7 +267,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         },
         flows,
         Box::new(move |event: SessionEvent| {
-            log_event(&event);
+            log_event(&event, &mut call_uuids);
             // Fails only once the capture task is gone, at the very end of shutdown.
             let _ = events_tx.send(event);
         }),
@@ -254,6 +301,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let control_task = control::serve(control_state, shutdown.clone())
         .await
         .context("starting the control socket")?;
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => Some(
+            metrics::serve(
+                addr,
+                metrics::Sources {
+                    commands: commands_tx.clone(),
+                    counters: counters.clone(),
+                    writer: writer.clone(),
+                    started: std::time::Instant::now(),
+                },
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let reload_task = reload::spawn(
+        hangup,
+        config.clone(),
+        commands_tx.clone(),
+        writer.clone(),
+        shutdown.clone(),
+    );
 
     // Housekeeping: refuse sessions on a full disk, enforce retention.
     let housekeeping = {
@@ -327,6 +397,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     drop(sink);
     let _ = housekeeping.await;
     let _ = control_task.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    let _ = reload_task.await;
     capture.detach_all();
     let writer =
         Arc::try_unwrap(writer).map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;

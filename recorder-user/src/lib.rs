@@ -13,6 +13,7 @@
 //! * [`writer`]: per-recording files (pcap, WAV, metadata.json) fed by captured packets + events.
 //! * [`index`]: the SQLite index of recordings.
 //! * [`control`]: the control API the CLI talks to.
+//! * [`metrics`]: the Prometheus metrics endpoint.
 //! * [`events`]: the typed events signaling emits.
 pub mod capture;
 pub mod cli;
@@ -22,6 +23,8 @@ pub mod daemon;
 pub mod events;
 pub mod flow;
 pub mod index;
+pub mod metrics;
+pub mod reload;
 pub mod sip;
 pub mod siprec;
 pub mod transport;

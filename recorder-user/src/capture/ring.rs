@@ -147,20 +147,12 @@ impl RingConsumer {
                     std::future::pending().await
                 }
             };
+            // Biased, events first: a `Started` waiting here reaches the writer before the
+            // packets of its flows (else, on a busy host, a call's first packets would be
+            // drained before the writer knows their flow and counted as `unknown_flow`).
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
-                guard = readable => {
-                    match guard {
-                        Ok(Some(mut guard)) => {
-                            // Consume the epoll readiness, then drain.
-                            clear_epoll(guard.get_inner().as_raw_fd());
-                            guard.clear_ready();
-                        }
-                        Ok(None) => {}
-                        Err(error) => warn!(%error, "ring epoll wait failed"),
-                    }
-                    self.drain(sink);
-                }
                 event = event => match event {
                     Some(event) => {
                         if drain_first(&event) {
@@ -179,6 +171,18 @@ impl RingConsumer {
                     }
                     None => events_open = false,
                 },
+                guard = readable => {
+                    match guard {
+                        Ok(Some(mut guard)) => {
+                            // Consume the epoll readiness, then drain.
+                            clear_epoll(guard.get_inner().as_raw_fd());
+                            guard.clear_ready();
+                        }
+                        Ok(None) => {}
+                        Err(error) => warn!(%error, "ring epoll wait failed"),
+                    }
+                    self.drain(sink);
+                }
                 _ = interval.tick() => { self.drain(sink); }
             }
         }

@@ -21,7 +21,7 @@ use super::{Request, Response};
 use crate::{
     capture::loader::{AttachedMode, Counters},
     config::Config,
-    daemon::{query, DriverCommand},
+    daemon::{query, DaemonRecorder, DriverCommand},
     flow::FlowAction,
     index::Index,
     writer::WriterHandle,
@@ -159,17 +159,14 @@ fn spool_usage(spool: &Path) -> Value {
 async fn handle(state: &ControlState, request: Request) -> Response {
     match request {
         Request::Status => status(state).await,
-        Request::Sessions => {
-            match query(&state.commands, |app, _, _| {
-                serde_json::to_value(app.sessions())
-            })
-            .await
-            {
-                Some(Ok(v)) => Response::ok(v),
-                Some(Err(e)) => Response::error(e.to_string()),
-                None => Response::error("the SIP driver is not running"),
+        Request::Sessions => match query(&state.commands, |app, _, _| sessions(app)).await {
+            Some(Ok(mut v)) => {
+                add_loss(&state.config.spool, &mut v);
+                Response::ok(v)
             }
-        }
+            Some(Err(e)) => Response::error(e.to_string()),
+            None => Response::error("the SIP driver is not running"),
+        },
         Request::Flows => flows(state).await,
         Request::Stop { id } => {
             let target = id.clone();
@@ -192,6 +189,65 @@ async fn handle(state: &ControlState, request: Request) -> Response {
     }
 }
 
+/// Live sessions with what the kernel counted on their flows (packets, ring drops) and their
+/// duration so far. Sequence-number loss is only known to the writer (in `show` once finished).
+fn sessions(app: &DaemonRecorder) -> serde_json::Result<Value> {
+    let now = SystemTime::now();
+    app.sessions()
+        .into_iter()
+        .map(|summary| {
+            let (mut packets, mut bytes, mut ring_drops) = (0, 0, 0);
+            for stream in &summary.streams {
+                let stats = app.flows().stats(stream.flow_id);
+                packets += stats.packets;
+                bytes += stats.bytes;
+                ring_drops += stats.ring_drops;
+            }
+            let duration = now
+                .duration_since(summary.started_at)
+                .unwrap_or_default()
+                .as_secs();
+            let mut v = serde_json::to_value(&summary)?;
+            if let Value::Object(map) = &mut v {
+                map.insert("packets".into(), json!(packets));
+                map.insert("bytes".into(), json!(bytes));
+                map.insert("ring_drops".into(), json!(ring_drops));
+                map.insert("duration_secs".into(), json!(duration));
+                map.insert("started_at".into(), json!(rfc3339(summary.started_at)));
+                map.insert(
+                    "last_activity".into(),
+                    json!(rfc3339(summary.last_activity)),
+                );
+            }
+            Ok(v)
+        })
+        .collect::<serde_json::Result<Vec<_>>>()
+        .map(Value::Array)
+}
+
+/// Adds `lost` (RTP sequence gaps, all streams) to each live session, from the metadata.json the
+/// writer refreshes every flush interval; `null` before the first one.
+fn add_loss(spool: &Path, sessions: &mut Value) {
+    for session in sessions.as_array_mut().into_iter().flatten() {
+        let lost = session["id"]
+            .as_str()
+            .filter(|id| !id.contains('/') && !id.contains(".."))
+            .and_then(|id| std::fs::read_to_string(spool.join(id).join("metadata.json")).ok())
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .map(|meta| {
+                meta["streams"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["lost"].as_u64())
+                    .sum::<u64>()
+            });
+        if let Value::Object(map) = session {
+            map.insert("lost".into(), json!(lost));
+        }
+    }
+}
+
 async fn status(state: &ControlState) -> Response {
     let counters = match state.counters.named() {
         Ok(named) => named
@@ -203,8 +259,8 @@ async fn status(state: &ControlState) -> Response {
     let sip = query(&state.commands, |app, endpoint, _| {
         json!({
             "sessions_active": app.sessions().len(),
-            "siprec": format!("{:?}", app.counters()),
-            "endpoint": format!("{:?}", endpoint.counters()),
+            "siprec": app.counters(),
+            "endpoint": endpoint.counters(),
         })
     })
     .await
@@ -216,7 +272,7 @@ async fn status(state: &ControlState) -> Response {
             "name": name, "mode": mode.to_string(),
         })).collect::<Vec<_>>(),
         "xdp": counters,
-        "writer": format!("{:?}", state.writer.stats()),
+        "writer": state.writer.stats(),
         "sip": sip,
         "spool": spool_usage(&state.config.spool),
     }))

@@ -338,6 +338,19 @@ impl<F: FlowControl> Recorder<F> {
         }
     }
 
+    /// Applies reloaded limits (SIGHUP). Sessions in progress keep going: the ACL and the session
+    /// limit apply to new INVITEs, the idle timeout from each session's next idle check.
+    pub fn set_limits(
+        &mut self,
+        acl: Vec<(IpAddr, u8)>,
+        max_sessions: usize,
+        idle_timeout: Duration,
+    ) {
+        self.config.acl = acl;
+        self.config.max_sessions = max_sessions;
+        self.config.idle_timeout = idle_timeout;
+    }
+
     /// `false`: new INVITEs get 503 with Retry-After (disk full, shutting down).
     pub fn set_accepting(&mut self, accepting: bool, reason: &str) {
         self.accepting = accepting;

@@ -155,7 +155,7 @@ pub enum WriterError {
 }
 
 /// Counters of the writer (all recordings, since start).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct WriterStats {
     /// Packets handed to the sink.
     pub packets_in: u64,
@@ -177,6 +177,58 @@ pub struct WriterStats {
     pub completed_recordings: u64,
     /// Packets waiting in the queue to the writer thread right now.
     pub queued_packets: u64,
+    /// Bytes written to recording files (pcap records and WAV samples).
+    pub bytes_written: u64,
+    /// Time the writer thread spent storing each packet (pcap + WAV, into the mapped files).
+    pub write_latency: LatencyHistogram,
+}
+
+/// Upper bounds (microseconds) of the write-latency buckets.
+pub const WRITE_LATENCY_BOUNDS_US: [u64; 10] =
+    [1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 100_000];
+
+/// A latency histogram: `buckets[i]` counts observations at most `WRITE_LATENCY_BOUNDS_US[i]`
+/// (cumulative, as Prometheus wants them); `count` includes those above the last bound.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LatencyHistogram {
+    pub buckets: Vec<u64>,
+    pub count: u64,
+    pub sum_ns: u64,
+}
+
+/// Lock-free recorder of [`LatencyHistogram`] observations (one writer thread, many readers).
+#[derive(Default)]
+struct LatencyCells {
+    buckets: [AtomicU64; WRITE_LATENCY_BOUNDS_US.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl LatencyCells {
+    fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        if let Some(i) = WRITE_LATENCY_BOUNDS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    fn snapshot(&self) -> LatencyHistogram {
+        let mut total = 0;
+        LatencyHistogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| {
+                    total += b.load(Relaxed);
+                    total
+                })
+                .collect(),
+            count: self.count.load(Relaxed),
+            sum_ns: self.sum_ns.load(Relaxed),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -192,6 +244,8 @@ struct Shared {
     index_errors: AtomicU64,
     active: AtomicU64,
     completed: AtomicU64,
+    bytes_written: AtomicU64,
+    write_latency: LatencyCells,
 }
 
 /// A captured packet copied out of the ring.
@@ -210,6 +264,8 @@ enum Msg {
     QueueDrops(Vec<(u64, u64)>),
     Sync(Reply<()>),
     Retention(Reply<Result<Vec<String>, WriterError>>),
+    /// New retention limits (configuration reload).
+    SetRetention(retention::RetentionPolicy),
     Shutdown,
 }
 
@@ -287,6 +343,15 @@ pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterE
 }
 
 impl WriterHandle {
+    /// Replaces the retention limits (configuration reload); the next
+    /// [`Self::enforce_retention`] applies them.
+    pub fn set_retention(&self, max_age: Option<Duration>, max_bytes: Option<u64>) {
+        let policy = retention::RetentionPolicy { max_age, max_bytes };
+        if self.tx.send(Msg::SetRetention(policy)).is_err() {
+            warn!("writer thread stopped; retention change dropped");
+        }
+    }
+
     /// Hands a signaling event to the writer thread (never blocks).
     pub fn event(&self, ev: SessionEvent) {
         if self.tx.send(Msg::Event(Box::new(ev))).is_err() {
@@ -317,6 +382,8 @@ impl WriterHandle {
             active_recordings: s.active.load(Relaxed),
             completed_recordings: s.completed.load(Relaxed),
             queued_packets: s.queued.load(Relaxed) as u64,
+            bytes_written: s.bytes_written.load(Relaxed),
+            write_latency: s.write_latency.snapshot(),
         }
     }
 
@@ -491,6 +558,7 @@ impl Writer {
             Msg::Retention(reply) => {
                 let _ = reply.send(self.retention());
             }
+            Msg::SetRetention(policy) => self.policy = policy,
             Msg::Shutdown => {}
         }
     }
@@ -504,7 +572,10 @@ impl Writer {
             self.shared.unknown_flow.fetch_add(1, Relaxed);
             return;
         };
+        let started = Instant::now();
         let failed = rec.packet(*stream, *rtcp, p);
+        self.shared.write_latency.observe(started.elapsed());
+        self.shared.bytes_written.fetch_add(failed.bytes, Relaxed);
         rec.dirty = true;
         if failed.pcap {
             self.shared.pcap_write_failed.fetch_add(1, Relaxed);

@@ -17,7 +17,7 @@ const MAGIC_US: u32 = 0xa1b2_c3d4;
 const SNAPLEN: u32 = 65535;
 const LINKTYPE_ETHERNET: u32 = 1;
 pub(crate) const GLOBAL_HEADER_LEN: u64 = 24;
-const RECORD_HEADER_LEN: usize = 16;
+pub(crate) const RECORD_HEADER_LEN: usize = 16;
 
 pub(crate) struct PcapWriter {
     out: MmapFile,

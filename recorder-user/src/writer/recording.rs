@@ -15,7 +15,7 @@ use super::{
         rfc3339, write_atomic, DropCounters, Interval, MetadataVersionMeta, ParticipantMeta,
         RecordingMetadata, RecordingState, StreamMeta, WavMeta, PCAP_FILE, WAV_FILE,
     },
-    pcap::PcapWriter,
+    pcap::{self, PcapWriter},
     rtp::{self, Aligner, Kind, SsrcStats},
     wav::WavWriter,
     OwnedPacket,
@@ -160,6 +160,8 @@ impl Stream {
 pub(crate) struct WriteFailures {
     pub pcap: bool,
     pub wav: bool,
+    /// Bytes written to the files (pcap record, WAV samples), for the disk metrics.
+    pub bytes: u64,
 }
 
 pub(crate) struct Recording {
@@ -418,6 +420,7 @@ impl Recording {
                 // Without the pcap record, it is not counted as recorded either.
                 return failed;
             }
+            failed.bytes += (pcap::RECORD_HEADER_LEN + p.frame.len()) as u64;
         }
         let payload = p
             .frame
@@ -497,8 +500,12 @@ impl Recording {
         }
         let start = pos.max(0) as u64;
         match wav.write(channel, start, &self.scratch[skip..]) {
-            Ok(n) if n + skip < self.scratch.len() => self.meta.dropped.out_of_range += 1,
-            Ok(_) => {}
+            Ok(n) => {
+                failed.bytes += 2 * n as u64;
+                if n + skip < self.scratch.len() {
+                    self.meta.dropped.out_of_range += 1;
+                }
+            }
             Err(e) => {
                 failed.wav = true;
                 self.meta.dropped.wav_write_failed += 1;
