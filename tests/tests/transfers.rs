@@ -1,0 +1,562 @@
+//! The transfer scenarios of `shared/seed/transfers.md`, end to end: the real `recorder` daemon in
+//! a network namespace, the test harness playing the platform (SIP Server + Media Server as SIPREC
+//! client) for D1 (customer), D2 and D3 (agents), each device sending its own tone, so that the
+//! WAV shows who spoke when. Every scenario checks the files (pcap counts with tshark, WAV
+//! contents by tone, metadata participants and times) and the index through the CLI binary.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant, SystemTime},
+};
+
+use recorder::writer::metadata::{parse_rfc3339, rfc3339};
+use serde_json::Value;
+use tests::{
+    client::{
+        metadata_transfer_xml, metadata_xml, offer_sdp, siprec_body, MetaParticipant,
+        OfferedStream, Reply, SipClient,
+    },
+    daemon::{recorder_bin, tshark_count, Daemon, DaemonOptions},
+    net::{ip, VethPair},
+    rtp::RtpStream,
+};
+
+/// Tones per device (Hz): far apart, none a harmonic of another.
+const D1_TONE: f64 = 440.0;
+const D2_TONE: f64 = 1000.0;
+const D3_TONE: f64 = 1700.0;
+/// One packet time at 8 kHz (20 ms).
+const PACKET_FRAMES: usize = 160;
+
+fn customer() -> MetaParticipant {
+    MetaParticipant {
+        id: "p-d1".into(),
+        aor: "sip:+493012345678@carrier.example".into(),
+        name: "Customer D1".into(),
+        sends: vec!["1".into()],
+    }
+}
+
+fn agent(n: u32) -> MetaParticipant {
+    MetaParticipant {
+        id: format!("p-d{n}"),
+        aor: format!("sip:700{n}@cc.example"),
+        name: format!("Agent D{n}"),
+        sends: vec!["2".into()],
+    }
+}
+
+fn stream(label: &str, port: u16, connection: Option<Ipv4Addr>) -> OfferedStream {
+    OfferedStream {
+        label: label.into(),
+        port,
+        pt: 0,
+        direction: "sendonly",
+        connection: connection.map(IpAddr::V4),
+    }
+}
+
+fn uuid(tag: &str) -> String {
+    format!("{tag}{:016X}", rand::random::<u64>())
+}
+
+/// Now, as RFC 3339 with whole seconds (what a SIPREC client writes in metadata).
+fn now_text() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// One recorder site: a namespace pair and its daemon.
+struct Site {
+    pair: VethPair,
+    daemon: Daemon,
+}
+
+impl Site {
+    fn start(tag: &str, extra: Vec<String>) -> Self {
+        let pair = VethPair::new(tag);
+        let daemon = Daemon::start(
+            &pair,
+            DaemonOptions {
+                extra,
+                ..Default::default()
+            },
+        );
+        Self { pair, daemon }
+    }
+
+    /// Adds an address on the platform side (another device's media anchor).
+    fn add_source(&self, last: u8) -> Ipv4Addr {
+        let addr = Ipv4Addr::new(10, 231, 0, last);
+        ip(&[
+            "-n",
+            &self.pair.sender_ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &self.pair.sender_if,
+        ]);
+        addr
+    }
+
+    fn client(&self) -> SipClient {
+        self.pair
+            .in_sender(|| SipClient::udp(IpAddr::V4(self.pair.sender_v4), self.daemon.sip))
+    }
+
+    /// An RTP stream from `from` (port 0: any) to our port `dest_port`.
+    fn rtp(&self, from: Ipv4Addr, from_port: u16, ssrc: u32, dest_port: u16) -> RtpStream {
+        let socket = self
+            .pair
+            .in_sender(|| UdpSocket::bind((from, from_port)).unwrap());
+        RtpStream::new(
+            socket,
+            SocketAddr::new(IpAddr::V4(self.pair.recorder_v4), dest_port),
+            ssrc,
+            0,
+        )
+    }
+
+    /// `recorder recordings --call-uuid X --json` through the CLI binary and the control socket.
+    fn index_rows(&self, call_uuid: &str) -> Vec<Value> {
+        let out = Command::new(recorder_bin())
+            .args(["recordings", "--call-uuid", call_uuid, "--json", "--socket"])
+            .arg(&self.daemon.control)
+            .output()
+            .expect("run recorder recordings");
+        assert!(
+            out.status.success(),
+            "recorder recordings: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        match serde_json::from_slice(&out.stdout).expect("JSON from --json") {
+            Value::Array(rows) => rows,
+            other => panic!("recordings: not a list: {other}"),
+        }
+    }
+}
+
+/// A first INVITE: customer stream `1` and agent stream `2`, with complete metadata.
+fn invite(
+    site: &Site,
+    client: &mut SipClient,
+    call_uuid: &str,
+    agent: &MetaParticipant,
+    time: &str,
+    extra: &[String],
+) -> Vec<u16> {
+    let sdp = offer_sdp(
+        IpAddr::V4(site.pair.sender_v4),
+        1,
+        &[stream("1", 31000, None), stream("2", 31002, None)],
+    );
+    let xml = metadata_xml(
+        Some(call_uuid),
+        &["1", "2"],
+        &[customer(), agent.clone()],
+        time,
+    );
+    let (ctype, body) = siprec_body(&sdp, Some(&xml));
+    let reply = client.invite(Some((&ctype, &body)), extra);
+    assert_answered(&reply)
+}
+
+fn assert_answered(reply: &Reply) -> Vec<u16> {
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    let ports = reply.answer_ports();
+    assert_eq!(ports.len(), 2, "{}", reply.body());
+    ports
+}
+
+/// Sends one packet per stream every 20 ms (real-time pacing of media, not synchronisation),
+/// for `packets` packet times starting at slot `first` of the clock that started at `start`.
+fn paced(start: Instant, first: u32, packets: u32, streams: &mut [(&mut RtpStream, f64)]) {
+    for n in first..first + packets {
+        let due = start + Duration::from_millis(20 * n as u64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        for (s, freq) in streams.iter_mut() {
+            s.send_tone_packet(*freq);
+        }
+    }
+}
+
+/// A decoded WAV: 16-bit PCM frames, one Vec per channel.
+struct Wav {
+    rate: u32,
+    channels: Vec<Vec<i16>>,
+}
+
+fn read_wav(path: &Path) -> Wav {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[0..4], b"RIFF");
+    assert_eq!(&bytes[8..12], b"WAVE");
+    let (mut pos, mut channels, mut rate, mut data) = (12, 0u16, 0u32, None);
+    while pos + 8 <= bytes.len() {
+        let id = &bytes[pos..pos + 4];
+        let len = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        let body = pos + 8;
+        if id == b"fmt " {
+            assert_eq!(u16::from_le_bytes([bytes[body], bytes[body + 1]]), 1, "PCM");
+            channels = u16::from_le_bytes([bytes[body + 2], bytes[body + 3]]);
+            rate = u32::from_le_bytes(bytes[body + 4..body + 8].try_into().unwrap());
+            assert_eq!(
+                u16::from_le_bytes([bytes[body + 14], bytes[body + 15]]),
+                16,
+                "16-bit"
+            );
+        } else if id == b"data" {
+            data = Some(&bytes[body..(body + len).min(bytes.len())]);
+            break;
+        }
+        pos = body + len + (len & 1);
+    }
+    let data = data.expect("data chunk");
+    assert!(channels > 0);
+    let mut out = vec![Vec::new(); channels as usize];
+    for (i, s) in data.chunks_exact(2).enumerate() {
+        out[i % channels as usize].push(i16::from_le_bytes([s[0], s[1]]));
+    }
+    Wav {
+        rate,
+        channels: out,
+    }
+}
+
+/// Goertzel power of `freq` in `window`, normalised by the window length.
+fn goertzel(window: &[i16], freq: f64, rate: u32) -> f64 {
+    let w = 2.0 * std::f64::consts::PI * freq / rate as f64;
+    let coeff = 2.0 * w.cos();
+    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+    for &x in window {
+        let s = x as f64 + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (window.len() as f64).powi(2)
+}
+
+/// Which of `tones` each 20 ms window of `samples` carries: `Some(index)` when that tone holds
+/// most of the window's energy, `None` for silence.
+fn classify(samples: &[i16], rate: u32, tones: &[f64]) -> Vec<Option<usize>> {
+    samples
+        .chunks(PACKET_FRAMES)
+        .map(|w| {
+            let energy: f64 = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64;
+            if energy < 1000.0 {
+                return None;
+            }
+            let powers: Vec<f64> = tones.iter().map(|&f| goertzel(w, f, rate)).collect();
+            let (best, p) = powers
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap();
+            // A pure tone of amplitude A has Goertzel power A²/4 and energy A²/2.
+            (*p > energy / 4.0).then_some(best)
+        })
+        .collect()
+}
+
+/// Windows of `labels` (in order), ignoring leading and trailing silence: runs as
+/// `(tone index or None, windows)`.
+fn runs(windows: &[Option<usize>]) -> Vec<(Option<usize>, usize)> {
+    let first = windows.iter().position(Option::is_some).unwrap_or(0);
+    let last = windows
+        .iter()
+        .rposition(Option::is_some)
+        .map_or(0, |i| i + 1);
+    let mut out: Vec<(Option<usize>, usize)> = Vec::new();
+    for w in &windows[first..last] {
+        match out.last_mut() {
+            Some((t, n)) if t == w => *n += 1,
+            _ => out.push((*w, 1)),
+        }
+    }
+    out
+}
+
+fn wav_channel<'a>(wav: &'a Wav, meta: &Value, label: &str) -> &'a [i16] {
+    let channel = meta["wav"]["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|c| c == label)
+        .unwrap_or_else(|| panic!("label {label} in wav channels {}", meta["wav"]));
+    &wav.channels[channel]
+}
+
+fn stream_meta<'a>(meta: &'a Value, label: &str) -> &'a Value {
+    meta["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["label"] == label)
+        .unwrap_or_else(|| panic!("stream {label} in {}", meta["streams"]))
+}
+
+fn participant<'a>(meta: &'a Value, aor: &str) -> &'a Value {
+    meta["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["aor"] == aor)
+        .unwrap_or_else(|| panic!("participant {aor} in {}", meta["participants"]))
+}
+
+fn time_of(v: &Value) -> SystemTime {
+    parse_rfc3339(v.as_str().unwrap_or_else(|| panic!("a time, got {v}")))
+        .unwrap_or_else(|| panic!("RFC 3339 time, got {v}"))
+}
+
+fn pcap_from(dir: &Path, src: SocketAddr) -> usize {
+    tshark_count(
+        &dir.join("recording.pcap"),
+        Some(&format!(
+            "ip.src == {} && udp.srcport == {}",
+            src.ip(),
+            src.port()
+        )),
+    )
+}
+
+/// Row 1 of the table, origination side: D2 transfers to D3 on the same site. One recording; the
+/// re-INVITE moves the agent stream to D3's address, port and SSRC; no audio is lost around it.
+#[test]
+fn customer_side_recording_continues_across_a_transfer() {
+    let site = Site::start("cust", Vec::new());
+    let d3_anchor = site.add_source(3);
+    let call_uuid = uuid("CUST");
+    let mut client = site.client();
+    let t0 = now_text();
+    let ports = invite(&site, &mut client, &call_uuid, &agent(2), &t0, &[]);
+    let (_, first) = site.daemon.metadata_for(&client.call_id, false);
+
+    let mut d1 = site.rtp(site.pair.sender_v4, 0, 0xD1D1_0001, ports[0]);
+    let mut d2 = site.rtp(site.pair.sender_v4, 0, 0xD2D2_0002, ports[1]);
+    let mut d3 = site.rtp(d3_anchor, 31010, 0xD3D3_0003, ports[1]);
+    let d2_from = d2.socket.local_addr().unwrap();
+    let d3_from = d3.socket.local_addr().unwrap();
+
+    let start = Instant::now();
+    paced(start, 0, 50, &mut [(&mut d1, D1_TONE), (&mut d2, D2_TONE)]);
+
+    // The transfer: the agent stream now comes from D3's anchor, D2 leaves, D3 joins.
+    let t_transfer = now_text();
+    let sdp = offer_sdp(
+        IpAddr::V4(site.pair.sender_v4),
+        2,
+        &[
+            stream("1", 31000, None),
+            stream("2", 31010, Some(d3_anchor)),
+        ],
+    );
+    let xml = metadata_transfer_xml("p-d2", &agent(3), &t_transfer);
+    let (ctype, body) = siprec_body(&sdp, Some(&xml));
+    let reinvite = client.invite(Some((&ctype, &body)), &[]);
+    assert_eq!(reinvite.status, 200, "{}", reinvite.raw);
+    assert_eq!(reinvite.answer_ports(), ports, "our ports stay the same");
+    assert!(
+        start.elapsed() < Duration::from_millis(50 * 20 + 20),
+        "the re-INVITE took longer than one packet time ({:?}): the gap check would be moot",
+        start.elapsed() - Duration::from_millis(50 * 20)
+    );
+    paced(start, 50, 50, &mut [(&mut d1, D1_TONE), (&mut d3, D3_TONE)]);
+    assert_eq!(
+        client
+            .bye(&["Reason: SIP;cause=200;text=\"call completed\"".into()])
+            .status,
+        200
+    );
+
+    let (dir, meta) = site.daemon.metadata_for(&client.call_id, true);
+    assert_eq!(meta["id"], first["id"], "one recording across the transfer");
+    assert_eq!(site.daemon.recordings().len(), 1);
+    assert_eq!(meta["call_uuid"], call_uuid.as_str());
+    assert_eq!(meta["end_reason"], "bye");
+
+    // Zero loss: every packet sent is in the pcap, per device.
+    let sent = d1.sent + d2.sent + d3.sent;
+    assert_eq!(sent, 200);
+    assert_eq!(
+        tshark_count(&dir.join("recording.pcap"), None),
+        sent as usize
+    );
+    assert_eq!(pcap_from(&dir, d2_from), d2.sent as usize);
+    assert_eq!(pcap_from(&dir, d3_from), d3.sent as usize);
+    let agent_stream = stream_meta(&meta, "2");
+    assert_eq!(agent_stream["packets"], 100);
+    assert_eq!(agent_stream["lost"], 0);
+    let ssrcs: Vec<(u64, u64)> = agent_stream["ssrcs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["ssrc"].as_u64().unwrap(), s["packets"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        ssrcs,
+        vec![(0xD2D2_0002, 50), (0xD3D3_0003, 50)],
+        "the agent stream switched SSRC"
+    );
+
+    // Metadata: D2 left and D3 joined at the transfer; D1 stayed.
+    let d2_meta = participant(&meta, "sip:7002@cc.example");
+    let d3_meta = participant(&meta, "sip:7003@cc.example");
+    assert_eq!(
+        time_of(&d2_meta["joined_at"]),
+        time_of(&Value::from(t0.clone()))
+    );
+    assert_eq!(
+        time_of(&d2_meta["left_at"]),
+        time_of(&Value::from(t_transfer.clone()))
+    );
+    assert_eq!(
+        time_of(&d3_meta["joined_at"]),
+        time_of(&Value::from(t_transfer.clone()))
+    );
+    assert!(d3_meta["left_at"].is_null(), "{d3_meta}");
+    assert!(participant(&meta, "sip:+493012345678@carrier.example")["left_at"].is_null());
+
+    // WAV: the customer channel carries D1 throughout; the agent channel D2 then D3, with no
+    // silence longer than one packet time in between.
+    let wav = read_wav(&dir.join("recording.wav"));
+    assert_eq!(wav.rate, 8000);
+    let tones = [D1_TONE, D2_TONE, D3_TONE];
+    let cust = runs(&classify(wav_channel(&wav, &meta, "1"), wav.rate, &tones));
+    assert_eq!(cust.len(), 1, "customer channel: {cust:?}");
+    assert_eq!(cust[0].0, Some(0));
+    assert!((99..=101).contains(&cust[0].1), "{cust:?}");
+    let agent_runs = runs(&classify(wav_channel(&wav, &meta, "2"), wav.rate, &tones));
+    let tones_only: Vec<usize> = agent_runs.iter().filter_map(|r| r.0).collect();
+    assert_eq!(
+        tones_only,
+        vec![1, 2],
+        "D2 then D3 on the agent channel: {agent_runs:?}"
+    );
+    let silence: usize = agent_runs
+        .iter()
+        .filter(|r| r.0.is_none())
+        .map(|r| r.1)
+        .sum();
+    assert!(silence <= 1, "gap at the switch: {agent_runs:?}");
+    let d2_windows = agent_runs.iter().find(|r| r.0 == Some(1)).unwrap().1;
+    let d3_windows = agent_runs.iter().find(|r| r.0 == Some(2)).unwrap().1;
+    assert!((49..=51).contains(&d2_windows), "{agent_runs:?}");
+    assert!((49..=51).contains(&d3_windows), "{agent_runs:?}");
+
+    // The index knows it, with both agents and why it ended.
+    let rows = site.index_rows(&call_uuid);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["id"], meta["id"]);
+    assert_eq!(rows[0]["end_reason"], "bye");
+    let names: Vec<&str> = rows[0]["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["aor"].as_str())
+        .collect();
+    for aor in ["sip:7002@cc.example", "sip:7003@cc.example"] {
+        assert!(names.contains(&aor), "{names:?}");
+    }
+}
+
+/// Row 2 of the table, termination side: the recording of agent D2 ends with BYE at the transfer
+/// (its `Reason` kept); the recording of D3 is a separate one with the same CallUUID.
+#[test]
+fn agent_side_recording_ends_at_the_transfer_and_the_next_is_separate() {
+    let site = Site::start("agnt", Vec::new());
+    let call_uuid = uuid("AGNT");
+
+    // Recording of D2's leg (D1 <-> D2).
+    let mut leg2 = site.client();
+    let t0 = now_text();
+    let ports = invite(&site, &mut leg2, &call_uuid, &agent(2), &t0, &[]);
+    let mut d1 = site.rtp(site.pair.sender_v4, 0, 0xA1, ports[0]);
+    let mut d2 = site.rtp(site.pair.sender_v4, 0, 0xA2, ports[1]);
+    paced(
+        Instant::now(),
+        0,
+        40,
+        &mut [(&mut d1, D1_TONE), (&mut d2, D2_TONE)],
+    );
+    let reason = "SIP;cause=480;text=\"Call transferred\"";
+    let bye = leg2.bye(&[format!("Reason: {reason}")]);
+    assert_eq!(bye.status, 200);
+    let (dir2, meta2) = site.daemon.metadata_for(&leg2.call_id, true);
+    let d1_sent_first = d1.sent;
+
+    // D3 answers; the platform starts a new recording of D3's leg (D1 <-> D3).
+    let mut leg3 = site.client();
+    let t1 = now_text();
+    let ports3 = invite(&site, &mut leg3, &call_uuid, &agent(3), &t1, &[]);
+    let mut d1b = site.rtp(site.pair.sender_v4, 0, 0xB1, ports3[0]);
+    let mut d3 = site.rtp(site.pair.sender_v4, 0, 0xB3, ports3[1]);
+    paced(
+        Instant::now(),
+        0,
+        30,
+        &mut [(&mut d1b, D1_TONE), (&mut d3, D3_TONE)],
+    );
+    assert_eq!(leg3.bye(&[]).status, 200);
+    let (dir3, meta3) = site.daemon.metadata_for(&leg3.call_id, true);
+
+    // Two recordings, the first ended by the transfer's BYE with its Reason.
+    assert_ne!(meta2["id"], meta3["id"]);
+    assert_eq!(site.daemon.recordings().len(), 2);
+    assert_eq!(meta2["end_reason"], "bye");
+    assert!(
+        meta2["end_detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("cause=480") && d.contains("Call transferred")),
+        "Reason header kept: {}",
+        meta2["end_detail"]
+    );
+    for m in [&meta2, &meta3] {
+        assert_eq!(m["call_uuid"], call_uuid.as_str());
+        assert_eq!(m["state"], "complete");
+    }
+    assert!(time_of(&meta3["started_at"]) >= time_of(&meta2["ended_at"]));
+
+    // Files: each recording has its own packets and its own agent's voice only.
+    assert_eq!(
+        tshark_count(&dir2.join("recording.pcap"), None),
+        (d1_sent_first + d2.sent) as usize
+    );
+    assert_eq!(
+        tshark_count(&dir3.join("recording.pcap"), None),
+        (d1b.sent + d3.sent) as usize
+    );
+    let tones = [D1_TONE, D2_TONE, D3_TONE];
+    for (dir, meta, agent_tone, windows) in [(&dir2, &meta2, 1, 40), (&dir3, &meta3, 2, 30)] {
+        let wav = read_wav(&dir.join("recording.wav"));
+        let agent_runs = runs(&classify(wav_channel(&wav, meta, "2"), wav.rate, &tones));
+        assert_eq!(agent_runs.len(), 1, "{agent_runs:?}");
+        assert_eq!(agent_runs[0].0, Some(agent_tone), "{agent_runs:?}");
+        assert!(
+            (windows - 1..=windows + 1).contains(&agent_runs[0].1),
+            "{agent_runs:?}"
+        );
+        let cust = runs(&classify(wav_channel(&wav, meta, "1"), wav.rate, &tones));
+        assert_eq!(cust.len(), 1, "{cust:?}");
+        assert_eq!(cust[0].0, Some(0));
+    }
+    // Participants: D2 only in the first, D3 only in the second.
+    participant(&meta2, "sip:7002@cc.example");
+    participant(&meta3, "sip:7003@cc.example");
+    assert!(!meta2["participants"].to_string().contains("7003"));
+    assert!(!meta3["participants"].to_string().contains("7002"));
+
+    // The index lists both, in time order, with why each ended.
+    let rows = site.index_rows(&call_uuid);
+    let ids: Vec<&Value> = rows.iter().map(|r| &r["id"]).collect();
+    assert_eq!(ids, vec![&meta2["id"], &meta3["id"]]);
+    assert_eq!(rows[0]["end_reason"], "bye");
+    assert_eq!(rows[1]["end_reason"], "bye");
+}
