@@ -58,6 +58,66 @@ fn participants(v: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// `bye (Reason header)`: why a recording ended, with the detail that came with it.
+fn reason(r: &Value) -> String {
+    match r["end_detail"].as_str() {
+        Some(d) => format!("{} ({d})", s(&r["end_reason"])),
+        None => s(&r["end_reason"]),
+    }
+}
+
+fn time(v: &Value) -> Option<std::time::SystemTime> {
+    crate::writer::metadata::parse_rfc3339(v.as_str()?)
+}
+
+/// The interaction: every recording of the CallUUID in start order, with site, who was on
+/// the call when, why each ended, and the gaps between recordings.
+fn timeline(this: &Value, rows: &[Value]) -> String {
+    let mut out = String::new();
+    let uuid = rows.first().map(|r| s(&r["call_uuid"])).unwrap_or_default();
+    let _ = writeln!(out, "\ninteraction {uuid}: {} recording(s)", rows.len());
+    let mut last_end: Option<std::time::SystemTime> = None;
+    for (n, r) in rows.iter().enumerate() {
+        let start = time(&r["started_at"]);
+        if let (Some(end), Some(start)) = (last_end, start) {
+            match start.duration_since(end) {
+                Ok(gap) => {
+                    let _ = writeln!(out, "  gap {:.1} s (not recorded)", gap.as_secs_f64());
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "  overlap {:.1} s", e.duration().as_secs_f64());
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  {}. {}{}  site {}  {} .. {}  ended: {}",
+            n + 1,
+            s(&r["id"]),
+            if &r["id"] == this { " (this)" } else { "" },
+            s(&r["host"]),
+            s(&r["started_at"]),
+            s(&r["ended_at"]),
+            reason(r),
+        );
+        for p in r["participants"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "       {} <{}> joined {} left {}",
+                s(&p["name"]),
+                s(&p["aor"]),
+                s(&p["joined_at"]),
+                s(&p["left_at"])
+            );
+        }
+        last_end = match (last_end, time(&r["ended_at"])) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (_, b) => b,
+        };
+    }
+    out
+}
+
 /// Renders the data of a successful answer to `request`.
 pub fn render(request: &Request, data: &Value) -> String {
     match request {
@@ -158,9 +218,10 @@ pub fn render(request: &Request, data: &Value) -> String {
                         s(&r["started_at"]),
                         s(&r["ended_at"]),
                         s(&r["state"]),
-                        s(&r["end_reason"]),
+                        reason(r),
                         s(&r["host"]),
                         participants(&r["participants"]),
+                        s(&r["previous"]),
                     ]
                 })
                 .collect();
@@ -172,8 +233,9 @@ pub fn render(request: &Request, data: &Value) -> String {
                     "ENDED",
                     "STATE",
                     "REASON",
-                    "HOST",
+                    "SITE",
                     "PARTICIPANTS",
+                    "PREVIOUS",
                 ],
                 &rows,
             )
@@ -201,6 +263,14 @@ pub fn render(request: &Request, data: &Value) -> String {
                     s(&p["left_at"])
                 );
             }
+            if let Some(detail) = data["end_detail"].as_str() {
+                let _ = writeln!(out, "{:<12} {detail}", "end_detail");
+            }
+            for key in ["host", "interaction", "previous"] {
+                if !data[key].is_null() {
+                    let _ = writeln!(out, "{key:<12} {}", s(&data[key]));
+                }
+            }
             for st in data["streams"].as_array().into_iter().flatten() {
                 let _ = writeln!(
                     out,
@@ -211,6 +281,9 @@ pub fn render(request: &Request, data: &Value) -> String {
                     s(&st["packets"]),
                     s(&st["lost"])
                 );
+            }
+            if let Some(rows) = data["timeline"].as_array() {
+                out.push_str(&timeline(&data["id"], rows));
             }
             out
         }

@@ -123,19 +123,26 @@ impl Site {
         )
     }
 
-    /// `recorder recordings --call-uuid X --json` through the CLI binary and the control socket.
-    fn index_rows(&self, call_uuid: &str) -> Vec<Value> {
+    /// Runs the CLI binary against this daemon's control socket; returns stdout.
+    fn cli(&self, args: &[&str]) -> String {
         let out = Command::new(recorder_bin())
-            .args(["recordings", "--call-uuid", call_uuid, "--json", "--socket"])
+            .args(args)
+            .arg("--socket")
             .arg(&self.daemon.control)
             .output()
-            .expect("run recorder recordings");
+            .expect("run recorder CLI");
         assert!(
             out.status.success(),
-            "recorder recordings: {}",
+            "recorder {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        match serde_json::from_slice(&out.stdout).expect("JSON from --json") {
+        String::from_utf8(out.stdout).expect("UTF-8 output")
+    }
+
+    /// `recorder recordings --call-uuid X --json` through the CLI binary and the control socket.
+    fn index_rows(&self, call_uuid: &str) -> Vec<Value> {
+        let out = self.cli(&["recordings", "--call-uuid", call_uuid, "--json"]);
+        match serde_json::from_str(&out).expect("JSON from --json") {
             Value::Array(rows) => rows,
             other => panic!("recordings: not a list: {other}"),
         }
@@ -558,5 +565,91 @@ fn agent_side_recording_ends_at_the_transfer_and_the_next_is_separate() {
     let ids: Vec<&Value> = rows.iter().map(|r| &r["id"]).collect();
     assert_eq!(ids, vec![&meta2["id"], &meta3["id"]]);
     assert_eq!(rows[0]["end_reason"], "bye");
+    assert!(rows[0]["end_detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("Call transferred")));
     assert_eq!(rows[1]["end_reason"], "bye");
+
+    // The second recording continues the interaction: linked to the first, in its metadata
+    // and in the index.
+    assert!(
+        meta2.get("interaction").is_none_or(Value::is_null),
+        "{meta2}"
+    );
+    assert_eq!(meta3["interaction"], meta2["id"]);
+    assert_eq!(meta3["previous"], meta2["id"]);
+    assert_eq!(rows[1]["interaction"], meta2["id"]);
+    assert_eq!(rows[1]["previous"], meta2["id"]);
+
+    // `recorder show` prints the interaction's timeline: both recordings in order, who was on
+    // each, why the first ended, and the gap between them.
+    let id3 = meta3["id"].as_str().unwrap();
+    let text = site.cli(&["show", id3]);
+    let id2 = meta2["id"].as_str().unwrap();
+    let (p2, p3) = (
+        text.find(&format!("1. {id2}"))
+            .unwrap_or_else(|| panic!("{text}")),
+        text.find(&format!("2. {id3} (this)"))
+            .unwrap_or_else(|| panic!("{text}")),
+    );
+    assert!(p2 < p3, "{text}");
+    assert!(text.contains("Call transferred"), "{text}");
+    assert!(text.contains("gap "), "{text}");
+    assert!(text.contains("Agent D2 <sip:7002@cc.example>"), "{text}");
+    assert!(text.contains("Agent D3 <sip:7003@cc.example>"), "{text}");
+}
+
+/// A later, unrelated session that reuses a SIP Call-ID (same Call-ID, new dialog, another
+/// CallUUID) is a recording of its own, linked to nothing.
+#[test]
+fn a_reused_call_id_does_not_merge_recordings() {
+    let site = Site::start("reus", Vec::new());
+    let (uuid_a, uuid_b) = (uuid("REUA"), uuid("REUB"));
+    let mut first = site.client();
+    let ports = invite(&site, &mut first, &uuid_a, &agent(2), &now_text(), &[]);
+    let mut d2 = site.rtp(site.pair.sender_v4, 0, 0xC2, ports[1]);
+    paced(Instant::now(), 0, 10, &mut [(&mut d2, D2_TONE)]);
+    assert_eq!(first.bye(&[]).status, 200);
+    let (_, meta_a) = site.daemon.metadata_for(&first.call_id, true);
+
+    let mut second = site.client();
+    second.call_id = first.call_id.clone();
+    let ports = invite(&site, &mut second, &uuid_b, &agent(3), &now_text(), &[]);
+    let mut d3 = site.rtp(site.pair.sender_v4, 0, 0xC3, ports[1]);
+    paced(Instant::now(), 0, 15, &mut [(&mut d3, D3_TONE)]);
+    assert_eq!(second.bye(&[]).status, 200);
+
+    // Both share the Call-ID: wait until both are finished.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let metas: Vec<Value> = loop {
+        let metas: Vec<Value> = site
+            .daemon
+            .recordings()
+            .iter()
+            .filter_map(|d| tests::daemon::read_json(&d.join("metadata.json")))
+            .collect();
+        if metas.len() == 2 && metas.iter().all(|m| m["state"] != "active") {
+            break metas;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "two finished recordings: {metas:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling files another process writes
+    };
+    let meta_b = metas.iter().find(|m| m["id"] != meta_a["id"]).unwrap();
+    assert_eq!(meta_b["sip_call_id"], meta_a["sip_call_id"]);
+    assert_eq!(meta_b["call_uuid"], uuid_b.as_str());
+    assert!(
+        meta_b.get("interaction").is_none_or(Value::is_null),
+        "{meta_b}"
+    );
+    assert!(
+        meta_b.get("previous").is_none_or(Value::is_null),
+        "{meta_b}"
+    );
+    assert_eq!(stream_meta(&meta_a, "2")["packets"], 10);
+    assert_eq!(stream_meta(meta_b, "2")["packets"], 15);
+    assert_eq!(site.index_rows(&uuid_a).len(), 1);
+    assert_eq!(site.index_rows(&uuid_b).len(), 1);
 }
