@@ -20,6 +20,7 @@ use tests::{
     },
     daemon::{recorder_bin, tshark_count, Daemon, DaemonOptions},
     net::{ip, VethPair},
+    postgres::Postgres,
     rtp::RtpStream,
 };
 
@@ -257,7 +258,9 @@ fn classify(samples: &[i16], rate: u32, tones: &[f64]) -> Vec<Option<usize>> {
         .chunks(PACKET_FRAMES)
         .map(|w| {
             let energy: f64 = w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64;
-            if energy < 1000.0 {
+            // A full window of tone (amplitude 8000) has energy 3.2e7; less than 1/32 of that
+            // is silence or a sliver of audio at a window edge, too short to tell tones apart.
+            if energy < 1.0e6 {
                 return None;
             }
             let powers: Vec<f64> = tones.iter().map(|&f| goertzel(w, f, rate)).collect();
@@ -288,6 +291,17 @@ fn runs(windows: &[Option<usize>]) -> Vec<(Option<usize>, usize)> {
         }
     }
     out
+}
+
+/// Longest run of exactly-zero samples (frames nobody wrote; decoded G.711 tones only touch
+/// zero for a sample or two at a zero crossing).
+fn longest_zero_run(samples: &[i16]) -> usize {
+    let (mut best, mut run) = (0, 0);
+    for &x in samples {
+        run = if x == 0 { run + 1 } else { 0 };
+        best = best.max(run);
+    }
+    best
 }
 
 fn wav_channel<'a>(wav: &'a Wav, meta: &Value, label: &str) -> &'a [i16] {
@@ -447,12 +461,17 @@ fn customer_side_recording_continues_across_a_transfer() {
         vec![1, 2],
         "D2 then D3 on the agent channel: {agent_runs:?}"
     );
-    let silence: usize = agent_runs
-        .iter()
-        .filter(|r| r.0.is_none())
-        .map(|r| r.1)
-        .sum();
-    assert!(silence <= 1, "gap at the switch: {agent_runs:?}");
+    // The gap itself, to the sample: the longest run of unwritten (zero) frames between D2's
+    // first window and D3's last one must not exceed one packet time.
+    let agent = wav_channel(&wav, &meta, "2");
+    let windows = classify(agent, wav.rate, &tones);
+    let from = windows.iter().position(|w| *w == Some(1)).unwrap() * PACKET_FRAMES;
+    let to = (windows.iter().rposition(|w| *w == Some(2)).unwrap() + 1) * PACKET_FRAMES;
+    let gap = longest_zero_run(&agent[from..to.min(agent.len())]);
+    assert!(
+        gap <= PACKET_FRAMES,
+        "{gap} silent frames at the switch (one packet is {PACKET_FRAMES}): {agent_runs:?}"
+    );
     let d2_windows = agent_runs.iter().find(|r| r.0 == Some(1)).unwrap().1;
     let d3_windows = agent_runs.iter().find(|r| r.0 == Some(2)).unwrap().1;
     assert!((49..=51).contains(&d2_windows), "{agent_runs:?}");
@@ -652,4 +671,290 @@ fn a_reused_call_id_does_not_merge_recordings() {
     assert_eq!(stream_meta(meta_b, "2")["packets"], 15);
     assert_eq!(site.index_rows(&uuid_a).len(), 1);
     assert_eq!(site.index_rows(&uuid_b).len(), 1);
+}
+
+/// Two sites, blue and purple, each with its own recorder in its own namespaces and address,
+/// sharing one PostgreSQL index. Fields drop in order: the daemons stop before the database.
+struct TwoSites {
+    blue: Site,
+    purple: Site,
+    _pg: Postgres,
+}
+
+impl TwoSites {
+    fn start(tag: &str) -> Self {
+        let pg = Postgres::start();
+        let flags = |site: &str| -> Vec<String> {
+            [
+                "--index-backend",
+                "postgres",
+                "--index-url",
+                &pg.url(),
+                "--site",
+                site,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let blue = Site::start(&format!("b{tag}"), flags("blue"));
+        let purple = Site::start(&format!("p{tag}"), flags("purple"));
+        Self {
+            blue,
+            purple,
+            _pg: pg,
+        }
+    }
+
+    /// The interaction as each host lists it; both must agree. Returns blue's answer.
+    fn rows(&self, call_uuid: &str) -> Vec<Value> {
+        let blue = self.blue.index_rows(call_uuid);
+        let purple = self.purple.index_rows(call_uuid);
+        assert_eq!(blue, purple, "both hosts list the same interaction");
+        blue
+    }
+}
+
+/// A Genesys-style Request-URI: the site's local connection id and the CallUUID.
+fn genesys_uri(client: &mut SipClient, conn_id: &str, call_uuid: &str) {
+    client.request_uri = format!(
+        "sip:record={conn_id}@{};calluuid={call_uuid};dn=7002",
+        client.server
+    );
+}
+
+fn row_summary(rows: &[Value]) -> Vec<(String, String, String)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap_or("").to_string(),
+                r["host"].as_str().unwrap_or("").to_string(),
+                r["end_reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn aors(row: &Value) -> Vec<String> {
+    row["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["aor"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Row "re-INVITE" of the two-site table: blue's SIP Server stays in the path, media stays
+/// anchored at blue; blue's recorder keeps its one recording, purple's records nothing.
+#[test]
+fn two_sites_transfer_by_reinvite_stays_one_recording_at_blue() {
+    let sites = TwoSites::start("ri");
+    let (blue, purple) = (&sites.blue, &sites.purple);
+    let call_uuid = uuid("TSRI");
+    let mut client = blue.client();
+    genesys_uri(&mut client, "00BLUE01", &call_uuid);
+    let ports = invite(blue, &mut client, &call_uuid, &agent(2), &now_text(), &[]);
+    let mut d1 = blue.rtp(blue.pair.sender_v4, 0, 0xE1, ports[0]);
+    let mut d2 = blue.rtp(blue.pair.sender_v4, 0, 0xE2, ports[1]);
+    // D3 is at purple, but its audio reaches blue's Media Server: a new port and SSRC there.
+    let mut d3 = blue.rtp(blue.pair.sender_v4, 31020, 0xE3, ports[1]);
+    let start = Instant::now();
+    paced(start, 0, 25, &mut [(&mut d1, D1_TONE), (&mut d2, D2_TONE)]);
+    let t_transfer = now_text();
+    let sdp = offer_sdp(
+        IpAddr::V4(blue.pair.sender_v4),
+        2,
+        &[stream("1", 31000, None), stream("2", 31020, None)],
+    );
+    let xml = metadata_transfer_xml("p-d2", &agent(3), &t_transfer);
+    let (ctype, body) = siprec_body(&sdp, Some(&xml));
+    assert_eq!(client.invite(Some((&ctype, &body)), &[]).status, 200);
+    paced(start, 25, 25, &mut [(&mut d1, D1_TONE), (&mut d3, D3_TONE)]);
+    assert_eq!(client.bye(&[]).status, 200);
+
+    let (dir, meta) = blue.daemon.metadata_for(&client.call_id, true);
+    assert_eq!(blue.daemon.recordings().len(), 1);
+    assert!(
+        purple.daemon.recordings().is_empty(),
+        "purple records nothing"
+    );
+    assert_eq!(meta["host"], "blue");
+    assert_eq!(meta["connection_id"], "00BLUE01");
+    assert_eq!(
+        tshark_count(&dir.join("recording.pcap"), None),
+        (d1.sent + d2.sent + d3.sent) as usize
+    );
+    assert_eq!(
+        time_of(&participant(&meta, "sip:7002@cc.example")["left_at"]),
+        time_of(&Value::from(t_transfer.clone()))
+    );
+    assert_eq!(
+        time_of(&participant(&meta, "sip:7003@cc.example")["joined_at"]),
+        time_of(&Value::from(t_transfer))
+    );
+    let wav = read_wav(&dir.join("recording.wav"));
+    let tones = [D1_TONE, D2_TONE, D3_TONE];
+    let agent_runs = runs(&classify(wav_channel(&wav, &meta, "2"), wav.rate, &tones));
+    let order: Vec<usize> = agent_runs.iter().filter_map(|r| r.0).collect();
+    assert_eq!(order, vec![1, 2], "{agent_runs:?}");
+
+    let rows = sites.rows(&call_uuid);
+    assert_eq!(
+        row_summary(&rows),
+        vec![(
+            meta["id"].as_str().unwrap().to_string(),
+            "blue".into(),
+            "bye".into()
+        )]
+    );
+    let listed = aors(&rows[0]);
+    assert!(
+        listed.contains(&"sip:7002@cc.example".to_string()),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&"sip:7003@cc.example".to_string()),
+        "{listed:?}"
+    );
+}
+
+/// One recording at a site: customer stream `1` from D1, agent stream `2` from `agent`, for
+/// `packets` packet times; ended by BYE with `reason`. Returns (dir, finished metadata).
+fn record_leg(
+    site: &Site,
+    call_uuid: &str,
+    conn_id: &str,
+    agent_n: u32,
+    tone: f64,
+    packets: u32,
+    reason: Option<&str>,
+) -> (std::path::PathBuf, Value, u64) {
+    let mut client = site.client();
+    genesys_uri(&mut client, conn_id, call_uuid);
+    let ports = invite(
+        site,
+        &mut client,
+        call_uuid,
+        &agent(agent_n),
+        &now_text(),
+        &[],
+    );
+    let mut d1 = site.rtp(site.pair.sender_v4, 0, 0xF100 + agent_n, ports[0]);
+    let mut da = site.rtp(site.pair.sender_v4, 0, 0xF200 + agent_n, ports[1]);
+    paced(
+        Instant::now(),
+        0,
+        packets,
+        &mut [(&mut d1, D1_TONE), (&mut da, tone)],
+    );
+    let extra: Vec<String> = reason.map(|r| format!("Reason: {r}")).into_iter().collect();
+    assert_eq!(client.bye(&extra).status, 200);
+    let (dir, meta) = site.daemon.metadata_for(&client.call_id, true);
+    (dir, meta, d1.sent + da.sent)
+}
+
+/// The REFER-style handoff and the agent transfer across sites have the same shape at the
+/// recorders: blue's recording ends with BYE (Reason kept), purple's new recording later carries
+/// the same CallUUID with its own connection id, and is linked to blue's.
+fn handoff_across_sites(tag: &str, recorded_agent_at_purple: u32, reason: &str) {
+    let sites = TwoSites::start(tag);
+    let (blue, purple) = (&sites.blue, &sites.purple);
+    let call_uuid = uuid("TSHO");
+    let (blue_dir, blue_meta, blue_sent) =
+        record_leg(blue, &call_uuid, "00BLUE07", 2, D2_TONE, 30, Some(reason));
+    let (purple_dir, purple_meta, purple_sent) = record_leg(
+        purple,
+        &call_uuid,
+        "00PURP42",
+        recorded_agent_at_purple,
+        D3_TONE,
+        40,
+        None,
+    );
+
+    // Blue's recording ended at the transfer, why kept; purple's is separate and later.
+    assert_eq!(blue_meta["host"], "blue");
+    assert_eq!(purple_meta["host"], "purple");
+    assert_eq!(blue_meta["end_reason"], "bye");
+    assert_eq!(blue_meta["end_detail"], reason);
+    assert_ne!(blue_meta["id"], purple_meta["id"]);
+    assert_eq!(blue_meta["connection_id"], "00BLUE07");
+    assert_eq!(purple_meta["connection_id"], "00PURP42");
+    assert_eq!(purple_meta["call_uuid"], call_uuid.as_str());
+    assert!(time_of(&purple_meta["started_at"]) >= time_of(&blue_meta["ended_at"]));
+    assert_eq!(blue.daemon.recordings().len(), 1);
+    assert_eq!(purple.daemon.recordings().len(), 1);
+    // Purple found blue's recording in the shared index: linked.
+    assert_eq!(purple_meta["interaction"], blue_meta["id"]);
+    assert_eq!(purple_meta["previous"], blue_meta["id"]);
+
+    // Files: every packet, each agent's voice in its own recording.
+    assert_eq!(
+        tshark_count(&blue_dir.join("recording.pcap"), None),
+        blue_sent as usize
+    );
+    assert_eq!(
+        tshark_count(&purple_dir.join("recording.pcap"), None),
+        purple_sent as usize
+    );
+    let tones = [D1_TONE, D2_TONE, D3_TONE];
+    for (dir, meta, tone) in [(&blue_dir, &blue_meta, 1), (&purple_dir, &purple_meta, 2)] {
+        let wav = read_wav(&dir.join("recording.wav"));
+        let agent_runs = runs(&classify(wav_channel(&wav, meta, "2"), wav.rate, &tones));
+        assert_eq!(agent_runs.len(), 1, "{agent_runs:?}");
+        assert_eq!(agent_runs[0].0, Some(tone), "{agent_runs:?}");
+    }
+
+    // Either host lists the interaction in time order, with site, participants, why it ended.
+    let rows = sites.rows(&call_uuid);
+    let id = |m: &Value| m["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        row_summary(&rows),
+        vec![
+            (id(&blue_meta), "blue".into(), "bye".into()),
+            (id(&purple_meta), "purple".into(), "bye".into()),
+        ]
+    );
+    assert_eq!(rows[0]["end_detail"], reason);
+    assert!(aors(&rows[0]).contains(&"sip:7002@cc.example".to_string()));
+    let purple_agent = format!("sip:700{recorded_agent_at_purple}@cc.example");
+    assert!(aors(&rows[1]).contains(&purple_agent));
+    assert_eq!(rows[1]["connection_id"], "00PURP42");
+    let text = purple.cli(&["recordings", "--call-uuid", &call_uuid]);
+    let (b, p) = (
+        text.find(&id(&blue_meta))
+            .unwrap_or_else(|| panic!("{text}")),
+        text.find(&id(&purple_meta))
+            .unwrap_or_else(|| panic!("{text}")),
+    );
+    assert!(b < p, "{text}");
+    assert!(text.contains("purple") && text.contains("blue"), "{text}");
+
+    // `show` of blue's recording on purple (not in purple's spool: from the shared index)
+    // prints the whole interaction with the gap between the sites.
+    let text = purple.cli(&["show", &id(&blue_meta)]);
+    assert!(
+        text.contains(&format!("1. {} (this)  site blue", id(&blue_meta))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("2. {}  site purple", id(&purple_meta))),
+        "{text}"
+    );
+    assert!(text.contains("gap "), "{text}");
+    assert!(text.contains(reason), "{text}");
+}
+
+/// Row "REFER" of the two-site table: the customer-side recording started at blue ends there;
+/// purple records the customer with D3 as a new, linked recording.
+#[test]
+fn two_sites_transfer_by_refer_ends_at_blue_and_continues_at_purple() {
+    handoff_across_sites("rf", 3, "SIP;cause=200;text=\"REFER transfer to purple\"");
+}
+
+/// Agent recording transferred to the other site: blue's recording of D2 ends; purple's
+/// recording of D3 is a separate recording.
+#[test]
+fn two_sites_agent_recording_ends_at_blue_and_purple_records_the_new_agent() {
+    handoff_across_sites("ag", 3, "Q.850;cause=16;text=\"agent transferred\"");
 }

@@ -147,20 +147,13 @@ impl RingConsumer {
                     std::future::pending().await
                 }
             };
+            // Biased: a pending event goes before a pending drain. Signaling queues Started
+            // (which routes the new flows) before its 200 OK leaves, so the first RTP packets
+            // can only be in the ring after the event is queued; draining them first (random
+            // branch order, likely under load) dropped them as packets of an unknown flow.
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
-                guard = readable => {
-                    match guard {
-                        Ok(Some(mut guard)) => {
-                            // Consume the epoll readiness, then drain.
-                            clear_epoll(guard.get_inner().as_raw_fd());
-                            guard.clear_ready();
-                        }
-                        Ok(None) => {}
-                        Err(error) => warn!(%error, "ring epoll wait failed"),
-                    }
-                    self.drain(sink);
-                }
                 event = event => match event {
                     Some(event) => {
                         if drain_first(&event) {
@@ -179,6 +172,18 @@ impl RingConsumer {
                     }
                     None => events_open = false,
                 },
+                guard = readable => {
+                    match guard {
+                        Ok(Some(mut guard)) => {
+                            // Consume the epoll readiness, then drain.
+                            clear_epoll(guard.get_inner().as_raw_fd());
+                            guard.clear_ready();
+                        }
+                        Ok(None) => {}
+                        Err(error) => warn!(%error, "ring epoll wait failed"),
+                    }
+                    self.drain(sink);
+                }
                 _ = interval.tick() => { self.drain(sink); }
             }
         }

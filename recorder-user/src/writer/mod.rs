@@ -247,13 +247,19 @@ pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterE
         (None, None) => None,
     };
     let index = match location {
-        Some(location) => {
-            let mut index = Index::open_location(&location, &config.spool, &config.host)?;
-            index.refill_if_empty()?;
-            // Rows left `active` by the previous run now say what repair_spool made of them.
-            index.refresh_active()?;
-            Some(index)
-        }
+        // On a thread of its own: the PostgreSQL client blocks on a runtime of its own, which
+        // cannot be started on a thread of the daemon's runtime (start is called from there).
+        Some(location) => Some(std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut index = Index::open_location(&location, &config.spool, &config.host)?;
+                index.refill_if_empty()?;
+                // Rows left `active` by the previous run now say what repair_spool made of them.
+                index.refresh_active()?;
+                Ok::<_, WriterError>(index)
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?),
         None => None,
     };
     let (tx, rx) = mpsc::channel();
