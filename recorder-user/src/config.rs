@@ -450,4 +450,43 @@ mod tests {
         assert!(c.acl[0].contains("::ffff:10.1.1.1".parse().unwrap()));
         assert_eq!(c.index_path(), PathBuf::from("/srv/rec/index.sqlite"));
     }
+
+    #[test]
+    fn index_backend_and_site() {
+        // Default: the SQLite file in the spool.
+        let c = valid();
+        assert_eq!(
+            c.index_location(),
+            crate::index::IndexLocation::Sqlite(c.index_path())
+        );
+        let mut c: Config = Config::from_toml(
+            r#"
+            index_backend = "postgres"
+            index_url = "postgres://recorder@db.example/recordings"
+            site = "blue"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.index_location(),
+            crate::index::IndexLocation::Postgres(
+                "postgres://recorder@db.example/recordings".into()
+            )
+        );
+        assert_eq!(c.site_name(), "blue");
+        c.interfaces = vec!["eth0".into()];
+        c.media_address = valid().media_address;
+        c.validate().unwrap();
+        c.index_url = None;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "index_url",
+                ..
+            })
+        ));
+        assert!(Config::from_toml("index_backend = \"mysql\"")
+            .unwrap_err()
+            .contains("index_backend"));
+    }
 }

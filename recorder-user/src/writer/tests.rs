@@ -1141,6 +1141,30 @@ fn recordings_of_one_call_uuid_are_linked_and_a_reused_call_id_is_not() {
     // An unrelated session reusing the first one's Call-ID.
     h.event(with("unrelated", 20, "U2", "same@sbc"));
     h.event(with("third", 30, "U1", "c@sbc"));
+    // The CallUUID of this one only arrives with metadata in a re-INVITE: linked then.
+    let mut late = with("late", 40, "U1", "d@sbc");
+    if let SessionEvent::Started { ids, .. } = &mut late {
+        ids.call_uuid = None;
+    }
+    h.event(late);
+    h.sync();
+    assert_eq!(
+        RecordingMetadata::read(&spool.join("late"))
+            .unwrap()
+            .interaction,
+        None
+    );
+    h.event(SessionEvent::ParticipantsChanged {
+        id: "late".into(),
+        at: t0() + Duration::from_secs(41),
+        participants: vec![],
+        metadata: None,
+        ids: CallIds {
+            sip_call_id: "d@sbc".into(),
+            call_uuid: Some("U1".into()),
+            ..Default::default()
+        },
+    });
     h.sync();
     let meta = |id: &str| RecordingMetadata::read(&spool.join(id)).unwrap();
     assert_eq!(meta("first").interaction, None, "the first links nothing");
@@ -1150,6 +1174,8 @@ fn recordings_of_one_call_uuid_are_linked_and_a_reused_call_id_is_not() {
     assert_eq!(meta("third").previous.as_deref(), Some("second"));
     assert_eq!(meta("unrelated").interaction, None);
     assert_eq!(meta("unrelated").previous, None);
+    assert_eq!(meta("late").interaction.as_deref(), Some("first"));
+    assert_eq!(meta("late").previous.as_deref(), Some("third"));
     let mut index = crate::index::Index::open(&dir.path().join("index.db"), &spool).unwrap();
     let rows = index.by_call_uuid("U1").unwrap();
     let links: Vec<(&str, Option<&str>, Option<&str>)> = rows
@@ -1168,6 +1194,7 @@ fn recordings_of_one_call_uuid_are_linked_and_a_reused_call_id_is_not() {
             ("first", None, None),
             ("second", Some("first"), Some("first")),
             ("third", Some("first"), Some("second")),
+            ("late", Some("first"), Some("third")),
         ]
     );
     assert_eq!(index.by_call_uuid("U2").unwrap().len(), 1);
