@@ -493,6 +493,107 @@ fn customer_side_recording_continues_across_a_transfer() {
     }
 }
 
+/// A re-INVITE may change only the metadata (the agent changes, the Media Server keeps the
+/// stream: same port and SSRC) or only the media (new source port and SSRC, no metadata body).
+/// Each keeps the one recording and changes only what it carries.
+#[test]
+fn reinvite_with_only_metadata_then_only_media() {
+    let site = Site::start("mdmd", Vec::new());
+    let call_uuid = uuid("MDMD");
+    let mut client = site.client();
+    let ports = invite(&site, &mut client, &call_uuid, &agent(2), &now_text(), &[]);
+    let (_, first) = site.daemon.metadata_for(&client.call_id, false);
+    let mut d1 = site.rtp(site.pair.sender_v4, 0, 0x5101, ports[0]);
+    let mut agent_leg = site.rtp(site.pair.sender_v4, 0, 0x5102, ports[1]);
+    let start = Instant::now();
+    paced(
+        start,
+        0,
+        15,
+        &mut [(&mut d1, D1_TONE), (&mut agent_leg, D2_TONE)],
+    );
+
+    // Metadata only: the same SDP (new version), D2 leaves and D3 joins on the same stream.
+    let t1 = now_text();
+    let same = [stream("1", 31000, None), stream("2", 31002, None)];
+    let sdp = offer_sdp(IpAddr::V4(site.pair.sender_v4), 2, &same);
+    let xml = metadata_transfer_xml("p-d2", &agent(3), &t1);
+    let (ctype, body) = siprec_body(&sdp, Some(&xml));
+    let r = client.invite(Some((&ctype, &body)), &[]);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.answer_ports(), ports);
+    paced(
+        start,
+        15,
+        15,
+        &mut [(&mut d1, D1_TONE), (&mut agent_leg, D3_TONE)],
+    );
+
+    // Media only: the agent stream moves to a new port and SSRC; no metadata body.
+    let sdp = offer_sdp(
+        IpAddr::V4(site.pair.sender_v4),
+        3,
+        &[stream("1", 31000, None), stream("2", 31030, None)],
+    );
+    let r = client.invite(Some(("application/sdp", sdp.as_bytes())), &[]);
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.answer_ports(), ports);
+    let mut moved = site.rtp(site.pair.sender_v4, 31030, 0x5103, ports[1]);
+    paced(
+        start,
+        30,
+        15,
+        &mut [(&mut d1, D1_TONE), (&mut moved, D3_TONE)],
+    );
+    assert_eq!(client.bye(&[]).status, 200);
+
+    let (dir, meta) = site.daemon.metadata_for(&client.call_id, true);
+    assert_eq!(meta["id"], first["id"]);
+    assert_eq!(site.daemon.recordings().len(), 1);
+    // Media: nothing lost, the SSRC changed once (at the media-only re-INVITE).
+    let agent_stream = stream_meta(&meta, "2");
+    assert_eq!(agent_stream["packets"], 45);
+    assert_eq!(agent_stream["lost"], 0);
+    let ssrcs: Vec<(u64, u64)> = agent_stream["ssrcs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["ssrc"].as_u64().unwrap(), s["packets"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ssrcs, vec![(0x5102, 30), (0x5103, 15)]);
+    assert_eq!(
+        tshark_count(&dir.join("recording.pcap"), None),
+        (d1.sent + agent_leg.sent + moved.sent) as usize
+    );
+    // Metadata: one change (D2 -> D3 at t1), untouched by the media-only re-INVITE.
+    assert_eq!(
+        meta["metadata_versions"].as_array().unwrap().len(),
+        2,
+        "initial + the metadata re-INVITE: {}",
+        meta["metadata_versions"]
+    );
+    let d2_meta = participant(&meta, "sip:7002@cc.example");
+    let d3_meta = participant(&meta, "sip:7003@cc.example");
+    assert_eq!(
+        time_of(&d2_meta["left_at"]),
+        time_of(&Value::from(t1.clone()))
+    );
+    assert_eq!(time_of(&d3_meta["joined_at"]), time_of(&Value::from(t1)));
+    assert!(d3_meta["left_at"].is_null());
+    // WAV: D2's voice then D3's on the agent channel, through both re-INVITEs.
+    let wav = read_wav(&dir.join("recording.wav"));
+    let tones = [D1_TONE, D2_TONE, D3_TONE];
+    let agent_runs = runs(&classify(wav_channel(&wav, &meta, "2"), wav.rate, &tones));
+    let order: Vec<usize> = agent_runs.iter().filter_map(|r| r.0).collect();
+    assert_eq!(order, vec![1, 2], "{agent_runs:?}");
+    let d3_windows: usize = agent_runs
+        .iter()
+        .filter(|r| r.0 == Some(2))
+        .map(|r| r.1)
+        .sum();
+    assert!((29..=31).contains(&d3_windows), "{agent_runs:?}");
+}
+
 /// Row 2 of the table, termination side: the recording of agent D2 ends with BYE at the transfer
 /// (its `Reason` kept); the recording of D3 is a separate one with the same CallUUID.
 #[test]
