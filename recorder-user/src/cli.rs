@@ -101,13 +101,17 @@ fn timeline(this: &Value, rows: &[Value]) -> String {
             reason(r),
         );
         for p in r["participants"].as_array().into_iter().flatten() {
+            // No leave time: on the call until this recording ended.
+            let left = match &p["left_at"] {
+                Value::Null => "at the end".to_string(),
+                v => s(v),
+            };
             let _ = writeln!(
                 out,
-                "       {} <{}> joined {} left {}",
+                "       {} <{}> joined {} left {left}",
                 s(&p["name"]),
                 s(&p["aor"]),
                 s(&p["joined_at"]),
-                s(&p["left_at"])
             );
         }
         last_end = match (last_end, time(&r["ended_at"])) {
@@ -286,6 +290,48 @@ pub fn render(request: &Request, data: &Value) -> String {
                 out.push_str(&timeline(&data["id"], rows));
             }
             out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn show_prints_the_interaction_timeline_with_sites_reasons_and_gaps() {
+        let row = |id: &str, host: &str, from: &str, to: &str, detail: Option<&str>, who: &str| {
+            json!({
+                "id": id, "call_uuid": "U", "host": host, "started_at": from, "ended_at": to,
+                "end_reason": "bye", "end_detail": detail,
+                "participants": [{"name": who, "aor": "sip:a@x", "joined_at": from, "left_at": null}],
+            })
+        };
+        let data = json!({
+            "id": "r2", "call_uuid": "U", "state": "complete",
+            "timeline": [
+                row("r1", "blue", "2026-11-24T10:00:00Z", "2026-11-24T10:01:00Z",
+                    Some("SIP;cause=200;text=\"REFER\""), "Agent D2"),
+                row("r2", "purple", "2026-11-24T10:01:12.5Z", "2026-11-24T10:03:00Z", None, "Agent D3"),
+            ],
+        });
+        let text = render(&Request::Show { id: "r2".into() }, &data);
+        let expect = [
+            "interaction U: 2 recording(s)",
+            "1. r1  site blue  2026-11-24T10:00:00Z .. 2026-11-24T10:01:00Z  ended: bye (SIP;cause=200;text=\"REFER\")",
+            "Agent D2 <sip:a@x> joined 2026-11-24T10:00:00Z left at the end",
+            "gap 12.5 s (not recorded)",
+            "2. r2 (this)  site purple",
+            "Agent D3 <sip:a@x>",
+        ];
+        let mut at = 0;
+        for line in expect {
+            let found = text[at..]
+                .find(line)
+                .unwrap_or_else(|| panic!("{line:?} after offset {at} in:\n{text}"));
+            at += found + line.len();
         }
     }
 }
