@@ -71,16 +71,38 @@ impl Postgres {
             &pg.bin.join("initdb"),
             &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync"],
         );
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses='' -c fsync=off",
-            pg.dir.display()
-        );
-        let log = pg.dir.join("server.log").display().to_string();
-        as_postgres(
-            &pg.bin.join("pg_ctl"),
-            &["-D", &data, "-o", &options, "-l", &log, "-w", "start"],
-        );
+        pg.pg_ctl("start");
         pg
+    }
+
+    /// `pg_ctl start` or `restart` (fast shutdown: open connections are closed) with our options.
+    fn pg_ctl(&self, action: &str) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses='' -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log").display().to_string();
+        as_postgres(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log,
+                "-m",
+                "fast",
+                "-w",
+                action,
+            ],
+        );
+    }
+
+    /// Restarts the server: every client connection is closed.
+    pub fn restart(&self) {
+        self.pg_ctl("restart");
     }
 
     fn data(&self) -> String {

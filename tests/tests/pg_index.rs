@@ -186,3 +186,26 @@ fn hosts_share_one_postgres_index() {
     assert_eq!(blue.rebuild().unwrap(), 2);
     assert_eq!(ids(&blue.by_call_uuid("U").unwrap()), ["b1", "b2", "p1"]);
 }
+
+/// A server restart closes the connection; the index reconnects (the request that finds the
+/// connection closed may fail, the next ones work), and a later upsert of a recording repairs
+/// what was missed.
+#[test]
+fn index_reconnects_after_a_server_restart() {
+    let pg = Postgres::start();
+    let location = IndexLocation::Postgres(pg.url());
+    let spool = spool("pgr");
+    let mut index = Index::open_location(&location, &spool, "blue").unwrap();
+    index
+        .upsert_from_metadata(&meta("r1", "U", "blue", 0, None, "sip:a@x"))
+        .unwrap();
+    pg.restart();
+    let finished = meta("r1", "U", "blue", 0, Some(10), "sip:a@x");
+    let first = index.upsert_from_metadata(&finished);
+    if first.is_err() {
+        index.upsert_from_metadata(&finished).unwrap();
+    }
+    let rows = index.by_call_uuid("U").unwrap();
+    assert_eq!(ids(&rows), ["r1"]);
+    assert_eq!(rows[0].state, "complete");
+}

@@ -60,6 +60,7 @@ const SELECT: &str = "SELECT id, sip_call_id, call_uuid, connection_id, started_
 
 pub struct PgIndex {
     client: Client,
+    url: String,
     spool: PathBuf,
     host: String,
 }
@@ -70,11 +71,23 @@ impl PgIndex {
         let client = Client::connect(url, NoTls)?;
         let mut index = Self {
             client,
+            url: url.to_string(),
             spool: spool.to_path_buf(),
             host: host.to_string(),
         };
         index.migrate()?;
         Ok(index)
+    }
+
+    /// Reconnects when the server closed the connection (restart, failover); the request that
+    /// found it closed failed, the next ones work again. Rows are whole-recording upserts, so
+    /// the next update of a recording repairs what an outage missed.
+    fn reconnect_if_closed(&mut self) -> Result<(), IndexError> {
+        if self.client.is_closed() {
+            info!("index connection closed; reconnecting");
+            self.client = Client::connect(&self.url, NoTls)?;
+        }
+        Ok(())
     }
 
     fn migrate(&mut self) -> Result<(), IndexError> {
@@ -107,6 +120,7 @@ impl PgIndex {
         filter: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
     ) -> Result<Vec<IndexedRecording>, IndexError> {
+        self.reconnect_if_closed()?;
         let sql = format!("{SELECT} {filter}");
         let rows = self.client.query(&sql, params)?;
         rows.iter()
@@ -215,6 +229,7 @@ fn row_to(r: &Row) -> IndexedRecording {
 
 impl IndexStore for PgIndex {
     fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError> {
+        self.reconnect_if_closed()?;
         let path = self.spool.join(&m.id);
         let mut tx = self.client.transaction()?;
         upsert(&mut tx, m, &path)?;
@@ -223,6 +238,7 @@ impl IndexStore for PgIndex {
     }
 
     fn remove(&mut self, id: &str) -> Result<(), IndexError> {
+        self.reconnect_if_closed()?;
         self.client
             .execute("DELETE FROM recordings WHERE id = $1", &[&id])?;
         Ok(())
@@ -231,6 +247,7 @@ impl IndexStore for PgIndex {
     /// A shared index is never emptied: this host's recordings are upserted, other hosts' rows
     /// are left alone.
     fn rebuild(&mut self) -> Result<usize, IndexError> {
+        self.reconnect_if_closed()?;
         let metas = spool_metadata(&self.spool)?;
         let mut tx = self.client.transaction()?;
         for (dir, m) in &metas {
@@ -242,6 +259,7 @@ impl IndexStore for PgIndex {
     }
 
     fn refill_if_empty(&mut self) -> Result<(), IndexError> {
+        self.reconnect_if_closed()?;
         let mine: i64 = self
             .client
             .query_one(
@@ -256,6 +274,7 @@ impl IndexStore for PgIndex {
     }
 
     fn refresh_active(&mut self) -> Result<usize, IndexError> {
+        self.reconnect_if_closed()?;
         let ids: Vec<String> = self
             .client
             .query(
