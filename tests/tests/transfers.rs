@@ -384,11 +384,11 @@ fn customer_side_recording_continues_across_a_transfer() {
     let reinvite = client.invite(Some((&ctype, &body)), &[]);
     assert_eq!(reinvite.status, 200, "{}", reinvite.raw);
     assert_eq!(reinvite.answer_ports(), ports, "our ports stay the same");
-    assert!(
-        start.elapsed() < Duration::from_millis(50 * 20 + 20),
-        "the re-INVITE took longer than one packet time ({:?}): the gap check would be moot",
-        start.elapsed() - Duration::from_millis(50 * 20)
-    );
+    // D3's first packet is due at slot 50; when the re-INVITE ends later than that (a loaded
+    // machine), the sender itself is silent that long, and the WAV must show no more than that.
+    let sender_late = start
+        .elapsed()
+        .saturating_sub(Duration::from_millis(50 * 20));
     paced(start, 50, 50, &mut [(&mut d1, D1_TONE), (&mut d3, D3_TONE)]);
     assert_eq!(
         client
@@ -468,9 +468,11 @@ fn customer_side_recording_continues_across_a_transfer() {
     let from = windows.iter().position(|w| *w == Some(1)).unwrap() * PACKET_FRAMES;
     let to = (windows.iter().rposition(|w| *w == Some(2)).unwrap() + 1) * PACKET_FRAMES;
     let gap = longest_zero_run(&agent[from..to.min(agent.len())]);
+    let allowed = PACKET_FRAMES + (sender_late.as_micros() as usize * 8 / 1000);
     assert!(
-        gap <= PACKET_FRAMES,
-        "{gap} silent frames at the switch (one packet is {PACKET_FRAMES}): {agent_runs:?}"
+        gap <= allowed,
+        "{gap} silent frames at the switch (one packet is {PACKET_FRAMES}, the sender was \
+         {sender_late:?} late): {agent_runs:?}"
     );
     let d2_windows = agent_runs.iter().find(|r| r.0 == Some(1)).unwrap().1;
     let d3_windows = agent_runs.iter().find(|r| r.0 == Some(2)).unwrap().1;
@@ -584,7 +586,10 @@ fn reinvite_with_only_metadata_then_only_media() {
     let wav = read_wav(&dir.join("recording.wav"));
     let tones = [D1_TONE, D2_TONE, D3_TONE];
     let agent_runs = runs(&classify(wav_channel(&wav, &meta, "2"), wav.rate, &tones));
-    let order: Vec<usize> = agent_runs.iter().filter_map(|r| r.0).collect();
+    // The test pauses its own sending during each re-INVITE (signaling before media), so a
+    // silent window may split D3's run under load; the voices' order is what counts here.
+    let mut order: Vec<usize> = agent_runs.iter().filter_map(|r| r.0).collect();
+    order.dedup();
     assert_eq!(order, vec![1, 2], "{agent_runs:?}");
     let d3_windows: usize = agent_runs
         .iter()
@@ -896,7 +901,8 @@ fn two_sites_transfer_by_reinvite_stays_one_recording_at_blue() {
     let wav = read_wav(&dir.join("recording.wav"));
     let tones = [D1_TONE, D2_TONE, D3_TONE];
     let agent_runs = runs(&classify(wav_channel(&wav, &meta, "2"), wav.rate, &tones));
-    let order: Vec<usize> = agent_runs.iter().filter_map(|r| r.0).collect();
+    let mut order: Vec<usize> = agent_runs.iter().filter_map(|r| r.0).collect();
+    order.dedup();
     assert_eq!(order, vec![1, 2], "{agent_runs:?}");
 
     let rows = sites.rows(&call_uuid);
