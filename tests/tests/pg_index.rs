@@ -68,10 +68,28 @@ fn ids(v: &[IndexedRecording]) -> Vec<&str> {
     v.iter().map(|r| r.id.as_str()).collect()
 }
 
-fn spool(tag: &str) -> PathBuf {
+/// A spool in a scratch directory, deleted on drop.
+struct Spool(PathBuf);
+
+impl std::ops::Deref for Spool {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(parent);
+        }
+    }
+}
+
+fn spool(tag: &str) -> Spool {
     let dir = scratch_dir(tag).join("spool");
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Spool(dir)
 }
 
 fn write(spool: &Path, m: &RecordingMetadata) {
