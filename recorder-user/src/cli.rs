@@ -58,6 +58,70 @@ fn participants(v: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// `bye (Reason header)`: why a recording ended, with the detail that came with it.
+fn reason(r: &Value) -> String {
+    match r["end_detail"].as_str() {
+        Some(d) => format!("{} ({d})", s(&r["end_reason"])),
+        None => s(&r["end_reason"]),
+    }
+}
+
+fn time(v: &Value) -> Option<std::time::SystemTime> {
+    crate::writer::metadata::parse_rfc3339(v.as_str()?)
+}
+
+/// The interaction: every recording of the CallUUID in start order, with site, who was on
+/// the call when, why each ended, and the gaps between recordings.
+fn timeline(this: &Value, rows: &[Value]) -> String {
+    let mut out = String::new();
+    let uuid = rows.first().map(|r| s(&r["call_uuid"])).unwrap_or_default();
+    let _ = writeln!(out, "\ninteraction {uuid}: {} recording(s)", rows.len());
+    let mut last_end: Option<std::time::SystemTime> = None;
+    for (n, r) in rows.iter().enumerate() {
+        let start = time(&r["started_at"]);
+        if let (Some(end), Some(start)) = (last_end, start) {
+            match start.duration_since(end) {
+                Ok(gap) => {
+                    let _ = writeln!(out, "  gap {:.1} s (not recorded)", gap.as_secs_f64());
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "  overlap {:.1} s", e.duration().as_secs_f64());
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "  {}. {}{}  site {}  {} .. {}  ended: {}",
+            n + 1,
+            s(&r["id"]),
+            if &r["id"] == this { " (this)" } else { "" },
+            s(&r["host"]),
+            s(&r["started_at"]),
+            s(&r["ended_at"]),
+            reason(r),
+        );
+        for p in r["participants"].as_array().into_iter().flatten() {
+            // No leave time: on the call until this recording ended.
+            let left = match &p["left_at"] {
+                Value::Null => "at the end".to_string(),
+                v => s(v),
+            };
+            let _ = writeln!(
+                out,
+                "       {} <{}> joined {} left {left}",
+                s(&p["name"]),
+                s(&p["aor"]),
+                s(&p["joined_at"]),
+            );
+        }
+        last_end = match (last_end, time(&r["ended_at"])) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (_, b) => b,
+        };
+    }
+    out
+}
+
 /// Renders the data of a successful answer to `request`.
 pub fn render(request: &Request, data: &Value) -> String {
     match request {
@@ -172,9 +236,10 @@ pub fn render(request: &Request, data: &Value) -> String {
                         s(&r["started_at"]),
                         s(&r["ended_at"]),
                         s(&r["state"]),
-                        s(&r["end_reason"]),
+                        reason(r),
                         s(&r["host"]),
                         participants(&r["participants"]),
+                        s(&r["previous"]),
                     ]
                 })
                 .collect();
@@ -186,8 +251,9 @@ pub fn render(request: &Request, data: &Value) -> String {
                     "ENDED",
                     "STATE",
                     "REASON",
-                    "HOST",
+                    "SITE",
                     "PARTICIPANTS",
+                    "PREVIOUS",
                 ],
                 &rows,
             )
@@ -215,6 +281,14 @@ pub fn render(request: &Request, data: &Value) -> String {
                     s(&p["left_at"])
                 );
             }
+            if let Some(detail) = data["end_detail"].as_str() {
+                let _ = writeln!(out, "{:<12} {detail}", "end_detail");
+            }
+            for key in ["host", "interaction", "previous"] {
+                if !data[key].is_null() {
+                    let _ = writeln!(out, "{key:<12} {}", s(&data[key]));
+                }
+            }
             for st in data["streams"].as_array().into_iter().flatten() {
                 let _ = writeln!(
                     out,
@@ -226,7 +300,52 @@ pub fn render(request: &Request, data: &Value) -> String {
                     s(&st["lost"])
                 );
             }
+            if let Some(rows) = data["timeline"].as_array() {
+                out.push_str(&timeline(&data["id"], rows));
+            }
             out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn show_prints_the_interaction_timeline_with_sites_reasons_and_gaps() {
+        let row = |id: &str, host: &str, from: &str, to: &str, detail: Option<&str>, who: &str| {
+            json!({
+                "id": id, "call_uuid": "U", "host": host, "started_at": from, "ended_at": to,
+                "end_reason": "bye", "end_detail": detail,
+                "participants": [{"name": who, "aor": "sip:a@x", "joined_at": from, "left_at": null}],
+            })
+        };
+        let data = json!({
+            "id": "r2", "call_uuid": "U", "state": "complete",
+            "timeline": [
+                row("r1", "blue", "2026-11-24T10:00:00Z", "2026-11-24T10:01:00Z",
+                    Some("SIP;cause=200;text=\"REFER\""), "Agent D2"),
+                row("r2", "purple", "2026-11-24T10:01:12.5Z", "2026-11-24T10:03:00Z", None, "Agent D3"),
+            ],
+        });
+        let text = render(&Request::Show { id: "r2".into() }, &data);
+        let expect = [
+            "interaction U: 2 recording(s)",
+            "1. r1  site blue  2026-11-24T10:00:00Z .. 2026-11-24T10:01:00Z  ended: bye (SIP;cause=200;text=\"REFER\")",
+            "Agent D2 <sip:a@x> joined 2026-11-24T10:00:00Z left at the end",
+            "gap 12.5 s (not recorded)",
+            "2. r2 (this)  site purple",
+            "Agent D3 <sip:a@x>",
+        ];
+        let mut at = 0;
+        for line in expect {
+            let found = text[at..]
+                .find(line)
+                .unwrap_or_else(|| panic!("{line:?} after offset {at} in:\n{text}"));
+            at += found + line.len();
         }
     }
 }

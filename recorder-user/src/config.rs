@@ -140,6 +140,17 @@ impl From<Cidr> for String {
     }
 }
 
+/// Which index backend the recorder uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexBackend {
+    /// An SQLite file on this host (`index`).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by several recorders (`index_url`).
+    Postgres,
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -175,6 +186,13 @@ pub struct Config {
     pub spool: PathBuf,
     /// SQLite index (default `<spool>/index.sqlite`).
     pub index: Option<PathBuf>,
+    /// `sqlite` (this host only) or `postgres` (shared by several hosts or sites).
+    pub index_backend: IndexBackend,
+    /// PostgreSQL connection string for `index_backend = "postgres"`
+    /// (`postgres://user@host:port/db`, or `host=/run/postgresql user=recorder`).
+    pub index_url: Option<String>,
+    /// Site (host) name written in metadata and the index (default: the host name).
+    pub site: Option<String>,
     /// Bytes per CPU ring buffer.
     pub ring_bytes: u32,
     /// Bytes of each frame captured at most.
@@ -235,6 +253,9 @@ impl Default for Config {
             port_cooldown_secs: 10,
             spool: PathBuf::from("/var/spool/recorder"),
             index: None,
+            index_backend: IndexBackend::Sqlite,
+            index_url: None,
+            site: None,
             ring_bytes: 8 << 20,
             snaplen: recorder_ebpf::abi::DEFAULT_SNAPLEN,
             max_flows: recorder_ebpf::abi::DEFAULT_MAX_FLOWS,
@@ -333,6 +354,12 @@ impl Config {
                 "must be a power of two of at least 4096",
             ));
         }
+        if self.index_backend == IndexBackend::Postgres && self.index_url.is_none() {
+            return Err(invalid(
+                "index_url",
+                "is required with index_backend = \"postgres\"",
+            ));
+        }
         if self.max_sessions == 0 {
             return Err(invalid("max_sessions", "must be at least 1"));
         }
@@ -353,6 +380,21 @@ impl Config {
         self.index
             .clone()
             .unwrap_or_else(|| self.spool.join("index.sqlite"))
+    }
+
+    /// Where the index is, per `index_backend`.
+    pub fn index_location(&self) -> crate::index::IndexLocation {
+        match (self.index_backend, &self.index_url) {
+            (IndexBackend::Postgres, Some(url)) => {
+                crate::index::IndexLocation::Postgres(url.clone())
+            }
+            _ => crate::index::IndexLocation::Sqlite(self.index_path()),
+        }
+    }
+
+    /// The site (host) name recordings are attributed to.
+    pub fn site_name(&self) -> String {
+        self.site.clone().unwrap_or_else(crate::writer::hostname)
     }
 
     pub fn idle_timeout(&self) -> Duration {
@@ -489,5 +531,44 @@ mod tests {
                 "packaging/recorder.toml does not document `{key}`"
             );
         }
+    }
+
+    #[test]
+    fn index_backend_and_site() {
+        // Default: the SQLite file in the spool.
+        let c = valid();
+        assert_eq!(
+            c.index_location(),
+            crate::index::IndexLocation::Sqlite(c.index_path())
+        );
+        let mut c: Config = Config::from_toml(
+            r#"
+            index_backend = "postgres"
+            index_url = "postgres://recorder@db.example/recordings"
+            site = "blue"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.index_location(),
+            crate::index::IndexLocation::Postgres(
+                "postgres://recorder@db.example/recordings".into()
+            )
+        );
+        assert_eq!(c.site_name(), "blue");
+        c.interfaces = vec!["eth0".into()];
+        c.media_address = valid().media_address;
+        c.validate().unwrap();
+        c.index_url = None;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                key: "index_url",
+                ..
+            })
+        ));
+        assert!(Config::from_toml("index_backend = \"mysql\"")
+            .unwrap_err()
+            .contains("index_backend"));
     }
 }

@@ -175,6 +175,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 
     let mut writer_config = WriterConfig::new(config.spool.clone());
     writer_config.index = Some(config.index_path());
+    if let crate::index::IndexLocation::Postgres(url) = config.index_location() {
+        writer_config.index_url = Some(url);
+    }
+    writer_config.host = config.site_name();
     writer_config.min_free_bytes = config.min_free_bytes;
     writer_config.media_floor_bytes = config.min_free_bytes / 4;
     writer_config.retention_max_age = config

@@ -7,7 +7,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use recorder::{
-    config::{Cidr, Config, LogFormat, PortRange},
+    config::{Cidr, Config, IndexBackend, LogFormat, PortRange},
     control::{self, ControlError, Request},
 };
 
@@ -106,6 +106,15 @@ struct RunArgs {
     /// SQLite index path.
     #[arg(long)]
     index: Option<PathBuf>,
+    /// Index backend: sqlite (this host) or postgres (shared by several hosts or sites).
+    #[arg(long, value_enum)]
+    index_backend: Option<IndexBackend>,
+    /// PostgreSQL connection string (with --index-backend postgres).
+    #[arg(long)]
+    index_url: Option<String>,
+    /// Site (host) name recorded in metadata and the index.
+    #[arg(long)]
+    site: Option<String>,
     /// Client networks allowed to open sessions (repeat; default all).
     #[arg(long)]
     acl: Vec<Cidr>,
@@ -182,6 +191,15 @@ impl RunArgs {
         }
         if self.index.is_some() {
             c.index = self.index;
+        }
+        if let Some(backend) = self.index_backend {
+            c.index_backend = backend;
+        }
+        if self.index_url.is_some() {
+            c.index_url = self.index_url;
+        }
+        if self.site.is_some() {
+            c.site = self.site;
         }
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;

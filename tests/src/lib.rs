@@ -3,6 +3,7 @@ pub mod client;
 pub mod daemon;
 pub mod net;
 pub mod packets;
+pub mod postgres;
 pub mod rtp;
 
 use std::path::PathBuf;

@@ -32,6 +32,8 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "procps",
     "util-linux",
+    // A real PostgreSQL server for the shared-index tests (initdb + pg_ctl in a temp dir).
+    "postgresql",
 ];
 
 pub fn setup() -> Result<()> {

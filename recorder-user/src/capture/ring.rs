@@ -147,9 +147,10 @@ impl RingConsumer {
                     std::future::pending().await
                 }
             };
-            // Biased, events first: a `Started` waiting here reaches the writer before the
-            // packets of its flows (else, on a busy host, a call's first packets would be
-            // drained before the writer knows their flow and counted as `unknown_flow`).
+            // Biased: a pending event goes before a pending drain. Signaling queues Started
+            // (which routes the new flows) before its 200 OK leaves, so the first RTP packets
+            // can only be in the ring after the event is queued; draining them first (random
+            // branch order, likely under load) dropped them as packets of an unknown flow.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,

@@ -23,7 +23,7 @@ use crate::{
     config::Config,
     daemon::{query, DaemonRecorder, DriverCommand},
     flow::FlowAction,
-    index::Index,
+    index::{Index, IndexedRecording},
     writer::WriterHandle,
 };
 
@@ -185,7 +185,7 @@ async fn handle(state: &ControlState, request: Request) -> Response {
             aor,
             since,
         } => recordings(state, call_uuid, aor, since).await,
-        Request::Show { id } => show(state, &id),
+        Request::Show { id } => show(state, id).await,
     }
 }
 
@@ -321,10 +321,12 @@ async fn recordings(
         Ok(t) => t,
         Err(e) => return Response::error(e),
     };
-    let db = state.config.index_path();
+    let location = state.config.index_location();
     let spool = state.config.spool.clone();
+    let host = state.config.site_name();
     let result = tokio::task::spawn_blocking(move || {
-        let index = Index::open(&db, &spool).map_err(|e| e.to_string())?;
+        let mut index =
+            Index::open_location(&location, &spool, &host).map_err(|e| e.to_string())?;
         let mut rows = if let Some(uuid) = &call_uuid {
             index.by_call_uuid(uuid)
         } else if let Some(aor) = &aor {
@@ -339,25 +341,7 @@ async fn recordings(
         if let Some(since) = since {
             rows.retain(|r| r.ended_at.is_none_or(|end| end >= since));
         }
-        Ok::<_, String>(
-            rows.into_iter()
-                .map(|r| {
-                    json!({
-                        "id": r.id,
-                        "sip_call_id": r.sip_call_id,
-                        "call_uuid": r.call_uuid,
-                        "connection_id": r.connection_id,
-                        "participants": r.participants.iter().map(|p| json!({"name": p.name, "aor": p.aor})).collect::<Vec<_>>(),
-                        "started_at": rfc3339(r.started_at),
-                        "ended_at": r.ended_at.map(rfc3339),
-                        "state": r.state,
-                        "end_reason": r.end_reason,
-                        "path": r.path.display().to_string(),
-                        "host": r.host,
-                    })
-                })
-                .collect::<Vec<_>>(),
-        )
+        Ok::<_, String>(rows.iter().map(row_json).collect::<Vec<_>>())
     })
     .await;
     match result {
@@ -373,16 +357,71 @@ fn parse_time(s: &str) -> Result<SystemTime, String> {
         .map_err(|e| format!("bad time {s:?} (want RFC 3339): {e}"))
 }
 
-fn show(state: &ControlState, id: &str) -> Response {
+/// One index row as the API shows it.
+fn row_json(r: &IndexedRecording) -> Value {
+    json!({
+        "id": r.id,
+        "sip_call_id": r.sip_call_id,
+        "call_uuid": r.call_uuid,
+        "connection_id": r.connection_id,
+        "participants": r.participants.iter().map(|p| json!({
+            "name": p.name,
+            "aor": p.aor,
+            "joined_at": p.joined_at,
+            "left_at": p.left_at,
+        })).collect::<Vec<_>>(),
+        "started_at": rfc3339(r.started_at),
+        "ended_at": r.ended_at.map(rfc3339),
+        "state": r.state,
+        "end_reason": r.end_reason,
+        "end_detail": r.end_detail,
+        "path": r.path.display().to_string(),
+        "host": r.host,
+        "interaction": r.interaction,
+        "previous": r.previous,
+    })
+}
+
+/// One recording: its `metadata.json` when it is in this host's spool, else its index row (a
+/// recording of another site in a shared index); plus `timeline`, every recording of its
+/// CallUUID in start order (the interaction across transfers and sites).
+async fn show(state: &ControlState, id: String) -> Response {
     if id.is_empty() || id.contains('/') || id.contains("..") {
         return Response::error(format!("bad recording id {id:?}"));
     }
-    let path: PathBuf = state.config.spool.join(id).join("metadata.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => match serde_json::from_str(&text) {
-            Ok(v) => Response::ok(v),
-            Err(e) => Response::error(format!("{}: {e}", path.display())),
-        },
-        Err(_) => Response::error(format!("no recording {id}")),
+    let path: PathBuf = state.config.spool.join(&id).join("metadata.json");
+    let location = state.config.index_location();
+    let spool = state.config.spool.clone();
+    let host = state.config.site_name();
+    let result = tokio::task::spawn_blocking(move || {
+        let local: Option<Value> = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                Some(serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+            }
+            Err(_) => None,
+        };
+        // The index is optional for a local recording: show it even if the index is down.
+        let mut index = Index::open_location(&location, &spool, &host);
+        let mut data = match (local, index.as_mut()) {
+            (Some(v), _) => v,
+            (None, Ok(index)) => match index.get(&id).map_err(|e| format!("index: {e}"))? {
+                Some(row) => row_json(&row),
+                None => return Err(format!("no recording {id}")),
+            },
+            (None, Err(e)) => return Err(format!("no recording {id} (index: {e})")),
+        };
+        if let (Some(uuid), Ok(index)) = (data["call_uuid"].as_str(), index.as_mut()) {
+            let rows = index
+                .by_call_uuid(uuid)
+                .map_err(|e| format!("index: {e}"))?;
+            data["timeline"] = Value::Array(rows.iter().map(row_json).collect());
+        }
+        Ok::<_, String>(data)
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) => Response::ok(v),
+        Ok(Err(e)) => Response::error(e),
+        Err(e) => Response::error(format!("show failed: {e}")),
     }
 }

@@ -1,54 +1,32 @@
-//! The SQLite index of recordings (rusqlite, bundled SQLite).
+//! The index of recordings: an embedded SQLite file (one host) or a PostgreSQL database (several
+//! hosts or sites share one index).
 //!
 //! The spool's `metadata.json` files are the source of truth; the index is a cache for queries
 //! (by CallUUID across transfers and sites, by participant, by time). It is updated by the writer
-//! thread from the metadata it writes (one-way: events -> writer -> files -> index) and rebuilt
-//! from the spool when the database is missing or corrupt.
+//! thread from the metadata it writes (one-way: events -> writer -> files -> index) and refilled
+//! from the spool when it is missing or corrupt. Both backends implement [`IndexStore`];
+//! [`Index`] is what the writer and the control API hold.
+
+mod postgres;
+mod sqlite;
 
 use std::{
-    fs,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
-use tracing::{info, warn};
+use serde::{Deserialize, Serialize};
 
-use crate::writer::metadata::{parse_rfc3339, RecordingMetadata};
-
-/// Schema migrations, applied in order; `PRAGMA user_version` = number applied.
-const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE recordings (
-    id            TEXT PRIMARY KEY,
-    sip_call_id   TEXT NOT NULL,
-    call_uuid     TEXT,
-    connection_id TEXT,
-    started_ms    INTEGER NOT NULL,
-    ended_ms      INTEGER,
-    started_at    TEXT NOT NULL,
-    ended_at      TEXT,
-    state         TEXT NOT NULL,
-    end_reason    TEXT,
-    path          TEXT NOT NULL,
-    host          TEXT NOT NULL
-);
-CREATE INDEX recordings_call_uuid ON recordings(call_uuid, started_ms);
-CREATE INDEX recordings_started ON recordings(started_ms);
-CREATE TABLE participants (
-    recording_id TEXT NOT NULL REFERENCES recordings(id) ON DELETE CASCADE,
-    name         TEXT,
-    aor          TEXT,
-    aor_key      TEXT
-);
-CREATE INDEX participants_aor ON participants(aor_key);
-CREATE INDEX participants_recording ON participants(recording_id);
-"#];
+pub use self::{postgres::PgIndex, sqlite::SqliteIndex};
+use crate::writer::metadata::RecordingMetadata;
 
 /// Errors of the index layer.
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[from] ::postgres::Error),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -64,11 +42,24 @@ pub enum IndexError {
     },
 }
 
+/// Which index to use, and where it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexLocation {
+    /// An SQLite file on this host.
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection string (`postgres://user@host:port/db` or `host=... user=...`).
+    Postgres(String),
+}
+
 /// One participant as indexed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexedParticipant {
     pub name: Option<String>,
     pub aor: Option<String>,
+    /// RFC 3339 times from the recording's metadata.
+    pub joined_at: Option<String>,
+    pub left_at: Option<String>,
 }
 
 /// One row of the index.
@@ -83,304 +74,133 @@ pub struct IndexedRecording {
     pub ended_at: Option<SystemTime>,
     pub state: String,
     pub end_reason: Option<String>,
-    /// Directory of the recording.
+    /// Free text that came with the end (BYE `Reason` header).
+    pub end_detail: Option<String>,
+    /// Directory of the recording (on `host`).
     pub path: PathBuf,
     pub host: String,
+    /// First recording of the same CallUUID, when this one continues an interaction.
+    pub interaction: Option<String>,
+    /// Latest earlier recording of the same CallUUID.
+    pub previous: Option<String>,
 }
 
-pub struct Index {
-    conn: Connection,
-    db: PathBuf,
-    spool: PathBuf,
+/// What an index backend does. Queries return rows in start order.
+pub trait IndexStore: Send {
+    /// Inserts or replaces the row (and participants) of one recording.
+    fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError>;
+    /// Removes a recording (deleted by retention).
+    fn remove(&mut self, id: &str) -> Result<(), IndexError>;
+    /// Fills the index from every `<spool>/*/metadata.json`; returns how many were indexed.
+    fn rebuild(&mut self) -> Result<usize, IndexError>;
+    /// Fills the index from the spool when it holds nothing of this host (a new shared
+    /// database); the SQLite file does this itself when it is created.
+    fn refill_if_empty(&mut self) -> Result<(), IndexError> {
+        Ok(())
+    }
+    /// Re-reads the metadata of this host's rows still `active`; returns the rows looked at.
+    fn refresh_active(&mut self) -> Result<usize, IndexError>;
+    /// Every recording of one interaction (CallUUID).
+    fn by_call_uuid(&mut self, call_uuid: &str) -> Result<Vec<IndexedRecording>, IndexError>;
+    /// Recordings with a participant of this address of record (without scheme, any case).
+    fn by_participant_aor(&mut self, aor: &str) -> Result<Vec<IndexedRecording>, IndexError>;
+    /// Recordings that overlap `[from, to)` (still active ones count as running).
+    fn by_time_range(
+        &mut self,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<Vec<IndexedRecording>, IndexError>;
+    /// One recording by id.
+    fn get(&mut self, id: &str) -> Result<Option<IndexedRecording>, IndexError>;
 }
+
+/// The index the writer and the control API use, whatever its backend.
+pub struct Index(Box<dyn IndexStore>);
 
 impl Index {
-    /// Opens (creating or migrating) the index at `db` for the recordings in `spool`. A missing
-    /// database is created and filled from the spool; a corrupt one (not a database, failing
-    /// `PRAGMA quick_check`) is moved aside to `<db>.corrupt` and rebuilt.
+    /// Opens (creating or migrating) the SQLite index at `db` for the recordings in `spool`.
     pub fn open(db: &Path, spool: &Path) -> Result<Self, IndexError> {
-        let existed = db.exists();
-        match Self::open_checked(db, spool) {
-            Ok(mut index) => {
-                if !existed {
-                    index.rebuild()?;
-                }
-                Ok(index)
-            }
-            Err(IndexError::Sqlite(e)) if is_corruption(&e) => {
-                warn!(db = %db.display(), error = %e, "index unusable; rebuilding from the spool");
-                let aside = db.with_extension("corrupt");
-                fs::rename(db, &aside).map_err(|source| IndexError::Io {
-                    op: "move aside corrupt index",
-                    path: db.to_path_buf(),
-                    source,
-                })?;
-                for ext in ["-wal", "-shm", "-journal"] {
-                    let mut p = db.as_os_str().to_owned();
-                    p.push(ext);
-                    let _ = fs::remove_file(PathBuf::from(p));
-                }
-                let mut index = Self::open_checked(db, spool)?;
-                index.rebuild()?;
-                Ok(index)
-            }
-            Err(e) => Err(e),
+        Ok(Self(Box::new(SqliteIndex::open(db, spool)?)))
+    }
+
+    /// Opens the index at `location` (creating or migrating its schema); `host` is this host's
+    /// name (a shared index only refreshes and refills the rows of its own host).
+    pub fn open_location(
+        location: &IndexLocation,
+        spool: &Path,
+        host: &str,
+    ) -> Result<Self, IndexError> {
+        match location {
+            IndexLocation::Sqlite(db) => Self::open(db, spool),
+            IndexLocation::Postgres(url) => Ok(Self(Box::new(PgIndex::connect(url, spool, host)?))),
         }
     }
 
-    fn open_checked(db: &Path, spool: &Path) -> Result<Self, IndexError> {
-        let conn = Connection::open(db)?;
-        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-        if check != "ok" {
-            return Err(IndexError::Sqlite(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-                Some(check),
-            )));
-        }
-        // WAL + synchronous=NORMAL: no corruption on power loss, at worst the last updates are
-        // lost, and the index is a cache of the spool's metadata anyway.
-        conn.execute_batch(
-            "PRAGMA foreign_keys = ON; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
-        )?;
-        let mut index = Self {
-            conn,
-            db: db.to_path_buf(),
-            spool: spool.to_path_buf(),
-        };
-        index.migrate()?;
-        Ok(index)
-    }
-
-    fn migrate(&mut self) -> Result<(), IndexError> {
-        let version: i64 = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version as usize > MIGRATIONS.len() {
-            return Err(IndexError::TooNew {
-                path: self.db.clone(),
-                found: version,
-                known: MIGRATIONS.len(),
-            });
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-            tx.commit()?;
-        }
-        Ok(())
-    }
-
-    /// Inserts or replaces the row (and participants) of one recording.
     pub fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError> {
-        let path = self.spool.join(&m.id);
-        let tx = self.conn.transaction()?;
-        upsert(&tx, m, &path)?;
-        tx.commit()?;
-        Ok(())
+        self.0.upsert_from_metadata(m)
     }
 
-    /// Removes a recording (deleted by retention).
     pub fn remove(&mut self, id: &str) -> Result<(), IndexError> {
-        self.conn
-            .execute("DELETE FROM recordings WHERE id = ?1", params![id])?;
-        Ok(())
+        self.0.remove(id)
     }
 
-    /// Empties the index and fills it from every `<spool>/*/metadata.json`. Returns how many
-    /// recordings were indexed (unreadable metadata is logged and skipped).
     pub fn rebuild(&mut self) -> Result<usize, IndexError> {
-        let entries = match fs::read_dir(&self.spool) {
-            Ok(e) => e.flatten().map(|e| e.path()).collect::<Vec<_>>(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => {
-                return Err(IndexError::Io {
-                    op: "read spool",
-                    path: self.spool.clone(),
-                    source,
-                })
-            }
-        };
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM participants", [])?;
-        tx.execute("DELETE FROM recordings", [])?;
-        let mut n = 0;
-        for dir in entries.iter().filter(|d| d.is_dir()) {
-            match RecordingMetadata::read(dir) {
-                Ok(m) => {
-                    upsert(&tx, &m, dir)?;
-                    n += 1;
-                }
-                Err(e) => warn!(dir = %dir.display(), error = %e, "skipping unreadable metadata"),
-            }
-        }
-        tx.commit()?;
-        info!(recordings = n, "index rebuilt from the spool");
-        Ok(n)
+        self.0.rebuild()
     }
 
-    /// Re-reads the metadata of every row still `active` (after a restart they were either
-    /// repaired to `interrupted` by `writer::repair_spool` or deleted). Returns the rows updated.
     pub fn refresh_active(&mut self) -> Result<usize, IndexError> {
-        let ids: Vec<String> = {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT id FROM recordings WHERE state = 'active'")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let tx = self.conn.transaction()?;
-        for id in &ids {
-            let dir = self.spool.join(id);
-            match RecordingMetadata::read(&dir) {
-                Ok(m) => upsert(&tx, &m, &dir)?,
-                Err(_) => {
-                    tx.execute("DELETE FROM recordings WHERE id = ?1", params![id])?;
-                }
-            }
-        }
-        tx.commit()?;
-        Ok(ids.len())
+        self.0.refresh_active()
     }
 
-    /// Every recording of one interaction (CallUUID), in start order.
-    pub fn by_call_uuid(&self, call_uuid: &str) -> Result<Vec<IndexedRecording>, IndexError> {
-        self.query(
-            "SELECT * FROM recordings WHERE call_uuid = ?1 ORDER BY started_ms, id",
-            params![call_uuid],
-        )
+    pub fn refill_if_empty(&mut self) -> Result<(), IndexError> {
+        self.0.refill_if_empty()
     }
 
-    /// Recordings with a participant of this address of record (compared without the URI
-    /// scheme, case-insensitively), in start order.
-    pub fn by_participant_aor(&self, aor: &str) -> Result<Vec<IndexedRecording>, IndexError> {
-        self.query(
-            "SELECT * FROM recordings WHERE id IN \
-             (SELECT recording_id FROM participants WHERE aor_key = ?1) ORDER BY started_ms, id",
-            params![aor_key(aor)],
-        )
+    pub fn by_call_uuid(&mut self, call_uuid: &str) -> Result<Vec<IndexedRecording>, IndexError> {
+        self.0.by_call_uuid(call_uuid)
     }
 
-    /// Recordings that overlap `[from, to)` (still active ones count as running), in start order.
+    pub fn by_participant_aor(&mut self, aor: &str) -> Result<Vec<IndexedRecording>, IndexError> {
+        self.0.by_participant_aor(aor)
+    }
+
     pub fn by_time_range(
-        &self,
+        &mut self,
         from: SystemTime,
         to: SystemTime,
     ) -> Result<Vec<IndexedRecording>, IndexError> {
-        self.query(
-            "SELECT * FROM recordings WHERE started_ms < ?2 AND (ended_ms IS NULL OR ended_ms >= ?1) \
-             ORDER BY started_ms, id",
-            params![millis(from), millis(to)],
-        )
+        self.0.by_time_range(from, to)
     }
 
-    /// One recording by id.
-    pub fn get(&self, id: &str) -> Result<Option<IndexedRecording>, IndexError> {
-        let row = self
-            .conn
-            .query_row(
-                "SELECT * FROM recordings WHERE id = ?1",
-                params![id],
-                row_to,
-            )
-            .optional()?;
-        row.map(|r| self.with_participants(r)).transpose()
+    pub fn get(&mut self, id: &str) -> Result<Option<IndexedRecording>, IndexError> {
+        self.0.get(id)
     }
 
-    fn query(
-        &self,
-        sql: &str,
-        params: impl rusqlite::Params,
-    ) -> Result<Vec<IndexedRecording>, IndexError> {
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let rows = stmt
-            .query_map(params, row_to)?
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter()
-            .map(|r| self.with_participants(r))
-            .collect()
+    /// The interaction link of a new recording `m`: `(interaction, previous)` from the
+    /// recordings of its CallUUID that started before it (None when it has no CallUUID or is
+    /// the first). Linking is by CallUUID only: a reused SIP Call-ID never links recordings.
+    pub fn link_for(
+        &mut self,
+        m: &RecordingMetadata,
+    ) -> Result<Option<(String, String)>, IndexError> {
+        let Some(uuid) = m.call_uuid.as_deref() else {
+            return Ok(None);
+        };
+        let started = crate::writer::metadata::parse_rfc3339(&m.started_at).unwrap_or(UNIX_EPOCH);
+        let earlier: Vec<IndexedRecording> = self
+            .by_call_uuid(uuid)?
+            .into_iter()
+            .filter(|r| r.id != m.id && r.started_at <= started)
+            .collect();
+        let (Some(first), Some(last)) = (earlier.first(), earlier.last()) else {
+            return Ok(None);
+        };
+        let interaction = first
+            .interaction
+            .clone()
+            .unwrap_or_else(|| first.id.clone());
+        Ok(Some((interaction, last.id.clone())))
     }
-
-    fn with_participants(&self, mut r: IndexedRecording) -> Result<IndexedRecording, IndexError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT name, aor FROM participants WHERE recording_id = ?1 ORDER BY rowid",
-        )?;
-        r.participants = stmt
-            .query_map(params![r.id], |row| {
-                Ok(IndexedParticipant {
-                    name: row.get(0)?,
-                    aor: row.get(1)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(r)
-    }
-}
-
-fn upsert(
-    tx: &rusqlite::Transaction<'_>,
-    m: &RecordingMetadata,
-    path: &Path,
-) -> Result<(), IndexError> {
-    let started = parse_rfc3339(&m.started_at).map(millis).unwrap_or(0);
-    let ended = m.ended_at.as_deref().and_then(parse_rfc3339).map(millis);
-    tx.execute(
-        "INSERT INTO recordings (id, sip_call_id, call_uuid, connection_id, started_ms, ended_ms, \
-         started_at, ended_at, state, end_reason, path, host) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
-         ON CONFLICT(id) DO UPDATE SET sip_call_id = excluded.sip_call_id, \
-         call_uuid = excluded.call_uuid, connection_id = excluded.connection_id, \
-         started_ms = excluded.started_ms, ended_ms = excluded.ended_ms, \
-         started_at = excluded.started_at, ended_at = excluded.ended_at, state = excluded.state, \
-         end_reason = excluded.end_reason, path = excluded.path, host = excluded.host",
-        params![
-            m.id,
-            m.sip_call_id,
-            m.call_uuid,
-            m.connection_id,
-            started,
-            ended,
-            m.started_at,
-            m.ended_at,
-            m.state.as_str(),
-            m.end_reason,
-            path.to_string_lossy(),
-            m.host,
-        ],
-    )?;
-    tx.execute(
-        "DELETE FROM participants WHERE recording_id = ?1",
-        params![m.id],
-    )?;
-    for p in &m.participants {
-        tx.execute(
-            "INSERT INTO participants (recording_id, name, aor, aor_key) VALUES (?1, ?2, ?3, ?4)",
-            params![m.id, p.name, p.aor, p.aor.as_deref().map(aor_key)],
-        )?;
-    }
-    Ok(())
-}
-
-/// The file is not a usable database (as opposed to busy, read-only, ...).
-fn is_corruption(e: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, DatabaseCorrupt | NotADatabase))
-}
-
-fn row_to(r: &Row<'_>) -> rusqlite::Result<IndexedRecording> {
-    Ok(IndexedRecording {
-        id: r.get("id")?,
-        sip_call_id: r.get("sip_call_id")?,
-        call_uuid: r.get("call_uuid")?,
-        connection_id: r.get("connection_id")?,
-        participants: Vec::new(),
-        started_at: from_millis(r.get("started_ms")?),
-        ended_at: r.get::<_, Option<i64>>("ended_ms")?.map(from_millis),
-        state: r.get("state")?,
-        end_reason: r.get("end_reason")?,
-        path: PathBuf::from(r.get::<_, String>("path")?),
-        host: r.get("host")?,
-    })
 }
 
 /// An address of record without its scheme, lower-cased: `sip:Alice@Example.com` and
@@ -406,5 +226,27 @@ fn from_millis(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
 
-#[cfg(test)]
-mod tests;
+/// Metadata of every recording directory in `spool` (unreadable ones are logged and skipped).
+fn spool_metadata(spool: &Path) -> Result<Vec<(PathBuf, RecordingMetadata)>, IndexError> {
+    let entries = match std::fs::read_dir(spool) {
+        Ok(e) => e.flatten().map(|e| e.path()).collect::<Vec<_>>(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => {
+            return Err(IndexError::Io {
+                op: "read spool",
+                path: spool.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut out = Vec::new();
+    for dir in entries.into_iter().filter(|d| d.is_dir()) {
+        match RecordingMetadata::read(&dir) {
+            Ok(m) => out.push((dir, m)),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "skipping unreadable metadata")
+            }
+        }
+    }
+    Ok(out)
+}

@@ -48,6 +48,8 @@ fn meta(id: &str, uuid: &str, start: u64, end: Option<u64>, aor: &str) -> Record
         },
         end_reason: end.map(|_| "bye".into()),
         end_detail: None,
+        interaction: None,
+        previous: None,
         started_at: rfc3339(at(start)),
         ended_at: end.map(|e| rfc3339(at(e))),
         updated_at: rfc3339(at(start)),
@@ -85,7 +87,7 @@ fn ids(v: &[IndexedRecording]) -> Vec<&str> {
 fn three_recordings_of_one_call_uuid_in_order() {
     let t = TempDir::new("uuid");
     let spool = spool_with(&t.0, &[]);
-    let mut index = Index::open(&t.0.join("i.db"), &spool).unwrap();
+    let mut index = SqliteIndex::open(&t.0.join("i.db"), &spool).unwrap();
     // Inserted out of order; a fourth recording belongs to another interaction.
     index
         .upsert_from_metadata(&meta("r2", "U", 100, Some(200), "sip:b@x"))
@@ -123,7 +125,7 @@ fn three_recordings_of_one_call_uuid_in_order() {
 fn by_participant_and_time_range() {
     let t = TempDir::new("query");
     let spool = spool_with(&t.0, &[]);
-    let mut index = Index::open(&t.0.join("i.db"), &spool).unwrap();
+    let mut index = SqliteIndex::open(&t.0.join("i.db"), &spool).unwrap();
     index
         .upsert_from_metadata(&meta("r1", "U", 0, Some(100), "sip:Alice@Example.com"))
         .unwrap();
@@ -179,11 +181,11 @@ fn deleted_index_is_rebuilt_from_the_spool() {
     fs::create_dir_all(spool.join("not-a-recording")).unwrap();
     let db = t.0.join("i.db");
     {
-        let index = Index::open(&db, &spool).unwrap();
+        let index = SqliteIndex::open(&db, &spool).unwrap();
         assert_eq!(ids(&index.by_call_uuid("U").unwrap()), ["a", "b", "c"]);
     }
     fs::remove_file(&db).unwrap();
-    let index = Index::open(&db, &spool).unwrap();
+    let index = SqliteIndex::open(&db, &spool).unwrap();
     let rows = index.by_call_uuid("U").unwrap();
     assert_eq!(ids(&rows), ["a", "b", "c"]);
     assert_eq!(rows[1].participants[0].aor.as_deref(), Some("sip:b@x"));
@@ -195,7 +197,7 @@ fn corrupt_index_is_moved_aside_and_rebuilt() {
     let spool = spool_with(&t.0, &[meta("a", "U", 0, Some(1), "sip:a@x")]);
     let db = t.0.join("i.db");
     fs::write(&db, vec![0xA5u8; 8192]).unwrap();
-    let index = Index::open(&db, &spool).unwrap();
+    let index = SqliteIndex::open(&db, &spool).unwrap();
     assert_eq!(ids(&index.by_call_uuid("U").unwrap()), ["a"]);
     assert!(db.with_extension("corrupt").exists());
 }
@@ -206,12 +208,12 @@ fn reopen_keeps_rows_and_schema_version() {
     let spool = spool_with(&t.0, &[]);
     let db = t.0.join("i.db");
     {
-        let mut index = Index::open(&db, &spool).unwrap();
+        let mut index = SqliteIndex::open(&db, &spool).unwrap();
         index
             .upsert_from_metadata(&meta("x", "U", 0, None, "sip:x@y"))
             .unwrap();
     }
-    let index = Index::open(&db, &spool).unwrap();
+    let index = SqliteIndex::open(&db, &spool).unwrap();
     // Not rebuilt (the spool is empty): the row survived.
     assert_eq!(ids(&index.by_call_uuid("U").unwrap()), ["x"]);
     let v: i64 = index

@@ -52,6 +52,13 @@ pub struct RecordingMetadata {
     pub extra_ids: Vec<(String, String)>,
     /// Host (site) that recorded it.
     pub host: String,
+    /// Id of the first recording of the same CallUUID found in the index when this one started
+    /// (None: this is the first, or it has no CallUUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interaction: Option<String>,
+    /// Id of the latest recording of the same CallUUID that started before this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
     pub state: RecordingState,
     /// `bye`, `cancel`, `timeout`, `shutdown`, `error`, ... (`EndReason::name`); `crash` after a
     /// repair.

@@ -91,7 +91,7 @@ pub use self::{
 use crate::{
     capture::{CapturedPacket, PacketSink, RecordHeader},
     events::SessionEvent,
-    index::{Index, IndexError},
+    index::{Index, IndexError, IndexLocation},
 };
 
 /// Writer settings.
@@ -109,6 +109,8 @@ pub struct WriterConfig {
     pub queue_packets: usize,
     /// SQLite index kept up to date by the writer thread (None: no index).
     pub index: Option<PathBuf>,
+    /// PostgreSQL connection string: a shared index used instead of the SQLite file `index`.
+    pub index_url: Option<String>,
     /// Host (site) name written in metadata and the index.
     pub host: String,
     /// Media writes stop (counted as write failures) when they would leave less free space than
@@ -129,6 +131,7 @@ impl WriterConfig {
             retention_max_bytes: None,
             queue_packets: 65536,
             index: None,
+            index_url: None,
             host: hostname(),
             media_floor_bytes: 16 * 1024 * 1024,
         }
@@ -296,13 +299,25 @@ pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterE
         path: config.spool.clone(),
         source,
     })?;
-    let index = match &config.index {
-        Some(db) => {
-            let mut index = Index::open(db, &config.spool)?;
-            // Rows left `active` by the previous run now say what repair_spool made of them.
-            index.refresh_active()?;
-            Some(index)
-        }
+    let location = match (&config.index_url, &config.index) {
+        (Some(url), _) => Some(IndexLocation::Postgres(url.clone())),
+        (None, Some(db)) => Some(IndexLocation::Sqlite(db.clone())),
+        (None, None) => None,
+    };
+    let index = match location {
+        // On a thread of its own: the PostgreSQL client blocks on a runtime of its own, which
+        // cannot be started on a thread of the daemon's runtime (start is called from there).
+        Some(location) => Some(std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut index = Index::open_location(&location, &config.spool, &config.host)?;
+                index.refill_if_empty()?;
+                // Rows left `active` by the previous run now say what repair_spool made of them.
+                index.refresh_active()?;
+                Ok::<_, WriterError>(index)
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?),
         None => None,
     };
     let (tx, rx) = mpsc::channel();
@@ -481,7 +496,7 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.f_bavail * st.f_frsize)
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: `buf` is writable for its length; gethostname NUL-terminates within it on success.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
@@ -616,6 +631,7 @@ impl Writer {
             };
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {
+                    link(self.index.as_mut(), &self.shared, &mut rec);
                     rec.write_metadata(*at);
                     self.index_update(rec.metadata());
                     self.route(&rec);
@@ -658,8 +674,13 @@ impl Writer {
                 ids,
                 ..
             } => {
+                let had_uuid = rec.metadata().call_uuid.is_some();
                 rec.set_ids(&ids);
                 rec.set_participants(&participants);
+                if !had_uuid && rec.metadata().call_uuid.is_some() {
+                    // The CallUUID came late (metadata in a re-INVITE): link now.
+                    link(self.index.as_mut(), &self.shared, rec);
+                }
                 if let Some(m) = &metadata {
                     rec.add_metadata_version(m);
                 }
@@ -738,5 +759,25 @@ impl Writer {
             }
         }
         Ok(deleted)
+    }
+}
+
+/// Links a recording to the earlier recordings of its CallUUID in the index (`interaction`
+/// and `previous` in its metadata), so that a continuation at another site or after a
+/// REFER transfer is visible as part of the same interaction.
+fn link(index: Option<&mut Index>, shared: &Shared, rec: &mut Recording) {
+    let Some(index) = index else {
+        return;
+    };
+    match index.link_for(rec.metadata()) {
+        Ok(Some((interaction, previous))) => {
+            info!(recording = %rec.id(), %interaction, %previous, "continues an interaction");
+            rec.link(interaction, previous);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            shared.index_errors.fetch_add(1, Relaxed);
+            warn!(recording = %rec.id(), error = %e, "index lookup for linking failed");
+        }
     }
 }

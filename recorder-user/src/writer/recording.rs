@@ -244,6 +244,8 @@ impl Recording {
                 state: RecordingState::Active,
                 end_reason: None,
                 end_detail: None,
+                interaction: None,
+                previous: None,
                 started_at: now.clone(),
                 ended_at: None,
                 updated_at: now,
@@ -316,6 +318,13 @@ impl Recording {
                 m.extra_ids.push(kv.clone());
             }
         }
+        self.dirty = true;
+    }
+
+    /// Links this recording to the earlier recordings of its interaction (same CallUUID).
+    pub(crate) fn link(&mut self, interaction: String, previous: String) {
+        self.meta.interaction = Some(interaction);
+        self.meta.previous = Some(previous);
         self.dirty = true;
     }
 

@@ -1105,7 +1105,7 @@ fn index_is_kept_by_the_writer_and_retention() {
     let (h, _sink) = start(c).unwrap();
     h.event(started("a", two_streams(), "U1"));
     h.sync();
-    let index = crate::index::Index::open(&dir.path().join("index.db"), &spool).unwrap();
+    let mut index = crate::index::Index::open(&dir.path().join("index.db"), &spool).unwrap();
     let rows = index.by_call_uuid("U1").unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].state, "active");
@@ -1114,6 +1114,90 @@ fn index_is_kept_by_the_writer_and_retention() {
     assert_eq!(index.by_call_uuid("U1").unwrap()[0].state, "complete");
     assert_eq!(h.enforce_retention().unwrap(), vec!["a"]);
     assert!(index.by_call_uuid("U1").unwrap().is_empty());
+    h.shutdown();
+}
+
+/// A recording of a CallUUID already in the index is linked to its interaction (first id) and to
+/// the latest earlier recording; a reused SIP Call-ID with another CallUUID links nothing.
+#[test]
+fn recordings_of_one_call_uuid_are_linked_and_a_reused_call_id_is_not() {
+    let dir = TempDir::new("wlink");
+    let spool = dir.path().join("spool");
+    let mut c = WriterConfig::new(spool.clone());
+    c.index = Some(dir.path().join("index.db"));
+    let (h, _sink) = start(c).unwrap();
+    let with = |id: &str, secs: u64, uuid: &str, call_id: &str| {
+        let mut ev = started(id, two_streams(), uuid);
+        if let SessionEvent::Started { at, ids, .. } = &mut ev {
+            *at = t0() + Duration::from_secs(secs);
+            ids.sip_call_id = call_id.into();
+        }
+        ev
+    };
+    h.event(with("first", 0, "U1", "same@sbc"));
+    h.event(ended("first", 5_000));
+    h.event(with("second", 10, "U1", "b@sbc"));
+    h.event(ended("second", 15_000));
+    // An unrelated session reusing the first one's Call-ID.
+    h.event(with("unrelated", 20, "U2", "same@sbc"));
+    h.event(with("third", 30, "U1", "c@sbc"));
+    // The CallUUID of this one only arrives with metadata in a re-INVITE: linked then.
+    let mut late = with("late", 40, "U1", "d@sbc");
+    if let SessionEvent::Started { ids, .. } = &mut late {
+        ids.call_uuid = None;
+    }
+    h.event(late);
+    h.sync();
+    assert_eq!(
+        RecordingMetadata::read(&spool.join("late"))
+            .unwrap()
+            .interaction,
+        None
+    );
+    h.event(SessionEvent::ParticipantsChanged {
+        id: "late".into(),
+        at: t0() + Duration::from_secs(41),
+        participants: vec![],
+        metadata: None,
+        ids: CallIds {
+            sip_call_id: "d@sbc".into(),
+            call_uuid: Some("U1".into()),
+            ..Default::default()
+        },
+    });
+    h.sync();
+    let meta = |id: &str| RecordingMetadata::read(&spool.join(id)).unwrap();
+    assert_eq!(meta("first").interaction, None, "the first links nothing");
+    assert_eq!(meta("second").interaction.as_deref(), Some("first"));
+    assert_eq!(meta("second").previous.as_deref(), Some("first"));
+    assert_eq!(meta("third").interaction.as_deref(), Some("first"));
+    assert_eq!(meta("third").previous.as_deref(), Some("second"));
+    assert_eq!(meta("unrelated").interaction, None);
+    assert_eq!(meta("unrelated").previous, None);
+    assert_eq!(meta("late").interaction.as_deref(), Some("first"));
+    assert_eq!(meta("late").previous.as_deref(), Some("third"));
+    let mut index = crate::index::Index::open(&dir.path().join("index.db"), &spool).unwrap();
+    let rows = index.by_call_uuid("U1").unwrap();
+    let links: Vec<(&str, Option<&str>, Option<&str>)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.id.as_str(),
+                r.interaction.as_deref(),
+                r.previous.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        links,
+        vec![
+            ("first", None, None),
+            ("second", Some("first"), Some("first")),
+            ("third", Some("first"), Some("second")),
+            ("late", Some("first"), Some("third")),
+        ]
+    );
+    assert_eq!(index.by_call_uuid("U2").unwrap().len(), 1);
     h.shutdown();
 }
 
