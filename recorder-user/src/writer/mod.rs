@@ -22,8 +22,11 @@
 //! a file; when `queue_packets` packets are waiting it drops and counts (per flow, reported to
 //! the recording's `dropped.queue_full`). Events and packets share the channel, so a packet sent
 //! after an event is handled after it. The writer thread routes packets by `flow_id` (RTP port)
-//! or `rtcp_flow_id` (RTCP: pcap only); unknown flow ids (late packets after `Ended`) are
-//! counted in [`WriterStats::unknown_flow`] and dropped.
+//! or `rtcp_flow_id` (RTCP: pcap only). A packet of a flow id above every id routed so far
+//! belongs to a session whose `Started` (or `MediaChanged`) is still on its way: it is held, up
+//! to [`PENDING_MAX`] packets for [`PENDING_AGE`], and written once its flow is routed. Other
+//! unknown flow ids (late packets after `Ended`) are counted in [`WriterStats::unknown_flow`]
+//! and dropped.
 //!
 //! # Daemon use
 //! ```no_run
@@ -332,6 +335,8 @@ pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterE
         recordings: HashMap::new(),
         flows: HashMap::new(),
         index,
+        pending: std::collections::VecDeque::new(),
+        max_routed_flow: 0,
     };
     let thread = std::thread::Builder::new()
         .name("rec-writer".into())
@@ -516,7 +521,16 @@ struct Writer {
     /// flow id -> (recording id, stream index, is RTCP).
     flows: HashMap<u64, (String, usize, bool)>,
     index: Option<Index>,
+    /// Packets of flows newer than any routed yet, waiting for their event (arrival, packet).
+    pending: std::collections::VecDeque<(Instant, OwnedPacket)>,
+    /// Highest flow id ever routed (signaling hands out flow ids in increasing order).
+    max_routed_flow: u64,
 }
+
+/// Packets held at most for flows whose event has not arrived yet.
+pub const PENDING_MAX: usize = 4096;
+/// How long such a packet is held before it counts as an unknown flow.
+pub const PENDING_AGE: Duration = Duration::from_secs(1);
 
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Msg>) {
@@ -540,6 +554,11 @@ impl Writer {
                 self.handle(msg);
             }
         }
+        // Held packets whose session never started are unknown after all.
+        self.shared
+            .unknown_flow
+            .fetch_add(self.pending.len() as u64, Relaxed);
+        self.pending.clear();
         let now = SystemTime::now();
         let ids: Vec<String> = self.recordings.keys().cloned().collect();
         for id in ids {
@@ -552,7 +571,7 @@ impl Writer {
         match msg {
             Msg::Packet(p) => {
                 self.shared.queued.fetch_sub(1, Relaxed);
-                self.packet(&p);
+                self.packet(p);
             }
             Msg::Event(ev) => self.event(*ev),
             Msg::QueueDrops(drops) => {
@@ -578,9 +597,42 @@ impl Writer {
         }
     }
 
-    fn packet(&mut self, p: &OwnedPacket) {
-        let Some((id, stream, rtcp)) = self.flows.get(&p.header.flow_id) else {
+    /// Holds a packet whose flow is newer than every routed one (its event is on the way).
+    fn hold(&mut self, p: OwnedPacket) {
+        let now = Instant::now();
+        while self.pending.len() >= PENDING_MAX
+            || self
+                .pending
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > PENDING_AGE)
+        {
+            self.pending.pop_front();
             self.shared.unknown_flow.fetch_add(1, Relaxed);
+        }
+        self.pending.push_back((now, p));
+    }
+
+    /// Writes the held packets whose flows are routed now.
+    fn replay_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        for (at, p) in std::mem::take(&mut self.pending) {
+            if self.flows.contains_key(&p.header.flow_id) {
+                self.packet(p);
+            } else {
+                self.pending.push_back((at, p));
+            }
+        }
+    }
+
+    fn packet(&mut self, p: OwnedPacket) {
+        let Some((id, stream, rtcp)) = self.flows.get(&p.header.flow_id) else {
+            if p.header.flow_id > self.max_routed_flow {
+                self.hold(p);
+            } else {
+                self.shared.unknown_flow.fetch_add(1, Relaxed);
+            }
             return;
         };
         let Some(rec) = self.recordings.get_mut(id) else {
@@ -588,7 +640,7 @@ impl Writer {
             return;
         };
         let started = Instant::now();
-        let failed = rec.packet(*stream, *rtcp, p);
+        let failed = rec.packet(*stream, *rtcp, &p);
         self.shared.write_latency.observe(started.elapsed());
         self.shared.bytes_written.fetch_add(failed.bytes, Relaxed);
         rec.dirty = true;
@@ -636,6 +688,7 @@ impl Writer {
                     self.index_update(rec.metadata());
                     self.route(&rec);
                     self.recordings.insert(id.clone(), rec);
+                    self.replay_pending();
                     self.shared.active.fetch_add(1, Relaxed);
                     info!(recording = %id, "recording started");
                 }
@@ -703,6 +756,7 @@ impl Writer {
         self.index_update(rec.metadata());
         self.route(&rec);
         self.recordings.insert(id, rec);
+        self.replay_pending();
     }
 
     /// (Re)registers the flow ids of a recording.
@@ -714,6 +768,7 @@ impl Writer {
             }
             self.flows
                 .insert(flow, (rec.id().to_string(), stream, rtcp));
+            self.max_routed_flow = self.max_routed_flow.max(flow);
         }
     }
 

@@ -406,6 +406,36 @@ fn tshark_rtp_streams(pcap: &Path) -> Vec<(u32, u64, i64)> {
 // Tests
 
 #[test]
+fn packets_ahead_of_their_started_event_are_held_then_written() {
+    let dir = TempDir::new("ahead");
+    let (h, mut sink) = start_writer(dir.path());
+    // Capture drained the call's first packets before signaling's Started reached the writer.
+    let mut a = Sender::new(1, 40000, 0, 0x2222, 1, 0);
+    let sig = tone(440.0, 8000.0);
+    for k in 0..5 {
+        a.send(&mut sink, k * 160, 0, &sig);
+    }
+    // A packet of a flow newer than any routed, whose session never starts.
+    let (f, off) = udp_frame(41000, &rtp(0, 1, 0, 0x3333, &[0xff; 160]));
+    feed(&mut sink, 99, at_ms(10), &f, off);
+    h.event(started("r1", two_streams(), "uuid-ahead"));
+    for k in 5..10 {
+        a.send(&mut sink, k * 160, 0, &sig);
+    }
+    h.event(ended("r1", 1000));
+    h.sync();
+    let m = RecordingMetadata::read(&dir.path().join("r1")).unwrap();
+    assert_eq!(
+        m.streams[0].packets, 10,
+        "held packets written once the flow was routed"
+    );
+    assert_eq!(m.streams[0].lost, 0);
+    assert_eq!(h.stats().unknown_flow, 0, "flow 99 is still held");
+    let stats = h.shutdown();
+    assert_eq!(stats.unknown_flow, 1, "never routed: counted at shutdown");
+}
+
+#[test]
 fn packets_routed_by_flow_rtcp_to_pcap_only_late_packets_counted() {
     let dir = TempDir::new("route");
     let (h, mut sink) = start_writer(dir.path());
