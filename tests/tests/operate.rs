@@ -301,7 +301,14 @@ fn every_read_command_in_text_and_json_and_operator_stop() {
     assert_eq!(bad_since.status.code(), Some(1));
 
     // show
-    let shown = cli_json(&control, &["show", &id]);
+    let mut shown = cli_json(&control, &["show", &id]);
+    // `show` adds the interaction's timeline (every recording of its CallUUID) to metadata.json.
+    let timeline = shown
+        .as_object_mut()
+        .unwrap()
+        .remove("timeline")
+        .expect("show includes the timeline");
+    assert_eq!(timeline[0]["id"], id.as_str());
     assert_eq!(shown, meta, "show prints metadata.json");
     let text = cli_text(&control, &["show", &id]);
     assert!(text.contains(&format!("id           {id}")), "{text}");
