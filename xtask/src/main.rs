@@ -3,6 +3,7 @@
 //! Everything a fresh Debian machine needs is installed by `setup` (which `test` and `demo` run
 //! first), so the README's two commands work after nothing but a clone.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -32,6 +33,13 @@ enum Cli {
     Demo,
     /// Lint: rustfmt check and clippy with warnings denied.
     Lint,
+    /// Setup, build, then benchmark the data path against a no-op XDP ceiling, tcpdump and a
+    /// UDP-socket recorder (writes target/bench/report.{md,json} and loss.png).
+    Bench {
+        /// A short sweep (under two minutes) for checking a change.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -54,6 +62,12 @@ fn main() -> Result<()> {
             demo()
         }
         Cli::Lint => lint(),
+        Cli::Bench { quick } => {
+            setup::setup()?;
+            build_ebpf()?;
+            build_user()?;
+            bench::run(quick)
+        }
     }
 }
 
@@ -72,7 +86,7 @@ pub fn ebpf_object() -> PathBuf {
 
 /// A cargo command with the environment of the `cargo xtask` invocation cleaned, so that the
 /// toolchain chosen here (stable or nightly) is the one that runs.
-fn cargo(toolchain: Option<&str>) -> Command {
+pub(crate) fn cargo(toolchain: Option<&str>) -> Command {
     let mut cmd = match toolchain {
         Some(tc) => {
             let mut c = Command::new("rustup");
