@@ -107,6 +107,13 @@ fn recorder(
     base_port: u16,
     rewrites: u32,
 ) -> Result<()> {
+    // The writer keeps a pcap and a WAV open per recording (the daemon needs the same headroom).
+    let lim = libc::rlimit {
+        rlim_cur: 4 * flows as u64 + 1024,
+        rlim_max: 4 * flows as u64 + 1024,
+    };
+    // SAFETY: valid rlimit struct; failure shows up later as EMFILE.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     let bytes = std::fs::read(object).with_context(|| format!("reading {object}"))?;
     let config = CaptureConfig {
         max_flows: (flows * 2).max(abi::DEFAULT_MAX_FLOWS),

@@ -43,13 +43,14 @@ fn main() -> Result<()> {
         let port = base + 2 * k;
         let s = UdpSocket::bind((addr, port)).with_context(|| format!("bind {addr}:{port}"))?;
         s.set_nonblocking(true)?;
-        let size: libc::c_int = 4 << 20;
+        // 16 MiB, as tcpdump's -B in the bench; FORCE passes net.core.rmem_max (we run as root).
+        let size: libc::c_int = 16 << 20;
         // SAFETY: valid fd and option buffer of the stated size.
         unsafe {
             libc::setsockopt(
                 s.as_raw_fd(),
                 libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
+                libc::SO_RCVBUFFORCE,
                 (&size as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as u32,
             )
