@@ -126,7 +126,13 @@ pub fn run(quick: bool) -> Result<()> {
     } else {
         Plan {
             flows: vec![1, 100, 2000, 20000],
-            rates: vec![Some(50_000), Some(100_000), Some(200_000), Some(400_000), None],
+            rates: vec![
+                Some(50_000),
+                Some(100_000),
+                Some(200_000),
+                Some(400_000),
+                None,
+            ],
             min_packets: 100_000,
             max_packets: 1_000_000,
             secs_per_run: 2,
@@ -154,8 +160,15 @@ pub fn run(quick: bool) -> Result<()> {
                 let s = match net.measure(c, flows, rate, count, &cfg, &out_dir, 0, &mut commands) {
                     Ok(s) => s,
                     Err(e) => {
-                        eprintln!("bench: {} flows={flows} rate={rate:?} failed: {e:#}", c.key());
-                        failures.push(format!("{} flows={flows} rate={}: {e:#}", c.key(), rate_label(rate)));
+                        eprintln!(
+                            "bench: {} flows={flows} rate={rate:?} failed: {e:#}",
+                            c.key()
+                        );
+                        failures.push(format!(
+                            "{} flows={flows} rate={}: {e:#}",
+                            c.key(),
+                            rate_label(rate)
+                        ));
                         continue;
                     }
                 };
@@ -201,7 +214,16 @@ pub fn run(quick: bool) -> Result<()> {
         rewrite.offered, rewrite.written, rewrite.lost, rewrite.extra["rewrites_done"]
     );
     drop(net);
-    report(&out_dir, quick, &plan, &samples, &rewrite, &commands, &failures, started.elapsed())
+    report(
+        &out_dir,
+        quick,
+        &plan,
+        &samples,
+        &rewrite,
+        &commands,
+        &failures,
+        started.elapsed(),
+    )
 }
 
 fn build() -> Result<()> {
@@ -284,11 +306,44 @@ impl Net {
         sh(&["ip", "netns", "add", NS_S])?;
         sh(&["ip", "netns", "add", NS_R])?;
         sh(&[
-            "ip", "link", "add", IF_S, "netns", NS_S, "address", "02:00:00:00:00:01", "type",
-            "veth", "peer", "name", IF_R, "netns", NS_R, "address", "02:00:00:00:00:02",
+            "ip",
+            "link",
+            "add",
+            IF_S,
+            "netns",
+            NS_S,
+            "address",
+            "02:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            IF_R,
+            "netns",
+            NS_R,
+            "address",
+            "02:00:00:00:00:02",
         ])?;
-        sh(&["ip", "-n", NS_S, "addr", "add", "10.231.0.1/24", "dev", IF_S])?;
-        sh(&["ip", "-n", NS_R, "addr", "add", "10.231.0.2/24", "dev", IF_R])?;
+        sh(&[
+            "ip",
+            "-n",
+            NS_S,
+            "addr",
+            "add",
+            "10.231.0.1/24",
+            "dev",
+            IF_S,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            NS_R,
+            "addr",
+            "add",
+            "10.231.0.2/24",
+            "dev",
+            IF_R,
+        ])?;
         sh(&["ip", "-n", NS_S, "link", "set", IF_S, "up"])?;
         sh(&["ip", "-n", NS_R, "link", "set", IF_R, "up"])?;
         sh(&["ip", "-n", NS_R, "link", "set", "lo", "up"])?;
@@ -298,7 +353,11 @@ impl Net {
         in_ns(NS_S, &["ethtool", "-K", IF_S, "tso", "off"])?;
         in_ns(
             NS_R,
-            &["sh", "-c", &format!("echo 1 > /sys/class/net/{IF_R}/threaded")],
+            &[
+                "sh",
+                "-c",
+                &format!("echo 1 > /sys/class/net/{IF_R}/threaded"),
+            ],
         )?;
         Ok(Net)
     }
@@ -405,7 +464,12 @@ impl Net {
             .find(|l| l.contains("packets outgoing"))
             .and_then(|l| l.split_whitespace().next())
             .and_then(|n| n.parse::<u64>().ok())
-            .with_context(|| format!("trafgen output: {tg_out} {}", String::from_utf8_lossy(&tg.stderr)))?;
+            .with_context(|| {
+                format!(
+                    "trafgen output: {tg_out} {}",
+                    String::from_utf8_lossy(&tg.stderr)
+                )
+            })?;
         // Quiet: the interface counter stops moving.
         let mut last = stat(NS_R, IF_R, "rx_packets")?;
         loop {
@@ -476,7 +540,11 @@ impl Receiver {
             .args(argv)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(if tcpdump { Stdio::piped() } else { Stdio::inherit() })
+            .stderr(if tcpdump {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .with_context(|| format!("starting {argv:?}"))?;
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
@@ -787,32 +855,60 @@ fn report(
         "commands": commands,
         "failed_runs": failures,
     });
-    std::fs::write(out_dir.join("report.json"), serde_json::to_string_pretty(&doc)?)?;
+    std::fs::write(
+        out_dir.join("report.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
 
     let mut md = String::new();
-    writeln!(md, "# Recorder benchmark ({})\n", if quick { "quick" } else { "full" })?;
-    writeln!(md, "Machine: {}\n", machine["summary"].as_str().unwrap_or(""))?;
-    writeln!(md, "Run took {:.0} s. Ratios are against baselines measured in this run.\n", elapsed.as_secs_f64())?;
+    writeln!(
+        md,
+        "# Recorder benchmark ({})\n",
+        if quick { "quick" } else { "full" }
+    )?;
+    writeln!(
+        md,
+        "Machine: {}\n",
+        machine["summary"].as_str().unwrap_or("")
+    )?;
+    writeln!(
+        md,
+        "Run took {:.0} s. Ratios are against baselines measured in this run.\n",
+        elapsed.as_secs_f64()
+    )?;
     writeln!(md, "## Summary\n")?;
     let f2 = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
     writeln!(md, "| flows | ceiling 0-loss pps | recorder 0-loss pps | tcpdump 0-loss pps | socket 0-loss pps | recorder/ceiling | rec CPU / tcpdump | rec CPU / socket |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for p in &per_flows {
-        let z = |k: &str| p["zero_loss_pps"][k].as_f64().map_or("none".into(), |v| format!("{v:.0}"));
+        let z = |k: &str| {
+            p["zero_loss_pps"][k]
+                .as_f64()
+                .map_or("none".into(), |v| format!("{v:.0}"))
+        };
         writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {} (at {}) | {} (at {}) |",
-            p["flows"], z("ceiling"), z("recorder"), z("tcpdump"), z("socket"),
+            p["flows"],
+            z("ceiling"),
+            z("recorder"),
+            z("tcpdump"),
+            z("socket"),
             f2(p["ceiling_ratio"].as_f64()),
-            f2(p["cpu_ratio_tcpdump"].as_f64()), p["cpu_ratio_tcpdump_at"].as_str().unwrap_or("-"),
-            f2(p["cpu_ratio_socket"].as_f64()), p["cpu_ratio_socket_at"].as_str().unwrap_or("-"),
+            f2(p["cpu_ratio_tcpdump"].as_f64()),
+            p["cpu_ratio_tcpdump_at"].as_str().unwrap_or("-"),
+            f2(p["cpu_ratio_socket"].as_f64()),
+            p["cpu_ratio_socket_at"].as_str().unwrap_or("-"),
         )?;
     }
     writeln!(md, "\nTop level (worst over flow counts): ceiling_ratio {}, cpu_ratio_tcpdump {}, cpu_ratio_socket {}; rewrite_lost_packets {} ({} rewrites during a flat-out run of {} packets, {} flows).\n",
         f2(ceil_ratio), f2(tcp_ratio), f2(sock_ratio), rewrite.lost, rewrite.extra["rewrites_done"], rewrite.offered, rewrite.flows)?;
     writeln!(md, "## Every run\n")?;
     writeln!(md, "| contender | flows | rate | offered | offered pps | rx at if | sender drops | written | lost | loss % | seq gaps (flows) | CPU1 s (whole CPU) | proc s | napi s | CPU s / Mpkt (proc+napi) | RSS KiB |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )?;
     for c in Contender::ALL {
         for s in get(c) {
             writeln!(
@@ -839,7 +935,10 @@ fn report(
     }
     std::fs::write(out_dir.join("report.md"), md)?;
     chart(&out_dir.join("loss.png"), samples, &plan.flows)?;
-    eprintln!("bench: wrote {}/report.md, report.json, loss.png", out_dir.display());
+    eprintln!(
+        "bench: wrote {}/report.md, report.json, loss.png",
+        out_dir.display()
+    );
     Ok(())
 }
 
@@ -854,10 +953,22 @@ fn machine_info() -> Value {
         .unwrap_or("")
         .trim()
         .to_string();
-    let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
-    let mem = read("/proc/meminfo").lines().next().unwrap_or("").to_string();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let mem = read("/proc/meminfo")
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
     let loadavg = read("/proc/loadavg").trim().to_string();
-    let trafgen = sh(&["trafgen", "-v"]).unwrap_or_default().lines().next().unwrap_or("").to_string();
+    let trafgen = sh(&["trafgen", "-v"])
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
     json!({
         "kernel": kernel, "cpu_model": model, "cpus": cpus, "memory": mem, "trafgen": trafgen, "loadavg_at_end": loadavg,
         "summary": format!("{cpus} x {model}, kernel {kernel}, {mem}, load average at end {loadavg}; veth pair between two netns, trafgen on CPU 0, receiver + threaded NAPI on CPU 1"),
@@ -912,7 +1023,10 @@ fn chart(path: &Path, samples: &HashMap<Contender, Vec<Sample>>, flows: &[u32]) 
     builder.margin(20);
     if has_font {
         builder
-            .caption(format!("Loss vs offered rate ({f} flows)"), ("sans-serif", 24))
+            .caption(
+                format!("Loss vs offered rate ({f} flows)"),
+                ("sans-serif", 24),
+            )
             .x_label_area_size(45)
             .y_label_area_size(60);
     }
@@ -924,7 +1038,11 @@ fn chart(path: &Path, samples: &HashMap<Contender, Vec<Sample>>, flows: &[u32]) 
             .y_desc("loss (%)")
             .draw()?;
     } else {
-        chart.configure_mesh().disable_x_mesh().disable_y_mesh().draw()?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_y_mesh()
+            .draw()?;
     }
     let colors = [BLACK, RED, BLUE, GREEN];
     for ((c, pts), color) in series.into_iter().zip(colors) {

@@ -226,7 +226,10 @@ fn recorder(
                 } else {
                     None
                 };
-                table.lock().expect("table").rewrite(local(k), spec(k, remote))?;
+                table
+                    .lock()
+                    .expect("table")
+                    .rewrite(local(k), spec(k, remote))?;
                 done += 1;
                 std::thread::sleep(Duration::from_micros(500));
             }
@@ -244,8 +247,10 @@ fn recorder(
     let named = counters.named()?;
     let wstats = handle.shutdown();
     let (user, sys, rss) = self_usage();
-    let counters: serde_json::Map<String, serde_json::Value> =
-        named.into_iter().map(|(n, v)| (n.to_string(), json!(v))).collect();
+    let counters: serde_json::Map<String, serde_json::Value> = named
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), json!(v)))
+        .collect();
     println!(
         "{}",
         json!({
