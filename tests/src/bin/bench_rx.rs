@@ -71,7 +71,7 @@ fn self_usage() -> (f64, f64, u64) {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (secs(ru.ru_utime), secs(ru.ru_stime), ru.ru_maxrss as u64)
+    (secs(ru.ru_utime), secs(ru.ru_stime), peak_rss_kib())
 }
 
 fn noop(iface: &str, object: &str) -> Result<()> {
@@ -221,7 +221,7 @@ fn recorder(
                     break;
                 }
                 let k = i % flows;
-                let remote = if (i / flows) % 2 == 0 {
+                let remote = if (i / flows).is_multiple_of(2) {
                     Some(SocketAddr::new(IpAddr::V4(SENDER_ADDR), 0))
                 } else {
                     None
@@ -268,4 +268,18 @@ fn recorder(
         })
     );
     Ok(())
+}
+
+/// Peak RSS of this process image in KiB (`VmHWM`; `ru_maxrss` would also count the image of the
+/// parent that forked us before `exec`).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
