@@ -993,8 +993,20 @@ fn chart(path: &Path, samples: &HashMap<Contender, Vec<Sample>>, flows: &[u32]) 
         .is_ok(),
         None => false,
     };
-    // The largest flow count: the hardest case.
-    let f = *flows.iter().max().unwrap_or(&1);
+    // The largest flow count every contender has runs for (the hardest case they all ran).
+    let f = flows
+        .iter()
+        .rev()
+        .find(|&&f| {
+            Contender::ALL.iter().all(|c| {
+                samples
+                    .get(c)
+                    .is_some_and(|v| v.iter().any(|s| s.flows == f))
+            })
+        })
+        .or(flows.last())
+        .copied()
+        .unwrap_or(1);
     let series: Vec<(Contender, Vec<(f64, f64)>)> = Contender::ALL
         .iter()
         .map(|&c| {
