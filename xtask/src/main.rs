@@ -3,6 +3,7 @@
 //! Everything a fresh Debian machine needs is installed by `setup` (which `test` and `demo` run
 //! first), so the README's two commands work after nothing but a clone.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -32,6 +33,13 @@ enum Cli {
     Demo,
     /// Lint: rustfmt check and clippy with warnings denied.
     Lint,
+    /// Setup, build, then benchmark the data path against a no-op XDP ceiling, tcpdump and a
+    /// UDP-socket recorder (writes target/bench/report.{md,json} and loss.png).
+    Bench {
+        /// A short sweep (under two minutes) for checking a change.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -54,6 +62,12 @@ fn main() -> Result<()> {
             demo()
         }
         Cli::Lint => lint(),
+        Cli::Bench { quick } => {
+            setup::setup()?;
+            build_ebpf()?;
+            build_user()?;
+            bench::run(quick)
+        }
     }
 }
 
@@ -75,7 +89,7 @@ pub fn ebpf_object() -> PathBuf {
 /// The toolchain is always named through `RUSTUP_TOOLCHAIN`: without it, the rustup `rustc`
 /// proxy honours `rust-toolchain` files it finds in the directory cargo compiles a crate in,
 /// and some registry crates ship one naming a toolchain this machine does not have.
-fn cargo(toolchain: Option<&str>) -> Command {
+pub(crate) fn cargo(toolchain: Option<&str>) -> Command {
     let toolchain = toolchain
         .map(str::to_string)
         .unwrap_or_else(|| std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".into()));

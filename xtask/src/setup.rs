@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // A real PostgreSQL server for the shared-index tests (initdb + pg_ctl in a temp dir).
     "postgresql",
+    // The bench chart's font.
+    "fonts-dejavu-core",
 ];
 
 pub fn setup() -> Result<()> {

@@ -1,0 +1,1082 @@
+//! `cargo xtask bench`: the recorder's data path against a no-op XDP ceiling, tcpdump and a
+//! UDP-socket recorder, on one veth pair, in one run (see README "Benchmark").
+//!
+//! Layout: namespace `rbench-s` runs trafgen pinned to CPU 0; namespace `rbench-r` receives on
+//! `br0`, whose NAPI runs threaded and pinned to CPU 1 with the receiver process, so CPU 1's
+//! /proc/stat delta is the whole cost of receiving (XDP, stack, process).
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{cargo, run as run_cmd, workspace_root};
+
+const NS_S: &str = "rbench-s";
+const NS_R: &str = "rbench-r";
+const IF_S: &str = "bs0";
+const IF_R: &str = "br0";
+const BASE_PORT: u16 = 20000;
+const REWRITES: u32 = 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Contender {
+    Ceiling,
+    Recorder,
+    Tcpdump,
+    Socket,
+}
+
+impl Contender {
+    const ALL: [Contender; 4] = [Self::Ceiling, Self::Recorder, Self::Tcpdump, Self::Socket];
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ceiling => "ceiling (no-op XDP drop)",
+            Self::Recorder => "recorder (XDP + rings + pcap writer)",
+            Self::Tcpdump => "tcpdump (AF_PACKET + BPF filter, pcap)",
+            Self::Socket => "socket recorder (recvmmsg, pcap)",
+        }
+    }
+    fn key(self) -> &'static str {
+        match self {
+            Self::Ceiling => "ceiling",
+            Self::Recorder => "recorder",
+            Self::Tcpdump => "tcpdump",
+            Self::Socket => "socket",
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    flows: u32,
+    /// Requested rate (None = trafgen flat out).
+    nominal_pps: Option<u64>,
+    offered: u64,
+    /// Offered packets / trafgen wall time.
+    offered_pps: f64,
+    rx_if: u64,
+    sender_tx_dropped: u64,
+    written: u64,
+    lost: u64,
+    gap_events: u64,
+    flows_with_gaps: u64,
+    cpu1_s: f64,
+    proc_cpu_s: f64,
+    napi_cpu_s: f64,
+    rss_kib: u64,
+    extra: Value,
+}
+
+impl Sample {
+    fn cpu_per_mpkt(&self) -> Option<f64> {
+        // The receiver's own CPU (process + pinned NAPI thread): CPU 1's /proc/stat delta also
+        // holds whatever else the shared machine runs there.
+        let n = self.rx_if.max(1) as f64;
+        (self.rx_if > 0).then(|| (self.proc_cpu_s + self.napi_cpu_s) / n * 1e6)
+    }
+    fn loss_pct(&self) -> f64 {
+        if self.offered == 0 {
+            return 0.0;
+        }
+        self.lost as f64 * 100.0 / self.offered as f64
+    }
+    fn to_json(&self) -> Value {
+        json!({
+            "flows": self.flows, "nominal_pps": self.nominal_pps, "offered": self.offered,
+            "offered_pps": self.offered_pps.round(), "rx_interface": self.rx_if,
+            "sender_tx_dropped": self.sender_tx_dropped, "written": self.written,
+            "lost": self.lost, "loss_pct": self.loss_pct(), "seq_gap_events": self.gap_events,
+            "flows_with_gaps": self.flows_with_gaps, "cpu1_s": self.cpu1_s,
+            "process_cpu_s": self.proc_cpu_s, "napi_thread_cpu_s": self.napi_cpu_s,
+            "cpu_s_per_mpkt": self.cpu_per_mpkt(), "rss_kib": self.rss_kib, "detail": self.extra,
+        })
+    }
+}
+
+struct Plan {
+    flows: Vec<u32>,
+    rates: Vec<Option<u64>>,
+    min_packets: u64,
+    max_packets: u64,
+    secs_per_run: u64,
+}
+
+pub fn run(quick: bool) -> Result<()> {
+    let root = workspace_root();
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    build()?;
+    let plan = if quick {
+        Plan {
+            flows: vec![100],
+            rates: vec![Some(50_000), Some(150_000), None],
+            min_packets: 100_000,
+            max_packets: 300_000,
+            secs_per_run: 2,
+        }
+    } else {
+        Plan {
+            flows: vec![1, 100, 2000, 20000],
+            rates: vec![
+                Some(50_000),
+                Some(100_000),
+                Some(200_000),
+                Some(400_000),
+                None,
+            ],
+            min_packets: 100_000,
+            max_packets: 1_000_000,
+            secs_per_run: 2,
+        }
+    };
+    let started = Instant::now();
+    let net = Net::create()?;
+    let mut samples: HashMap<Contender, Vec<Sample>> = HashMap::new();
+    let mut commands: Vec<String> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    let _ = std::fs::remove_file(out_dir.join("runs.jsonl"));
+    for &flows in &plan.flows {
+        let cfg = out_dir.join(format!("rtp-{flows}.cfg"));
+        std::fs::write(&cfg, trafgen_config(flows))?;
+        for &rate in &plan.rates {
+            let count = match rate {
+                Some(r) => (r * plan.secs_per_run).clamp(plan.min_packets, plan.max_packets),
+                None => plan.max_packets,
+            };
+            // 20000 flows = 10000 recordings to set up per recorder run: fewer rates there.
+            if flows >= 20000 && matches!(rate, Some(r) if r != 50_000 && r != 200_000) {
+                continue;
+            }
+            for c in Contender::ALL {
+                let s = match net.measure(c, flows, rate, count, &cfg, &out_dir, 0, &mut commands) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!(
+                            "bench: {} flows={flows} rate={rate:?} failed: {e:#}",
+                            c.key()
+                        );
+                        failures.push(format!(
+                            "{} flows={flows} rate={}: {e:#}",
+                            c.key(),
+                            rate_label(rate)
+                        ));
+                        continue;
+                    }
+                };
+                let mut line = s.to_json();
+                line["contender"] = json!(c.key());
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(out_dir.join("runs.jsonl"))?
+                    .write_all(format!("{line}\n").as_bytes())?;
+                eprintln!(
+                    "bench: {:<9} flows={flows:<6} rate={:<8} offered={} ({:.0} pps) rx={} written={} lost={} ({:.3}%) cpu1={:.2}s",
+                    c.key(),
+                    rate.map_or("max".into(), |r| r.to_string()),
+                    s.offered,
+                    s.offered_pps,
+                    s.rx_if,
+                    s.written,
+                    s.lost,
+                    s.loss_pct(),
+                    s.cpu1_s
+                );
+                samples.entry(c).or_default().push(s);
+            }
+        }
+    }
+    // Flow rewrite under load: the recorder at full rate while 1000 rewrites happen.
+    let rw_flows = *plan.flows.iter().find(|&&f| f >= 100).unwrap_or(&100);
+    let cfg = out_dir.join(format!("rtp-{rw_flows}.cfg"));
+    std::fs::write(&cfg, trafgen_config(rw_flows))?;
+    let rewrite = net.measure(
+        Contender::Recorder,
+        rw_flows,
+        None,
+        if quick { 1_000_000 } else { 2_000_000 },
+        &cfg,
+        &out_dir,
+        REWRITES,
+        &mut commands,
+    )?;
+    eprintln!(
+        "bench: rewrite run: offered={} written={} lost={} rewrites={}",
+        rewrite.offered, rewrite.written, rewrite.lost, rewrite.extra["rewrites_done"]
+    );
+    drop(net);
+    report(
+        &out_dir,
+        quick,
+        &plan,
+        &samples,
+        &rewrite,
+        &commands,
+        &failures,
+        started.elapsed(),
+    )
+}
+
+fn build() -> Result<()> {
+    run_cmd(cargo(Some("nightly")).args([
+        "build",
+        "--package",
+        "recorder-ebpf",
+        "--bin",
+        "recorder-noop",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+    ]))?;
+    run_cmd(cargo(None).args([
+        "build",
+        "--release",
+        "--package",
+        "tests",
+        "--bin",
+        "bench_rx",
+        "--bin",
+        "socket_recorder",
+    ]))
+}
+
+/// One trafgen template: G.711-like RTP (214-byte frames) to `flows` even ports round robin.
+/// trafgen's field functions only work on header fields, so per packet the destination port
+/// steps through the flows and the RTP sequence number's low byte counts up (a byte counter):
+/// within one flow consecutive packets differ by `flows mod 256`, which the gap check expects.
+/// The SSRC is constant; flows are told apart by port.
+fn trafgen_config(flows: u32) -> String {
+    let last = BASE_PORT as u32 + 2 * (flows - 1);
+    let dp = if flows == 1 {
+        BASE_PORT.to_string()
+    } else {
+        format!("dinc({BASE_PORT}, {last}, 2)")
+    };
+    format!(
+        "{{ eth(da=02:00:00:00:00:02, sa=02:00:00:00:00:01), ipv4(sa=10.231.0.1, da=10.231.0.2, ttl=64), \
+udp(sp=40000, dp={dp}, csum=0), c8(0x80), c8(0x00), c8(0x00), dinc(0, 255, 1), c32(0), \
+c32(0x5eed0001), fill(0xd5, 160) }}\n"
+    )
+}
+
+struct Net;
+
+fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Result<String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+fn stat(ns: &str, dev: &str, what: &str) -> Result<u64> {
+    Ok(in_ns(
+        ns,
+        &["cat", &format!("/sys/class/net/{dev}/statistics/{what}")],
+    )?
+    .trim()
+    .parse()?)
+}
+
+impl Net {
+    fn create() -> Result<Self> {
+        for ns in [NS_S, NS_R] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        sh(&["ip", "netns", "add", NS_S])?;
+        sh(&["ip", "netns", "add", NS_R])?;
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            IF_S,
+            "netns",
+            NS_S,
+            "address",
+            "02:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            IF_R,
+            "netns",
+            NS_R,
+            "address",
+            "02:00:00:00:00:02",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            NS_S,
+            "addr",
+            "add",
+            "10.231.0.1/24",
+            "dev",
+            IF_S,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            NS_R,
+            "addr",
+            "add",
+            "10.231.0.2/24",
+            "dev",
+            IF_R,
+        ])?;
+        sh(&["ip", "-n", NS_S, "link", "set", IF_S, "up"])?;
+        sh(&["ip", "-n", NS_R, "link", "set", IF_R, "up"])?;
+        sh(&["ip", "-n", NS_R, "link", "set", "lo", "up"])?;
+        // GRO on the receiver and no TSO on the sender make veth receive through NAPI for every
+        // contender (not only under XDP); threaded NAPI then lets us pin it to CPU 1.
+        in_ns(NS_R, &["ethtool", "-K", IF_R, "gro", "on"])?;
+        in_ns(NS_S, &["ethtool", "-K", IF_S, "tso", "off"])?;
+        in_ns(
+            NS_R,
+            &[
+                "sh",
+                "-c",
+                &format!("echo 1 > /sys/class/net/{IF_R}/threaded"),
+            ],
+        )?;
+        Ok(Net)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        &self,
+        c: Contender,
+        flows: u32,
+        rate: Option<u64>,
+        count: u64,
+        cfg: &Path,
+        out_dir: &Path,
+        rewrites: u32,
+        commands: &mut Vec<String>,
+    ) -> Result<Sample> {
+        let root = workspace_root();
+        let bin = |name: &str| root.join("target/release").join(name);
+        let run_dir = out_dir.join("run");
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir)?;
+        let pcap = run_dir.join("capture.pcap");
+        let spool = run_dir.join("spool");
+        let last_port = BASE_PORT as u32 + 2 * (flows - 1);
+        let mut argv: Vec<String> = vec!["taskset".into(), "-c".into(), "1".into()];
+        match c {
+            Contender::Ceiling => argv.extend([
+                bin("bench_rx").display().to_string(),
+                "noop".into(),
+                IF_R.into(),
+                root.join("target/bpfel-unknown-none/release/recorder-noop")
+                    .display()
+                    .to_string(),
+            ]),
+            Contender::Recorder => argv.extend([
+                bin("bench_rx").display().to_string(),
+                "recorder".into(),
+                IF_R.into(),
+                crate::ebpf_object().display().to_string(),
+                spool.display().to_string(),
+                flows.to_string(),
+                BASE_PORT.to_string(),
+                rewrites.to_string(),
+            ]),
+            Contender::Tcpdump => argv.extend([
+                "tcpdump".into(),
+                "-i".into(),
+                IF_R.into(),
+                "-n".into(),
+                "-s".into(),
+                "0".into(),
+                "-B".into(),
+                "16384".into(),
+                "-w".into(),
+                pcap.display().to_string(),
+                format!("udp and dst portrange {BASE_PORT}-{last_port}"),
+            ]),
+            Contender::Socket => argv.extend([
+                bin("socket_recorder").display().to_string(),
+                "10.231.0.2".into(),
+                BASE_PORT.to_string(),
+                flows.to_string(),
+                pcap.display().to_string(),
+            ]),
+        }
+        let mut rx = Receiver::start(&argv, c == Contender::Tcpdump)?;
+        let napi = pin_napi()?;
+        let napi_before = napi_cpu(&napi);
+
+        let rx0 = stat(NS_R, IF_R, "rx_packets")?;
+        let txd0 = stat(NS_S, IF_S, "tx_dropped")?;
+        let cpu0 = cpu1_busy()?;
+        let mut targv: Vec<String> = [
+            "ip", "netns", "exec", NS_S, "taskset", "-c", "0", "trafgen", "-o", IF_S, "-i",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        targv.push(cfg.display().to_string());
+        targv.extend(["-P", "1", "-Q", "-n"].iter().map(|s| s.to_string()));
+        targv.push(count.to_string());
+        if let Some(r) = rate {
+            targv.push("-b".into());
+            targv.push(format!("{r}pps"));
+        }
+        let cmdline = targv.join(" ");
+        if !commands.contains(&cmdline) {
+            commands.push(cmdline);
+        }
+        let rcmd = format!("ip netns exec {NS_R} {}", argv.join(" "));
+        if !commands.contains(&rcmd) {
+            commands.push(rcmd);
+        }
+        let t0 = Instant::now();
+        let tg = Command::new(&targv[0])
+            .args(&targv[1..])
+            .stdin(Stdio::null())
+            .output()
+            .context("trafgen")?;
+        let tg_secs = t0.elapsed().as_secs_f64();
+        let tg_out = String::from_utf8_lossy(&tg.stdout);
+        let offered = tg_out
+            .lines()
+            .find(|l| l.contains("packets outgoing"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .with_context(|| {
+                format!(
+                    "trafgen output: {tg_out} {}",
+                    String::from_utf8_lossy(&tg.stderr)
+                )
+            })?;
+        // Quiet: the interface counter stops moving.
+        let mut last = stat(NS_R, IF_R, "rx_packets")?;
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = stat(NS_R, IF_R, "rx_packets")?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        // Let the receiver empty its queues before CPU is read.
+        std::thread::sleep(Duration::from_millis(300));
+        let cpu1 = cpu1_busy()? - cpu0;
+        let napi_cpu_s = napi_cpu(&napi) - napi_before;
+        let rx_if = last - rx0;
+        let sender_tx_dropped = stat(NS_S, IF_S, "tx_dropped")? - txd0;
+        let (detail, proc_cpu_s, rss_kib) = rx.stop()?;
+
+        let (written, gaps, flows_with_gaps) = match c {
+            Contender::Ceiling => (0, 0, 0),
+            Contender::Recorder => count_pcaps(&spool, flows)?,
+            Contender::Tcpdump | Contender::Socket => count_pcaps(&run_dir, flows)?,
+        };
+        let lost = match c {
+            Contender::Ceiling => offered.saturating_sub(rx_if),
+            _ => offered.saturating_sub(written),
+        };
+        let _ = std::fs::remove_dir_all(&run_dir);
+        Ok(Sample {
+            flows,
+            nominal_pps: rate,
+            offered,
+            offered_pps: offered as f64 / tg_secs,
+            rx_if,
+            sender_tx_dropped,
+            written,
+            lost,
+            gap_events: gaps,
+            flows_with_gaps,
+            cpu1_s: cpu1,
+            proc_cpu_s,
+            napi_cpu_s,
+            rss_kib,
+            extra: detail,
+        })
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in [NS_S, NS_R] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+    }
+}
+
+/// A receiver process in the recorder namespace.
+struct Receiver {
+    child: Child,
+    stdout: Option<BufReader<ChildStdout>>,
+    tcpdump: bool,
+}
+
+impl Receiver {
+    fn start(argv: &[String], tcpdump: bool) -> Result<Self> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", NS_R])
+            .args(argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(if tcpdump {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
+            .spawn()
+            .with_context(|| format!("starting {argv:?}"))?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        if tcpdump {
+            // tcpdump says "listening on ..." on stderr once its socket and filter are set.
+            let mut err = BufReader::new(child.stderr.take().expect("piped"));
+            let mut line = String::new();
+            err.read_line(&mut line)?;
+            if !line.contains("listening") {
+                bail!("tcpdump did not start: {line}");
+            }
+            std::thread::spawn(move || {
+                let mut rest = String::new();
+                let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+            });
+        } else {
+            let mut line = String::new();
+            stdout.read_line(&mut line)?;
+            if line.trim() != "ready" {
+                let _ = child.kill();
+                bail!("receiver did not start: {line:?}");
+            }
+        }
+        Ok(Self {
+            child,
+            stdout: Some(stdout),
+            tcpdump,
+        })
+    }
+
+    /// Stops the receiver; returns its JSON report, CPU seconds and peak RSS (KiB).
+    fn stop(&mut self) -> Result<(Value, f64, u64)> {
+        let pid = self.child.id();
+        if self.tcpdump {
+            let (cpu, rss) = proc_usage(pid)?;
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+            self.child.wait()?;
+            return Ok((json!({}), cpu, rss));
+        }
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(b"stop\n");
+        }
+        let mut line = String::new();
+        self.stdout.take().expect("stdout").read_line(&mut line)?;
+        self.child.wait()?;
+        let v: Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("receiver report: {line:?}"))?;
+        let cpu = v["user_s"].as_f64().unwrap_or(0.0) + v["sys_s"].as_f64().unwrap_or(0.0);
+        let rss = v["max_rss_kib"].as_u64().unwrap_or(0);
+        Ok((v, cpu, rss))
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// utime+stime (s) and VmHWM (KiB) of a process.
+fn proc_usage(pid: u32) -> Result<(f64, u64)> {
+    let cpu = proc_cpu(pid).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((cpu, rss))
+}
+
+fn proc_cpu(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / clk_tck())
+}
+
+/// Busy seconds of CPU 1 (user, nice, system, irq, softirq, steal).
+fn cpu1_busy() -> Result<f64> {
+    let s = std::fs::read_to_string("/proc/stat")?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("cpu1 "))
+        .context("no cpu1 in /proc/stat")?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    Ok((v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / clk_tck())
+}
+
+/// Pins the receive NAPI kthreads of `br0` to CPU 1; returns their pids.
+fn pin_napi() -> Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.starts_with(&format!("napi/{IF_R}-")) {
+            let _ = sh(&["taskset", "-p", "-c", "1", &pid.to_string()]);
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+fn napi_cpu(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&p| proc_cpu(p)).sum()
+}
+
+/// Counts pcap records under `dir` (recursively) and RTP sequence gaps per flow (port).
+/// Returns (records, gap events, flows with gaps).
+fn count_pcaps(dir: &Path, flows: u32) -> Result<(u64, u64, u64)> {
+    let stride = (flows % 256) as u8;
+    let mut last: HashMap<u16, u8> = HashMap::new();
+    let mut gapped: HashMap<u16, u64> = HashMap::new();
+    let mut records = 0;
+    let mut files = Vec::new();
+    collect_pcaps(dir, &mut files)?;
+    for f in files {
+        let data = std::fs::read(&f)?;
+        if data.len() < 24 {
+            continue;
+        }
+        let mut off = 24;
+        while off + 16 <= data.len() {
+            let incl = u32::from_le_bytes(data[off + 8..off + 12].try_into()?) as usize;
+            let start = off + 16;
+            let end = start + incl;
+            if end > data.len() {
+                break;
+            }
+            records += 1;
+            if let Some((port, seq)) = rtp_of(&data[start..end]) {
+                if let Some(prev) = last.insert(port, seq) {
+                    if seq != prev.wrapping_add(stride) {
+                        *gapped.entry(port).or_default() += 1;
+                    }
+                }
+            }
+            off = end;
+        }
+    }
+    Ok((records, gapped.values().sum(), gapped.len() as u64))
+}
+
+fn collect_pcaps(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in rd {
+        let p = e?.path();
+        if p.is_dir() {
+            collect_pcaps(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "pcap") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Destination port and RTP sequence low byte of an Ethernet/IPv4/UDP frame.
+fn rtp_of(frame: &[u8]) -> Option<(u16, u8)> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ihl = (frame.get(14)? & 0x0f) as usize * 4;
+    if *frame.get(23)? != 17 {
+        return None;
+    }
+    let udp = 14 + ihl;
+    let port = u16::from_be_bytes(frame.get(udp + 2..udp + 4)?.try_into().ok()?);
+    let seq_lo = *frame.get(udp + 8 + 3)?;
+    Some((port, seq_lo))
+}
+
+/// Highest offered rate (measured pps) with zero loss among a contender's samples for `flows`.
+fn zero_loss_rate(samples: &[Sample], flows: u32) -> Option<f64> {
+    samples
+        .iter()
+        .filter(|s| s.flows == flows && s.lost == 0)
+        .map(|s| s.offered_pps)
+        .fold(None, |acc, r| Some(acc.map_or(r, |a: f64| a.max(r))))
+}
+
+/// CPU per million packets at the highest nominal rate where both contenders lost nothing
+/// (falling back to the lowest rate), for `flows`.
+fn cpu_ratio(a: &[Sample], b: &[Sample], flows: u32) -> Option<(f64, String)> {
+    let pairs: Vec<(&Sample, &Sample)> = a
+        .iter()
+        .filter(|s| s.flows == flows)
+        .filter_map(|s| {
+            b.iter()
+                .find(|t| t.flows == flows && t.nominal_pps == s.nominal_pps)
+                .map(|t| (s, t))
+        })
+        .collect();
+    let pick = pairs
+        .iter()
+        .filter(|(s, t)| s.lost == 0 && t.lost == 0 && s.nominal_pps.is_some())
+        .max_by_key(|(s, _)| s.nominal_pps)
+        .or_else(|| pairs.first())?;
+    let (s, t) = pick;
+    let ratio = s.cpu_per_mpkt()? / t.cpu_per_mpkt()?;
+    Some((ratio, rate_label(s.nominal_pps)))
+}
+
+fn rate_label(r: Option<u64>) -> String {
+    r.map_or("max".into(), |r| format!("{}k", r / 1000))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    out_dir: &Path,
+    quick: bool,
+    plan: &Plan,
+    samples: &HashMap<Contender, Vec<Sample>>,
+    rewrite: &Sample,
+    commands: &[String],
+    failures: &[String],
+    elapsed: Duration,
+) -> Result<()> {
+    let get = |c: Contender| samples.get(&c).map(Vec::as_slice).unwrap_or(&[]);
+    let mut per_flows = Vec::new();
+    let (mut ceil_ratio, mut tcp_ratio, mut sock_ratio): (Option<f64>, Option<f64>, Option<f64>) =
+        (None, None, None);
+    let min = |acc: Option<f64>, v: Option<f64>| match (acc, v) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let max = |acc: Option<f64>, v: Option<f64>| match (acc, v) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    for &f in &plan.flows {
+        let zl: HashMap<&str, Option<f64>> = Contender::ALL
+            .iter()
+            .map(|&c| (c.key(), zero_loss_rate(get(c), f)))
+            .collect();
+        let cr = match (zl["recorder"], zl["ceiling"]) {
+            (Some(r), Some(c)) if c > 0.0 => Some(r / c),
+            (None, Some(_)) => Some(0.0),
+            _ => None,
+        };
+        let tr = cpu_ratio(get(Contender::Recorder), get(Contender::Tcpdump), f);
+        let sr = cpu_ratio(get(Contender::Recorder), get(Contender::Socket), f);
+        ceil_ratio = min(ceil_ratio, cr);
+        tcp_ratio = max(tcp_ratio, tr.as_ref().map(|x| x.0));
+        sock_ratio = max(sock_ratio, sr.as_ref().map(|x| x.0));
+        per_flows.push(json!({
+            "flows": f, "zero_loss_pps": zl, "ceiling_ratio": cr,
+            "cpu_ratio_tcpdump": tr.as_ref().map(|x| x.0), "cpu_ratio_tcpdump_at": tr.map(|x| x.1),
+            "cpu_ratio_socket": sr.as_ref().map(|x| x.0), "cpu_ratio_socket_at": sr.map(|x| x.1),
+        }));
+    }
+    let machine = machine_info();
+    let rec_flows = *plan.flows.iter().max().unwrap_or(&0);
+    let held = get(Contender::Recorder)
+        .iter()
+        .find(|s| s.flows == rec_flows)
+        .map(|s| {
+            json!({
+                "recordings": s.flows.div_ceil(2), "flows": s.flows,
+                "setup_rss_kib": s.extra["setup_rss_kib"],
+                "rss_kib_per_recording": s.extra["setup_rss_kib"].as_f64().map(|r| r / (s.flows.div_ceil(2)) as f64),
+            })
+        });
+    let tables: serde_json::Map<String, Value> = Contender::ALL
+        .iter()
+        .map(|&c| {
+            (
+                c.key().to_string(),
+                Value::Array(get(c).iter().map(Sample::to_json).collect()),
+            )
+        })
+        .collect();
+    let doc = json!({
+        "ceiling_ratio": ceil_ratio,
+        "cpu_ratio_tcpdump": tcp_ratio,
+        "cpu_ratio_socket": sock_ratio,
+        "rewrite_lost_packets": rewrite.lost,
+        // Of those, lost before the ring (the flow-map rewrite itself); the rest is writer queue.
+        "rewrite_lost_in_xdp": rewrite.offered.saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0)),
+        "max_concurrent_sessions": Value::Null,
+        "sessions_per_second": Value::Null,
+        "sip_note": "SIPp session rate and concurrent-session measurements are not implemented in this version; see datapath_sessions_held for the data-path-only figure.",
+        "datapath_sessions_held": held,
+        "rewrite": rewrite.to_json(),
+        "per_flow_count": per_flows,
+        "contenders": tables,
+        "quick": quick,
+        "elapsed_s": elapsed.as_secs_f64(),
+        "machine": machine,
+        "commands": commands,
+        "failed_runs": failures,
+    });
+    std::fs::write(
+        out_dir.join("report.json"),
+        serde_json::to_string_pretty(&doc)?,
+    )?;
+
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# Recorder benchmark ({})\n",
+        if quick { "quick" } else { "full" }
+    )?;
+    writeln!(
+        md,
+        "Machine: {}\n",
+        machine["summary"].as_str().unwrap_or("")
+    )?;
+    writeln!(
+        md,
+        "Run took {:.0} s. Ratios are against baselines measured in this run.\n",
+        elapsed.as_secs_f64()
+    )?;
+    writeln!(md, "## Summary\n")?;
+    let f2 = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
+    writeln!(md, "| flows | ceiling 0-loss pps | recorder 0-loss pps | tcpdump 0-loss pps | socket 0-loss pps | recorder/ceiling | rec CPU / tcpdump | rec CPU / socket |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    for p in &per_flows {
+        let z = |k: &str| {
+            p["zero_loss_pps"][k]
+                .as_f64()
+                .map_or("none".into(), |v| format!("{v:.0}"))
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} (at {}) | {} (at {}) |",
+            p["flows"],
+            z("ceiling"),
+            z("recorder"),
+            z("tcpdump"),
+            z("socket"),
+            f2(p["ceiling_ratio"].as_f64()),
+            f2(p["cpu_ratio_tcpdump"].as_f64()),
+            p["cpu_ratio_tcpdump_at"].as_str().unwrap_or("-"),
+            f2(p["cpu_ratio_socket"].as_f64()),
+            p["cpu_ratio_socket_at"].as_str().unwrap_or("-"),
+        )?;
+    }
+    writeln!(md, "\nTop level (worst over flow counts): ceiling_ratio {}, cpu_ratio_tcpdump {}, cpu_ratio_socket {}; rewrite_lost_packets {} (of which before the ring, i.e. by the rewrites: {}; {} rewrites during a flat-out run of {} packets, {} flows).\n",
+        f2(ceil_ratio), f2(tcp_ratio), f2(sock_ratio), rewrite.lost,
+        rewrite.offered.saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0)),
+        rewrite.extra["rewrites_done"], rewrite.offered, rewrite.flows)?;
+    writeln!(md, "## Every run\n")?;
+    writeln!(md, "| contender | flows | rate | offered | offered pps | rx at if | sender drops | written | lost | loss % | seq gaps (flows) | CPU1 s (whole CPU) | proc s | napi s | CPU s / Mpkt (proc+napi) | RSS KiB |")?;
+    writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )?;
+    for c in Contender::ALL {
+        for s in get(c) {
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.3} | {} ({}) | {:.2} | {:.2} | {:.2} | {} | {} |",
+                c.key(), s.flows, rate_label(s.nominal_pps), s.offered, s.offered_pps, s.rx_if,
+                s.sender_tx_dropped, if c == Contender::Ceiling { "-".into() } else { s.written.to_string() },
+                s.lost, s.loss_pct(), s.gap_events, s.flows_with_gaps, s.cpu1_s, s.proc_cpu_s,
+                s.napi_cpu_s, s.cpu_per_mpkt().map_or("-".into(), |v| format!("{v:.2}")), s.rss_kib
+            )?;
+        }
+    }
+    writeln!(md, "\nRecorder XDP counters per run are in report.json (`contenders.recorder[].detail.xdp`).\n")?;
+    if !failures.is_empty() {
+        writeln!(md, "## Failed runs\n")?;
+        for f in failures {
+            writeln!(md, "* {f}")?;
+        }
+        writeln!(md)?;
+    }
+    writeln!(md, "## Commands\n")?;
+    for c in commands {
+        writeln!(md, "    {c}")?;
+    }
+    std::fs::write(out_dir.join("report.md"), md)?;
+    chart(&out_dir.join("loss.png"), samples, &plan.flows)?;
+    eprintln!(
+        "bench: wrote {}/report.md, report.json, loss.png",
+        out_dir.display()
+    );
+    Ok(())
+}
+
+fn machine_info() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let kernel = read("/proc/sys/kernel/osrelease").trim().to_string();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let mem = read("/proc/meminfo")
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let loadavg = read("/proc/loadavg").trim().to_string();
+    let trafgen = sh(&["trafgen", "-v"])
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    json!({
+        "kernel": kernel, "cpu_model": model, "cpus": cpus, "memory": mem, "trafgen": trafgen, "loadavg_at_end": loadavg,
+        "summary": format!("{cpus} x {model}, kernel {kernel}, {mem}, load average at end {loadavg}; veth pair between two netns, trafgen on CPU 0, receiver + threaded NAPI on CPU 1"),
+    })
+}
+
+fn chart(path: &Path, samples: &HashMap<Contender, Vec<Sample>>, flows: &[u32]) -> Result<()> {
+    use plotters::prelude::*;
+    let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
+        .iter()
+        .find_map(|p| std::fs::read(p).ok());
+    let has_font = match font {
+        Some(bytes) => plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            Box::leak(bytes.into_boxed_slice()),
+        )
+        .is_ok(),
+        None => false,
+    };
+    // The largest flow count every contender has runs for (the hardest case they all ran).
+    let f = flows
+        .iter()
+        .rev()
+        .find(|&&f| {
+            Contender::ALL.iter().all(|c| {
+                samples
+                    .get(c)
+                    .is_some_and(|v| v.iter().any(|s| s.flows == f))
+            })
+        })
+        .or(flows.last())
+        .copied()
+        .unwrap_or(1);
+    let series: Vec<(Contender, Vec<(f64, f64)>)> = Contender::ALL
+        .iter()
+        .map(|&c| {
+            let mut pts: Vec<(f64, f64)> = samples
+                .get(&c)
+                .map(|v| {
+                    v.iter()
+                        .filter(|s| s.flows == f)
+                        .map(|s| (s.offered_pps / 1000.0, s.loss_pct()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (c, pts)
+        })
+        .collect();
+    let xmax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.0))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let ymax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold(1.0, f64::max)
+        * 1.1;
+    let root = BitMapBackend::new(path, (1000, 650)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if has_font {
+        builder
+            .caption(
+                format!("Loss vs offered rate ({f} flows)"),
+                ("sans-serif", 24),
+            )
+            .x_label_area_size(45)
+            .y_label_area_size(60);
+    }
+    let mut chart = builder.build_cartesian_2d(0.0..xmax, 0.0..ymax)?;
+    if has_font {
+        chart
+            .configure_mesh()
+            .x_desc("offered rate (kpps, measured)")
+            .y_desc("loss (%)")
+            .draw()?;
+    } else {
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_y_mesh()
+            .draw()?;
+    }
+    let colors = [BLACK, RED, BLUE, GREEN];
+    for ((c, pts), color) in series.into_iter().zip(colors) {
+        let s = chart.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?;
+        if has_font {
+            s.label(c.name())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    if has_font {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
