@@ -79,6 +79,12 @@ pub struct SiprecConfig {
     pub pin_source: bool,
     /// `Retry-After` seconds in a 503.
     pub retry_after: u32,
+    /// Reject an INVITE lacking `Require: siprec` or the `+sip.src` Contact tag.
+    pub require_siprec_tag: bool,
+    /// Reject an INVITE without a metadata part.
+    pub require_metadata: bool,
+    /// Reject an offer with a media line (port not 0) lacking `a=label`.
+    pub require_label: bool,
 }
 
 impl Default for SiprecConfig {
@@ -96,6 +102,9 @@ impl Default for SiprecConfig {
             flow_action: FlowAction::Pass,
             pin_source: false,
             retry_after: 30,
+            require_siprec_tag: false,
+            require_metadata: false,
+            require_label: false,
         }
     }
 }
@@ -493,7 +502,16 @@ impl<F: FlowControl> Recorder<F> {
             );
         }
         let require_siprec = require.iter().any(|t| t.eq_ignore_ascii_case("siprec"));
-        if require_siprec && !has_src_feature(request) {
+        let src_feature = has_src_feature(request);
+        if self.config.require_siprec_tag && !(require_siprec && src_feature) {
+            let what = if require_siprec {
+                "Contact must have the +sip.src feature tag"
+            } else {
+                "Require header must have the siprec option tag"
+            };
+            return Err(policy_reject(request, what, "missing_siprec_tag"));
+        }
+        if require_siprec && !src_feature {
             // RFC 7866 wants +sip.src too; some clients omit it. Record anyway.
             warn!(call_id = %key.call_id, "Require: siprec without +sip.src Contact tag; accepting");
         }
@@ -521,6 +539,14 @@ impl<F: FlowControl> Recorder<F> {
         };
         let offer =
             parse_offer(&sdp).map_err(|e| Reject::new(400, format!("Bad SDP: {e}"), "bad_sdp"))?;
+        if self.config.require_metadata && body.metadata.is_none() {
+            return Err(policy_reject(
+                request,
+                "INVITE must have a recording metadata part",
+                "missing_metadata",
+            ));
+        }
+        self.check_labels(request, &offer)?;
         let metadata = match &body.metadata {
             Some(xml) => {
                 let doc = parse_metadata_body(xml)?;
@@ -736,6 +762,26 @@ impl<F: FlowControl> Recorder<F> {
         }
     }
 
+    /// With `require_label`: every live m-line (port not 0) must carry `a=label`, the join key
+    /// with the metadata's streams.
+    fn check_labels(&self, request: &Request, offer: &Offer) -> Result<(), Reject> {
+        if !self.config.require_label {
+            return Ok(());
+        }
+        match offer
+            .streams
+            .iter()
+            .find(|s| s.port != 0 && s.label.is_none())
+        {
+            Some(_) => Err(policy_reject(
+                request,
+                "SDP must have label media attribute",
+                "missing_label",
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Our Contact: the address the client reached us at, tagged as an SRS (RFC 7866 §6.2).
     fn contact(&self, request: &Request) -> String {
         let uri = &request.uri;
@@ -856,6 +902,9 @@ impl<F: FlowControl> Recorder<F> {
             ),
             None => None,
         };
+        if let Some(offer) = &offer {
+            self.check_labels(request, offer)?;
+        }
         let metadata = match body.metadata {
             Some(xml) => Some((parse_metadata_body(&xml)?, xml)),
             None => None,
@@ -1505,6 +1554,14 @@ fn session_key(headers: &rsip::Headers) -> Option<SessionKey> {
     Some(SessionKey { call_id, from_tag })
 }
 
+/// A 400 for a request the acceptance policy refuses, naming what is missing in a
+/// `Warning: 399` (RFC 3261 §20.43 miscellaneous warning), as PJSIP's SRS does.
+fn policy_reject(request: &Request, what: &str, cause: &'static str) -> Reject {
+    let host = request.uri.host_with_port.to_string();
+    Reject::new(400, format!("Bad Request: {what}"), cause)
+        .header("Warning", format!("399 {host} \"{what}\""))
+}
+
 /// Whether a Contact carries the SRC feature tag: `+sip.src`, or legacy `src`, quoted or not.
 fn has_src_feature(request: &Request) -> bool {
     header_lines(&request.headers)
@@ -2148,6 +2205,75 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             "{events:?}"
         );
         assert_eq!(h.rec.counters().sessions_ended.get("bye"), Some(&1));
+    }
+
+    #[test]
+    fn strict_acceptance_policy_answers_400_with_a_warning_naming_the_gap() {
+        let mut h = Harness::new(SiprecConfig {
+            require_siprec_tag: true,
+            require_metadata: true,
+            require_label: true,
+            ..config()
+        });
+        let unlabelled = sdp(1, &[20000], "sendonly").replace("a=label:1\r\n", "");
+        let (ct, with_meta) = multipart(SDP_7, META_7);
+        let (ct_nolabel, nolabel_meta) = multipart(&unlabelled, META_7);
+        let cases = [
+            (
+                Req::new("INVITE", "p-1").body(&ct, &with_meta),
+                "Require header must have the siprec option tag",
+                "missing_siprec_tag",
+            ),
+            (
+                Req::new("INVITE", "p-2")
+                    .header("Require: siprec")
+                    .header("Contact: <sip:src@10.20.0.10:5060>")
+                    .body(&ct, &with_meta),
+                "Contact must have the +sip.src feature tag",
+                "missing_siprec_tag",
+            ),
+            (
+                Req::new("INVITE", "p-3")
+                    .siprec()
+                    .body("application/sdp", &sdp(1, &[20000], "sendonly")),
+                "INVITE must have a recording metadata part",
+                "missing_metadata",
+            ),
+            (
+                Req::new("INVITE", "p-4")
+                    .siprec()
+                    .body(&ct_nolabel, &nolabel_meta),
+                "SDP must have label media attribute",
+                "missing_label",
+            ),
+        ];
+        for (req, what, cause) in &cases {
+            let (code, resp) = status(&mut h, req);
+            assert_eq!(code, 400, "{resp}");
+            assert_eq!(
+                header_value(&resp.headers, "Warning").as_deref(),
+                Some(format!("399 10.20.0.50:5060 \"{what}\"").as_str()),
+                "{resp}"
+            );
+            assert!(
+                h.rec.counters().rejections.contains_key(&(400, *cause)),
+                "{cause}"
+            );
+        }
+        assert!(h.take_events().is_empty());
+        assert!(h.rec.flows().table.flows.is_empty());
+
+        // A conforming INVITE is recorded; a later unlabelled offer is refused, the session kept.
+        let (resp, _) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let reinvite = Req::new("INVITE", "rs-0c6e2b11@10.20.0.10")
+            .siprec()
+            .in_dialog(&tag, 2)
+            .body("application/sdp", &unlabelled.replace(" 1 IN", " 2 IN"));
+        let (code, resp) = status(&mut h, &reinvite);
+        assert_eq!(code, 400, "{resp}");
+        assert_eq!(h.rec.sessions().len(), 1);
+        assert!(h.take_events().is_empty());
     }
 
     #[test]
