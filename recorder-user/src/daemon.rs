@@ -270,6 +270,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             require_siprec_tag: config.require_siprec_tag,
             require_metadata: config.require_metadata,
             require_label: config.require_label,
+            answer_inactive: config.answer_inactive,
             retry_after: config.retry_after_secs,
         },
         flows,

@@ -85,6 +85,10 @@ pub struct SiprecConfig {
     pub require_metadata: bool,
     /// Reject an offer with a media line (port not 0) lacking `a=label`.
     pub require_label: bool,
+    /// Answer the streams of a new session `a=inactive` and start them paused. The endpoint
+    /// has no INVITE client transaction, so we cannot re-INVITE with `a=recvonly`; recording
+    /// resumes when the client re-offers.
+    pub answer_inactive: bool,
 }
 
 impl Default for SiprecConfig {
@@ -105,6 +109,7 @@ impl Default for SiprecConfig {
             require_siprec_tag: false,
             require_metadata: false,
             require_label: false,
+            answer_inactive: false,
         }
     }
 }
@@ -569,7 +574,11 @@ impl<F: FlowControl> Recorder<F> {
         for stream in &offer.streams {
             let slot = match usable_codec(stream) {
                 Some(codec) => match self.open_stream(now, stream, codec) {
-                    Ok(info) => Some(info),
+                    Ok(mut info) => {
+                        // Inactive-first: the flow is pinned, the answer says inactive.
+                        info.paused |= self.config.answer_inactive;
+                        Some(info)
+                    }
                     Err(reject) => {
                         for info in slots.into_iter().flatten() {
                             self.close_stream(now, &info, false);
@@ -2274,6 +2283,60 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         assert_eq!(code, 400, "{resp}");
         assert_eq!(h.rec.sessions().len(), 1);
         assert!(h.take_events().is_empty());
+    }
+
+    #[test]
+    fn inactive_first_answers_inactive_pins_flows_and_resumes_on_a_client_reoffer() {
+        let mut h = Harness::new(SiprecConfig {
+            answer_inactive: true,
+            ..config()
+        });
+        let req = Req::new("INVITE", "inact-1")
+            .siprec()
+            .body("application/sdp", &sdp(1, &[20000, 20002], "sendonly"));
+        let resp = final_response(&h.send(&req));
+        assert_eq!(resp.status_code.code(), 200, "{resp}");
+        let tag = to_tag(&resp.headers).unwrap();
+        h.send(&ack("inact-1", "sbc-7731", &tag, 1));
+        let answer = body(&resp);
+        let ports = m_ports(&answer);
+        assert_eq!(ports.len(), 2, "{answer}");
+        for (i, port) in ports.iter().enumerate() {
+            let section = m_section(&answer, i);
+            assert!(section.contains(&"a=inactive".to_string()), "{answer}");
+            assert!(!section.contains(&"a=recvonly".to_string()), "{answer}");
+            assert!(h.flow(*port).is_some(), "flow of m-line {i} pinned");
+        }
+        let events = h.take_events();
+        let [SessionEvent::Started { id, streams, .. }] = &events[..] else {
+            panic!("{events:?}");
+        };
+        assert!(streams.iter().all(|s| s.paused), "{streams:?}");
+
+        // The client re-offers (same media, o= bumped): recording starts.
+        let reinvite = Req::new("INVITE", "inact-1")
+            .siprec()
+            .in_dialog(&tag, 2)
+            .body("application/sdp", &sdp(2, &[20000, 20002], "sendonly"));
+        let (code, resp) = status(&mut h, &reinvite);
+        assert_eq!(code, 200, "{resp}");
+        let answer = body(&resp);
+        assert_eq!(m_ports(&answer), ports);
+        for i in 0..2 {
+            assert!(
+                m_section(&answer, i).contains(&"a=recvonly".to_string()),
+                "{answer}"
+            );
+        }
+        let resumed: Vec<_> = h
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                SessionEvent::Resumed { id: rid, label, .. } if rid == *id => Some(label),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(resumed, vec!["1".to_string(), "2".to_string()]);
     }
 
     #[test]
