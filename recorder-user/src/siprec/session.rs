@@ -14,11 +14,12 @@
 //! re-offers are diffed m-line by m-line against it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant, SystemTime},
 };
 
+use rand::Rng;
 use rsip::{headers::UntypedHeader, Header, Method, Request};
 use tracing::{debug, info, warn};
 
@@ -127,6 +128,8 @@ pub struct SiprecCounters {
     pub snapshot_requests: u64,
     /// Of those, the ones the client refused (non-2xx) or never answered.
     pub snapshot_requests_failed: u64,
+    /// Snapshot requests sent again after a 491 (glare) and its back-off.
+    pub snapshot_retries: u64,
 }
 
 fn rejections_by_name<S: serde::Serializer>(
@@ -309,8 +312,14 @@ struct Outbox {
     /// Deferred answers.
     replies: Vec<(TxnId, Reply)>,
     byes: Vec<(DialogId, String)>,
-    /// Metadata snapshot requests: (dialog, `requestsnapshot` body).
-    snapshot_requests: Vec<(DialogId, String)>,
+    /// Metadata snapshot requests: (dialog, `requestsnapshot` body, is a 491 retry).
+    snapshot_requests: Vec<(DialogId, String, bool)>,
+}
+
+/// A snapshot request UPDATE awaiting its response, kept to send it again after a 491.
+struct SnapshotInFlight {
+    xml: String,
+    retried: bool,
 }
 
 /// The recording server: sessions, ports, flows.
@@ -327,6 +336,11 @@ pub struct Recorder<F: FlowControl> {
     not_accepting_reason: String,
     counters: SiprecCounters,
     outbox: Outbox,
+    /// Our snapshot UPDATEs awaiting a response (one per dialog: the endpoint sends one
+    /// in-dialog request at a time).
+    snapshots_in_flight: HashMap<DialogId, SnapshotInFlight>,
+    /// Snapshot requests refused with 491, to send again at the given time.
+    snapshot_retries: Vec<(Instant, DialogId, String)>,
 }
 
 impl<F: FlowControl> Recorder<F> {
@@ -349,6 +363,8 @@ impl<F: FlowControl> Recorder<F> {
             not_accepting_reason: String::new(),
             counters: SiprecCounters::default(),
             outbox: Outbox::default(),
+            snapshots_in_flight: HashMap::new(),
+            snapshot_retries: Vec::new(),
         }
     }
 
@@ -1161,9 +1177,11 @@ impl<F: FlowControl> Recorder<F> {
                 continue;
             };
             if let Some(reason) = session.snapshot_due.take() {
-                self.outbox
-                    .snapshot_requests
-                    .push((dialog.clone(), snapshot_request_xml(&reason)));
+                self.outbox.snapshot_requests.push((
+                    dialog.clone(),
+                    snapshot_request_xml(&reason),
+                    false,
+                ));
             }
         }
     }
@@ -1175,6 +1193,10 @@ impl<F: FlowControl> Recorder<F> {
         };
         for info in session.slots.iter().flatten() {
             self.close_stream(now, info, true);
+        }
+        if let Some(dialog) = &session.dialog {
+            self.snapshots_in_flight.remove(dialog);
+            self.snapshot_retries.retain(|(_, d, _)| d != dialog);
         }
         match session.phase {
             // Never answered: the INVITE gets a final answer instead of a BYE.
@@ -1284,7 +1306,38 @@ impl<F: FlowControl> Recorder<F> {
                     .refresh_deadline
                     .map_or(s.next_idle_check, |d| d.min(s.next_idle_check)),
             })
+            .chain(self.snapshot_retries.iter().map(|(at, _, _)| *at))
             .min()
+    }
+
+    /// A 491 (glare: the client's own request crossed ours) to a snapshot request: schedule it
+    /// once more after the RFC 3261 §14.1 back-off. As UAS we never own the Call-ID, so the
+    /// wait is 0-2 s in units of 10 ms. `false` if it was already the retry.
+    fn back_off_snapshot(&mut self, now: Instant, dialog: &DialogId) -> bool {
+        let Some(sent) = self.snapshots_in_flight.remove(dialog) else {
+            return false;
+        };
+        if sent.retried {
+            return false;
+        }
+        let wait = Duration::from_millis(10 * rand::thread_rng().gen_range(0..=200u64));
+        debug!(call_id = %dialog.call_id, ?wait, "snapshot request met 491; retrying");
+        self.snapshot_retries
+            .push((now + wait, dialog.clone(), sent.xml));
+        true
+    }
+
+    /// Queues the snapshot retries whose back-off is over, for dialogs that still exist.
+    fn queue_snapshot_retries(&mut self, now: Instant) {
+        let (due, later) = std::mem::take(&mut self.snapshot_retries)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.snapshot_retries = later;
+        for (_, dialog, xml) in due {
+            if self.session_for_dialog(&dialog).is_some() {
+                self.outbox.snapshot_requests.push((dialog, xml, true));
+            }
+        }
     }
 
     /// Sends what the logic queued.
@@ -1298,15 +1351,32 @@ impl<F: FlowControl> Recorder<F> {
             }
         }
         self.queue_snapshot_requests();
-        for (dialog, xml) in std::mem::take(&mut self.outbox.snapshot_requests) {
+        for (dialog, xml, retry) in std::mem::take(&mut self.outbox.snapshot_requests) {
             let headers = vec![
                 Header::ContentType(rsip::headers::ContentType::new(SNAPSHOT_REQUEST_TYPE)),
                 Header::ContentDisposition(rsip::headers::ContentDisposition::new(
                     "recording-session",
                 )),
             ];
-            match endpoint.send_request(now, &dialog, Method::Update, headers, xml.into_bytes()) {
-                Ok(()) => self.counters.snapshot_requests += 1,
+            match endpoint.send_request(
+                now,
+                &dialog,
+                Method::Update,
+                headers,
+                xml.clone().into_bytes(),
+            ) {
+                Ok(()) => {
+                    if retry {
+                        self.counters.snapshot_retries += 1;
+                    } else {
+                        self.counters.snapshot_requests += 1;
+                    }
+                    let entry = SnapshotInFlight {
+                        xml,
+                        retried: retry,
+                    };
+                    self.snapshots_in_flight.insert(dialog, entry);
+                }
                 // The dialog went away meanwhile (BYE crossed): nothing to ask for.
                 Err(e) => debug!(error = %e, "snapshot request not sent"),
             }
@@ -1356,14 +1426,18 @@ impl<F: FlowControl> SipApp for Recorder<F> {
                 method: Method::Update,
                 response,
             } => match response.map(|r| r.status_code.code()) {
+                Some(491) if self.back_off_snapshot(now, &dialog) => {}
                 Some(code @ 200..=299) => {
+                    self.snapshots_in_flight.remove(&dialog);
                     debug!(call_id = %dialog.call_id, code, "snapshot request accepted");
                 }
                 Some(code) => {
+                    self.snapshots_in_flight.remove(&dialog);
                     self.counters.snapshot_requests_failed += 1;
                     warn!(call_id = %dialog.call_id, code, "snapshot request refused");
                 }
                 None => {
+                    self.snapshots_in_flight.remove(&dialog);
                     self.counters.snapshot_requests_failed += 1;
                     warn!(call_id = %dialog.call_id, "snapshot request unanswered");
                 }
@@ -1375,6 +1449,7 @@ impl<F: FlowControl> SipApp for Recorder<F> {
 
     fn handle_timeout(&mut self, now: Instant, endpoint: &mut Endpoint) {
         self.on_timeout(now);
+        self.queue_snapshot_retries(now);
         self.flush(now, endpoint);
     }
 
@@ -1688,10 +1763,7 @@ fn merge_call_ids(old: &mut CallIds, fresh: CallIds) {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::HashMap,
-        sync::{Arc, Mutex},
-    };
+    use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::flow::{FlowError, MemoryFlows};
@@ -3336,6 +3408,49 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
         assert_eq!(snapshot_requests(&out).len(), 1);
         h.advance(Duration::from_secs(40));
         assert_eq!(h.rec.counters().snapshot_requests_failed, 2);
+        assert_eq!(h.rec.sessions().len(), 1);
+    }
+
+    #[test]
+    fn snapshot_request_met_with_491_is_retried_once_after_the_back_off() {
+        let mut h = Harness::new(config());
+        let (resp, _) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let call = "rs-0c6e2b11@10.20.0.10";
+        let out = h.send(
+            &Req::new("UPDATE", call)
+                .in_dialog(&tag, 2)
+                .body("application/rs-metadata+xml", META_GHOST),
+        );
+        let first = snapshot_requests(&out);
+        assert_eq!(first.len(), 1, "{out:?}");
+
+        // Glare: the client answers 491. Nothing goes out at once (`answer` checks that);
+        // the retry is due within the UAS back-off window of 0-2 s.
+        let t0 = h.now;
+        answer(&mut h, &first[0], 491, "Request Pending");
+        let due = h.rec.poll_timeout().expect("a retry is scheduled");
+        assert!(
+            due >= t0 && due <= t0 + Duration::from_secs(2),
+            "{:?}",
+            due - t0
+        );
+        assert_eq!(h.rec.counters().snapshot_requests_failed, 0);
+        let out = h.advance(Duration::from_secs(2));
+        let retry = snapshot_requests(&out);
+        assert_eq!(retry.len(), 1, "{out:?}");
+        assert_snapshot_request(&retry[0]);
+        assert_eq!(retry[0].body, first[0].body);
+        let cseq = |r: &rsip::Request| header_value(&r.headers, "CSeq").unwrap();
+        assert_ne!(cseq(&retry[0]), cseq(&first[0]), "a new transaction");
+        assert_eq!(h.rec.counters().snapshot_retries, 1);
+        assert_eq!(h.rec.counters().snapshot_requests, 1);
+
+        // A second 491: given up, counted as failed, no third attempt.
+        answer(&mut h, &retry[0], 491, "Request Pending");
+        assert_eq!(h.rec.counters().snapshot_requests_failed, 1);
+        assert!(snapshot_requests(&h.advance(Duration::from_secs(5))).is_empty());
+        assert_eq!(h.rec.counters().snapshot_retries, 1);
         assert_eq!(h.rec.sessions().len(), 1);
     }
 
