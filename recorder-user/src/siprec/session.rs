@@ -729,6 +729,7 @@ impl<F: FlowControl> Recorder<F> {
             local_port: port,
             rtcp_port: need_rtcp.then(|| port + 1),
             remote,
+            rtcp_remote: rtcp_remote(stream),
             codec,
             telephone_event_pt: stream.telephone_event.as_ref().map(|c| c.payload_type),
             paused: stream_paused(stream),
@@ -1008,9 +1009,14 @@ impl<F: FlowControl> Recorder<F> {
                 (Some(mut info), Some(stream), Some(codec)) => {
                     let remote = stream_remote(stream);
                     let te = stream.telephone_event.as_ref().map(|c| c.payload_type);
-                    if info.remote != remote || info.codec != codec || info.telephone_event_pt != te
+                    let rtcp_to = rtcp_remote(stream);
+                    if info.remote != remote
+                        || info.codec != codec
+                        || info.telephone_event_pt != te
+                        || info.rtcp_remote != rtcp_to
                     {
                         info.remote = remote;
+                        info.rtcp_remote = rtcp_to;
                         info.codec = codec;
                         info.telephone_event_pt = te;
                         // Same local key; the generation bump tells the data path it changed.
