@@ -219,6 +219,15 @@ pub struct Config {
     pub flow_action: FlowAction,
     /// Only capture packets from the source the SDP names.
     pub pin_source: bool,
+    /// Reject (400) an INVITE without `Require: siprec` and a `+sip.src` Contact.
+    pub require_siprec_tag: bool,
+    /// Reject (400) an INVITE without a metadata part.
+    pub require_metadata: bool,
+    /// Reject (400) an offer with a media line lacking `a=label`.
+    pub require_label: bool,
+    /// Answer every new stream `a=inactive` (recording deferred, streams start paused) until
+    /// the client re-offers.
+    pub answer_inactive: bool,
     /// Refuse new sessions when the spool has less free space than this.
     pub min_free_bytes: u64,
     /// Delete completed recordings older than this many hours.
@@ -269,6 +278,10 @@ impl Default for Config {
             attach_mode: AttachMode::Auto,
             flow_action: FlowAction::Pass,
             pin_source: false,
+            require_siprec_tag: false,
+            require_metadata: false,
+            require_label: false,
+            answer_inactive: false,
             min_free_bytes: 64 << 20,
             retention_max_age_hours: None,
             retention_max_bytes: None,

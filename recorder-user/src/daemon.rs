@@ -253,6 +253,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         retry_after_secs: config.retry_after_secs,
         ..EndpointConfig::default()
     });
+    // Receiver reports follow the same events as the writers.
+    let (rtcp_tx, rtcp_rx) = mpsc::unbounded_channel::<SessionEvent>();
+    let rtcp_task = tokio::spawn(crate::rtcp::run(
+        media_address,
+        writer.reception_reader(),
+        rtcp_rx,
+        shutdown.clone(),
+    ));
     let mut call_uuids = std::collections::HashMap::new();
     let recorder = Recorder::new(
         SiprecConfig {
@@ -267,11 +275,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             min_session_expires: config.min_session_expires,
             flow_action: config.flow_action,
             pin_source: config.pin_source,
+            require_siprec_tag: config.require_siprec_tag,
+            require_metadata: config.require_metadata,
+            require_label: config.require_label,
+            answer_inactive: config.answer_inactive,
             retry_after: config.retry_after_secs,
         },
         flows,
         Box::new(move |event: SessionEvent| {
             log_event(&event, &mut call_uuids);
+            let _ = rtcp_tx.send(event.clone());
             // Fails only once the capture task is gone, at the very end of shutdown.
             let _ = events_tx.send(event);
         }),
@@ -405,6 +418,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         let _ = task.await;
     }
     let _ = reload_task.await;
+    let _ = rtcp_task.await;
     capture.detach_all();
     let writer =
         Arc::try_unwrap(writer).map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;

@@ -30,6 +30,9 @@ pub struct StreamInfo {
     pub rtcp_port: Option<u16>,
     /// Where the client said it sends from (SDP connection address and port), if given.
     pub remote: Option<SocketAddr>,
+    /// Where the client's RTCP is (`a=rtcp`, else RTP port + 1), where our receiver reports go.
+    #[serde(default)]
+    pub rtcp_remote: Option<SocketAddr>,
     /// Codec chosen in our answer.
     pub codec: Codec,
     /// Payload type of `telephone-event` (RFC 4733), if offered.

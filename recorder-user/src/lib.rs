@@ -25,6 +25,7 @@ pub mod flow;
 pub mod index;
 pub mod metrics;
 pub mod reload;
+pub mod rtcp;
 pub mod sip;
 pub mod siprec;
 pub mod transport;

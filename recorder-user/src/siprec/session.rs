@@ -14,11 +14,12 @@
 //! re-offers are diffed m-line by m-line against it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant, SystemTime},
 };
 
+use rand::Rng;
 use rsip::{headers::UntypedHeader, Header, Method, Request};
 use tracing::{debug, info, warn};
 
@@ -79,6 +80,16 @@ pub struct SiprecConfig {
     pub pin_source: bool,
     /// `Retry-After` seconds in a 503.
     pub retry_after: u32,
+    /// Reject an INVITE lacking `Require: siprec` or the `+sip.src` Contact tag.
+    pub require_siprec_tag: bool,
+    /// Reject an INVITE without a metadata part.
+    pub require_metadata: bool,
+    /// Reject an offer with a media line (port not 0) lacking `a=label`.
+    pub require_label: bool,
+    /// Answer the streams of a new session `a=inactive` and start them paused. The endpoint
+    /// has no INVITE client transaction, so we cannot re-INVITE with `a=recvonly`; recording
+    /// resumes when the client re-offers.
+    pub answer_inactive: bool,
 }
 
 impl Default for SiprecConfig {
@@ -96,6 +107,10 @@ impl Default for SiprecConfig {
             flow_action: FlowAction::Pass,
             pin_source: false,
             retry_after: 30,
+            require_siprec_tag: false,
+            require_metadata: false,
+            require_label: false,
+            answer_inactive: false,
         }
     }
 }
@@ -113,6 +128,8 @@ pub struct SiprecCounters {
     pub snapshot_requests: u64,
     /// Of those, the ones the client refused (non-2xx) or never answered.
     pub snapshot_requests_failed: u64,
+    /// Snapshot requests sent again after a 491 (glare) and its back-off.
+    pub snapshot_retries: u64,
 }
 
 fn rejections_by_name<S: serde::Serializer>(
@@ -295,8 +312,14 @@ struct Outbox {
     /// Deferred answers.
     replies: Vec<(TxnId, Reply)>,
     byes: Vec<(DialogId, String)>,
-    /// Metadata snapshot requests: (dialog, `requestsnapshot` body).
-    snapshot_requests: Vec<(DialogId, String)>,
+    /// Metadata snapshot requests: (dialog, `requestsnapshot` body, is a 491 retry).
+    snapshot_requests: Vec<(DialogId, String, bool)>,
+}
+
+/// A snapshot request UPDATE awaiting its response, kept to send it again after a 491.
+struct SnapshotInFlight {
+    xml: String,
+    retried: bool,
 }
 
 /// The recording server: sessions, ports, flows.
@@ -313,6 +336,11 @@ pub struct Recorder<F: FlowControl> {
     not_accepting_reason: String,
     counters: SiprecCounters,
     outbox: Outbox,
+    /// Our snapshot UPDATEs awaiting a response (one per dialog: the endpoint sends one
+    /// in-dialog request at a time).
+    snapshots_in_flight: HashMap<DialogId, SnapshotInFlight>,
+    /// Snapshot requests refused with 491, to send again at the given time.
+    snapshot_retries: Vec<(Instant, DialogId, String)>,
 }
 
 impl<F: FlowControl> Recorder<F> {
@@ -335,6 +363,8 @@ impl<F: FlowControl> Recorder<F> {
             not_accepting_reason: String::new(),
             counters: SiprecCounters::default(),
             outbox: Outbox::default(),
+            snapshots_in_flight: HashMap::new(),
+            snapshot_retries: Vec::new(),
         }
     }
 
@@ -493,7 +523,16 @@ impl<F: FlowControl> Recorder<F> {
             );
         }
         let require_siprec = require.iter().any(|t| t.eq_ignore_ascii_case("siprec"));
-        if require_siprec && !has_src_feature(request) {
+        let src_feature = has_src_feature(request);
+        if self.config.require_siprec_tag && !(require_siprec && src_feature) {
+            let what = if require_siprec {
+                "Contact must have the +sip.src feature tag"
+            } else {
+                "Require header must have the siprec option tag"
+            };
+            return Err(policy_reject(request, what, "missing_siprec_tag"));
+        }
+        if require_siprec && !src_feature {
             // RFC 7866 wants +sip.src too; some clients omit it. Record anyway.
             warn!(call_id = %key.call_id, "Require: siprec without +sip.src Contact tag; accepting");
         }
@@ -521,6 +560,14 @@ impl<F: FlowControl> Recorder<F> {
         };
         let offer =
             parse_offer(&sdp).map_err(|e| Reject::new(400, format!("Bad SDP: {e}"), "bad_sdp"))?;
+        if self.config.require_metadata && body.metadata.is_none() {
+            return Err(policy_reject(
+                request,
+                "INVITE must have a recording metadata part",
+                "missing_metadata",
+            ));
+        }
+        self.check_labels(request, &offer)?;
         let metadata = match &body.metadata {
             Some(xml) => {
                 let doc = parse_metadata_body(xml)?;
@@ -543,7 +590,11 @@ impl<F: FlowControl> Recorder<F> {
         for stream in &offer.streams {
             let slot = match usable_codec(stream) {
                 Some(codec) => match self.open_stream(now, stream, codec) {
-                    Ok(info) => Some(info),
+                    Ok(mut info) => {
+                        // Inactive-first: the flow is pinned, the answer says inactive.
+                        info.paused |= self.config.answer_inactive;
+                        Some(info)
+                    }
                     Err(reject) => {
                         for info in slots.into_iter().flatten() {
                             self.close_stream(now, &info, false);
@@ -678,6 +729,7 @@ impl<F: FlowControl> Recorder<F> {
             local_port: port,
             rtcp_port: need_rtcp.then(|| port + 1),
             remote,
+            rtcp_remote: rtcp_remote(stream),
             codec,
             telephone_event_pt: stream.telephone_event.as_ref().map(|c| c.payload_type),
             paused: stream_paused(stream),
@@ -733,6 +785,26 @@ impl<F: FlowControl> Recorder<F> {
             local: SocketAddr::new(self.config.media_address, port),
             remote: if self.config.pin_source { remote } else { None },
             action: self.config.flow_action,
+        }
+    }
+
+    /// With `require_label`: every live m-line (port not 0) must carry `a=label`, the join key
+    /// with the metadata's streams.
+    fn check_labels(&self, request: &Request, offer: &Offer) -> Result<(), Reject> {
+        if !self.config.require_label {
+            return Ok(());
+        }
+        match offer
+            .streams
+            .iter()
+            .find(|s| s.port != 0 && s.label.is_none())
+        {
+            Some(_) => Err(policy_reject(
+                request,
+                "SDP must have label media attribute",
+                "missing_label",
+            )),
+            None => Ok(()),
         }
     }
 
@@ -856,6 +928,9 @@ impl<F: FlowControl> Recorder<F> {
             ),
             None => None,
         };
+        if let Some(offer) = &offer {
+            self.check_labels(request, offer)?;
+        }
         let metadata = match body.metadata {
             Some(xml) => Some((parse_metadata_body(&xml)?, xml)),
             None => None,
@@ -934,9 +1009,14 @@ impl<F: FlowControl> Recorder<F> {
                 (Some(mut info), Some(stream), Some(codec)) => {
                     let remote = stream_remote(stream);
                     let te = stream.telephone_event.as_ref().map(|c| c.payload_type);
-                    if info.remote != remote || info.codec != codec || info.telephone_event_pt != te
+                    let rtcp_to = rtcp_remote(stream);
+                    if info.remote != remote
+                        || info.codec != codec
+                        || info.telephone_event_pt != te
+                        || info.rtcp_remote != rtcp_to
                     {
                         info.remote = remote;
+                        info.rtcp_remote = rtcp_to;
                         info.codec = codec;
                         info.telephone_event_pt = te;
                         // Same local key; the generation bump tells the data path it changed.
@@ -1103,9 +1183,11 @@ impl<F: FlowControl> Recorder<F> {
                 continue;
             };
             if let Some(reason) = session.snapshot_due.take() {
-                self.outbox
-                    .snapshot_requests
-                    .push((dialog.clone(), snapshot_request_xml(&reason)));
+                self.outbox.snapshot_requests.push((
+                    dialog.clone(),
+                    snapshot_request_xml(&reason),
+                    false,
+                ));
             }
         }
     }
@@ -1117,6 +1199,10 @@ impl<F: FlowControl> Recorder<F> {
         };
         for info in session.slots.iter().flatten() {
             self.close_stream(now, info, true);
+        }
+        if let Some(dialog) = &session.dialog {
+            self.snapshots_in_flight.remove(dialog);
+            self.snapshot_retries.retain(|(_, d, _)| d != dialog);
         }
         match session.phase {
             // Never answered: the INVITE gets a final answer instead of a BYE.
@@ -1226,7 +1312,38 @@ impl<F: FlowControl> Recorder<F> {
                     .refresh_deadline
                     .map_or(s.next_idle_check, |d| d.min(s.next_idle_check)),
             })
+            .chain(self.snapshot_retries.iter().map(|(at, _, _)| *at))
             .min()
+    }
+
+    /// A 491 (glare: the client's own request crossed ours) to a snapshot request: schedule it
+    /// once more after the RFC 3261 §14.1 back-off. As UAS we never own the Call-ID, so the
+    /// wait is 0-2 s in units of 10 ms. `false` if it was already the retry.
+    fn back_off_snapshot(&mut self, now: Instant, dialog: &DialogId) -> bool {
+        let Some(sent) = self.snapshots_in_flight.remove(dialog) else {
+            return false;
+        };
+        if sent.retried {
+            return false;
+        }
+        let wait = Duration::from_millis(10 * rand::thread_rng().gen_range(0..=200u64));
+        debug!(call_id = %dialog.call_id, ?wait, "snapshot request met 491; retrying");
+        self.snapshot_retries
+            .push((now + wait, dialog.clone(), sent.xml));
+        true
+    }
+
+    /// Queues the snapshot retries whose back-off is over, for dialogs that still exist.
+    fn queue_snapshot_retries(&mut self, now: Instant) {
+        let (due, later) = std::mem::take(&mut self.snapshot_retries)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.snapshot_retries = later;
+        for (_, dialog, xml) in due {
+            if self.session_for_dialog(&dialog).is_some() {
+                self.outbox.snapshot_requests.push((dialog, xml, true));
+            }
+        }
     }
 
     /// Sends what the logic queued.
@@ -1240,15 +1357,32 @@ impl<F: FlowControl> Recorder<F> {
             }
         }
         self.queue_snapshot_requests();
-        for (dialog, xml) in std::mem::take(&mut self.outbox.snapshot_requests) {
+        for (dialog, xml, retry) in std::mem::take(&mut self.outbox.snapshot_requests) {
             let headers = vec![
                 Header::ContentType(rsip::headers::ContentType::new(SNAPSHOT_REQUEST_TYPE)),
                 Header::ContentDisposition(rsip::headers::ContentDisposition::new(
                     "recording-session",
                 )),
             ];
-            match endpoint.send_request(now, &dialog, Method::Update, headers, xml.into_bytes()) {
-                Ok(()) => self.counters.snapshot_requests += 1,
+            match endpoint.send_request(
+                now,
+                &dialog,
+                Method::Update,
+                headers,
+                xml.clone().into_bytes(),
+            ) {
+                Ok(()) => {
+                    if retry {
+                        self.counters.snapshot_retries += 1;
+                    } else {
+                        self.counters.snapshot_requests += 1;
+                    }
+                    let entry = SnapshotInFlight {
+                        xml,
+                        retried: retry,
+                    };
+                    self.snapshots_in_flight.insert(dialog, entry);
+                }
                 // The dialog went away meanwhile (BYE crossed): nothing to ask for.
                 Err(e) => debug!(error = %e, "snapshot request not sent"),
             }
@@ -1298,14 +1432,18 @@ impl<F: FlowControl> SipApp for Recorder<F> {
                 method: Method::Update,
                 response,
             } => match response.map(|r| r.status_code.code()) {
+                Some(491) if self.back_off_snapshot(now, &dialog) => {}
                 Some(code @ 200..=299) => {
+                    self.snapshots_in_flight.remove(&dialog);
                     debug!(call_id = %dialog.call_id, code, "snapshot request accepted");
                 }
                 Some(code) => {
+                    self.snapshots_in_flight.remove(&dialog);
                     self.counters.snapshot_requests_failed += 1;
                     warn!(call_id = %dialog.call_id, code, "snapshot request refused");
                 }
                 None => {
+                    self.snapshots_in_flight.remove(&dialog);
                     self.counters.snapshot_requests_failed += 1;
                     warn!(call_id = %dialog.call_id, "snapshot request unanswered");
                 }
@@ -1317,6 +1455,7 @@ impl<F: FlowControl> SipApp for Recorder<F> {
 
     fn handle_timeout(&mut self, now: Instant, endpoint: &mut Endpoint) {
         self.on_timeout(now);
+        self.queue_snapshot_retries(now);
         self.flush(now, endpoint);
     }
 
@@ -1505,6 +1644,14 @@ fn session_key(headers: &rsip::Headers) -> Option<SessionKey> {
     Some(SessionKey { call_id, from_tag })
 }
 
+/// A 400 for a request the acceptance policy refuses, naming what is missing in a
+/// `Warning: 399` (RFC 3261 §20.43 miscellaneous warning), as PJSIP's SRS does.
+fn policy_reject(request: &Request, what: &str, cause: &'static str) -> Reject {
+    let host = request.uri.host_with_port.to_string();
+    Reject::new(400, format!("Bad Request: {what}"), cause)
+        .header("Warning", format!("399 {host} \"{what}\""))
+}
+
 /// Whether a Contact carries the SRC feature tag: `+sip.src`, or legacy `src`, quoted or not.
 fn has_src_feature(request: &Request) -> bool {
     header_lines(&request.headers)
@@ -1622,10 +1769,7 @@ fn merge_call_ids(old: &mut CallIds, fresh: CallIds) {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        collections::HashMap,
-        sync::{Arc, Mutex},
-    };
+    use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::flow::{FlowError, MemoryFlows};
@@ -2148,6 +2292,129 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             "{events:?}"
         );
         assert_eq!(h.rec.counters().sessions_ended.get("bye"), Some(&1));
+    }
+
+    #[test]
+    fn strict_acceptance_policy_answers_400_with_a_warning_naming_the_gap() {
+        let mut h = Harness::new(SiprecConfig {
+            require_siprec_tag: true,
+            require_metadata: true,
+            require_label: true,
+            ..config()
+        });
+        let unlabelled = sdp(1, &[20000], "sendonly").replace("a=label:1\r\n", "");
+        let (ct, with_meta) = multipart(SDP_7, META_7);
+        let (ct_nolabel, nolabel_meta) = multipart(&unlabelled, META_7);
+        let cases = [
+            (
+                Req::new("INVITE", "p-1").body(&ct, &with_meta),
+                "Require header must have the siprec option tag",
+                "missing_siprec_tag",
+            ),
+            (
+                Req::new("INVITE", "p-2")
+                    .header("Require: siprec")
+                    .header("Contact: <sip:src@10.20.0.10:5060>")
+                    .body(&ct, &with_meta),
+                "Contact must have the +sip.src feature tag",
+                "missing_siprec_tag",
+            ),
+            (
+                Req::new("INVITE", "p-3")
+                    .siprec()
+                    .body("application/sdp", &sdp(1, &[20000], "sendonly")),
+                "INVITE must have a recording metadata part",
+                "missing_metadata",
+            ),
+            (
+                Req::new("INVITE", "p-4")
+                    .siprec()
+                    .body(&ct_nolabel, &nolabel_meta),
+                "SDP must have label media attribute",
+                "missing_label",
+            ),
+        ];
+        for (req, what, cause) in &cases {
+            let (code, resp) = status(&mut h, req);
+            assert_eq!(code, 400, "{resp}");
+            assert_eq!(
+                header_value(&resp.headers, "Warning").as_deref(),
+                Some(format!("399 10.20.0.50:5060 \"{what}\"").as_str()),
+                "{resp}"
+            );
+            assert!(
+                h.rec.counters().rejections.contains_key(&(400, *cause)),
+                "{cause}"
+            );
+        }
+        assert!(h.take_events().is_empty());
+        assert!(h.rec.flows().table.flows.is_empty());
+
+        // A conforming INVITE is recorded; a later unlabelled offer is refused, the session kept.
+        let (resp, _) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let reinvite = Req::new("INVITE", "rs-0c6e2b11@10.20.0.10")
+            .siprec()
+            .in_dialog(&tag, 2)
+            .body("application/sdp", &unlabelled.replace(" 1 IN", " 2 IN"));
+        let (code, resp) = status(&mut h, &reinvite);
+        assert_eq!(code, 400, "{resp}");
+        assert_eq!(h.rec.sessions().len(), 1);
+        assert!(h.take_events().is_empty());
+    }
+
+    #[test]
+    fn inactive_first_answers_inactive_pins_flows_and_resumes_on_a_client_reoffer() {
+        let mut h = Harness::new(SiprecConfig {
+            answer_inactive: true,
+            ..config()
+        });
+        let req = Req::new("INVITE", "inact-1")
+            .siprec()
+            .body("application/sdp", &sdp(1, &[20000, 20002], "sendonly"));
+        let resp = final_response(&h.send(&req));
+        assert_eq!(resp.status_code.code(), 200, "{resp}");
+        let tag = to_tag(&resp.headers).unwrap();
+        h.send(&ack("inact-1", "sbc-7731", &tag, 1));
+        let answer = body(&resp);
+        let ports = m_ports(&answer);
+        assert_eq!(ports.len(), 2, "{answer}");
+        for (i, port) in ports.iter().enumerate() {
+            let section = m_section(&answer, i);
+            assert!(section.contains(&"a=inactive".to_string()), "{answer}");
+            assert!(!section.contains(&"a=recvonly".to_string()), "{answer}");
+            assert!(h.flow(*port).is_some(), "flow of m-line {i} pinned");
+        }
+        let events = h.take_events();
+        let [SessionEvent::Started { id, streams, .. }] = &events[..] else {
+            panic!("{events:?}");
+        };
+        assert!(streams.iter().all(|s| s.paused), "{streams:?}");
+
+        // The client re-offers (same media, o= bumped): recording starts.
+        let reinvite = Req::new("INVITE", "inact-1")
+            .siprec()
+            .in_dialog(&tag, 2)
+            .body("application/sdp", &sdp(2, &[20000, 20002], "sendonly"));
+        let (code, resp) = status(&mut h, &reinvite);
+        assert_eq!(code, 200, "{resp}");
+        let answer = body(&resp);
+        assert_eq!(m_ports(&answer), ports);
+        for i in 0..2 {
+            assert!(
+                m_section(&answer, i).contains(&"a=recvonly".to_string()),
+                "{answer}"
+            );
+        }
+        let resumed: Vec<_> = h
+            .take_events()
+            .into_iter()
+            .filter_map(|e| match e {
+                SessionEvent::Resumed { id: rid, label, .. } if rid == *id => Some(label),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(resumed, vec!["1".to_string(), "2".to_string()]);
     }
 
     #[test]
@@ -3147,6 +3414,49 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
         assert_eq!(snapshot_requests(&out).len(), 1);
         h.advance(Duration::from_secs(40));
         assert_eq!(h.rec.counters().snapshot_requests_failed, 2);
+        assert_eq!(h.rec.sessions().len(), 1);
+    }
+
+    #[test]
+    fn snapshot_request_met_with_491_is_retried_once_after_the_back_off() {
+        let mut h = Harness::new(config());
+        let (resp, _) = h.establish(spec_invite());
+        let tag = to_tag(&resp.headers).unwrap();
+        let call = "rs-0c6e2b11@10.20.0.10";
+        let out = h.send(
+            &Req::new("UPDATE", call)
+                .in_dialog(&tag, 2)
+                .body("application/rs-metadata+xml", META_GHOST),
+        );
+        let first = snapshot_requests(&out);
+        assert_eq!(first.len(), 1, "{out:?}");
+
+        // Glare: the client answers 491. Nothing goes out at once (`answer` checks that);
+        // the retry is due within the UAS back-off window of 0-2 s.
+        let t0 = h.now;
+        answer(&mut h, &first[0], 491, "Request Pending");
+        let due = h.rec.poll_timeout().expect("a retry is scheduled");
+        assert!(
+            due >= t0 && due <= t0 + Duration::from_secs(2),
+            "{:?}",
+            due - t0
+        );
+        assert_eq!(h.rec.counters().snapshot_requests_failed, 0);
+        let out = h.advance(Duration::from_secs(2));
+        let retry = snapshot_requests(&out);
+        assert_eq!(retry.len(), 1, "{out:?}");
+        assert_snapshot_request(&retry[0]);
+        assert_eq!(retry[0].body, first[0].body);
+        let cseq = |r: &rsip::Request| header_value(&r.headers, "CSeq").unwrap();
+        assert_ne!(cseq(&retry[0]), cseq(&first[0]), "a new transaction");
+        assert_eq!(h.rec.counters().snapshot_retries, 1);
+        assert_eq!(h.rec.counters().snapshot_requests, 1);
+
+        // A second 491: given up, counted as failed, no third attempt.
+        answer(&mut h, &retry[0], 491, "Request Pending");
+        assert_eq!(h.rec.counters().snapshot_requests_failed, 1);
+        assert!(snapshot_requests(&h.advance(Duration::from_secs(5))).is_empty());
+        assert_eq!(h.rec.counters().snapshot_retries, 1);
         assert_eq!(h.rec.sessions().len(), 1);
     }
 

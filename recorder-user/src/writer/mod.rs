@@ -252,7 +252,14 @@ struct Shared {
     completed: AtomicU64,
     bytes_written: AtomicU64,
     write_latency: LatencyCells,
+    /// Reception statistics per live RTP flow id, republished every [`RECEPTION_INTERVAL`]
+    /// (read by the RTCP receiver reports).
+    reception: std::sync::Mutex<HashMap<u64, Vec<SsrcStats>>>,
 }
+
+/// How often the writer republishes its reception statistics: far below the 5 s RTCP interval,
+/// far above the per-packet rate.
+const RECEPTION_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A captured packet copied out of the ring.
 pub(crate) struct OwnedPacket {
@@ -273,6 +280,21 @@ enum Msg {
     /// New retention limits (configuration reload).
     SetRetention(retention::RetentionPolicy),
     Shutdown,
+}
+
+/// Reads the writer's reception statistics (see [`WriterHandle::reception`]).
+#[derive(Clone)]
+pub struct ReceptionReader(Arc<Shared>);
+
+impl ReceptionReader {
+    pub fn reception(&self, flow_id: u64) -> Vec<SsrcStats> {
+        self.0
+            .reception
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&flow_id).cloned())
+            .unwrap_or_default()
+    }
 }
 
 /// Control side of the writer (owned by the daemon/signaling).
@@ -409,6 +431,17 @@ impl WriterHandle {
 
     /// False when the spool's free space is below `min_free_bytes` (or cannot be read):
     /// signaling answers new recording INVITEs with 503.
+    /// The reception statistics of a live stream, one per SSRC heard, by its RTP flow id
+    /// (empty for an unknown or ended flow). At most [`RECEPTION_INTERVAL`] old.
+    pub fn reception(&self, flow_id: u64) -> Vec<SsrcStats> {
+        self.reception_reader().reception(flow_id)
+    }
+
+    /// A cheap handle for reading [`WriterHandle::reception`] from another task.
+    pub fn reception_reader(&self) -> ReceptionReader {
+        ReceptionReader(self.shared.clone())
+    }
+
     pub fn can_accept_new_session(&self) -> bool {
         free_bytes(&self.spool).is_some_and(|free| free >= self.min_free_bytes)
     }
@@ -536,12 +569,19 @@ impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Msg>) {
         let interval = self.config.flush_interval.max(Duration::from_millis(10));
         let mut next_flush = Instant::now() + interval;
+        let mut next_publish = Instant::now() + RECEPTION_INTERVAL;
         loop {
-            let wait = next_flush.saturating_duration_since(Instant::now());
+            let wait = next_flush
+                .min(next_publish)
+                .saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(Msg::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Ok(msg) => self.handle(msg),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= next_publish {
+                self.publish_reception();
+                next_publish = Instant::now() + RECEPTION_INTERVAL;
             }
             if Instant::now() >= next_flush {
                 self.flush_all();
@@ -565,6 +605,19 @@ impl Writer {
             self.end(&id, now, "shutdown", None);
         }
         info!("writer stopped");
+    }
+
+    /// Replaces the shared reception snapshot (ended recordings and removed streams drop out).
+    fn publish_reception(&self) {
+        let fresh: HashMap<u64, Vec<SsrcStats>> = self
+            .recordings
+            .values()
+            .flat_map(|r| r.reception())
+            .map(|(flow, s)| (flow, s.to_vec()))
+            .collect();
+        if let Ok(mut m) = self.shared.reception.lock() {
+            *m = fresh;
+        }
     }
 
     fn handle(&mut self, msg: Msg) {

@@ -3,7 +3,7 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use tracing::warn;
@@ -286,6 +286,14 @@ impl Recording {
         &mut self.meta.dropped
     }
 
+    /// Reception statistics per SSRC of each live (not removed) stream, by RTP flow id.
+    pub(crate) fn reception(&self) -> impl Iterator<Item = (u64, &[SsrcStats])> {
+        self.streams
+            .iter()
+            .filter(|s| s.removed_at.is_none())
+            .map(|s| (s.info.flow_id, s.ssrcs.as_slice()))
+    }
+
     /// Flow ids routed to this recording: (flow id, stream index, is RTCP).
     pub(crate) fn flows(&self) -> Vec<(u64, usize, bool)> {
         let mut out = Vec::new();
@@ -453,14 +461,22 @@ impl Recording {
         s.packets += 1;
         s.bytes += p.header.wire_len as u64;
         self.meta.media_received = true;
-        match s.ssrcs.iter_mut().find(|x| x.ssrc == h.ssrc) {
-            Some(x) => x.record(h.seq),
+        let idx = match s.ssrcs.iter().position(|x| x.ssrc == h.ssrc) {
+            Some(i) => i,
             None => {
-                let mut x = SsrcStats::new(h.ssrc, h.seq);
-                x.record(h.seq);
-                s.ssrcs.push(x);
+                s.ssrcs.push(SsrcStats::new(h.ssrc, h.seq));
+                s.ssrcs.len() - 1
             }
-        }
+        };
+        let x = &mut s.ssrcs[idx];
+        x.record(h.seq);
+        // Arrival in units of the stream's clock, for the RTCP jitter.
+        let clock = u128::from(s.info.codec.clock_rate.max(1));
+        let since_epoch = p.wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+        x.record_arrival(
+            h.timestamp,
+            (since_epoch.as_micros() * clock / 1_000_000) as u32,
+        );
         if s.info.telephone_event_pt == Some(h.payload_type) {
             // DTMF: listed in the metadata, kept in the pcap, never decoded as audio (the WAV
             // channel stays silent for these packets).

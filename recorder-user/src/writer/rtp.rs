@@ -80,6 +80,12 @@ pub struct SsrcStats {
     /// Loss of the runs already closed.
     #[serde(skip)]
     closed_lost: u64,
+    /// Interarrival jitter in timestamp units, scaled by 16 (RFC 3550 A.8).
+    #[serde(skip)]
+    jitter_q4: u32,
+    /// Relative transit time of the previous packet (arrival minus RTP timestamp).
+    #[serde(skip)]
+    last_transit: Option<u32>,
 }
 
 impl SsrcStats {
@@ -108,6 +114,28 @@ impl SsrcStats {
         self.max = self.max.max(ext);
         self.run_received += 1;
         self.lost = self.closed_lost + self.run_lost();
+    }
+
+    /// Updates the interarrival jitter from a packet's RTP timestamp and its arrival time, both
+    /// in units of the stream's clock (RFC 3550 A.8; wrapping arithmetic, as the RFC's).
+    pub(crate) fn record_arrival(&mut self, rtp_ts: u32, arrival_ts: u32) {
+        let transit = arrival_ts.wrapping_sub(rtp_ts);
+        if let Some(last) = self.last_transit {
+            let d = (transit.wrapping_sub(last) as i32).unsigned_abs();
+            let j = self.jitter_q4 as i64 + d as i64 - ((self.jitter_q4 as i64 + 8) >> 4);
+            self.jitter_q4 = j.clamp(0, u32::MAX as i64) as u32;
+        }
+        self.last_transit = Some(transit);
+    }
+
+    /// Interarrival jitter in timestamp units (the RTCP report block field).
+    pub fn jitter(&self) -> u32 {
+        self.jitter_q4 >> 4
+    }
+
+    /// Extended highest sequence number received (cycles in the upper 16 bits).
+    pub fn extended_highest_seq(&self) -> u32 {
+        self.max.max(0) as u32
     }
 
     fn run_lost(&self) -> u64 {
@@ -240,6 +268,23 @@ mod tests {
         // Reordering does not count as loss once the packet shows up.
         s.record(2);
         assert_eq!(s.lost, 2);
+        assert_eq!(s.extended_highest_seq(), 65536 + 3);
+    }
+
+    #[test]
+    fn jitter_follows_rfc3550_a8() {
+        let mut s = SsrcStats::new(1, 0);
+        // Packets 160 ticks apart; arrivals alternate 0 and 32 ticks late.
+        for i in 0..200u32 {
+            s.record_arrival(i * 160, i * 160 + (i % 2) * 32 + 1000);
+        }
+        // J converges to |D| = 32 (J += (|D| - J) / 16).
+        assert!((30..=32).contains(&s.jitter()), "{}", s.jitter());
+        let mut steady = SsrcStats::new(2, 0);
+        for i in 0..50u32 {
+            steady.record_arrival(i * 160, i * 160 + 7);
+        }
+        assert_eq!(steady.jitter(), 0);
     }
 
     #[test]

@@ -70,6 +70,7 @@ fn stream(index: usize, label: &str, flow_id: u64, codec: &str, pt: u8, port: u1
         local_port: port,
         rtcp_port: Some(port + 1),
         remote: None,
+        rtcp_remote: None,
         codec: Codec {
             payload_type: pt,
             name: codec.into(),
