@@ -153,6 +153,7 @@ fn recorder(
                     local_port: local(k).port(),
                     rtcp_port: None,
                     remote: None,
+                    rtcp_remote: None,
                     codec: Codec {
                         payload_type: 0,
                         name: "PCMU".into(),
