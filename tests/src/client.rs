@@ -478,6 +478,19 @@ pub struct OfferedStream {
     pub connection: Option<std::net::IpAddr>,
 }
 
+impl OfferedStream {
+    /// A `sendonly` audio stream from the session's address, as SRCs offer it.
+    pub fn sendonly(label: &str, port: u16, pt: u8) -> Self {
+        Self {
+            label: label.into(),
+            port,
+            pt,
+            direction: "sendonly",
+            connection: None,
+        }
+    }
+}
+
 /// An SDP offer as a SIPREC client sends it (one m-line per stream, `a=label`, sendonly).
 pub fn offer_sdp(ip: std::net::IpAddr, version: u32, streams: &[OfferedStream]) -> String {
     let family = if ip.is_ipv4() { "IP4" } else { "IP6" };

@@ -21,13 +21,7 @@ fn dtmf_digits_are_recorded_in_metadata() {
     let sdp = offer_sdp(
         IpAddr::V4(pair.sender_v4),
         1,
-        &[OfferedStream {
-            label: "1".into(),
-            port: 31000,
-            pt: 0,
-            direction: "sendonly",
-            connection: None,
-        }],
+        &[OfferedStream::sendonly("1", 31000, 0)],
     );
     let (ctype, body) = siprec_body(&sdp, None);
     let reply = client.invite(Some((&ctype, &body)), &[]);

@@ -620,13 +620,7 @@ fn sighup_reloads_acl_and_session_limit_and_names_what_needs_a_restart() {
     let sdp = offer_sdp(
         IpAddr::V4(pair.sender_v4),
         1,
-        &[OfferedStream {
-            label: "1".into(),
-            port: 31000,
-            pt: 0,
-            direction: "sendonly",
-            connection: None,
-        }],
+        &[OfferedStream::sendonly("1", 31000, 0)],
     );
     let invite = |daemon: &Daemon| {
         let mut c = pair.in_sender(|| SipClient::udp(IpAddr::V4(pair.sender_v4), daemon.sip));

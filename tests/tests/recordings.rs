@@ -18,13 +18,7 @@ fn one_stream(pair: &VethPair, label: &str, port: u16) -> String {
     offer_sdp(
         IpAddr::V4(pair.sender_v4),
         1,
-        &[OfferedStream {
-            label: label.into(),
-            port,
-            pt: 0,
-            direction: "sendonly",
-            connection: None,
-        }],
+        &[OfferedStream::sendonly(label, port, 0)],
     )
 }
 

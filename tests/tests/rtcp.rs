@@ -49,13 +49,7 @@ fn receiver_reports_name_the_ssrc_and_its_loss() {
     let sdp = offer_sdp(
         IpAddr::V4(pair.sender_v4),
         1,
-        &[OfferedStream {
-            label: "1".into(),
-            port: rtp_port,
-            pt: 0,
-            direction: "sendonly",
-            connection: None,
-        }],
+        &[OfferedStream::sendonly("1", rtp_port, 0)],
     );
     let (ctype, body) = siprec_body(&sdp, None);
     let reply = client.invite(Some((&ctype, &body)), &[]);

@@ -208,13 +208,7 @@ fn reinvite_moves_a_stream_to_a_new_source_without_loss() {
         IpAddr::V4(call.pair.sender_v4),
         2,
         &[
-            OfferedStream {
-                label: "1".into(),
-                port: 31000,
-                pt: 0,
-                direction: "sendonly",
-                connection: None,
-            },
+            OfferedStream::sendonly("1", 31000, 0),
             OfferedStream {
                 label: "2".into(),
                 port: 31010,

@@ -21,13 +21,7 @@ fn call_leaving_the_recording_session_ends_its_participants_not_the_recording() 
     let sdp = offer_sdp(
         IpAddr::V4(pair.sender_v4),
         1,
-        &[OfferedStream {
-            label: "1".into(),
-            port: 31000,
-            pt: 0,
-            direction: "sendonly",
-            connection: None,
-        }],
+        &[OfferedStream::sendonly("1", 31000, 0)],
     );
     let participants = ["cust", "agent"].map(|id| MetaParticipant {
         id: format!("p-{id}"),

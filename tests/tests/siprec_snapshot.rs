@@ -17,13 +17,7 @@ fn unresolved_metadata_gets_a_snapshot_request() {
     let sdp = offer_sdp(
         IpAddr::V4(pair.sender_v4),
         1,
-        &[OfferedStream {
-            label: "1".into(),
-            port: 31000,
-            pt: 0,
-            direction: "sendonly",
-            connection: None,
-        }],
+        &[OfferedStream::sendonly("1", 31000, 0)],
     );
     // The agent sends stream `st-9`, which the metadata never describes.
     let participants = [

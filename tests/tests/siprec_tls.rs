@@ -62,20 +62,8 @@ fn recording_session_over_tls() {
         IpAddr::V4(pair.sender_v4),
         1,
         &[
-            OfferedStream {
-                label: "1".into(),
-                port: 31000,
-                pt: 0,
-                direction: "sendonly",
-                connection: None,
-            },
-            OfferedStream {
-                label: "2".into(),
-                port: 31002,
-                pt: 8,
-                direction: "sendonly",
-                connection: None,
-            },
+            OfferedStream::sendonly("1", 31000, 0),
+            OfferedStream::sendonly("2", 31002, 8),
         ],
     );
     let xml = metadata_xml(

@@ -30,16 +30,6 @@ fn participant(id: &str, aor: &str, name: &str, label: &str) -> MetaParticipant 
     }
 }
 
-fn stream(label: &str, port: u16, pt: u8) -> OfferedStream {
-    OfferedStream {
-        label: label.into(),
-        port,
-        pt,
-        direction: "sendonly",
-        connection: None,
-    }
-}
-
 fn now_rfc3339() -> String {
     let out = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
@@ -71,7 +61,10 @@ fn main() {
     let sdp = offer_sdp(
         IpAddr::V4(pair.sender_v4),
         1,
-        &[stream("1", 31000, 0), stream("2", 31002, 8)],
+        &[
+            OfferedStream::sendonly("1", 31000, 0),
+            OfferedStream::sendonly("2", 31002, 8),
+        ],
     );
     let xml = metadata_xml(
         Some(call_uuid),
@@ -111,7 +104,10 @@ fn main() {
     let sdp = offer_sdp(
         IpAddr::V4(pair.sender_v4),
         2,
-        &[stream("1", 31000, 0), stream("2", 31012, 8)],
+        &[
+            OfferedStream::sendonly("1", 31000, 0),
+            OfferedStream::sendonly("2", 31012, 8),
+        ],
     );
     let xml = metadata_transfer_xml(
         "d2",
