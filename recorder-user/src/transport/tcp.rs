@@ -53,27 +53,38 @@ pub(crate) fn bind_stream(
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// The next accepted connection (stream, peer, local address), or `None` once `stop` fires.
+/// Accept errors (EMFILE and friends) keep the listener: the condition may pass.
+pub(crate) async fn next_connection(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: &'static str,
+) -> Option<(TcpStream, SocketAddr, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let local = stream.local_addr().unwrap_or(peer);
+                return Some((stream, peer, local));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Accepts connections until the driver goes away.
 pub(crate) async fn accept(
     listener: TcpListener,
     inputs: mpsc::Sender<Input>,
     stop: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // EMFILE and friends: keep the listener, the condition may pass.
-                tracing::warn!(error = %e, "TCP accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let local = stream.local_addr().unwrap_or(peer);
+    while let Some((stream, peer, local)) = next_connection(&listener, &stop, "TCP").await {
         spawn_connection(
             stream,
             peer,

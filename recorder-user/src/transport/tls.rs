@@ -54,20 +54,7 @@ pub(crate) async fn accept(
     inputs: mpsc::Sender<Input>,
     stop: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "TLS listener accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let local = stream.local_addr().unwrap_or(peer);
+    while let Some((stream, peer, local)) = tcp::next_connection(&listener, &stop, "TLS").await {
         let acceptor = acceptor.clone();
         let inputs = inputs.clone();
         let stop = stop.clone();
