@@ -224,6 +224,10 @@ impl FlowControl for BpfFlowTable {
             .map_err(Self::map_err("remove", local))
     }
 
+    fn lookup(&self, local: SocketAddr) -> Option<(FlowSpec, u32)> {
+        self.pinned.get(&local).copied()
+    }
+
     fn packets(&self, flow_id: u64) -> u64 {
         self.stats(flow_id).packets
     }

@@ -59,6 +59,9 @@ pub trait FlowControl: Send {
     fn rewrite(&mut self, old_local: SocketAddr, new: FlowSpec) -> Result<u32, FlowError>;
     /// Unpins the flow at `local`.
     fn remove(&mut self, local: SocketAddr) -> Result<(), FlowError>;
+    /// The flow pinned at `local` and its generation, if any (a restarted daemon checks the
+    /// flows its restored sessions own against the adopted table).
+    fn lookup(&self, local: SocketAddr) -> Option<(FlowSpec, u32)>;
     /// Packets captured so far for this flow id (signaling's idle timeout watches it change).
     /// Tables that do not count report 0, which reads as "no RTP".
     fn packets(&self, _flow_id: u64) -> u64 {
@@ -109,6 +112,10 @@ impl FlowControl for MemoryFlows {
             .remove(&local)
             .map(|_| ())
             .ok_or(FlowError::NotFound(local))
+    }
+
+    fn lookup(&self, local: SocketAddr) -> Option<(FlowSpec, u32)> {
+        self.flows.get(&local).copied()
     }
 }
 

@@ -1,11 +1,13 @@
 //! Dialog state (RFC 3261 §12) for dialogs we are the UAS of.
 
-use std::{fmt, net::SocketAddr};
+use std::{fmt, net::SocketAddr, time::Duration};
 
-use super::transaction::Route;
+use serde::{Deserialize, Serialize};
+
+use super::{endpoint::Transport, transaction::Route};
 
 /// Identifies a dialog: Call-ID plus our (local) and the client's (remote) tag.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DialogId {
     pub call_id: String,
     pub local_tag: String,
@@ -55,4 +57,41 @@ impl Dialog {
         self.remote_cseq = cseq;
         true
     }
+}
+
+/// A dialog as a restarted daemon needs it to carry on: what in-dialog requests are checked
+/// against and what the requests we send are built from (see [`super::Endpoint::export_dialog`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DialogSnapshot {
+    pub id: DialogId,
+    pub remote_cseq: u32,
+    pub local_cseq: u32,
+    /// Our To value with our tag (the From of our requests).
+    pub local_party: String,
+    /// The client's From value with its tag (the To of our requests).
+    pub remote_party: String,
+    /// The client's Contact URI, as text.
+    pub remote_target: Option<String>,
+    /// Record-Route values, in order.
+    pub route_set: Vec<String>,
+    pub transport: Transport,
+    /// Where the dialog's messages went (our in-dialog requests fall back to it).
+    pub destination: SocketAddr,
+    /// Our address the dialog was created on.
+    pub local: Option<SocketAddr>,
+    /// The address the dialog-creating request came from.
+    pub source: SocketAddr,
+    /// Our 2xx to the last INVITE of the dialog still waits for its ACK.
+    pub awaiting_ack: Option<PendingAck>,
+}
+
+/// An INVITE server transaction in Accepted state (RFC 6026): 2xx sent, no ACK yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingAck {
+    /// The INVITE as received, without its body: retransmissions and the ACK match it.
+    pub invite: String,
+    /// Our 2xx as sent (retransmitted on UDP until the ACK comes).
+    pub response: String,
+    /// What was left of the 64*T1 wait for the ACK.
+    pub ack_wait: Duration,
 }

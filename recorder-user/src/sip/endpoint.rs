@@ -85,7 +85,7 @@ use rsip::{
 pub use super::config::{EndpointConfig, Network, SipCounters};
 pub use super::transaction::TxnId;
 use super::{
-    dialog::{Dialog, DialogId},
+    dialog::{Dialog, DialogId, DialogSnapshot, PendingAck},
     message::{self, Parsed, RequestFacts},
     outgoing::{
         bracket_v6, encode_response, ensure_to_tag, in_dialog_route, new_tag, response_route,
@@ -98,7 +98,7 @@ use super::{
 };
 
 /// The transport a message came on or goes out on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Transport {
     Udp,
     Tcp,
@@ -270,6 +270,149 @@ impl Endpoint {
     /// Server transactions currently kept.
     pub fn transaction_count(&self) -> usize {
         self.txns.len()
+    }
+
+    // ---------------------------------------------------------------- handover
+
+    /// The state of a live dialog that a restarted daemon needs to carry it on
+    /// ([`Endpoint::import_dialog`]), including the INVITE whose 2xx still waits for its ACK.
+    /// Other transactions are not included: they cannot outlive the process.
+    pub fn export_dialog(&self, now: Instant, id: &DialogId) -> Option<DialogSnapshot> {
+        let d = self.dialogs.get(id)?;
+        let awaiting_ack = self
+            .awaiting_ack
+            .get(id)
+            .and_then(|txn| self.txns.get(txn))
+            .and_then(|t| {
+                let ack_wait = t.ack_wait_left(now)?;
+                let response = t.last_response.as_ref()?;
+                let mut invite = t.request.clone();
+                invite.body.clear();
+                invite
+                    .headers
+                    .retain(|h| !matches!(h, Header::ContentLength(_)));
+                invite
+                    .headers
+                    .push(Header::ContentLength(rsip::headers::ContentLength::new("0")));
+                Some(PendingAck {
+                    invite: message::restore_ipv6(&invite.to_string()).into_owned(),
+                    response: String::from_utf8_lossy(response).into_owned(),
+                    ack_wait,
+                })
+            });
+        Some(DialogSnapshot {
+            id: d.id.clone(),
+            remote_cseq: d.remote_cseq,
+            local_cseq: d.local_cseq,
+            local_party: d.local_party.clone(),
+            remote_party: d.remote_party.clone(),
+            remote_target: d.remote_target.as_ref().map(|u| u.to_string()),
+            route_set: d.route_set.clone(),
+            transport: d.route.transport,
+            destination: d.route.destination,
+            local: d.route.local,
+            source: d.source,
+            awaiting_ack,
+        })
+    }
+
+    /// Rebuilds a dialog exported by a previous daemon. Stream connections do not survive a
+    /// restart: the dialog keeps no connection, so our requests on TCP open a new one to
+    /// `destination` (or reuse the client's latest), and on TLS wait for the client to connect.
+    /// A pending ACK gets its INVITE transaction back, so the ACK (or a retransmitted INVITE)
+    /// is matched and [`SipEvent::Acked`] / [`SipEvent::AckTimeout`] follow as usual.
+    pub fn import_dialog(
+        &mut self,
+        now: Instant,
+        snapshot: DialogSnapshot,
+    ) -> Result<DialogId, SipError> {
+        let id = snapshot.id.clone();
+        let bad = |reason: String| SipError::BadSnapshot {
+            id: id.clone(),
+            reason,
+        };
+        if self.dialogs.contains_key(&id) {
+            return Err(bad("the dialog exists already".into()));
+        }
+        let remote_target = snapshot
+            .remote_target
+            .as_deref()
+            .map(|t| {
+                rsip::Uri::try_from(t).map_err(|e| bad(format!("remote target {t:?}: {e}")))
+            })
+            .transpose()?;
+        let route = Route {
+            transport: snapshot.transport,
+            destination: snapshot.destination,
+            connection: None,
+            local: snapshot.local,
+        };
+        let pending = snapshot
+            .awaiting_ack
+            .map(|p| {
+                let datagram = false;
+                let request = match message::parse(p.invite.as_bytes(), datagram) {
+                    Parsed::Request(r) if r.method == rsip::Method::Invite => r,
+                    _ => return Err(bad("pending INVITE does not parse".into())),
+                };
+                let facts = message::required_headers(&request).map_err(bad)?;
+                Ok((request, facts, p))
+            })
+            .transpose()?;
+        self.dialogs.insert(
+            id.clone(),
+            Dialog {
+                id: id.clone(),
+                remote_cseq: snapshot.remote_cseq,
+                local_cseq: snapshot.local_cseq,
+                local_party: snapshot.local_party,
+                remote_party: snapshot.remote_party,
+                remote_target,
+                route_set: snapshot.route_set,
+                route,
+                source: snapshot.source,
+            },
+        );
+        if let Some((request, facts, p)) = pending {
+            let key = TxnKey::new(&facts, &rsip::Method::Invite);
+            // The initial INVITE had no To-tag: its responses carry the dialog's.
+            let local_tag = facts.to_tag.is_none().then(|| id.local_tag.clone());
+            let txn = self.insert_txn(
+                key,
+                route,
+                snapshot.source,
+                request,
+                facts,
+                local_tag,
+                Some(id.clone()),
+            );
+            if let Some(t) = self.txns.get_mut(&txn) {
+                t.restore_accepted(now, Bytes::from(p.response.into_bytes()), p.ack_wait);
+            }
+            self.awaiting_ack.insert(id.clone(), txn);
+            self.schedule(TimerOwner::Server(txn));
+            self.prune_timers();
+        }
+        Ok(id)
+    }
+
+    /// Drops a dialog and every transaction of it without a word to the client (it was handed
+    /// over to another daemon). `false` if it did not exist.
+    pub fn forget_dialog(&mut self, id: &DialogId) -> bool {
+        let existed = self.dialogs.remove(id).is_some();
+        self.awaiting_ack.remove(id);
+        let txns: Vec<TxnId> = self
+            .txns
+            .iter()
+            .filter(|(_, t)| t.dialog.as_ref() == Some(id))
+            .map(|(txn, _)| *txn)
+            .collect();
+        for txn in txns {
+            self.remove_txn(txn);
+        }
+        self.clients.retain(|_, c| &c.dialog != id);
+        self.prune_timers();
+        existed
     }
 
     // ---------------------------------------------------------------- input

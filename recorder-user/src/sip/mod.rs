@@ -23,7 +23,7 @@ pub mod message;
 mod outgoing;
 pub mod transaction;
 
-pub use dialog::DialogId;
+pub use dialog::{DialogId, DialogSnapshot, PendingAck};
 pub use endpoint::{
     Endpoint, EndpointConfig, Incoming, Network, SipCounters, SipEvent, Transmit, Transport, TxnId,
 };
@@ -51,6 +51,8 @@ pub enum SipError {
     BadResponse(String),
     #[error("cannot send {0} requests")]
     UnsupportedMethod(rsip::Method),
+    #[error("cannot import dialog {id}: {reason}")]
+    BadSnapshot { id: DialogId, reason: String },
 }
 
 #[cfg(test)]

@@ -94,6 +94,9 @@ impl TimerTable {
     pub fn stop(&mut self, timer: Timer) {
         self.0[timer as usize] = None;
     }
+    pub fn get(&self, timer: Timer) -> Option<Instant> {
+        self.0[timer as usize]
+    }
     pub fn next(&self) -> Option<Instant> {
         self.0.iter().flatten().min().copied()
     }
@@ -226,6 +229,30 @@ impl ServerTransaction {
             self.timers.set(Timer::Linger, now + linger);
         }
         Ok(())
+    }
+
+    /// How long this INVITE's 2xx still waits for its ACK (`None` unless in Accepted).
+    pub fn ack_wait_left(&self, now: Instant) -> Option<Duration> {
+        if self.state != ServerState::Accepted {
+            return None;
+        }
+        let at = self.timers.get(Timer::Timeout)?;
+        Some(at.saturating_duration_since(now))
+    }
+
+    /// Puts a transaction rebuilt from a previous daemon's state in Accepted: `response` (its
+    /// 2xx) is retransmitted on UDP and the ACK awaited for `ack_wait` more.
+    pub fn restore_accepted(&mut self, now: Instant, response: Bytes, ack_wait: Duration) {
+        self.state = ServerState::Accepted;
+        self.last_response = Some(response);
+        self.last_status = 200;
+        self.final_at = Some(now);
+        self.timers = TimerTable::default();
+        if !self.route.reliable() {
+            self.interval = T1;
+            self.timers.set(Timer::Retransmit, now + T1);
+        }
+        self.timers.set(Timer::Timeout, now + ack_wait);
     }
 
     /// An ACK matched this INVITE transaction. Returns true when it was the first one.

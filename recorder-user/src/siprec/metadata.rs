@@ -12,6 +12,7 @@
 use std::{collections::HashMap, time::SystemTime};
 
 use quick_xml::events::{BytesStart, Event};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::events::Participant;
@@ -54,7 +55,7 @@ impl MetadataError {
 }
 
 /// `<group>`: groups communication sessions (constant across transfers for many SRCs).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     pub id: String,
     pub associate_time: Option<SystemTime>,
@@ -62,7 +63,7 @@ pub struct Group {
 }
 
 /// `<session>`: one communication session (the recorded call).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     pub id: String,
     /// `sipSessionID` values (RFC 7989 Session-ID, or a plain Call-ID from some SRCs).
@@ -76,7 +77,7 @@ pub struct Session {
 }
 
 /// `<participant>`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParticipantMeta {
     pub id: String,
     /// `nameID@aor`, with stray spaces removed.
@@ -94,7 +95,7 @@ pub struct ParticipantMeta {
 }
 
 /// `<stream>`: joins metadata to SDP through its label.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamMeta {
     pub id: String,
     pub session_id: Option<String>,
@@ -102,7 +103,7 @@ pub struct StreamMeta {
 }
 
 /// `<sessionrecordingassoc>`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecordingAssoc {
     pub session_id: String,
     pub associate_time: Option<SystemTime>,
@@ -110,7 +111,7 @@ pub struct SessionRecordingAssoc {
 }
 
 /// `<participantsessionassoc>`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParticipantSessionAssoc {
     pub participant_id: String,
     pub session_id: Option<String>,
@@ -119,7 +120,7 @@ pub struct ParticipantSessionAssoc {
 }
 
 /// `<participantstreamassoc>`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParticipantStreamAssoc {
     pub participant_id: String,
     /// Stream ids the participant sends (its voice).
@@ -527,7 +528,8 @@ pub fn parse_time(text: &str) -> Option<SystemTime> {
 }
 
 /// Metadata merged over the life of a recording session.
-#[derive(Clone, Debug, Default)]
+/// Serializable so that a restarted daemon carries it on (see `session::RecorderHandover`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MetadataState {
     groups: Vec<Group>,
     sessions: Vec<Session>,

@@ -67,6 +67,45 @@ impl PortAllocator {
         }
     }
 
+    /// Ports cooling down with how long ago each was released, oldest first (for a handover:
+    /// `Instant`s do not outlive the process).
+    pub fn cooling(&self, now: Instant) -> Vec<(u16, Duration)> {
+        self.cooling
+            .iter()
+            .map(|&(released, port)| (port, now.saturating_duration_since(released)))
+            .collect()
+    }
+
+    /// An allocator for a restarted daemon: `in_use` are the ports its restored sessions hold,
+    /// `cooling` what [`cooling`](Self::cooling) gave the previous one. Ports outside the range
+    /// (it was reconfigured) are left alone: the sessions keep them, the allocator never hands
+    /// them out.
+    pub fn restore(
+        lo: u16,
+        hi: u16,
+        cooldown: Duration,
+        now: Instant,
+        in_use: &[u16],
+        cooling: &[(u16, Duration)],
+    ) -> Self {
+        let mut ports = Self::new(lo, hi, cooldown);
+        for &port in in_use {
+            if let Some(i) = ports.free.iter().position(|&p| p == port) {
+                ports.free.remove(i);
+                ports.in_use.insert(port);
+            }
+        }
+        for &(port, ago) in cooling {
+            if let Some(i) = ports.free.iter().position(|&p| p == port) {
+                ports.free.remove(i);
+                // Too far back for this clock: count the cool-down from now (longer, safe).
+                let released = now.checked_sub(ago).unwrap_or(now);
+                ports.cooling.push_back((released, port));
+            }
+        }
+        ports
+    }
+
     /// Pairs currently allocated.
     pub fn in_use(&self) -> usize {
         self.in_use.len()
@@ -141,6 +180,28 @@ mod tests {
         let y = ports.allocate(t0, true).unwrap();
         assert_ne!(x, y);
         assert_eq!(ports.allocate(t0, true), None);
+    }
+
+    #[test]
+    fn restored_allocator_keeps_ports_in_use_and_cooling() {
+        let t0 = Instant::now();
+        let mut old = PortAllocator::new(40000, 40007, COOL);
+        let a = old.allocate(t0, true).unwrap();
+        let b = old.allocate(t0, true).unwrap();
+        old.release(t0, b);
+        let later = t0 + Duration::from_secs(10);
+        let cooling = old.cooling(later);
+        assert_eq!(cooling, vec![(b, Duration::from_secs(10))]);
+
+        let t1 = later + Duration::from_secs(1);
+        let mut new = PortAllocator::restore(40000, 40007, COOL, t1, &[a, 60000], &cooling);
+        assert_eq!(new.in_use(), 1, "out-of-range port ignored");
+        let got: Vec<u16> = std::iter::from_fn(|| new.allocate(t1, true)).collect();
+        assert!(!got.contains(&a) && !got.contains(&b), "{got:?}");
+        assert_eq!(got.len(), 2);
+        // b was released 10 s before the handover: 20 s of cool-down are left.
+        assert_eq!(new.allocate(t1 + Duration::from_secs(19), true), None);
+        assert_eq!(new.allocate(t1 + Duration::from_secs(20), true), Some(b));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::{
 };
 
 use sdp_rs::lines::{self, Attribute};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::events::Codec;
@@ -21,7 +22,7 @@ use crate::events::Codec;
 pub const MAX_STREAMS: usize = 64;
 
 /// A parsed SDP offer.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Offer {
     /// `o=` sess-id (compare to detect a new session).
     pub origin_session_id: String,
@@ -33,7 +34,7 @@ pub struct Offer {
 }
 
 /// One offered m-line.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OfferStream {
     /// Position in the offer, 0-based.
     pub index: usize,
@@ -62,7 +63,7 @@ pub struct OfferStream {
 }
 
 /// Media direction attribute (RFC 3264 §6.1); `sendrecv` when absent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Direction {
     #[default]
     SendRecv,
@@ -125,7 +126,7 @@ impl SdpError {
 }
 
 /// What we accept for one stream, in offer order.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StreamAnswer {
     Accept {
         port: u16,

@@ -230,7 +230,7 @@ impl Reject {
 
 /// A session is the client's dialog: Call-ID plus the client's From tag. Call-ID alone is not
 /// enough: a client may reuse it later for an unrelated session.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 struct SessionKey {
     call_id: String,
     from_tag: String,
@@ -1208,9 +1208,9 @@ impl<F: FlowControl> Recorder<F> {
             // Never answered: the INVITE gets a final answer instead of a BYE.
             Phase::Pending { txn, .. } => {
                 if reason != EndReason::Cancel {
-                    self.outbox
-                        .replies
-                        .push((txn, Reply::new(503, "Service Unavailable")));
+                    let reply = Reply::new(503, "Service Unavailable")
+                        .header("Retry-After", self.config.retry_after.to_string());
+                    self.outbox.replies.push((txn, reply));
                 }
             }
             Phase::Answered | Phase::Confirmed => {
@@ -1766,6 +1766,14 @@ fn merge_call_ids(old: &mut CallIds, fresh: CallIds) {
         }
     }
 }
+
+#[path = "handover.rs"]
+mod handover;
+pub use handover::{HandoverError, RecorderHandover};
+
+#[cfg(test)]
+#[path = "handover_tests.rs"]
+mod handover_tests;
 
 #[cfg(test)]
 mod tests {
