@@ -293,7 +293,9 @@ impl Endpoint {
                     .retain(|h| !matches!(h, Header::ContentLength(_)));
                 invite
                     .headers
-                    .push(Header::ContentLength(rsip::headers::ContentLength::new("0")));
+                    .push(Header::ContentLength(rsip::headers::ContentLength::new(
+                        "0",
+                    )));
                 Some(PendingAck {
                     invite: message::restore_ipv6(&invite.to_string()).into_owned(),
                     response: String::from_utf8_lossy(response).into_owned(),
@@ -337,9 +339,7 @@ impl Endpoint {
         let remote_target = snapshot
             .remote_target
             .as_deref()
-            .map(|t| {
-                rsip::Uri::try_from(t).map_err(|e| bad(format!("remote target {t:?}: {e}")))
-            })
+            .map(|t| rsip::Uri::try_from(t).map_err(|e| bad(format!("remote target {t:?}: {e}"))))
             .transpose()?;
         let route = Route {
             transport: snapshot.transport,

@@ -252,7 +252,8 @@ impl<F: FlowControl> Recorder<F> {
             .map(|&(port, ago)| (port, ago.saturating_add(downtime)))
             .collect();
         let (lo, hi) = rec.config.rtp_ports;
-        rec.ports = PortAllocator::restore(lo, hi, rec.config.port_cooldown, now, &in_use, &cooling);
+        rec.ports =
+            PortAllocator::restore(lo, hi, rec.config.port_cooldown, now, &in_use, &cooling);
         let mut claimed = HashSet::new();
         let mut restored = 0;
         for snapshot in handover.sessions {
@@ -277,7 +278,11 @@ impl<F: FlowControl> Recorder<F> {
             .max()
             .map_or(1, |max| max + 1);
         rec.next_flow_id = rec.next_flow_id.max(above);
-        info!(sessions = restored, ?downtime, "recording sessions carried on");
+        info!(
+            sessions = restored,
+            ?downtime,
+            "recording sessions carried on"
+        );
         // BYEs of sessions whose flows could not be pinned again.
         rec.flush(now, endpoint);
         Ok(rec)
@@ -320,11 +325,16 @@ impl<F: FlowControl> Recorder<F> {
         let rtp_ports: Vec<u16> = snap.slots.iter().flatten().map(|i| i.local_port).collect();
         if !key_matches {
             self.unpin_owned(now, &ours, &rtp_ports);
-            return Err(format!("session key does not match dialog {}", snap.dialog.id));
+            return Err(format!(
+                "session key does not match dialog {}",
+                snap.dialog.id
+            ));
         }
         if let Some((port, _, _)) = ours.iter().find(|(port, _, _)| claimed.contains(port)) {
             // Not ours to unpin either: another restored session holds the port.
-            return Err(format!("port {port} is claimed by another restored session"));
+            return Err(format!(
+                "port {port} is claimed by another restored session"
+            ));
         }
         if let Some(p) = snap.dialog.awaiting_ack.as_mut() {
             p.ack_wait = p.ack_wait.saturating_sub(downtime);
@@ -435,7 +445,11 @@ impl<F: FlowControl> Recorder<F> {
         }
         for &(port, flow_id, _) in ours {
             let local = SocketAddr::new(self.config.media_address, port);
-            if self.flows.lookup(local).is_some_and(|(s, _)| s.flow_id == flow_id) {
+            if self
+                .flows
+                .lookup(local)
+                .is_some_and(|(s, _)| s.flow_id == flow_id)
+            {
                 if let Err(e) = self.flows.remove(local) {
                     warn!(error = %e, %local, "unpinning flow failed");
                 }

@@ -230,7 +230,9 @@ impl Reject {
 
 /// A session is the client's dialog: Call-ID plus the client's From tag. Call-ID alone is not
 /// enough: a client may reuse it later for an unrelated session.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 struct SessionKey {
     call_id: String,
     from_tag: String,
@@ -1784,30 +1786,41 @@ mod tests {
 
     /// MemoryFlows plus packet counters the tests set, for the idle timeout.
     #[derive(Default)]
-    struct TestFlows {
-        table: MemoryFlows,
-        packets: HashMap<u64, u64>,
+    pub(super) struct TestFlows {
+        pub(super) table: MemoryFlows,
+        pub(super) packets: HashMap<u64, u64>,
+        /// Refuse to pin anything (a table that fails).
+        pub(super) refuse: bool,
     }
 
     impl FlowControl for TestFlows {
         fn insert(&mut self, spec: FlowSpec) -> Result<u32, FlowError> {
+            if self.refuse {
+                return Err(FlowError::NotFound(spec.local));
+            }
             self.table.insert(spec)
         }
         fn rewrite(&mut self, old_local: SocketAddr, new: FlowSpec) -> Result<u32, FlowError> {
+            if self.refuse {
+                return Err(FlowError::NotFound(old_local));
+            }
             self.table.rewrite(old_local, new)
         }
         fn remove(&mut self, local: SocketAddr) -> Result<(), FlowError> {
             self.table.remove(local)
+        }
+        fn lookup(&self, local: SocketAddr) -> Option<(FlowSpec, u32)> {
+            self.table.lookup(local)
         }
         fn packets(&self, flow_id: u64) -> u64 {
             self.packets.get(&flow_id).copied().unwrap_or(0)
         }
     }
 
-    const MEDIA: [u8; 4] = [10, 20, 0, 50];
-    const CLIENT: &str = "10.20.0.10:5060";
+    pub(super) const MEDIA: [u8; 4] = [10, 20, 0, 50];
+    pub(super) const CLIENT: &str = "10.20.0.10:5060";
 
-    fn config() -> SiprecConfig {
+    pub(super) fn config() -> SiprecConfig {
         SiprecConfig {
             media_address: IpAddr::from(MEDIA),
             rtp_ports: (40000, 40099),
@@ -1815,14 +1828,14 @@ mod tests {
         }
     }
 
-    const SDP_7: &str =
+    pub(super) const SDP_7: &str =
         "v=0\r\no=SRC 700100 1 IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n\
 m=audio 31000 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n\
 a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=label:1\r\na=sendonly\r\n\
 m=audio 31002 RTP/AVP 8 0 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:0 PCMU/8000\r\n\
 a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=label:2\r\na=sendonly\r\n";
 
-    const META_7: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+    pub(super) const META_7: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <recording xmlns="urn:ietf:params:xml:ns:recording:1">
   <datamode>complete</datamode>
   <group group_id="Q2dXbH1xTr6yb0f8kP3aJg==">
@@ -1861,14 +1874,14 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=label:2\
 </recording>
 "#;
 
-    const SDP_8: &str =
+    pub(super) const SDP_8: &str =
         "v=0\r\no=SRC 700100 2 IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n\
 m=audio 31000 RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n\
 a=fmtp:101 0-15\r\na=label:1\r\na=sendonly\r\n\
 m=audio 31010 RTP/AVP 18 101\r\na=rtpmap:18 G729/8000\r\na=fmtp:18 annexb=no\r\n\
 a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=label:2\r\na=sendonly\r\n";
 
-    const META_8: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+    pub(super) const META_8: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <recording xmlns="urn:ietf:params:xml:ns:recording:1">
   <datamode>partial</datamode>
   <participant participant_id="d3Hq2sK8V0nC5b1Xt7JmPw==">
@@ -1892,7 +1905,7 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=label:2\r\na=sendonly\
 "#;
 
     /// A two-part SIPREC body (SDP + metadata).
-    fn multipart(sdp: &str, xml: &str) -> (String, String) {
+    pub(super) fn multipart(sdp: &str, xml: &str) -> (String, String) {
         let body = format!(
             "--rsb-42\r\nContent-Type: application/sdp\r\nContent-Disposition: session;handling=required\r\n\r\n{sdp}\r\n\
 --rsb-42\r\nContent-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-session\r\n\r\n{xml}\r\n--rsb-42--\r\n"
@@ -1901,7 +1914,7 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=label:2\r\na=sendonly\
     }
 
     /// A two-stream SDP offer with our choice of ports, direction and source address.
-    fn sdp(version: u32, ports: &[u16], direction: &str) -> String {
+    pub(super) fn sdp(version: u32, ports: &[u16], direction: &str) -> String {
         let mut s = format!(
             "v=0\r\no=SRC 700100 {version} IN IP4 10.20.0.10\r\ns=-\r\nc=IN IP4 10.20.0.10\r\nt=0 0\r\n"
         );
@@ -1915,18 +1928,18 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=label:2\r\na=sendonly\
     }
 
     /// What a test request looks like before it is written out.
-    struct Req<'a> {
-        method: &'a str,
-        call_id: &'a str,
-        from_tag: &'a str,
-        to_tag: Option<&'a str>,
-        cseq: u32,
-        headers: Vec<String>,
-        body: Option<(String, String)>,
+    pub(super) struct Req<'a> {
+        pub(super) method: &'a str,
+        pub(super) call_id: &'a str,
+        pub(super) from_tag: &'a str,
+        pub(super) to_tag: Option<&'a str>,
+        pub(super) cseq: u32,
+        pub(super) headers: Vec<String>,
+        pub(super) body: Option<(String, String)>,
     }
 
     impl<'a> Req<'a> {
-        fn new(method: &'a str, call_id: &'a str) -> Self {
+        pub(super) fn new(method: &'a str, call_id: &'a str) -> Self {
             Self {
                 method,
                 call_id,
@@ -1938,30 +1951,30 @@ a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=label:2\r\na=sendonly\
             }
         }
 
-        fn siprec(mut self) -> Self {
+        pub(super) fn siprec(mut self) -> Self {
             self.headers
                 .push("Contact: <sip:src@10.20.0.10:5060>;+sip.src".into());
             self.headers.push("Require: siprec".into());
             self
         }
 
-        fn header(mut self, line: &str) -> Self {
+        pub(super) fn header(mut self, line: &str) -> Self {
             self.headers.push(line.to_string());
             self
         }
 
-        fn body(mut self, content_type: &str, body: &str) -> Self {
+        pub(super) fn body(mut self, content_type: &str, body: &str) -> Self {
             self.body = Some((content_type.to_string(), body.to_string()));
             self
         }
 
-        fn in_dialog(mut self, tag: &'a str, cseq: u32) -> Self {
+        pub(super) fn in_dialog(mut self, tag: &'a str, cseq: u32) -> Self {
             self.to_tag = Some(tag);
             self.cseq = cseq;
             self
         }
 
-        fn text(&self, branch: u64) -> String {
+        pub(super) fn text(&self, branch: u64) -> String {
             let to = match self.to_tag {
                 Some(tag) => format!("<sip:srs@10.20.0.50>;tag={tag}"),
                 None => "<sip:srs@10.20.0.50>".to_string(),
@@ -1996,21 +2009,21 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         }
     }
 
-    type Events = Arc<Mutex<Vec<SessionEvent>>>;
+    pub(super) type Events = Arc<Mutex<Vec<SessionEvent>>>;
 
     /// Recorder + real endpoint on virtual time, over one TCP connection.
-    struct Harness {
-        rec: Recorder<TestFlows>,
-        ep: Endpoint,
-        now: Instant,
-        events: Events,
-        branch: u64,
+    pub(super) struct Harness {
+        pub(super) rec: Recorder<TestFlows>,
+        pub(super) ep: Endpoint,
+        pub(super) now: Instant,
+        pub(super) events: Events,
+        pub(super) branch: u64,
         /// Status lines of the final responses sent (rsip drops reason phrases of known codes).
-        status_lines: Vec<String>,
+        pub(super) status_lines: Vec<String>,
     }
 
     impl Harness {
-        fn new(config: SiprecConfig) -> Self {
+        pub(super) fn new(config: SiprecConfig) -> Self {
             let events: Events = Arc::default();
             let sink = events.clone();
             let rec = Recorder::new(
@@ -2034,13 +2047,13 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         }
 
         /// Delivers a request (fresh Via branch) and returns every message sent back.
-        fn send(&mut self, req: &Req) -> Vec<rsip::SipMessage> {
+        pub(super) fn send(&mut self, req: &Req) -> Vec<rsip::SipMessage> {
             self.branch += 1;
             let text = req.text(self.branch);
             self.send_raw(&text)
         }
 
-        fn send_raw(&mut self, text: &str) -> Vec<rsip::SipMessage> {
+        pub(super) fn send_raw(&mut self, text: &str) -> Vec<rsip::SipMessage> {
             self.ep.handle_incoming(
                 self.now,
                 crate::sip::Incoming {
@@ -2055,7 +2068,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         }
 
         /// Hands endpoint events to the recorder until both are quiet; returns what was sent.
-        fn pump(&mut self) -> Vec<rsip::SipMessage> {
+        pub(super) fn pump(&mut self) -> Vec<rsip::SipMessage> {
             let mut out = Vec::new();
             loop {
                 let mut busy = false;
@@ -2082,7 +2095,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         }
 
         /// Moves virtual time forward, firing every timer due on the way.
-        fn advance(&mut self, by: Duration) -> Vec<rsip::SipMessage> {
+        pub(super) fn advance(&mut self, by: Duration) -> Vec<rsip::SipMessage> {
             let target = self.now + by;
             let mut out = Vec::new();
             loop {
@@ -2104,12 +2117,12 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             out
         }
 
-        fn take_events(&self) -> Vec<SessionEvent> {
+        pub(super) fn take_events(&self) -> Vec<SessionEvent> {
             std::mem::take(&mut *self.events.lock().unwrap())
         }
 
         /// INVITE, expect 200, ACK it. Returns the 200 and the recording id.
-        fn establish(&mut self, req: Req) -> (rsip::Response, String) {
+        pub(super) fn establish(&mut self, req: Req) -> (rsip::Response, String) {
             let resp = final_response(&self.send(&req));
             assert_eq!(resp.status_code.code(), 200, "{resp}");
             let tag = to_tag(&resp.headers).expect("200 has a To tag");
@@ -2122,7 +2135,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         }
 
         /// (flow id, generation, remote) pinned at a local port.
-        fn flow(&self, port: u16) -> Option<(u64, u32, Option<SocketAddr>)> {
+        pub(super) fn flow(&self, port: u16) -> Option<(u64, u32, Option<SocketAddr>)> {
             self.rec
                 .flows()
                 .table
@@ -2132,13 +2145,18 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         }
     }
 
-    fn ack<'a>(call_id: &'a str, from_tag: &'a str, to_tag: &'a str, cseq: u32) -> Req<'a> {
+    pub(super) fn ack<'a>(
+        call_id: &'a str,
+        from_tag: &'a str,
+        to_tag: &'a str,
+        cseq: u32,
+    ) -> Req<'a> {
         let mut r = Req::new("ACK", call_id).in_dialog(to_tag, cseq);
         r.from_tag = from_tag;
         r
     }
 
-    fn responses(msgs: &[rsip::SipMessage]) -> Vec<&rsip::Response> {
+    pub(super) fn responses(msgs: &[rsip::SipMessage]) -> Vec<&rsip::Response> {
         msgs.iter()
             .filter_map(|m| match m {
                 rsip::SipMessage::Response(r) => Some(r),
@@ -2148,7 +2166,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
     }
 
     /// The final response among what was sent.
-    fn final_response(msgs: &[rsip::SipMessage]) -> rsip::Response {
+    pub(super) fn final_response(msgs: &[rsip::SipMessage]) -> rsip::Response {
         responses(msgs)
             .into_iter()
             .rev()
@@ -2157,7 +2175,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             .unwrap_or_else(|| panic!("no final response in {msgs:?}"))
     }
 
-    fn requests(msgs: &[rsip::SipMessage]) -> Vec<&rsip::Request> {
+    pub(super) fn requests(msgs: &[rsip::SipMessage]) -> Vec<&rsip::Request> {
         msgs.iter()
             .filter_map(|m| match m {
                 rsip::SipMessage::Request(r) => Some(r),
@@ -2166,12 +2184,12 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             .collect()
     }
 
-    fn body(resp: &rsip::Response) -> String {
+    pub(super) fn body(resp: &rsip::Response) -> String {
         String::from_utf8(resp.body.clone()).unwrap()
     }
 
     /// Ports of the m-lines of an SDP, in order.
-    fn m_ports(sdp: &str) -> Vec<u16> {
+    pub(super) fn m_ports(sdp: &str) -> Vec<u16> {
         sdp.lines()
             .filter_map(|l| l.strip_prefix("m="))
             .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
@@ -2179,13 +2197,13 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
     }
 
     /// The `o=` version of an SDP.
-    fn o_version(sdp: &str) -> u64 {
+    pub(super) fn o_version(sdp: &str) -> u64 {
         let o = sdp.lines().find_map(|l| l.strip_prefix("o=")).unwrap();
         o.split_whitespace().nth(2).unwrap().parse().unwrap()
     }
 
     /// Lines of the m-section `index` (0-based).
-    fn m_section(sdp: &str, index: usize) -> Vec<String> {
+    pub(super) fn m_section(sdp: &str, index: usize) -> Vec<String> {
         let mut sections: Vec<Vec<String>> = Vec::new();
         for line in sdp.lines() {
             if line.starts_with("m=") {
@@ -2198,7 +2216,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
         sections.get(index).cloned().unwrap_or_default()
     }
 
-    fn spec_invite() -> Req<'static> {
+    pub(super) fn spec_invite() -> Req<'static> {
         let (ct, b) = multipart(SDP_7, META_7);
         Req::new("INVITE", "rs-0c6e2b11@10.20.0.10")
             .siprec()
@@ -2209,7 +2227,7 @@ Max-Forwards: 70\r\nFrom: <sip:src@sbc1.cc.example>;tag={}\r\nTo: {to}\r\nCall-I
             .body(&ct, &b)
     }
 
-    fn status(h: &mut Harness, req: &Req) -> (u16, rsip::Response) {
+    pub(super) fn status(h: &mut Harness, req: &Req) -> (u16, rsip::Response) {
         let r = final_response(&h.send(req));
         (r.status_code.code(), r)
     }
@@ -3323,13 +3341,13 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
     }
 
     /// Partial metadata whose association names a participant and a stream never described.
-    const META_GHOST: &str = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1">
+    pub(super) const META_GHOST: &str = r#"<recording xmlns="urn:ietf:params:xml:ns:recording:1">
   <datamode>partial</datamode>
   <participantstreamassoc participant_id="p-ghost"><send>s-ghost</send></participantstreamassoc>
 </recording>"#;
 
     /// Our snapshot-request UPDATEs among what was sent.
-    fn snapshot_requests(msgs: &[rsip::SipMessage]) -> Vec<rsip::Request> {
+    pub(super) fn snapshot_requests(msgs: &[rsip::SipMessage]) -> Vec<rsip::Request> {
         requests(msgs)
             .into_iter()
             .filter(|r| r.method == Method::Update)
@@ -3338,7 +3356,7 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
     }
 
     /// The client's answer to a request we sent.
-    fn answer(h: &mut Harness, req: &rsip::Request, code: u16, reason: &str) {
+    pub(super) fn answer(h: &mut Harness, req: &rsip::Request, code: u16, reason: &str) {
         let mut text = format!("SIP/2.0 {code} {reason}\r\n");
         for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
             text += &format!("{name}: {}\r\n", header_value(&req.headers, name).unwrap());
