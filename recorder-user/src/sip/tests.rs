@@ -1207,3 +1207,102 @@ proptest! {
         prop_assert_eq!(h.ep.poll_timeout(), None);
     }
 }
+
+/// A dialog whose 2xx waits for its ACK moves to a new endpoint (daemon restart): the 2xx is
+/// retransmitted from there, the ACK confirms it, and our BYE reaches the IPv6 remote target.
+#[test]
+fn exported_dialog_carries_on_in_a_new_endpoint() {
+    let mut h = Harness::new();
+    let text = invite("z9hG4bKv6", "call-x", 1)
+        .replace("10.0.0.2:5062;branch", "[2001:db8::2]:5062;branch")
+        .replace("<sip:src@10.0.0.2:5062>", "<sip:src@[2001:db8::2]:5062>");
+    h.feed(Transport::Udp, None, "[2001:db8::2]:5062", &text);
+    let txn = match h.events().as_slice() {
+        [SipEvent::Request { txn, .. }] => *txn,
+        other => panic!("{other:?}"),
+    };
+    let ok = h.ep.make_response(&txn, 200, None).unwrap();
+    let to = ok.to_header().unwrap().value().to_string();
+    h.ep.respond(h.now, &txn, ok).unwrap();
+    let ok_bytes = h.take_sent().pop().unwrap().1.bytes;
+    let dialog = h.ep.dialog_of(&txn).unwrap();
+    h.advance(secs(2.0));
+    h.take_sent();
+
+    let snapshot = h.ep.export_dialog(h.now, &dialog).unwrap();
+    let pending = snapshot.awaiting_ack.as_ref().expect("ACK still awaited");
+    assert_eq!(pending.ack_wait, secs(30.0), "64*T1 less the 2 s spent");
+    assert!(h.ep.forget_dialog(&dialog));
+    assert!(!h.ep.has_dialog(&dialog));
+    h.advance(secs(60.0));
+    assert!(h.take_sent().is_empty(), "the old endpoint stays silent");
+    assert!(h.events().is_empty());
+
+    let json = serde_json::to_string(&snapshot).unwrap();
+    let mut new = Harness::new();
+    new.now = h.now;
+    let snapshot: DialogSnapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        new.ep.import_dialog(new.now, snapshot.clone()).unwrap(),
+        dialog
+    );
+    assert!(matches!(
+        new.ep.import_dialog(new.now, snapshot),
+        Err(SipError::BadSnapshot { .. })
+    ));
+    new.advance(secs(0.6));
+    let sent = new.take_sent();
+    assert_eq!(sent.len(), 1, "2xx retransmitted on UDP");
+    assert_eq!(sent[0].1.bytes, ok_bytes);
+    assert_eq!(sent[0].1.destination, "[2001:db8::2]:5062".parse().unwrap());
+
+    let ack = in_dialog("ACK", "z9hG4bKack2", "call-x", &to, 1)
+        .replace("10.0.0.2:5062;branch", "[2001:db8::2]:5062;branch");
+    new.feed(Transport::Udp, None, "[2001:db8::2]:5062", &ack);
+    assert!(matches!(new.events().as_slice(), [SipEvent::Acked { dialog: d }] if *d == dialog));
+    new.advance(secs(40.0));
+    assert!(
+        new.take_sent().is_empty(),
+        "no retransmission after the ACK"
+    );
+    assert!(new.events().is_empty(), "no ACK timeout");
+
+    new.ep.send_bye(new.now, &dialog, None).unwrap();
+    let sent = new.take_sent();
+    let wire = String::from_utf8_lossy(&sent[0].1.bytes).into_owned();
+    assert!(
+        wire.starts_with("BYE sip:src@[2001:db8::2]:5062 SIP/2.0"),
+        "{wire}"
+    );
+    assert_eq!(sent[0].1.destination, "[2001:db8::2]:5062".parse().unwrap());
+}
+
+/// Stream connections do not survive a restart: an imported TCP dialog has none, so the
+/// transport reaches the client afresh.
+#[test]
+fn imported_tcp_dialog_has_no_connection() {
+    let mut h = Harness::new();
+    let text = invite("z9hG4bKt", "call-t", 1).replace("SIP/2.0/UDP", "SIP/2.0/TCP");
+    h.feed(Transport::Tcp, Some(7), CLIENT, &text);
+    let txn = match h.events().as_slice() {
+        [SipEvent::Request { txn, .. }] => *txn,
+        other => panic!("{other:?}"),
+    };
+    let ok = h.ep.make_response(&txn, 200, None).unwrap();
+    h.ep.respond(h.now, &txn, ok).unwrap();
+    let dialog = h.ep.dialog_of(&txn).unwrap();
+    let snapshot = h.ep.export_dialog(h.now, &dialog).unwrap();
+    assert_eq!(snapshot.transport, Transport::Tcp);
+
+    let mut new = Harness::new();
+    new.ep.import_dialog(new.now, snapshot).unwrap();
+    new.ep.send_bye(new.now, &dialog, None).unwrap();
+    let sent = new.take_sent();
+    assert_eq!(sent[0].1.transport, Transport::Tcp);
+    assert_eq!(sent[0].1.connection, None);
+    assert_eq!(
+        sent[0].1.destination,
+        "10.0.0.2:5062".parse().unwrap(),
+        "Contact"
+    );
+}
