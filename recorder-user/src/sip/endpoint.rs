@@ -8,6 +8,8 @@
 //! * input: [`Endpoint::handle_incoming`], [`Endpoint::handle_timeout`].
 //! * application commands: [`Endpoint::respond`], [`Endpoint::send_bye`].
 //! * output: [`Endpoint::poll_event`], [`Endpoint::poll_transmit`], [`Endpoint::poll_timeout`].
+//! * restart handover: [`Endpoint::export_dialog`], [`Endpoint::forget_dialog`] (old daemon),
+//!   [`Endpoint::import_dialog`] (new daemon).
 //!
 //! After every input or command, drain `poll_event` and `poll_transmit` until both return
 //! `None`, then sleep until `poll_timeout` (the driver in [`crate::transport::driver`] does

@@ -518,3 +518,51 @@ fn restore_refuses_another_layout_or_media_address() {
     ));
     assert!(restore(config(), handover).is_ok());
 }
+
+#[test]
+fn session_whose_dialog_cannot_be_rebuilt_is_ended_and_unpinned() {
+    let mut h = Harness::new(config());
+    let (_, id) = h.establish(spec_invite());
+    let (_, keep) = h.establish(timed_invite("b@src", &[31004, 31006]));
+    let handover = h.rec.handover(h.now, &mut h.ep);
+    let mut json = serde_json::to_value(&handover).unwrap();
+    let sessions = json["sessions"].as_array_mut().unwrap();
+    let broken = sessions
+        .iter_mut()
+        .find(|s| s["id"] == id.as_str())
+        .unwrap();
+    broken["dialog"]["remote_target"] = "sip:".into();
+    let handover: RecorderHandover = serde_json::from_value(json).unwrap();
+    let flows = TestFlows {
+        table: MemoryFlows {
+            flows: h.rec.flows().table.flows.clone(),
+        },
+        ..Default::default()
+    };
+    let sink = h.events.clone();
+    let mut ep = endpoint();
+    let rec = Recorder::restore(
+        config(),
+        flows,
+        Box::new(move |e| sink.lock().unwrap().push(e)),
+        handover,
+        h.now,
+        &mut ep,
+    )
+    .unwrap();
+    let events = h.take_events();
+    assert!(
+        matches!(&events[..], [SessionEvent::Ended { id: i, reason: EndReason::Error { detail }, .. }]
+            if *i == id && detail.contains("remote target")),
+        "{events:?}"
+    );
+    assert_eq!(rec.sessions().len(), 1);
+    assert_eq!(rec.sessions()[0].id, keep);
+    assert_eq!(
+        sorted(rec.flows().table.flows.keys().copied().collect()),
+        sorted(rec.flow_locals()),
+        "only the kept session's flows are left"
+    );
+    assert_eq!(rec.flow_locals().len(), 4);
+    assert_eq!(ep.dialog_count(), 1);
+}

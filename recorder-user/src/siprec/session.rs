@@ -12,6 +12,9 @@
 //! Sessions are keyed by Call-ID plus the client's From tag, never by Call-ID alone. Each
 //! accepted m-line owns a local RTP port (and RTCP port unless rtcp-mux) for the session's life;
 //! re-offers are diffed m-line by m-line against it.
+//!
+//! A restarted daemon carries the live sessions on: [`Recorder::handover`] and
+//! [`Recorder::restore`] (see the `handover` submodule).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -1771,7 +1774,7 @@ fn merge_call_ids(old: &mut CallIds, fresh: CallIds) {
 
 #[path = "handover.rs"]
 mod handover;
-pub use handover::{HandoverError, RecorderHandover};
+pub use handover::{HandoverError, RecorderHandover, HANDOVER_VERSION};
 
 #[cfg(test)]
 #[path = "handover_tests.rs"]
