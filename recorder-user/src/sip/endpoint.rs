@@ -71,7 +71,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::{BinaryHeap, HashMap, VecDeque},
+    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
     fmt,
     net::{IpAddr, SocketAddr},
     time::Instant,
@@ -200,6 +200,9 @@ pub struct Endpoint {
     transmits: VecDeque<Transmit>,
     events: VecDeque<SipEvent>,
     counters: SipCounters,
+    /// Dialogs given to another daemon ([`Endpoint::forget_dialog`]): their requests are
+    /// dropped, not answered 481.
+    handed_over: HashSet<DialogId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -231,6 +234,7 @@ impl Endpoint {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             counters: SipCounters::default(),
+            handed_over: HashSet::new(),
         }
     }
 
@@ -399,9 +403,14 @@ impl Endpoint {
     }
 
     /// Drops a dialog and every transaction of it without a word to the client (it was handed
-    /// over to another daemon). `false` if it did not exist.
+    /// over to another daemon). Requests in it that still arrive here are dropped unanswered,
+    /// so that a UDP client's retransmission reaches the next daemon. `false` if it did not
+    /// exist.
     pub fn forget_dialog(&mut self, id: &DialogId) -> bool {
         let existed = self.dialogs.remove(id).is_some();
+        if existed {
+            self.handed_over.insert(id.clone());
+        }
         self.awaiting_ack.remove(id);
         let txns: Vec<TxnId> = self
             .txns
@@ -864,6 +873,12 @@ impl Endpoint {
                 local_tag: to_tag,
                 remote_tag: facts.from_tag.clone().unwrap_or_default(),
             };
+            if self.handed_over.contains(&id) {
+                // Unanswered: a UDP client retransmits it to the next daemon; 481 would end
+                // a session that goes on there.
+                let reason = "dialog handed over to the next daemon".to_string();
+                return self.note_rejection(0, "handed-over", reason, incoming.source);
+            }
             if !self.dialogs.contains_key(&id) {
                 return self.answer_in_new_txn(
                     now,

@@ -1237,6 +1237,15 @@ fn exported_dialog_carries_on_in_a_new_endpoint() {
     h.advance(secs(60.0));
     assert!(h.take_sent().is_empty(), "the old endpoint stays silent");
     assert!(h.events().is_empty());
+    // A BYE still reaching the old daemon is left for the new one (no 481).
+    let bye = in_dialog("BYE", "z9hG4bKbye", "call-x", &to, 2)
+        .replace("10.0.0.2:5062;branch", "[2001:db8::2]:5062;branch");
+    h.feed(Transport::Udp, None, "[2001:db8::2]:5062", &bye);
+    assert!(h.take_sent().is_empty(), "no answer from the old endpoint");
+    assert!(matches!(
+        h.events().as_slice(),
+        [SipEvent::Rejected { status: 0, .. }]
+    ));
 
     let json = serde_json::to_string(&snapshot).unwrap();
     let mut new = Harness::new();
