@@ -130,7 +130,7 @@ impl<F: FlowControl> Recorder<F> {
     /// from here on). Drain `endpoint`'s transmits afterwards: the 503s are queued there.
     pub fn handover(&mut self, now: Instant, endpoint: &mut Endpoint) -> RecorderHandover {
         self.set_accepting(false, "restarting");
-        let unanswerable: Vec<(SessionKey, Option<EndReason>)> = self
+        let ending: Vec<(SessionKey, Option<EndReason>)> = self
             .sessions
             .values()
             .filter_map(|s| match (&s.phase, &s.dialog) {
@@ -144,7 +144,7 @@ impl<F: FlowControl> Recorder<F> {
                 )),
             })
             .collect();
-        for (key, error) in unanswerable {
+        for (key, error) in ending {
             let reason = error.unwrap_or(EndReason::Shutdown);
             self.end_session(now, &key, reason, false);
         }
@@ -152,11 +152,15 @@ impl<F: FlowControl> Recorder<F> {
         for (txn, reply) in std::mem::take(&mut self.outbox.replies) {
             send_reply(now, endpoint, &txn, reply);
         }
-        let mut unanswered: Vec<_> = self.snapshots_in_flight.drain().collect();
+        let mut unanswered: Vec<_> = self
+            .snapshots_in_flight
+            .drain()
+            .map(|(dialog, sent)| (dialog, sent.xml))
+            .collect();
         unanswered.extend(
             std::mem::take(&mut self.snapshot_retries)
                 .into_iter()
-                .map(|(_, dialog, xml)| (dialog, super::SnapshotInFlight { xml, retried: true })),
+                .map(|(_, dialog, xml)| (dialog, xml)),
         );
         let mut sessions = Vec::new();
         for (_, s) in std::mem::take(&mut self.sessions) {
@@ -170,7 +174,7 @@ impl<F: FlowControl> Recorder<F> {
             let snapshot_unanswered = unanswered
                 .iter()
                 .find(|(d, _)| *d == dialog_id)
-                .map(|(_, sent)| sent.xml.clone());
+                .map(|(_, xml)| xml.clone());
             sessions.push(SessionSnapshot {
                 id: s.id,
                 key: s.key,
