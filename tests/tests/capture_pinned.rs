@@ -402,3 +402,43 @@ fn pin_dir_off_bpffs_is_a_clear_error() {
         Ok(_) => panic!("expected NotBpffs, got a loaded capture"),
     }
 }
+
+#[test]
+fn adopted_rings_keep_their_size_when_the_config_changes() {
+    let pair = VethPair::new("size");
+    let pins = PinDir::new("size");
+    let local: SocketAddr = (pair.recorder_v4, 46000).into();
+    let small = CaptureConfig {
+        ring_bytes: 128 << 10,
+        max_flows: 1024,
+        ..pins.config(true)
+    };
+    let (mut first, _) = load(&pair, &small);
+    first
+        .flows
+        .insert(FlowSpec {
+            flow_id: 11,
+            local,
+            remote: None,
+            action: FlowAction::Drop,
+        })
+        .unwrap();
+    first.capture.release_pinned().unwrap();
+    drop((first.flows, first.consumer, first.counters));
+    let sender = pair.in_sender(|| UdpSocket::bind((pair.sender_v4, 0)).unwrap());
+    send(&sender, local, 0..100);
+
+    // Larger sizes configured: the adopted maps keep theirs, and the rings are read with the
+    // adopted size (a mapping sized from the config would misread or fail).
+    let (mut second, _) = load(&pair, &pins.config(false));
+    assert!(second.capture.adopted());
+    let info = aya::maps::MapInfo::from_pin(pins.layout_dir().join(abi::RING_NAMES[0])).unwrap();
+    assert_eq!(info.max_entries(), 128 << 10);
+    let info = aya::maps::MapInfo::from_pin(pins.layout_dir().join(abi::MAP_FLOWS)).unwrap();
+    assert_eq!(info.max_entries(), 1024);
+    assert_seqs(&second.drain_exactly(100), 0..100, 1);
+    send(&sender, local, 100..200);
+    assert_seqs(&second.drain_exactly(100), 100..200, 1);
+    second.capture.detach_and_unpin().unwrap();
+    assert!(!pins.0.exists());
+}
