@@ -404,6 +404,22 @@ fn pin_dir_off_bpffs_is_a_clear_error() {
 }
 
 #[test]
+fn pins_are_not_left_behind_when_attaching_fails() {
+    let pins = PinDir::new("fail");
+    let mut capture = Capture::load(&pins.config(true)).expect("load");
+    assert!(pins.layout_dir().join(abi::MAP_FLOWS).exists());
+    let error = capture
+        .attach("no-such-if0", AttachMode::Auto)
+        .expect_err("unknown interface");
+    assert!(error.to_string().contains("no-such-if0"), "{error}");
+    drop(capture);
+    assert!(
+        !pins.layout_dir().exists(),
+        "pins without a link captured nothing: removed"
+    );
+}
+
+#[test]
 fn adopted_rings_keep_their_size_when_the_config_changes() {
     let pair = VethPair::new("size");
     let pins = PinDir::new("size");

@@ -212,7 +212,8 @@ pub struct StaleLink {
 /// either existing pins or `create_pins`), the maps and links live in bpffs: end with
 /// [`release_pinned`](Self::release_pinned) (capture goes on without us) or
 /// [`detach_and_unpin`](Self::detach_and_unpin) (clean stop). A plain drop then behaves like
-/// `release_pinned`, with a warning: captured packets are never thrown away implicitly.
+/// `release_pinned`, with a warning: captured packets are never thrown away implicitly (unless
+/// no link is pinned at all, e.g. attaching failed: nothing could capture, the pins go).
 pub struct Capture {
     ebpf: Ebpf,
     links: Vec<Attachment>,
@@ -298,22 +299,21 @@ impl Capture {
                 info!(dir = %pins.layout_dir.display(), "pinning capture maps");
             }
         }
-        let mut ebpf = loader.load(object)?;
-        let program: &mut Xdp = ebpf
-            .program_mut(abi::PROGRAM_NAME)
-            .ok_or(CaptureError::Program {
-                name: abi::PROGRAM_NAME,
-                source: aya::programs::ProgramError::NotLoaded,
-            })?
-            .try_into()
-            .map_err(|source| CaptureError::Program {
-                name: abi::PROGRAM_NAME,
-                source,
-            })?;
-        program.load().map_err(|source| CaptureError::Program {
-            name: abi::PROGRAM_NAME,
-            source,
-        })?;
+        let loaded = loader
+            .load(object)
+            .map_err(CaptureError::from)
+            .and_then(|mut ebpf| load_program(&mut ebpf).map(|()| ebpf));
+        let ebpf = match loaded {
+            Ok(ebpf) => ebpf,
+            Err(error) => {
+                // Pins we just created would be adopted as empty maps next time: remove them.
+                // Adopted pins stay: the previous program still captures through them.
+                if let Some(pins) = pins.as_ref().filter(|p| p.pinning && !adopted) {
+                    let _ = remove_dir_all_if_exists(&pins.layout_dir);
+                }
+                return Err(error);
+            }
+        };
         Ok(Self {
             ebpf,
             links: Vec::new(),
@@ -646,9 +646,14 @@ impl Drop for Capture {
         if self.finished {
             return;
         }
-        if self.pinning() {
-            if !self.links.is_empty() {
-                warn!("capture dropped while pinned: XDP stays attached and the maps pinned (call detach_and_unpin for a clean stop)");
+        if let Some(dir) = self.layout_dir().map(Path::to_path_buf) {
+            if link_pins(&dir).is_empty() {
+                // Nothing captures into these maps (e.g. attaching failed): don't leave them.
+                if remove_dir_all_if_exists(&dir).is_ok() {
+                    info!(dir = %dir.display(), "no XDP link pinned: capture pins removed");
+                }
+            } else {
+                warn!(dir = %dir.display(), "capture dropped while pinned: XDP stays attached and the maps pinned (detach_and_unpin is the clean stop)");
             }
             return;
         }
@@ -753,6 +758,25 @@ fn remove_dir_all_if_exists(dir: &Path) -> Result<(), CaptureError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// Loads (verifies) the XDP program of a loaded object.
+fn load_program(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(abi::PROGRAM_NAME)
+        .ok_or(CaptureError::Program {
+            name: abi::PROGRAM_NAME,
+            source: aya::programs::ProgramError::NotLoaded,
+        })?
+        .try_into()
+        .map_err(|source| CaptureError::Program {
+            name: abi::PROGRAM_NAME,
+            source,
+        })?;
+    program.load().map_err(|source| CaptureError::Program {
+        name: abi::PROGRAM_NAME,
+        source,
+    })
 }
 
 /// Fails unless `path` is on bpffs (pins anywhere else fail with obscure errors).
