@@ -159,6 +159,40 @@ const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
 const _: () = assert!(core::mem::size_of::<RecordHeader>() == 32);
 
+/// FNV-1a over `bytes`, folded into `hash` (usable in constants).
+const fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// Fingerprint of the kernel/user layout: this file's text (every type, map name and constant
+/// the two sides share) plus the sizes of the shared types. Any edit here, even a comment, gives
+/// a new value: pins of an older layout are then never reused by mistake (the kernel does not
+/// check a reused pin's key/value sizes against the program's expectations).
+pub const LAYOUT_HASH: u64 = {
+    let mut h = fnv1a(0xcbf2_9ce4_8422_2325, include_bytes!("abi.rs"));
+    let sizes = [
+        core::mem::size_of::<FlowKey>() as u32,
+        core::mem::size_of::<FlowValue>() as u32,
+        core::mem::size_of::<FlowStats>() as u32,
+        core::mem::size_of::<RecordHeader>() as u32,
+        ABI_VERSION,
+        RING_COUNT as u32,
+        counter::COUNT,
+    ];
+    let mut i = 0;
+    while i < sizes.len() {
+        h = fnv1a(h, &sizes[i].to_le_bytes());
+        i += 1;
+    }
+    h
+};
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all four are repr(C), made only of integers and byte arrays, with no implicit

@@ -193,6 +193,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         ring_bytes: config.ring_bytes,
         max_flows: config.max_flows,
         attach_mode: config.attach_mode,
+        ..CaptureConfig::default()
     })
     .context("loading the XDP program")?;
     for interface in &config.interfaces {

@@ -2,6 +2,11 @@
 //!
 //! Every record the XDP program writes becomes a [`CapturedPacket`] handed to a [`PacketSink`]
 //! (the writers implement it). The sink is called on the capture task: it must not block.
+//!
+//! Restart without loss: with a pin directory, the maps and the XDP links are pinned in bpffs
+//! under `<pin_dir>/<layout_version()>/`. `Capture::release_pinned` leaves them capturing while no
+//! daemon runs; the next `Capture::load` adopts them (flows, counters, and the rings with their
+//! unread records) and `attach` swaps its program into the pinned link atomically.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -24,6 +24,7 @@ pub struct BpfFlowTable {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     stats: PerCpuHashMap<MapData, u64, FlowStats>,
     /// What we pinned, by local address (the map holds the same, this avoids syscalls to read).
+    /// Starts as the kernel map's content: empty, or a previous daemon's flows when adopted.
     pinned: StdHashMap<SocketAddr, (FlowSpec, u32)>,
     cpus: usize,
 }
@@ -83,6 +84,28 @@ fn flow_value(spec: &FlowSpec, generation: u32) -> FlowValue {
     }
 }
 
+/// Inverse of [`flow_value`]: the spec and generation a map entry was written from.
+fn spec_of(local: SocketAddr, value: &FlowValue) -> FlowSpec {
+    let remote = (value.src_match & abi::SRC_MATCH_ADDR != 0).then(|| {
+        let port = if value.src_match & abi::SRC_MATCH_PORT != 0 {
+            value.remote_port
+        } else {
+            0
+        };
+        SocketAddr::new(unmapped(value.remote_addr), port)
+    });
+    FlowSpec {
+        flow_id: value.flow_id,
+        local,
+        remote,
+        action: if value.action == abi::ACTION_DROP {
+            FlowAction::Drop
+        } else {
+            FlowAction::Pass
+        },
+    }
+}
+
 impl BpfFlowTable {
     pub(crate) fn new(flows: Map, stats: Map) -> Result<Self, CaptureError> {
         let flows = HashMap::try_from(flows).map_err(|source| CaptureError::Map {
@@ -93,12 +116,54 @@ impl BpfFlowTable {
             name: abi::MAP_FLOW_STATS,
             source,
         })?;
-        Ok(Self {
+        let mut table = Self {
             flows,
             stats,
             pinned: StdHashMap::new(),
             cpus: crate::capture::loader::possible_cpus()?,
-        })
+        };
+        // An adopted map holds the previous daemon's flows: they are ours now.
+        table.pinned = table
+            .kernel_entries()
+            .into_iter()
+            .map(|(local, value)| (local, (spec_of(local, &value), value.generation)))
+            .collect();
+        Ok(table)
+    }
+
+    /// The flow pinned at `local` and its generation (from the userspace mirror).
+    pub fn lookup(&self, local: SocketAddr) -> Option<(FlowSpec, u32)> {
+        self.pinned.get(&local).copied()
+    }
+
+    /// The largest flow id in the table (adopted flows included), so new ids can follow it.
+    pub fn max_flow_id(&self) -> Option<u64> {
+        self.pinned.values().map(|(spec, _)| spec.flow_id).max()
+    }
+
+    /// Keeps the flows for which `keep(spec, generation)` is true and removes the others from
+    /// the kernel map (after adoption: flows of sessions the new daemon does not restore).
+    /// Counters of flow ids no longer pinned are dropped too. Returns the removed flows.
+    pub fn retain(
+        &mut self,
+        mut keep: impl FnMut(&FlowSpec, u32) -> bool,
+    ) -> Result<Vec<FlowSpec>, FlowError> {
+        let mut gone: Vec<FlowSpec> = self
+            .pinned
+            .values()
+            .filter(|(spec, generation)| !keep(spec, *generation))
+            .map(|(spec, _)| *spec)
+            .collect();
+        gone.sort_by_key(|s| s.local);
+        for spec in &gone {
+            self.remove(spec.local)?;
+        }
+        for spec in &gone {
+            if !self.pinned.values().any(|(s, _)| s.flow_id == spec.flow_id) {
+                self.forget_stats(spec.flow_id);
+            }
+        }
+        Ok(gone)
     }
 
     fn map_err(
@@ -249,6 +314,24 @@ mod tests {
         assert_eq!(unmapped(key.addr), "10.1.2.3".parse::<IpAddr>().unwrap());
         let v6: IpAddr = "fd00::2".parse().unwrap();
         assert_eq!(unmapped(mapped(v6)), v6);
+    }
+
+    #[test]
+    fn values_decode_back_to_their_spec() {
+        let local: SocketAddr = "10.0.0.2:4000".parse().unwrap();
+        for remote in [None, Some("10.0.0.1:0"), Some("[fd00::1]:5004")] {
+            for action in [FlowAction::Pass, FlowAction::Drop] {
+                let spec = FlowSpec {
+                    flow_id: 42,
+                    local,
+                    remote: remote.map(|r| r.parse().unwrap()),
+                    action,
+                };
+                let value = flow_value(&spec, 7);
+                assert_eq!(spec_of(local, &value), spec);
+                assert_eq!(value.generation, 7);
+            }
+        }
     }
 
     #[test]
