@@ -83,11 +83,11 @@ use std::{
 
 use tracing::{info, warn};
 
-use self::recording::{Recording, Start};
+use self::recording::{Recording, RecordingHandover, Start};
 pub use self::{
     dtmf::DtmfEvent,
     metadata::{RecordingMetadata, RecordingState},
-    repair::repair_spool,
+    repair::{repair_spool, repair_spool_except},
     retention::{enforce_retention, RetentionPolicy},
     rtp::SsrcStats,
 };
@@ -158,6 +158,31 @@ pub enum WriterError {
     /// The writer thread is gone.
     #[error("the writer thread has stopped")]
     Stopped,
+    /// A handover written by another version of the writer.
+    #[error("handover format {found} is not this writer's ({known})")]
+    HandoverVersion { found: u32, known: u32 },
+}
+
+/// Version of the [`WriterHandover`] format; a writer refuses any other.
+pub const HANDOVER_VERSION: u32 = 1;
+
+/// What a writer hands to the next one (the daemon restarting without ending recordings): its
+/// active recordings, each stopped with its files synced and valid, and the routing state.
+/// Written by [`WriterHandle::handover`], taken by [`start_resumed`]; save it as JSON (serde).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WriterHandover {
+    version: u32,
+    /// Highest flow id routed (packets of newer flows are held for their `Started`).
+    max_routed_flow: u64,
+    recordings: Vec<RecordingHandover>,
+}
+
+impl WriterHandover {
+    /// Ids of the recordings carried (still `active` on disk): pass them to
+    /// [`repair_spool_except`].
+    pub fn recording_ids(&self) -> Vec<String> {
+        self.recordings.iter().map(|r| r.meta.id.clone()).collect()
+    }
 }
 
 /// Counters of the writer (all recordings, since start).
@@ -280,6 +305,8 @@ enum Msg {
     /// New retention limits (configuration reload).
     SetRetention(retention::RetentionPolicy),
     Shutdown,
+    /// Stop without ending the recordings; reply with what the next writer needs.
+    Handover(Reply<WriterHandover>),
 }
 
 /// Reads the writer's reception statistics (see [`WriterHandle::reception`]).
@@ -319,6 +346,32 @@ pub struct WriterSink {
 /// Creates the spool if needed, opens the index (rebuilding it if missing or corrupt, refreshing
 /// the rows a previous run left active) and spawns the writer thread. Run [`repair_spool`] before.
 pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterError> {
+    start_inner(config, None)
+}
+
+/// [`start`], going on with the recordings of `handover` (from [`WriterHandle::handover`] of the
+/// previous writer on this spool): their files are reopened and written after their last byte,
+/// the WAV stays aligned to its start time, RTP loss and jitter accounting go on, and their
+/// flows are routed before any packet is taken. A recording whose files are missing or were
+/// changed is repaired and marked `interrupted` (`end_reason: resume_failed`, with a warning);
+/// the others go on. Run [`repair_spool_except`] with [`WriterHandover::recording_ids`] before.
+pub fn start_resumed(
+    config: WriterConfig,
+    handover: WriterHandover,
+) -> Result<(WriterHandle, WriterSink), WriterError> {
+    if handover.version != HANDOVER_VERSION {
+        return Err(WriterError::HandoverVersion {
+            found: handover.version,
+            known: HANDOVER_VERSION,
+        });
+    }
+    start_inner(config, Some(handover))
+}
+
+fn start_inner(
+    config: WriterConfig,
+    handover: Option<WriterHandover>,
+) -> Result<(WriterHandle, WriterSink), WriterError> {
     std::fs::create_dir_all(&config.spool).map_err(|source| WriterError::Io {
         op: "create spool",
         path: config.spool.clone(),
@@ -360,6 +413,9 @@ pub fn start(config: WriterConfig) -> Result<(WriterHandle, WriterSink), WriterE
         pending: std::collections::VecDeque::new(),
         max_routed_flow: 0,
     };
+    if let Some(h) = handover {
+        writer.resume(h);
+    }
     let thread = std::thread::Builder::new()
         .name("rec-writer".into())
         .spawn(move || writer.run(rx))
@@ -454,6 +510,24 @@ impl WriterHandle {
             .send(Msg::Retention(tx))
             .map_err(|_| WriterError::Stopped)?;
         rx.recv().map_err(|_| WriterError::Stopped)?
+    }
+
+    /// Stops the writer without ending its recordings, for the next daemon to go on with them
+    /// ([`start_resumed`]). Everything sent before (events, packets) is written first; then each
+    /// active recording's pcap and WAV are synced and cut to their length (valid for any reader),
+    /// its `metadata.json` is written (still `active`, index row too) and its state captured.
+    /// Stop capture first: packets sent to the sink after this returns are counted as dropped.
+    pub fn handover(mut self) -> Result<WriterHandover, WriterError> {
+        let Some(thread) = self.thread.take() else {
+            return Err(WriterError::Stopped);
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        let sent = self.tx.send(Msg::Handover(tx)).is_ok();
+        let reply = if sent { rx.recv().ok() } else { None };
+        if thread.join().is_err() {
+            warn!("writer thread panicked");
+        }
+        reply.ok_or(WriterError::Stopped)
     }
 
     /// Ends every active recording (`end_reason: shutdown`), flushes and closes all files, and
@@ -570,12 +644,17 @@ impl Writer {
         let interval = self.config.flush_interval.max(Duration::from_millis(10));
         let mut next_flush = Instant::now() + interval;
         let mut next_publish = Instant::now() + RECEPTION_INTERVAL;
+        let mut handover = None;
         loop {
             let wait = next_flush
                 .min(next_publish)
                 .saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(Msg::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Ok(Msg::Handover(reply)) => {
+                    handover = Some(reply);
+                    break;
+                }
                 Ok(msg) => self.handle(msg),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
@@ -590,8 +669,10 @@ impl Writer {
         }
         // Drain what capture queued before the shutdown.
         while let Ok(msg) = rx.try_recv() {
-            if !matches!(msg, Msg::Shutdown) {
-                self.handle(msg);
+            match msg {
+                Msg::Shutdown => {}
+                Msg::Handover(reply) => handover = handover.or(Some(reply)),
+                msg => self.handle(msg),
             }
         }
         // Held packets whose session never started are unknown after all.
@@ -600,11 +681,69 @@ impl Writer {
             .fetch_add(self.pending.len() as u64, Relaxed);
         self.pending.clear();
         let now = SystemTime::now();
+        if let Some(reply) = handover {
+            let recordings: Vec<RecordingHandover> = std::mem::take(&mut self.recordings)
+                .into_values()
+                .map(|rec| rec.handover(now))
+                .collect();
+            self.flows.clear();
+            info!(
+                recordings = recordings.len(),
+                "writer stopped for a handover"
+            );
+            let _ = reply.send(WriterHandover {
+                version: HANDOVER_VERSION,
+                max_routed_flow: self.max_routed_flow,
+                recordings,
+            });
+            return;
+        }
         let ids: Vec<String> = self.recordings.keys().cloned().collect();
         for id in ids {
             self.end(&id, now, "shutdown", None);
         }
         info!("writer stopped");
+    }
+
+    /// Goes on with the recordings of a handover (see [`start_resumed`]).
+    fn resume(&mut self, h: WriterHandover) {
+        self.max_routed_flow = self.max_routed_flow.max(h.max_routed_flow);
+        let floor = self
+            .config
+            .media_floor_bytes
+            .min(self.config.min_free_bytes / 2);
+        for state in h.recordings {
+            let id = state.meta.id.clone();
+            let (dir, mut meta) = (state.dir.clone(), state.meta.clone());
+            match Recording::resume(state, floor) {
+                Ok(mut rec) => {
+                    rec.write_metadata(SystemTime::now());
+                    self.index_update(rec.metadata());
+                    self.route(&rec);
+                    self.recordings.insert(id.clone(), rec);
+                    self.shared.active.fetch_add(1, Relaxed);
+                    info!(recording = %id, "recording resumed");
+                }
+                Err(e) => {
+                    warn!(recording = %id, dir = %dir.display(), error = %e,
+                        "cannot resume recording: marked interrupted");
+                    self.shared.start_failed.fetch_add(1, Relaxed);
+                    let detail = format!("could not be resumed after a restart: {e}");
+                    match repair::repair_one(&dir, &mut meta, "resume_failed", Some(detail)) {
+                        Ok(()) => self.index_update(&meta),
+                        Err(e) => {
+                            warn!(recording = %id, error = %e, "cannot repair recording");
+                            if !dir.join(metadata::METADATA_FILE).exists() {
+                                // Nothing left on disk to point at.
+                                if let Some(index) = self.index.as_mut() {
+                                    let _ = index.remove(&id);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Replaces the shared reception snapshot (ended recordings and removed streams drop out).
@@ -646,7 +785,7 @@ impl Writer {
                 let _ = reply.send(self.retention());
             }
             Msg::SetRetention(policy) => self.policy = policy,
-            Msg::Shutdown => {}
+            Msg::Shutdown | Msg::Handover(_) => {}
         }
     }
 

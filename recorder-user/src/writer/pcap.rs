@@ -38,6 +38,28 @@ impl PcapWriter {
         Ok(Self { out })
     }
 
+    /// Goes on appending to a pcap a handover finished at `len` bytes (checked: same length,
+    /// our header).
+    pub(crate) fn open(path: &Path, len: u64, floor: u64) -> io::Result<Self> {
+        let out = MmapFile::open(path, len, floor)?;
+        let magic = out
+            .bytes()
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        if magic != Some(MAGIC_NS) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a pcap this writer made", path.display()),
+            ));
+        }
+        Ok(Self { out })
+    }
+
+    /// Bytes written so far (the file's length once finished).
+    pub(crate) fn len(&self) -> u64 {
+        self.out.len()
+    }
+
     /// Appends one record. On error (disk full) the file is unchanged.
     pub(crate) fn write(
         &mut self,

@@ -6,6 +6,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::{
@@ -16,7 +17,7 @@ use super::{
         RecordingMetadata, RecordingState, StreamMeta, WavMeta, PCAP_FILE, WAV_FILE,
     },
     pcap::{self, PcapWriter},
-    rtp::{self, Aligner, Kind, SsrcStats},
+    rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
     wav::WavWriter,
     OwnedPacket,
 };
@@ -53,12 +54,15 @@ impl Decoder {
     }
 }
 
+/// Serialized whole in a handover (`ssrcs` with their internal loss and jitter state).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Stream {
     info: StreamInfo,
     channel: Option<u16>,
     packets: u64,
     bytes: u64,
     rtcp_packets: u64,
+    #[serde(with = "full_ssrcs")]
     ssrcs: Vec<SsrcStats>,
     dtmf: Vec<DtmfEvent>,
     aligner: Aligner,
@@ -176,6 +180,29 @@ pub(crate) struct Recording {
     /// A disk error was already logged (log once, count always).
     warned: bool,
     scratch: Vec<i16>,
+}
+
+/// What a handover carries of one active recording: enough to reopen its files and go on
+/// exactly where it stopped.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct RecordingHandover {
+    pub dir: PathBuf,
+    /// Time of WAV frame 0.
+    started: SystemTime,
+    /// `metadata.json` as written at the handover (state `active`).
+    pub meta: RecordingMetadata,
+    streams: Vec<Stream>,
+    /// Length of the pcap (the file was cut to it).
+    pcap_len: Option<u64>,
+    /// The WAV's layout and length in frames (the file was cut to it).
+    wav: Option<WavHandover>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct WavHandover {
+    channels: u16,
+    rate: u32,
+    frames: u64,
 }
 
 /// What a recording starts with (the fields of `SessionEvent::Started`).
@@ -636,6 +663,71 @@ impl Recording {
 
     pub(crate) fn metadata(&self) -> &RecordingMetadata {
         &self.meta
+    }
+
+    /// Stops writing without ending: the files are synced and cut to their length (valid for any
+    /// reader), `metadata.json` is written (still `active`), and what it takes to go on is
+    /// returned. A file that cannot be finished is logged; [`Self::resume`] then finds it
+    /// changed and the recording ends up `interrupted` (and repaired).
+    pub(crate) fn handover(mut self, now: SystemTime) -> RecordingHandover {
+        let wav = self.wav.take().map(|w| {
+            let state = WavHandover {
+                channels: w.channels(),
+                rate: w.rate(),
+                frames: w.frames(),
+            };
+            self.meta.wav.frames = state.frames;
+            if let Err(e) = w.finish() {
+                warn!(recording = %self.meta.id, error = %e, "cannot finish wav for the handover");
+            }
+            state
+        });
+        let pcap_len = self.pcap.take().map(|p| {
+            let len = p.len();
+            if let Err(e) = p.finish() {
+                warn!(recording = %self.meta.id, error = %e, "cannot finish pcap for the handover");
+            }
+            len
+        });
+        self.write_metadata(now);
+        RecordingHandover {
+            dir: self.dir,
+            started: self.started,
+            meta: self.meta,
+            streams: self.streams,
+            pcap_len,
+            wav,
+        }
+    }
+
+    /// Reopens the files of a handed-over recording and goes on after their last byte. Fails
+    /// (leaving the files as they are) when a file is missing or not as the handover left it.
+    pub(crate) fn resume(h: RecordingHandover, floor: u64) -> io::Result<Self> {
+        let pcap = match h.pcap_len {
+            Some(len) => Some(PcapWriter::open(&h.dir.join(PCAP_FILE), len, floor)?),
+            None => None,
+        };
+        let wav = match &h.wav {
+            Some(w) => Some(WavWriter::open(
+                &h.dir.join(WAV_FILE),
+                w.channels,
+                w.rate,
+                w.frames,
+                floor,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            dir: h.dir,
+            started: h.started,
+            meta: h.meta,
+            streams: h.streams,
+            pcap,
+            wav,
+            dirty: true,
+            warned: false,
+            scratch: Vec::new(),
+        })
     }
 }
 

@@ -21,6 +21,13 @@ use super::{
 /// last metadata update). Nothing that was written is dropped. A recording that cannot be
 /// repaired is logged and skipped; the others are still repaired.
 pub fn repair_spool(spool: &Path) -> Result<Vec<String>, WriterError> {
+    repair_spool_except(spool, &[])
+}
+
+/// [`repair_spool`] for every recording but those in `keep`: the recordings a handover carries
+/// ([`super::WriterHandover::recording_ids`]), still `active` on purpose, which
+/// [`super::start_resumed`] goes on writing.
+pub fn repair_spool_except(spool: &Path, keep: &[String]) -> Result<Vec<String>, WriterError> {
     let entries = fs::read_dir(spool).map_err(|source| WriterError::Io {
         op: "read spool",
         path: spool.to_path_buf(),
@@ -32,10 +39,10 @@ pub fn repair_spool(spool: &Path) -> Result<Vec<String>, WriterError> {
         let Ok(mut meta) = RecordingMetadata::read(&dir) else {
             continue; // Not a recording directory (or metadata never written: nothing to fix).
         };
-        if meta.state != RecordingState::Active {
+        if meta.state != RecordingState::Active || keep.contains(&meta.id) {
             continue;
         }
-        match repair_one(&dir, &mut meta) {
+        match repair_one(&dir, &mut meta, "crash", None) {
             Ok(()) => {
                 info!(recording = %meta.id, "repaired interrupted recording");
                 repaired.push(meta.id);
@@ -47,7 +54,14 @@ pub fn repair_spool(spool: &Path) -> Result<Vec<String>, WriterError> {
     Ok(repaired)
 }
 
-fn repair_one(dir: &Path, meta: &mut RecordingMetadata) -> Result<(), WriterError> {
+/// Makes the files of a recording that will not be written any more whole, and marks it
+/// `interrupted` with `reason` (and `detail`).
+pub(crate) fn repair_one(
+    dir: &Path,
+    meta: &mut RecordingMetadata,
+    reason: &str,
+    detail: Option<String>,
+) -> Result<(), WriterError> {
     let io = |op: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source| WriterError::Io { op, path, source }
@@ -59,7 +73,7 @@ fn repair_one(dir: &Path, meta: &mut RecordingMetadata) -> Result<(), WriterErro
         let r = pcap::repair(&pcap_path).map_err(io("repair pcap", &pcap_path))?;
         last = last.max(r.last);
         meta.notes.push(format!(
-            "repaired after a crash: pcap cut from {} to {} bytes ({} records)",
+            "repaired ({reason}): pcap cut from {} to {} bytes ({} records)",
             r.old_len, r.new_len, r.records
         ));
     }
@@ -73,14 +87,17 @@ fn repair_one(dir: &Path, meta: &mut RecordingMetadata) -> Result<(), WriterErro
             last = last.max(Some(wav_end));
         }
         meta.notes.push(format!(
-            "repaired after a crash: wav cut from {} to {} bytes ({} frames)",
+            "repaired ({reason}): wav cut from {} to {} bytes ({} frames)",
             r.old_len, r.new_len, r.frames
         ));
     }
     // A metadata.json replacement the crash cut short.
     let _ = fs::remove_file(dir.join(format!(".{METADATA_FILE}.tmp")));
     meta.state = RecordingState::Interrupted;
-    meta.end_reason = Some("crash".to_string());
+    meta.end_reason = Some(reason.to_string());
+    if detail.is_some() {
+        meta.end_detail = detail;
+    }
     meta.ended_at = last.map(rfc3339);
     meta.updated_at = rfc3339(SystemTime::now());
     meta.write(dir).map_err(io("write metadata", dir))

@@ -88,6 +88,74 @@ pub struct SsrcStats {
     last_transit: Option<u32>,
 }
 
+/// Every field of [`SsrcStats`] (its serde form, in `metadata.json`, skips the internal ones):
+/// what a handover carries so that loss and jitter go on without a false gap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SsrcState {
+    ssrc: u32,
+    packets: u64,
+    lost: u64,
+    base: i64,
+    max: i64,
+    run_received: u64,
+    closed_lost: u64,
+    jitter_q4: u32,
+    last_transit: Option<u32>,
+}
+
+impl From<&SsrcStats> for SsrcState {
+    fn from(s: &SsrcStats) -> Self {
+        Self {
+            ssrc: s.ssrc,
+            packets: s.packets,
+            lost: s.lost,
+            base: s.base,
+            max: s.max,
+            run_received: s.run_received,
+            closed_lost: s.closed_lost,
+            jitter_q4: s.jitter_q4,
+            last_transit: s.last_transit,
+        }
+    }
+}
+
+impl From<SsrcState> for SsrcStats {
+    fn from(s: SsrcState) -> Self {
+        Self {
+            ssrc: s.ssrc,
+            packets: s.packets,
+            lost: s.lost,
+            base: s.base,
+            max: s.max,
+            run_received: s.run_received,
+            closed_lost: s.closed_lost,
+            jitter_q4: s.jitter_q4,
+            last_transit: s.last_transit,
+        }
+    }
+}
+
+/// `#[serde(with)]` for a `Vec<SsrcStats>` with all its fields (handover state).
+pub(crate) mod full_ssrcs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{SsrcState, SsrcStats};
+
+    pub(crate) fn serialize<S: Serializer>(v: &[SsrcStats], s: S) -> Result<S::Ok, S::Error> {
+        v.iter()
+            .map(SsrcState::from)
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SsrcStats>, D::Error> {
+        Ok(Vec::<SsrcState>::deserialize(d)?
+            .into_iter()
+            .map(SsrcStats::from)
+            .collect())
+    }
+}
+
 impl SsrcStats {
     pub(crate) fn new(ssrc: u32, seq: u16) -> Self {
         Self {
@@ -151,14 +219,14 @@ impl SsrcStats {
 /// sequence jump, and whenever the timestamp-derived position drifts from the wall-clock one by
 /// more than [`Aligner::MAX_DRIFT_MS`] (a timestamp jump, a pause the sender did not advance its
 /// clock over, a clock running wild).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Aligner {
     anchor: Option<Anchor>,
     /// How often the mapping was re-anchored after the first packet.
     pub reanchors: u64,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct Anchor {
     ssrc: u32,
     seq: u16,

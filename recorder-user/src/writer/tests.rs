@@ -1484,3 +1484,398 @@ fn dtmf_digits_and_short_payloads() {
     let p = dtmf::parse(&[3, 0x8a, 0x01, 0x40, 0xff]).unwrap();
     assert_eq!((p.event, p.end, p.volume, p.duration), (3, true, 10, 320));
 }
+
+/// Two PCMU streams with rtcp-mux on flow ids `2k+1`, `2k+2` (unique per recording `k`).
+fn mux_streams(k: u64) -> Vec<StreamInfo> {
+    let mut a = stream(0, "caller", 2 * k + 1, "PCMU", 0, 40000);
+    let mut b = stream(1, "callee", 2 * k + 2, "PCMU", 0, 40002);
+    a.rtcp_flow_id = None;
+    b.rtcp_flow_id = None;
+    vec![a, b]
+}
+
+/// CPU seconds (user + system) of this process's threads named `name`.
+fn thread_cpu(name: &str) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        // Fields after the comm: state is field 3; utime and stime are fields 14 and 15.
+        let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        total += (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / tick;
+    }
+    total
+}
+
+/// Writer-thread CPU for many live recordings at G.711 rate. Run with `cargo test --release -p
+/// recorder-user --lib bench_writer_cpu -- --ignored --nocapture` (env BENCH_RECORDINGS,
+/// BENCH_SECONDS to change the 2000 x 10 s default).
+#[test]
+#[ignore = "measurement, not a check"]
+fn bench_writer_cpu() {
+    use std::time::Instant;
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let n = env("BENCH_RECORDINGS", 2000);
+    let secs = env("BENCH_SECONDS", 10);
+    let dir = TempDir::new("benchcpu");
+    let (h, mut sink) = start_writer(dir.path());
+    let start_wall = SystemTime::now();
+    for k in 0..n {
+        let mut ev = started(&format!("r{k}"), mux_streams(k), "u");
+        if let SessionEvent::Started { at, .. } = &mut ev {
+            *at = start_wall;
+        }
+        h.event(ev);
+    }
+    h.sync();
+    let cpu0 = thread_cpu("rec-writer");
+    let t = Instant::now();
+    let (mut frame, off) = udp_frame(40000, &rtp(0, 0, 0, 1, &[0xffu8; 160]));
+    let payload = off as usize;
+    let mut sent = 0u64;
+    for tick in 0..secs * 50 {
+        // One packet per recording (its caller stream) every 20 ms.
+        for k in 0..n {
+            let seq = tick as u16;
+            frame[payload + 2..payload + 4].copy_from_slice(&seq.to_be_bytes());
+            frame[payload + 4..payload + 8].copy_from_slice(&((tick * 160) as u32).to_be_bytes());
+            frame[payload + 8..payload + 12].copy_from_slice(&(k as u32).to_be_bytes());
+            let wall = start_wall + Duration::from_millis(tick * 20);
+            feed(&mut sink, 2 * k + 1, wall, &frame, off);
+            sent += 1;
+        }
+        sink.batch_end();
+        let due = Duration::from_millis((tick + 1) * 20);
+        if let Some(wait) = due.checked_sub(t.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    h.sync();
+    let elapsed = t.elapsed().as_secs_f64();
+    let cpu = thread_cpu("rec-writer") - cpu0;
+    let st = h.stats();
+    println!(
+        "{n} recordings, {sent} packets in {elapsed:.1} s ({:.0} pps): writer thread CPU {cpu:.2} s \
+         ({:.1}% of a core, {:.2} us/packet); queue_full {}, unknown_flow {}",
+        sent as f64 / elapsed,
+        100.0 * cpu / elapsed,
+        cpu * 1e6 / sent as f64,
+        st.queue_full,
+        st.unknown_flow
+    );
+    h.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handover (daemon restart without ending recordings)
+
+/// (ssrc, seq) of every record of a pcap we wrote, in file order; checks the framing.
+fn pcap_rtp_records(path: &Path) -> Vec<(u32, u16)> {
+    let d = std::fs::read(path).expect("read pcap");
+    assert_eq!(&d[0..4], &0xa1b2_3c4du32.to_le_bytes(), "our pcap magic");
+    let mut at = 24;
+    let mut out = Vec::new();
+    while at < d.len() {
+        let incl = u32::from_le_bytes(d[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &d[at + 16..at + 16 + incl];
+        let rtp = &frame[42..];
+        out.push((
+            u32::from_be_bytes(rtp[8..12].try_into().unwrap()),
+            u16::from_be_bytes([rtp[2], rtp[3]]),
+        ));
+        at += 16 + incl;
+    }
+    assert_eq!(at, d.len(), "no torn record, no tail");
+    out
+}
+
+fn indexed_writer_config(dir: &Path) -> WriterConfig {
+    let mut c = WriterConfig::new(dir.join("spool"));
+    c.index = Some(dir.join("index.db"));
+    c.min_free_bytes = 0;
+    c.media_floor_bytes = 0;
+    c.host = "test-host".into();
+    c
+}
+
+/// Sends packets `from..to` (20 ms each) of both senders, `jitter_ms` late.
+fn send_both(
+    sink: &mut WriterSink,
+    a: &mut Sender,
+    b: &mut Sender,
+    range: std::ops::Range<u64>,
+    jitter_ms: i64,
+) {
+    for k in range {
+        a.send(sink, k * 160, jitter_ms, &noise);
+        b.send(sink, k * 160, jitter_ms, &noise);
+    }
+}
+
+#[test]
+fn tool_handover_then_resume_records_every_packet_once_in_one_recording() {
+    let dir = TempDir::new("handover");
+    let config = indexed_writer_config(dir.path());
+    let rec = config.spool.join("r1");
+    let (h, mut sink) = start(config.clone()).unwrap();
+    h.event(started("r1", two_streams(), "uuid-h"));
+    let mut a = Sender::new(1, 40000, 0, 0xA, 1, 7000);
+    let mut b = Sender::new(2, 40002, 8, 0xB, 1, 9000);
+    send_both(&mut sink, &mut a, &mut b, 0..150, 0);
+    let handover = h.handover().expect("handover");
+    drop(sink);
+
+    // Between the two daemons: files valid as they are, recording still active everywhere.
+    assert_eq!(handover.recording_ids(), vec!["r1".to_string()]);
+    assert_eq!(pcap_rtp_records(&rec.join(PCAP_FILE)).len(), 300);
+    let (_, _, c) = read_wav(&rec.join(WAV_FILE));
+    assert!(c[0].len() >= 149 * 160, "{} frames", c[0].len());
+    let m = RecordingMetadata::read(&rec).unwrap();
+    assert_eq!(
+        (m.state, m.streams[0].packets),
+        (RecordingState::Active, 150)
+    );
+    let mut index = crate::index::Index::open(&dir.path().join("index.db"), &config.spool).unwrap();
+    assert_eq!(index.get("r1").unwrap().unwrap().state, "active");
+    let json = serde_json::to_string(&handover).unwrap();
+    let handover: WriterHandover = serde_json::from_str(&json).unwrap();
+    assert!(
+        repair_spool_except(&config.spool, &handover.recording_ids())
+            .unwrap()
+            .is_empty()
+    );
+
+    let (h, mut sink) = start_resumed(config.clone(), handover).expect("resume");
+    // The kernel kept capturing meanwhile: the next packets are drained before any event, and
+    // arrive 30 ms late (the WAV must follow their timestamps, as before the restart).
+    send_both(&mut sink, &mut a, &mut b, 150..300, 30);
+    h.sync();
+    assert_eq!(
+        h.stats().unknown_flow,
+        0,
+        "resumed flows are routed at once"
+    );
+    h.event(ended("r1", 6000));
+    h.sync();
+
+    let records = pcap_rtp_records(&rec.join(PCAP_FILE));
+    for ssrc in [0xA, 0xB] {
+        let seqs: Vec<u16> = records
+            .iter()
+            .filter(|(s, _)| *s == ssrc)
+            .map(|r| r.1)
+            .collect();
+        assert_eq!(seqs, (1..=300).collect::<Vec<u16>>(), "ssrc {ssrc:#x}");
+    }
+    assert_eq!(records.len(), 600);
+    assert_eq!(
+        tshark_rtp_streams(&rec.join(PCAP_FILE)),
+        vec![(0xA, 300, 0), (0xB, 300, 0)]
+    );
+    let m = RecordingMetadata::read(&rec).unwrap();
+    assert_eq!(m.state, RecordingState::Complete);
+    assert_eq!(m.end_reason.as_deref(), Some("bye"));
+    for s in &m.streams {
+        assert_eq!(
+            (s.packets, s.lost, s.ssrcs.len()),
+            (300, 0, 1),
+            "{}",
+            s.label
+        );
+        assert_eq!((s.ssrcs[0].packets, s.ssrcs[0].lost), (300, 0));
+    }
+    // 6 s of audio, time-aligned across the restart on both channels.
+    let (ch, _, c) = read_wav(&rec.join(WAV_FILE));
+    assert_eq!(ch, 2);
+    assert_eq!(c[0].len(), 48000);
+    assert_eq!(m.wav.frames, 48000);
+    let ul = |n: u64| g711::ulaw(encode::ulaw(noise(n)));
+    let al = |n: u64| g711::alaw(encode::alaw(noise(n)));
+    assert_eq!(measured_offset(&c[0], 100, 47900, ul), Some(0));
+    assert_eq!(measured_offset(&c[1], 100, 47900, al), Some(0));
+    let row = index.get("r1").unwrap().unwrap();
+    assert_eq!(row.state, "complete");
+    let st = h.shutdown();
+    assert_eq!((st.completed_recordings, st.start_failed), (1, 0));
+    let dirs = std::fs::read_dir(&config.spool).unwrap().count();
+    assert_eq!(dirs, 1, "one recording directory");
+}
+
+#[test]
+fn resume_marks_a_recording_with_a_missing_pcap_interrupted_and_goes_on_with_the_others() {
+    let dir = TempDir::new("handover-bad");
+    let config = indexed_writer_config(dir.path());
+    let (h, mut sink) = start(config.clone()).unwrap();
+    h.event(started("good", mux_streams(0), "u1"));
+    h.event(started("bad", mux_streams(1), "u2"));
+    let mut a = Sender::new(1, 40000, 0, 0xA, 1, 0);
+    let mut b = Sender::new(3, 40000, 0, 0xB, 1, 0);
+    for k in 0..50 {
+        a.send(&mut sink, k * 160, 0, &noise);
+        b.send(&mut sink, k * 160, 0, &noise);
+    }
+    let handover = h.handover().unwrap();
+    let mut ids = handover.recording_ids();
+    ids.sort();
+    assert_eq!(ids, vec!["bad".to_string(), "good".to_string()]);
+    std::fs::remove_file(config.spool.join("bad").join(PCAP_FILE)).unwrap();
+
+    let (h, mut sink) = start_resumed(config.clone(), handover).unwrap();
+    for k in 50..100 {
+        a.send(&mut sink, k * 160, 0, &noise);
+        b.send(&mut sink, k * 160, 0, &noise);
+    }
+    // A session started after the restart still gets packets that beat its Started.
+    let mut c = Sender::new(5, 40000, 0, 0xC, 1, 0);
+    c.send(&mut sink, 0, 0, &noise);
+    h.event(started("new", mux_streams(2), "u3"));
+    h.event(ended("good", 2000));
+    h.event(ended("new", 2000));
+    h.sync();
+    let st = h.stats();
+    assert_eq!((st.start_failed, st.completed_recordings), (1, 2));
+    assert_eq!(
+        st.unknown_flow, 50,
+        "packets of the interrupted recording are not written"
+    );
+    let good = RecordingMetadata::read(&config.spool.join("good")).unwrap();
+    assert_eq!(good.state, RecordingState::Complete);
+    assert_eq!((good.streams[0].packets, good.streams[0].lost), (100, 0));
+    let bad = RecordingMetadata::read(&config.spool.join("bad")).unwrap();
+    assert_eq!(bad.state, RecordingState::Interrupted);
+    assert_eq!(bad.end_reason.as_deref(), Some("resume_failed"));
+    assert!(bad.end_detail.as_deref().unwrap_or("").contains("resumed"));
+    let new = RecordingMetadata::read(&config.spool.join("new")).unwrap();
+    assert_eq!(new.streams[0].packets, 1);
+    let mut index = crate::index::Index::open(&dir.path().join("index.db"), &config.spool).unwrap();
+    assert_eq!(index.get("bad").unwrap().unwrap().state, "interrupted");
+    assert_eq!(index.get("good").unwrap().unwrap().state, "complete");
+    h.shutdown();
+}
+
+#[test]
+fn handover_of_another_version_is_refused() {
+    let dir = TempDir::new("handover-ver");
+    let (h, _sink) = start_writer(dir.path());
+    let mut v = serde_json::to_value(h.handover().unwrap()).unwrap();
+    v["version"] = serde_json::json!(HANDOVER_VERSION + 1);
+    let old: WriterHandover = serde_json::from_value(v).unwrap();
+    let mut c = WriterConfig::new(dir.path().to_path_buf());
+    c.min_free_bytes = 0;
+    assert!(matches!(
+        start_resumed(c, old),
+        Err(WriterError::HandoverVersion { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// File descriptors
+
+/// Set (to a spool path) in the child process of `many_recordings_hold_no_descriptors`.
+const FD_CHILD_ENV: &str = "RECORDER_WRITER_FD_CHILD_SPOOL";
+const FD_CHILD_RECORDINGS: u64 = 3000;
+const FD_CHILD_LIMIT: u64 = 256;
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// The writer side of `many_recordings_hold_no_descriptors`, in a process of its own (the fd
+/// count of the test process moves with the other tests): lowers its soft `RLIMIT_NOFILE`,
+/// records one packet on every stream of many live recordings and prints what it saw.
+#[test]
+#[ignore = "child process of many_recordings_hold_no_descriptors"]
+fn fd_child() {
+    let Ok(spool) = std::env::var(FD_CHILD_ENV) else {
+        return;
+    };
+    let lim = libc::rlimit {
+        rlim_cur: FD_CHILD_LIMIT,
+        rlim_max: FD_CHILD_LIMIT,
+    };
+    // SAFETY: plain syscall on a valid struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let (h, mut sink) = start_writer(Path::new(&spool));
+    h.sync();
+    let before = open_fds();
+    let mut max_seen = before;
+    for k in 0..FD_CHILD_RECORDINGS {
+        let mut ev = started(&format!("r{k}"), mux_streams(k), "u");
+        if let SessionEvent::Started { metadata, .. } = &mut ev {
+            *metadata = None; // one file (and fsync) less per recording
+        }
+        h.event(ev);
+        for flow in [2 * k + 1, 2 * k + 2] {
+            let (f, off) = udp_frame(40000, &rtp(0, 1, 0, flow as u32, &[0xff; 160]));
+            feed(&mut sink, flow, at_ms(20), &f, off);
+        }
+        if k % 500 == 499 {
+            h.sync();
+            max_seen = max_seen.max(open_fds());
+        }
+    }
+    h.sync();
+    let after = open_fds();
+    let st = h.stats();
+    println!(
+        "FDS {before} {} {after} {} {} {} {}",
+        max_seen.max(after),
+        st.active_recordings,
+        st.start_failed,
+        st.pcap_write_failed,
+        st.wav_write_failed
+    );
+    // Ending 3000 recordings costs ~10 000 fsyncs, and the parent removes the spool anyway.
+    std::process::exit(0);
+}
+
+#[test]
+fn many_recordings_hold_no_descriptors() {
+    let dir = TempDir::new("fds");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "writer::tests::fd_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(FD_CHILD_ENV, dir.path())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("run the test binary as the writer child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("FDS "))
+        .unwrap_or_else(|| panic!("child printed no result: {stdout}"));
+    let v: Vec<u64> = line[4..]
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let [before, max, after, active, start_failed, pcap_failed, wav_failed] = v[..] else {
+        panic!("bad child line {line}");
+    };
+    assert_eq!(
+        (active, start_failed, pcap_failed, wav_failed),
+        (FD_CHILD_RECORDINGS, 0, 0, 0),
+        "every recording created and written under a soft limit of {FD_CHILD_LIMIT} fds"
+    );
+    assert!(
+        max <= before + 4 && after <= before + 4,
+        "descriptors grew with recordings: {before} before, {max} at most, {after} after"
+    );
+}

@@ -34,6 +34,38 @@ impl WavWriter {
         Ok(w)
     }
 
+    /// Goes on writing a WAV a handover finished with `frames` frames (checked: length and
+    /// format as expected).
+    pub(crate) fn open(
+        path: &Path,
+        channels: u16,
+        rate: u32,
+        frames: u64,
+        floor: u64,
+    ) -> io::Result<Self> {
+        let channels = channels.max(1);
+        let len = HEADER_LEN + frames * channels as u64 * BYTES_PER_SAMPLE;
+        let out = MmapFile::open(path, len, floor)?;
+        let expected = header(channels, rate, (len - HEADER_LEN) as u32);
+        // The size fields may lag (the header is rewritten on flush); the format must match.
+        let d = out.bytes();
+        if d.len() < HEADER_LEN as usize || d[..4] != expected[..4] || d[8..40] != expected[8..40] {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not the WAV this recording had", path.display()),
+            ));
+        }
+        Ok(Self {
+            out,
+            channels,
+            rate,
+        })
+    }
+
+    pub(crate) fn channels(&self) -> u16 {
+        self.channels
+    }
+
     pub(crate) fn rate(&self) -> u32 {
         self.rate
     }
