@@ -241,6 +241,14 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Prometheus metrics endpoint (off when absent).
     pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM/SIGINT, hand the live recordings to the next daemon instead of finishing them:
+    /// XDP stays attached and keeps capturing into the pinned ring buffers, the sessions are
+    /// saved next to the spool, and the next `recorder run` carries on the same recordings.
+    /// `false` (the default): finish every recording (`shutdown`) and detach XDP.
+    pub detach_on_exit: bool,
+    /// bpffs directory holding the pinned XDP link, flow map and ring buffers (one
+    /// subdirectory per kernel/user layout version). Give each daemon on a host its own.
+    pub pin_dir: PathBuf,
     /// The file this configuration was read from (SIGHUP reads it again); not a key.
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
@@ -289,6 +297,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             control_socket: PathBuf::from("/run/recorder/control.sock"),
             metrics_listen: None,
+            detach_on_exit: false,
+            pin_dir: PathBuf::from("/sys/fs/bpf/recorder"),
             config_file: None,
         }
     }
@@ -406,6 +416,11 @@ impl Config {
     }
 
     /// The site (host) name recordings are attributed to.
+    /// Where a daemon leaving with `detach_on_exit` saves the live sessions for the next one.
+    pub fn handover_path(&self) -> PathBuf {
+        self.spool.join(".handover.json")
+    }
+
     pub fn site_name(&self) -> String {
         self.site.clone().unwrap_or_else(crate::writer::hostname)
     }

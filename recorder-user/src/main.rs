@@ -145,6 +145,13 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// On exit, leave capture running and the live sessions saved for the next daemon
+    /// (restart or upgrade without loss) instead of finishing recordings and detaching XDP.
+    #[arg(long)]
+    detach_on_exit: bool,
+    /// bpffs directory for the pinned XDP objects.
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -184,8 +191,12 @@ impl RunArgs {
             idle_timeout_secs,
             control_socket,
             log_level,
-            log_format
+            log_format,
+            pin_dir
         );
+        if self.detach_on_exit {
+            c.detach_on_exit = true;
+        }
         if self.media_address.is_some() {
             c.media_address = self.media_address;
         }

@@ -5,7 +5,13 @@
 //! flags stay in force unless the file's value for that key changes. Changed keys that can be
 //! applied to a running daemon are; the others are logged as needing a restart.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -20,8 +26,9 @@ use crate::{
 };
 
 /// Keys applied without a restart.
-pub const RELOADABLE: [&str; 6] = [
+pub const RELOADABLE: [&str; 7] = [
     "log_level",
+    "detach_on_exit",
     "acl",
     "max_sessions",
     "idle_timeout_secs",
@@ -125,6 +132,7 @@ pub fn spawn(
     config: Config,
     commands: mpsc::Sender<DriverCommand>,
     writer: Arc<WriterHandle>,
+    detach_on_exit: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -144,6 +152,9 @@ pub fn spawn(
             match plan_from_file(&running, &file_before) {
                 Ok((plan, file_now)) => {
                     apply(&plan, &commands, &writer).await;
+                    if plan.changed("detach_on_exit") {
+                        detach_on_exit.store(plan.config.detach_on_exit, Ordering::Relaxed);
+                    }
                     running = plan.config;
                     file_before = file_now;
                 }
@@ -186,6 +197,7 @@ async fn apply(plan: &ReloadPlan, commands: &mpsc::Sender<DriverCommand>, writer
         acl = c.acl.len(),
         max_sessions = c.max_sessions,
         idle_timeout_secs = c.idle_timeout_secs,
+        detach_on_exit = c.detach_on_exit,
         "configuration reloaded"
     );
 }
