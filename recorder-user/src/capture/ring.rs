@@ -3,10 +3,12 @@
 //! One task owns every ring. It sleeps on an epoll set holding all ring fds (the kernel wakes it
 //! when a ring gets data), with a periodic tick as fallback (the ring's adaptive wake-ups and an
 //! edge-triggered `AsyncFd` can leave a record that arrived during the previous drain unseen
-//! until the next wake-up). Each wake-up drains every ring completely, in kernel order per ring.
+//! until the next wake-up). Each wake-up drains every ring completely and hands the records on in kernel timestamp order.
 
 use std::{
+    collections::VecDeque,
     io,
+    ops::Range,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     time::Duration,
 };
@@ -38,6 +40,10 @@ pub struct RingConsumer {
     epoll: Option<OwnedFd>,
     clock: MonoClock,
     pub stats: ConsumerStats,
+    /// Records of the current drain, copied out of the rings ...
+    arena: Vec<u8>,
+    /// ... and per ring, their timestamps and places in `arena`, oldest first.
+    staged: Vec<VecDeque<(u64, Range<usize>)>>,
 }
 
 impl RingConsumer {
@@ -53,6 +59,8 @@ impl RingConsumer {
             add_to_epoll(epoll.as_raw_fd(), ring.as_raw_fd()).map_err(CaptureError::Epoll)?;
         }
         Ok(Self {
+            staged: vec![VecDeque::new(); rings.len()],
+            arena: Vec::new(),
             rings,
             epoll: Some(epoll),
             clock: MonoClock::now(),
@@ -60,21 +68,27 @@ impl RingConsumer {
         })
     }
 
-    /// Drains every ring once into `sink`; returns the number of records.
+    /// Drains every ring once into `sink`, in kernel timestamp order; returns the number of
+    /// records.
+    ///
+    /// The program writes to the ring of the CPU that received the packet, and one flow's
+    /// packets can arrive on several CPUs (veth runs XDP on the sender's CPU; a NIC may change
+    /// queues). Handing the rings on one after the other would then reorder a flow, badly so
+    /// after a restart, when the rings hold seconds of traffic. So the records are copied out
+    /// (one memcpy: the sink copies them anyway) and merged by timestamp, which is monotonic
+    /// within each ring.
     pub fn drain(&mut self, sink: &mut dyn PacketSink) -> usize {
-        let mut n = 0;
         self.stats.wakeups += 1;
+        self.arena.clear();
         for (index, ring) in self.rings.iter_mut().enumerate() {
+            let staged = &mut self.staged[index];
+            staged.clear();
             while let Some(item) = ring.next() {
                 match parse_record(&item) {
-                    Some((header, frame)) => {
-                        sink.packet(&CapturedPacket {
-                            header,
-                            frame,
-                            wall: self.clock.to_wall(header.ts_ns),
-                            ring: index,
-                        });
-                        n += 1;
+                    Some((header, _)) => {
+                        let start = self.arena.len();
+                        self.arena.extend_from_slice(&item);
+                        staged.push_back((header.ts_ns, start..self.arena.len()));
                     }
                     None => {
                         self.stats.malformed += 1;
@@ -82,6 +96,26 @@ impl RingConsumer {
                     }
                 }
             }
+        }
+        let mut n = 0;
+        loop {
+            // At most RING_COUNT heads: a linear scan beats a heap here.
+            let next = self
+                .staged
+                .iter()
+                .enumerate()
+                .filter_map(|(i, q)| q.front().map(|(ts, _)| (*ts, i)))
+                .min();
+            let Some((_, index)) = next else { break };
+            let (_, range) = self.staged[index].pop_front().expect("head seen above");
+            let (header, frame) = parse_record(&self.arena[range]).expect("checked when staged");
+            sink.packet(&CapturedPacket {
+                header,
+                frame,
+                wall: self.clock.to_wall(header.ts_ns),
+                ring: index,
+            });
+            n += 1;
         }
         self.stats.records += n as u64;
         if n > 0 {
