@@ -37,6 +37,9 @@ pub struct Daemon {
     pub args: Vec<String>,
     /// Keep the scratch directory (spool, log) after drop (the demo keeps its recording).
     pub keep_files: bool,
+    /// This daemon's own bpffs pin directory (daemons of parallel tests must not share one),
+    /// removed on drop.
+    pub pin_dir: PathBuf,
 }
 
 /// Options for starting a daemon.
@@ -85,6 +88,7 @@ impl Daemon {
     ) -> Self {
         let sip = SocketAddr::new(IpAddr::V4(pair.recorder_v4), options.sip_port);
         let control = dir.join("control.sock");
+        let pin_dir = crate::net::daemon_bpffs().join(dir.file_name().expect("scratch dir name"));
         let mut args: Vec<String> = vec![
             "run".into(),
             "--interface".into(),
@@ -101,6 +105,8 @@ impl Daemon {
             control.display().to_string(),
             "--log-level".into(),
             "debug".into(),
+            "--pin-dir".into(),
+            pin_dir.display().to_string(),
         ];
         args.extend(options.extra.iter().cloned());
         let mut daemon = Self {
@@ -113,6 +119,7 @@ impl Daemon {
             recorder_ns: pair.recorder_ns.clone(),
             args,
             keep_files: false,
+            pin_dir,
         };
         daemon.spawn(pair);
         daemon
@@ -242,6 +249,8 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        // Unlinking the pins releases whatever a killed or detached daemon left attached.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
         if std::thread::panicking() {
             eprintln!(
                 "--- recorder log ({}) ---\n{}",

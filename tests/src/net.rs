@@ -45,6 +45,32 @@ pub fn ensure_bpffs() {
     }
 }
 
+/// A bpffs mount for daemons started with `ip netns exec`, which remounts /sys and so hides
+/// /sys/fs/bpf from them. Mounted once per machine (under a lock, so two test runs never stack
+/// two mounts, which would hide one run's pins from its own next daemon).
+pub fn daemon_bpffs() -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    let dir = std::path::PathBuf::from("/run/recorder-test-bpffs");
+    let lock = File::create("/run/recorder-test-bpffs.lock").expect("create bpffs lock");
+    // SAFETY: flock(2) on a descriptor we own; released when `lock` drops.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let mut fields = l.split_whitespace();
+        fields.nth(1) == Some("/run/recorder-test-bpffs") && fields.next() == Some("bpf")
+    });
+    if !mounted {
+        std::fs::create_dir_all(&dir).expect("create bpffs mount point");
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .expect("mount bpffs");
+        assert!(status.success(), "mount bpffs on {} failed", dir.display());
+    }
+    dir
+}
+
 /// Two namespaces, `sender` and `recorder`, joined by a veth pair with IPv4 and IPv6 addresses.
 pub struct VethPair {
     /// Namespace of the traffic source (the SIPREC client side).
