@@ -6,7 +6,13 @@
 //! retention). Signaling never touches files; the writers learn about sessions from the events
 //! the SIPREC layer emits.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +28,7 @@ use crate::{
     control::{self, ControlState},
     events::SessionEvent,
     flow::maps::BpfFlowTable,
+    handover::Handover,
     metrics, reload,
     sip::{Endpoint, EndpointConfig},
     siprec::session::{Recorder, SiprecConfig},
@@ -156,8 +163,57 @@ fn log_event(event: &SessionEvent, uuids: &mut std::collections::HashMap<String,
     }
 }
 
-/// Runs everything until `shutdown` is cancelled, then stops in order: no new sessions, every
-/// recording finished (`shutdown`), rings drained, files closed, XDP detached.
+/// Holds an exclusive lock on the spool for the daemon's lifetime: two daemons on one spool (or
+/// one handover file) would corrupt each other's recordings.
+fn lock_spool(spool: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = spool.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!(
+            "{} is locked: another recorder daemon uses this spool",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// The pin directory to use, if its file system is bpffs (else pinning is impossible: warn and
+/// run without, so a restart cannot carry on capture).
+fn usable_pin_dir(pin_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let base = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(std::path::Path::new("/"));
+    let Ok(c_path) = std::ffi::CString::new(base.as_os_str().as_encoded_bytes()) else {
+        return None;
+    };
+    // SAFETY: statfs(2) into a zeroed struct we own, with a NUL-terminated path.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    let on_bpffs = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0
+        && stat.f_type as i64 == BPF_FS_MAGIC;
+    if on_bpffs {
+        Some(pin_dir.to_path_buf())
+    } else {
+        warn!(
+            pin_dir = %pin_dir.display(),
+            "pin_dir is not on a bpffs mount: capture is not pinned, a restart cannot carry on recordings without loss (mount -t bpf bpf /sys/fs/bpf)"
+        );
+        None
+    }
+}
+
+/// Runs everything until `shutdown` is cancelled, then stops in order. Either (default) no new
+/// sessions, every recording finished (`shutdown`), rings drained, files closed, XDP detached;
+/// or, with `detach_on_exit`, the live recordings handed over to the next daemon: capture stays
+/// attached and pinned, sessions and open files are saved in the handover file.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // Before anything else: a SIGHUP during start-up must not kill the daemon (default action).
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -165,7 +221,188 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let media_address = config.media_address.context("media_address is required")?;
     std::fs::create_dir_all(&config.spool)
         .with_context(|| format!("creating spool {}", config.spool.display()))?;
-    match writer::repair_spool(&config.spool) {
+    let _spool_lock = lock_spool(&config.spool)?;
+
+    // What the previous daemon left to carry on, if it left with detach_on_exit.
+    let handover_path = config.handover_path();
+    let handover = match Handover::load(&handover_path) {
+        Ok(handover) => handover,
+        Err(e) => {
+            error!(error = %e, "the previous daemon's sessions cannot be carried on; its recordings are repaired as interrupted");
+            None
+        }
+    };
+    if let Some(h) = &handover {
+        info!(
+            recordings = h.writer.recording_ids().len(),
+            written_by = %h.written_by,
+            capture_pinned = h.capture_pinned,
+            "carrying on the recordings of the previous daemon"
+        );
+    }
+    let pin_dir = usable_pin_dir(&config.pin_dir);
+    let mut capture = Capture::load(&CaptureConfig {
+        snaplen: config.snaplen,
+        ring_bytes: config.ring_bytes,
+        max_flows: config.max_flows,
+        attach_mode: config.attach_mode,
+        pin_dir: pin_dir.clone(),
+        create_pins: pin_dir.is_some(),
+    })
+    .context("loading the XDP program")?;
+    if capture.adopted() {
+        info!(pin_dir = %config.pin_dir.display(), "adopted the pinned capture: packets buffered while no daemon ran are drained now");
+    } else if handover.as_ref().is_some_and(|h| h.capture_pinned) {
+        warn!("the previous daemon's pinned capture is gone (reboot, or pins removed): packets between its exit and now are lost");
+    }
+    for interface in &config.interfaces {
+        capture
+            .attach(interface, config.attach_mode)
+            .with_context(|| format!("attaching XDP to {interface}"))?;
+    }
+    // A pinned link on an interface no longer configured would capture into our rings forever.
+    for stale in capture.stale_links() {
+        match capture.unpin_stale_link(&stale) {
+            Ok(()) => {
+                info!(interface = %stale.interface, "detached XDP from an interface no longer configured")
+            }
+            Err(e) => {
+                warn!(interface = %stale.interface, error = %e, "could not detach XDP from an interface no longer configured")
+            }
+        }
+    }
+    let flows = capture.take_flow_table()?;
+    let consumer = RingConsumer::new(capture.take_rings()?)?;
+    let counters: Arc<Counters> = Arc::new(capture.take_counters()?);
+
+    let mut sockets = driver::bind(&config.sip_listen).context("binding SIP listen addresses")?;
+    if let (false, Some(cert), Some(key)) = (
+        config.sip_tls_listen.is_empty(),
+        &config.tls_certificate,
+        &config.tls_private_key,
+    ) {
+        let tls_config = tls::server_config(cert, key).context("loading the TLS certificate")?;
+        sockets
+            .bind_tls(&config.sip_tls_listen, tls_config)
+            .context("binding SIP TLS listen addresses")?;
+    }
+    let listen = sockets.local_addrs();
+    let tls_listen = sockets.tls_local_addrs();
+    let contact_host = match listen.first().map(|a| a.ip()) {
+        Some(ip) if !ip.is_unspecified() => ip,
+        _ => media_address,
+    };
+    let mut endpoint = Endpoint::new(EndpointConfig {
+        contact_host: contact_host.to_string(),
+        contact_port: listen.first().map(|a| a.port()).unwrap_or(5060),
+        contact_tls_port: tls_listen.first().map(|a| a.port()),
+        contact_params: vec!["+sip.srs".into()],
+        retry_after_secs: config.retry_after_secs,
+        ..EndpointConfig::default()
+    });
+    let (events_tx, events_rx) = mpsc::unbounded_channel::<SessionEvent>();
+    let (rtcp_tx, rtcp_rx) = mpsc::unbounded_channel::<SessionEvent>();
+    // Shared so that restored sessions' CallUUIDs are known to the log lines of their end.
+    let call_uuids = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let rtcp_restored = rtcp_tx.clone();
+    let siprec_config = SiprecConfig {
+        media_address,
+        rtp_ports: (config.rtp_ports.lo, config.rtp_ports.hi),
+        port_cooldown: Duration::from_secs(config.port_cooldown_secs),
+        max_sessions: config.max_sessions,
+        idle_timeout: config.idle_timeout(),
+        answer_delay: Duration::from_millis(config.answer_delay_ms),
+        acl: config.acl.iter().map(|c| (c.addr, c.prefix)).collect(),
+        uuid_headers: config.uuid_headers.clone(),
+        min_session_expires: config.min_session_expires,
+        flow_action: config.flow_action,
+        pin_source: config.pin_source,
+        require_siprec_tag: config.require_siprec_tag,
+        require_metadata: config.require_metadata,
+        require_label: config.require_label,
+        answer_inactive: config.answer_inactive,
+        retry_after: config.retry_after_secs,
+    };
+    let uuids = call_uuids.clone();
+    let on_event = Box::new(move |event: SessionEvent| {
+        if let Ok(mut uuids) = uuids.lock() {
+            log_event(&event, &mut uuids);
+        }
+        let _ = rtcp_tx.send(event.clone());
+        // Fails only once the capture task is gone, at the very end of shutdown.
+        let _ = events_tx.send(event);
+    });
+    // Sessions first: what cannot be restored is repaired on disk instead of resumed.
+    let had_handover = handover.is_some();
+    let handover = handover.filter(|h| match h.recorder.check(&siprec_config) {
+        Ok(()) => true,
+        Err(e) => {
+            error!(error = %e, "the previous daemon's sessions cannot be carried on; its recordings are repaired as interrupted");
+            false
+        }
+    });
+    let (mut recorder, writer_handover) = match handover {
+        Some(h) => (
+            Recorder::restore(
+                siprec_config,
+                flows,
+                on_event,
+                h.recorder,
+                std::time::Instant::now(),
+                &mut endpoint,
+            )
+            .context("restoring the previous daemon's sessions")?,
+            Some(h.writer),
+        ),
+        None => (Recorder::new(siprec_config, flows, on_event), None),
+    };
+    // Sessions that could not go on were ended by restore: their Ended events wait in the
+    // channel for the resumed writer.
+    let handed_over = writer_handover
+        .as_ref()
+        .map(|h| h.recording_ids())
+        .unwrap_or_default();
+    // Flow map entries no live session owns (a crash left them, or a session could not be
+    // carried on) would capture into nothing; their ids stay retired.
+    if let Some(max) = recorder.flows().max_flow_id() {
+        recorder.flow_ids_above(max);
+    }
+    let owned = recorder.flow_locals();
+    match recorder
+        .flows_mut()
+        .retain(|spec, _| owned.contains(&spec.local))
+    {
+        Ok(stale) if !stale.is_empty() => {
+            info!(
+                count = stale.len(),
+                "removed flow map entries no live session owns"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not remove stale flow map entries"),
+    }
+    if !handed_over.is_empty() {
+        let restored = recorder.sessions();
+        info!(
+            sessions = restored.len(),
+            "previous daemon's sessions carried on"
+        );
+        let now = std::time::SystemTime::now();
+        for session in restored {
+            if let Ok(mut uuids) = call_uuids.lock() {
+                let uuid = session.call_ids.call_uuid.clone();
+                uuids.insert(session.id.clone(), uuid.unwrap_or_else(|| "-".into()));
+            }
+            // Receiver reports learn the restored streams as if they had just been negotiated.
+            let _ = rtcp_restored.send(SessionEvent::MediaChanged {
+                id: session.id,
+                at: now,
+                streams: session.streams,
+            });
+        }
+    }
+
+    match writer::repair_spool_except(&config.spool, &handed_over) {
         Ok(repaired) if !repaired.is_empty() => {
             warn!(count = repaired.len(), ids = ?repaired, "repaired recordings interrupted by a crash")
         }
@@ -185,30 +422,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .retention_max_age_hours
         .map(|h| Duration::from_secs(h * 3600));
     writer_config.retention_max_bytes = config.retention_max_bytes;
-    let (writer, sink) = writer::start(writer_config).context("starting the writers")?;
-    let writer = Arc::new(writer);
-
-    let mut capture = Capture::load(&CaptureConfig {
-        snaplen: config.snaplen,
-        ring_bytes: config.ring_bytes,
-        max_flows: config.max_flows,
-        attach_mode: config.attach_mode,
-        ..CaptureConfig::default()
-    })
-    .context("loading the XDP program")?;
-    for interface in &config.interfaces {
-        capture
-            .attach(interface, config.attach_mode)
-            .with_context(|| format!("attaching XDP to {interface}"))?;
+    let (writer, sink) = match writer_handover {
+        Some(h) => writer::start_resumed(writer_config, h),
+        None => writer::start(writer_config),
     }
-    let flows = capture.take_flow_table()?;
-    let consumer = RingConsumer::new(capture.take_rings()?)?;
-    let counters: Arc<Counters> = Arc::new(capture.take_counters()?);
+    .context("starting the writers")?;
+    let writer = Arc::new(writer);
+    if had_handover {
+        // Used: a later crash must not bring back sessions that end from now on.
+        if let Err(e) = Handover::remove(&handover_path) {
+            warn!(error = %e, "could not remove the used handover file");
+        }
+    }
 
     // Capture runs until every session has ended, so no packet of a finishing call is lost.
     // Signaling events reach the writers through the capture task, after a ring drain, so a
     // call's last packets are written before the event that ends it.
-    let (events_tx, events_rx) = mpsc::unbounded_channel::<SessionEvent>();
     let capture_stop = CancellationToken::new();
     let capture_task = {
         let stop = capture_stop.clone();
@@ -229,68 +458,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         })
     };
 
-    let mut sockets = driver::bind(&config.sip_listen).context("binding SIP listen addresses")?;
-    if let (false, Some(cert), Some(key)) = (
-        config.sip_tls_listen.is_empty(),
-        &config.tls_certificate,
-        &config.tls_private_key,
-    ) {
-        let tls_config = tls::server_config(cert, key).context("loading the TLS certificate")?;
-        sockets
-            .bind_tls(&config.sip_tls_listen, tls_config)
-            .context("binding SIP TLS listen addresses")?;
-    }
-    let listen = sockets.local_addrs();
-    let tls_listen = sockets.tls_local_addrs();
-    let contact_host = match listen.first().map(|a| a.ip()) {
-        Some(ip) if !ip.is_unspecified() => ip,
-        _ => media_address,
-    };
-    let endpoint = Endpoint::new(EndpointConfig {
-        contact_host: contact_host.to_string(),
-        contact_port: listen.first().map(|a| a.port()).unwrap_or(5060),
-        contact_tls_port: tls_listen.first().map(|a| a.port()),
-        contact_params: vec!["+sip.srs".into()],
-        retry_after_secs: config.retry_after_secs,
-        ..EndpointConfig::default()
-    });
     // Receiver reports follow the same events as the writers.
-    let (rtcp_tx, rtcp_rx) = mpsc::unbounded_channel::<SessionEvent>();
     let rtcp_task = tokio::spawn(crate::rtcp::run(
         media_address,
         writer.reception_reader(),
         rtcp_rx,
         shutdown.clone(),
     ));
-    let mut call_uuids = std::collections::HashMap::new();
-    let recorder = Recorder::new(
-        SiprecConfig {
-            media_address,
-            rtp_ports: (config.rtp_ports.lo, config.rtp_ports.hi),
-            port_cooldown: Duration::from_secs(config.port_cooldown_secs),
-            max_sessions: config.max_sessions,
-            idle_timeout: config.idle_timeout(),
-            answer_delay: Duration::from_millis(config.answer_delay_ms),
-            acl: config.acl.iter().map(|c| (c.addr, c.prefix)).collect(),
-            uuid_headers: config.uuid_headers.clone(),
-            min_session_expires: config.min_session_expires,
-            flow_action: config.flow_action,
-            pin_source: config.pin_source,
-            require_siprec_tag: config.require_siprec_tag,
-            require_metadata: config.require_metadata,
-            require_label: config.require_label,
-            answer_inactive: config.answer_inactive,
-            retry_after: config.retry_after_secs,
-        },
-        flows,
-        Box::new(move |event: SessionEvent| {
-            log_event(&event, &mut call_uuids);
-            let _ = rtcp_tx.send(event.clone());
-            // Fails only once the capture task is gone, at the very end of shutdown.
-            let _ = events_tx.send(event);
-        }),
-    );
-
     let (commands_tx, commands_rx) = mpsc::channel::<DriverCommand>(64);
     let driver_stop = CancellationToken::new();
     let driver_task = tokio::spawn(driver::run_on(
@@ -306,9 +480,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         media = %media_address,
         interfaces = ?capture.attachments(),
         spool = %config.spool.display(),
+        detach_on_exit = config.detach_on_exit,
         "recorder running"
     );
 
+    let detach_on_exit = Arc::new(AtomicBool::new(config.detach_on_exit));
     let control_state = ControlState::new(
         config.clone(),
         commands_tx.clone(),
@@ -340,6 +516,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         config.clone(),
         commands_tx.clone(),
         writer.clone(),
+        detach_on_exit.clone(),
         shutdown.clone(),
     );
 
@@ -386,17 +563,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     };
 
     shutdown.cancelled().await;
-    info!("stopping: refusing new sessions and finishing every recording");
+    let hand_over = detach_on_exit.load(Ordering::Relaxed);
     let (done_tx, done_rx) = oneshot::channel();
-    let cmd: DriverCommand = Box::new(move |app: &mut DaemonRecorder, endpoint, now| {
-        app.set_accepting(false, "shutting down");
-        app.shutdown(now, endpoint);
-        let _ = done_tx.send(());
-    });
+    let cmd: DriverCommand = if hand_over {
+        info!(
+            "stopping: handing the live recordings over to the next daemon; capture stays attached"
+        );
+        Box::new(move |app: &mut DaemonRecorder, endpoint, now| {
+            app.set_accepting(false, "restarting");
+            let _ = done_tx.send(Some(app.handover(now, endpoint)));
+        })
+    } else {
+        info!("stopping: refusing new sessions and finishing every recording");
+        Box::new(move |app: &mut DaemonRecorder, endpoint, now| {
+            app.set_accepting(false, "shutting down");
+            app.shutdown(now, endpoint);
+            let _ = done_tx.send(None);
+        })
+    };
+    let mut recorder_handover = None;
     if commands_tx.send(cmd).await.is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
+        if let Ok(Ok(saved)) = tokio::time::timeout(Duration::from_secs(5), done_rx).await {
+            recorder_handover = saved;
+        }
     }
-    // The BYEs queued by shutdown leave in the drain that follows the command; give them a turn.
+    // The BYEs (or 503s) queued above leave in the drain that follows the command; give them a
+    // turn.
     let (flushed_tx, flushed_rx) = oneshot::channel();
     let flush: DriverCommand = Box::new(move |_, _, _| {
         let _ = flushed_tx.send(());
@@ -420,9 +612,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     let _ = reload_task.await;
     let _ = rtcp_task.await;
-    capture.detach_all();
     let writer =
         Arc::try_unwrap(writer).map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;
+    if let (true, Some(recorder_handover)) = (hand_over, recorder_handover) {
+        let pinned = capture.pinning();
+        let writer_handover = writer
+            .handover()
+            .context("handing over the open recordings")?;
+        let recordings = writer_handover.recording_ids().len();
+        Handover::new(recorder_handover, writer_handover, pinned)
+            .save(&handover_path)
+            .context("saving the handover file (the recordings stay active on disk and are repaired as interrupted at the next start)")?;
+        let released = if pinned {
+            capture.release_pinned()
+        } else {
+            capture.detach_and_unpin()
+        };
+        if let Err(e) = released {
+            error!(error = %e, "releasing the capture");
+        }
+        info!(
+            records = stats.records,
+            recordings,
+            capture_pinned = pinned,
+            handover = %handover_path.display(),
+            "recorder stopped; the next daemon carries on"
+        );
+        return Ok(());
+    }
+    if hand_over {
+        error!("the sessions could not be saved: finishing the recordings instead");
+    }
+    if let Err(e) = capture.detach_and_unpin() {
+        warn!(error = %e, "detaching XDP and removing its pins");
+    }
     let written = writer.shutdown();
     info!(records = stats.records, ?written, "recorder stopped");
     Ok(())

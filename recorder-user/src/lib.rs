@@ -22,6 +22,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod flow;
+pub mod handover;
 pub mod index;
 pub mod metrics;
 pub mod reload;

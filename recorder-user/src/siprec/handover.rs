@@ -71,6 +71,24 @@ pub struct RecorderHandover {
 }
 
 impl RecorderHandover {
+    /// Whether a recorder with `config` can carry these sessions on (checked by
+    /// [`Recorder::restore`]; the daemon asks first, to fall back to a fresh start).
+    pub fn check(&self, config: &SiprecConfig) -> Result<(), HandoverError> {
+        if self.version != HANDOVER_VERSION {
+            return Err(HandoverError::Version {
+                found: self.version,
+                expected: HANDOVER_VERSION,
+            });
+        }
+        if self.media_address != config.media_address {
+            return Err(HandoverError::MediaAddress {
+                saved: self.media_address,
+                configured: config.media_address,
+            });
+        }
+        Ok(())
+    }
+
     /// Recording ids of the sessions it carries.
     pub fn recording_ids(&self) -> Vec<RecordingId> {
         self.sessions.iter().map(|s| s.id.clone()).collect()
@@ -227,18 +245,7 @@ impl<F: FlowControl> Recorder<F> {
         now: Instant,
         endpoint: &mut Endpoint,
     ) -> Result<Self, HandoverError> {
-        if handover.version != HANDOVER_VERSION {
-            return Err(HandoverError::Version {
-                found: handover.version,
-                expected: HANDOVER_VERSION,
-            });
-        }
-        if handover.media_address != config.media_address {
-            return Err(HandoverError::MediaAddress {
-                saved: handover.media_address,
-                configured: config.media_address,
-            });
-        }
+        handover.check(&config)?;
         let downtime = SystemTime::now()
             .duration_since(handover.saved_at)
             .unwrap_or_default();

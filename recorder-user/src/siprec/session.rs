@@ -428,6 +428,12 @@ impl<F: FlowControl> Recorder<F> {
             .collect()
     }
 
+    /// New flows get ids above `id`: records of flows a crashed daemon left in adopted rings
+    /// must never be taken for a new session's.
+    pub fn flow_ids_above(&mut self, id: u64) {
+        self.next_flow_id = self.next_flow_id.max(id + 1);
+    }
+
     pub fn counters(&self) -> &SiprecCounters {
         &self.counters
     }

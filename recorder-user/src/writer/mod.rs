@@ -64,7 +64,7 @@ mod repair;
 mod retention;
 mod rtp;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod wav;
 
 use std::{
