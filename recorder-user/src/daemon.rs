@@ -199,15 +199,23 @@ fn usable_pin_dir(pin_dir: &std::path::Path) -> Option<std::path::PathBuf> {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     let on_bpffs = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0
         && stat.f_type as i64 == BPF_FS_MAGIC;
-    if on_bpffs {
-        Some(pin_dir.to_path_buf())
-    } else {
+    if !on_bpffs {
         warn!(
             pin_dir = %pin_dir.display(),
             "pin_dir is not on a bpffs mount: capture is not pinned, a restart cannot carry on recordings without loss (mount -t bpf bpf /sys/fs/bpf)"
         );
-        None
+        return None;
     }
+    // The service user cannot create it in a root-owned bpffs: the unit creates it for us.
+    if let Err(error) = std::fs::create_dir_all(pin_dir) {
+        warn!(
+            pin_dir = %pin_dir.display(),
+            %error,
+            "cannot create pin_dir: capture is not pinned, a restart cannot carry on recordings without loss"
+        );
+        return None;
+    }
+    Some(pin_dir.to_path_buf())
 }
 
 /// Runs everything until `shutdown` is cancelled, then stops in order. Either (default) no new

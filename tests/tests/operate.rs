@@ -707,6 +707,19 @@ fn runs_unprivileged_with_the_capabilities_of_the_systemd_unit() {
         let c = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).unwrap();
         assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
     }
+    // What the unit's ExecStartPre does: a pin dir the service user owns.
+    let pin_dir = tests::net::daemon_bpffs().join(dir.file_name().unwrap());
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    let c = std::ffi::CString::new(pin_dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: chown(2) on a directory we created.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+    struct RemovePins(std::path::PathBuf);
+    impl Drop for RemovePins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove_pins = RemovePins(pin_dir.clone());
     let control = run.join("control.sock");
     let log = std::fs::File::create(dir.join("recorder.log")).unwrap();
     let mut child = Command::new("ip")
@@ -728,6 +741,8 @@ fn runs_unprivileged_with_the_capabilities_of_the_systemd_unit() {
         .arg(&spool)
         .arg("--control-socket")
         .arg(&control)
+        .arg("--pin-dir")
+        .arg(&pin_dir)
         .stderr(Stdio::from(log.try_clone().unwrap()))
         .stdout(Stdio::from(log))
         .spawn()
@@ -747,6 +762,18 @@ fn runs_unprivileged_with_the_capabilities_of_the_systemd_unit() {
     };
     assert_eq!(status["interfaces"][0]["name"], pair.recorder_if);
     assert!(xdp_attached(&pair.recorder_ns, &pair.recorder_if));
+    let pinned = |name: &str| {
+        std::fs::read_dir(&pin_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|layout| layout.path().join(name).exists())
+    };
+    assert!(
+        pinned("FLOWS") && pinned(&format!("link-{}", pair.recorder_if)),
+        "the service user pins the capture:\n{}",
+        log_text()
+    );
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta = std::fs::metadata(&control).unwrap();
     assert_eq!(meta.uid(), 65534, "socket owned by the service user");
@@ -764,6 +791,7 @@ fn runs_unprivileged_with_the_capabilities_of_the_systemd_unit() {
     };
     assert_eq!(exit.code(), Some(0), "{}", log_text());
     assert!(!xdp_attached(&pair.recorder_ns, &pair.recorder_if));
+    assert!(!pinned("FLOWS"), "a clean exit unpins");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
