@@ -153,6 +153,26 @@ pub fn render(request: &Request, data: &Value) -> String {
                 s(&spool["free_bytes"]),
                 s(&spool["total_bytes"])
             );
+            let restart = &data["restart"];
+            if !restart.is_null() {
+                let pinned = match restart["pinned_in"].as_str() {
+                    Some(dir) => format!("pinned in {dir}"),
+                    None => "not pinned".into(),
+                };
+                let adopted = if restart["adopted"] == true {
+                    format!(
+                        ", adopted from the previous daemon ({} sessions carried on)",
+                        s(&restart["carried_on_sessions"])
+                    )
+                } else {
+                    String::new()
+                };
+                let on_exit = match restart["on_exit"].as_str() {
+                    Some("hand_over") => "hand live recordings over to the next start",
+                    _ => "finish live recordings and detach",
+                };
+                let _ = writeln!(out, "capture {pinned}{adopted}; on exit: {on_exit}");
+            }
             out
         }
         Request::Sessions => {

@@ -389,10 +389,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         Ok(_) => {}
         Err(e) => warn!(error = %e, "could not remove stale flow map entries"),
     }
+    let mut carried_on = 0;
     if !handed_over.is_empty() {
         let restored = recorder.sessions();
+        carried_on = restored.len();
         info!(
-            sessions = restored.len(),
+            sessions = carried_on,
             "previous daemon's sessions carried on"
         );
         let now = std::time::SystemTime::now();
@@ -499,6 +501,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         counters.clone(),
         writer.clone(),
         capture.attachments(),
+        control::RestartInfo {
+            pinned_in: capture.layout_dir().map(|d| d.to_path_buf()),
+            adopted: capture.adopted(),
+            carried_on,
+            detach_on_exit: detach_on_exit.clone(),
+        },
     );
     let control_task = control::serve(control_state, shutdown.clone())
         .await

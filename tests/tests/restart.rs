@@ -16,7 +16,7 @@ use std::{
 
 use tests::{
     client::{metadata_xml, offer_sdp, siprec_body, MetaParticipant, OfferedStream, SipClient},
-    daemon::{read_json, Daemon, DaemonOptions},
+    daemon::{read_json, recorder_bin, Daemon, DaemonOptions},
     net::VethPair,
     rtp::RtpStream,
 };
@@ -170,6 +170,16 @@ fn restart_mid_call_loses_no_packet_and_keeps_one_recording() {
         !daemon.spool.join(".handover.json").exists(),
         "handover used"
     );
+    let status = Command::new(recorder_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(&daemon.control)
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["restart"]["adopted"], true, "{status:#}");
+    assert_eq!(status["restart"]["carried_on_sessions"], 1, "{status:#}");
+    assert_eq!(status["restart"]["on_exit"], "finish", "{status:#}");
+    assert_eq!(status["sip"]["sessions_active"], 1, "{status:#}");
     wait_rounds(&progress, 50);
     stop.store(true, Ordering::Relaxed);
     let (streams, span) = sending.join().unwrap();

@@ -14,7 +14,7 @@ use tokio::{
     net::UnixStream,
 };
 
-pub use server::{serve, ControlState};
+pub use server::{serve, ControlState, RestartInfo};
 
 /// A request to the daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -36,6 +36,20 @@ pub struct ControlState {
     writer: Arc<WriterHandle>,
     attachments: Vec<(String, AttachedMode)>,
     started: Instant,
+    restart: RestartInfo,
+}
+
+/// How this daemon's capture survives a restart, for `status`.
+#[derive(Clone, Debug, Default)]
+pub struct RestartInfo {
+    /// Where the capture is pinned (None: not pinned, a restart loses what arrives meanwhile).
+    pub pinned_in: Option<std::path::PathBuf>,
+    /// The pinned capture of a previous daemon was adopted.
+    pub adopted: bool,
+    /// Sessions carried on from the previous daemon.
+    pub carried_on: usize,
+    /// What SIGTERM does now (reloadable): hand over (true) or finish (false).
+    pub detach_on_exit: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ControlState {
@@ -45,6 +59,7 @@ impl ControlState {
         counters: Arc<Counters>,
         writer: Arc<WriterHandle>,
         attachments: Vec<(String, AttachedMode)>,
+        restart: RestartInfo,
     ) -> Self {
         Self {
             config,
@@ -53,6 +68,7 @@ impl ControlState {
             writer,
             attachments,
             started: Instant::now(),
+            restart,
         }
     }
 }
@@ -275,6 +291,16 @@ async fn status(state: &ControlState) -> Response {
         "writer": state.writer.stats(),
         "sip": sip,
         "spool": spool_usage(&state.config.spool),
+        "restart": {
+            "pinned_in": state.restart.pinned_in,
+            "adopted": state.restart.adopted,
+            "carried_on_sessions": state.restart.carried_on,
+            "on_exit": if state.restart.detach_on_exit.load(std::sync::atomic::Ordering::Relaxed) {
+                "hand_over"
+            } else {
+                "finish"
+            },
+        },
     }))
 }
 
