@@ -10,7 +10,10 @@
 //!   label left), time-aligned: frame N of every channel is `started_at + N / 8000` s; silence
 //!   for gaps, late starts, pauses and lost packets. PCMU and PCMA are decoded; other codecs
 //!   (and SRTP) are kept in the pcap only and their channel is silent (said in `notes`);
-//! * `metadata.json` ([`RecordingMetadata`]), replaced atomically on every change and every flush;
+//! * `metadata.json` ([`RecordingMetadata`]), replaced atomically on every event (start, media
+//!   or participant change, pause, end), at the next flush after the first media or the first
+//!   drop of a kind an operator must see (queue full, write failures), and otherwise every
+//!   `metadata_interval` (30 s) while its counters move (packets, loss, DTMF, WAV frames);
 //! * `metadata-<n>.xml`: each SIPREC metadata body as received.
 //!
 //! # Data flow
@@ -102,8 +105,12 @@ use crate::{
 pub struct WriterConfig {
     /// Directory holding one directory per recording.
     pub spool: PathBuf,
-    /// How often WAV headers, writeback and `metadata.json` are refreshed.
+    /// How often WAV headers and writeback are refreshed (and urgent metadata changes written).
     pub flush_interval: Duration,
+    /// How often the counters in a live recording's `metadata.json` are refreshed. Each rewrite
+    /// costs an fsync on the writer thread: with thousands of live recordings, rewriting every
+    /// flush would stall packet writing (see `bench_writer_cpu`).
+    pub metadata_interval: Duration,
     /// Below this many free bytes in the spool, [`WriterHandle::can_accept_new_session`] is false.
     pub min_free_bytes: u64,
     pub retention_max_age: Option<Duration>,
@@ -129,6 +136,7 @@ impl WriterConfig {
         Self {
             spool,
             flush_interval: Duration::from_secs(2),
+            metadata_interval: Duration::from_secs(30),
             min_free_bytes: 256 * 1024 * 1024,
             retention_max_age: None,
             retention_max_bytes: None,
@@ -717,6 +725,7 @@ impl Writer {
             let (dir, mut meta) = (state.dir.clone(), state.meta.clone());
             match Recording::resume(state, floor) {
                 Ok(mut rec) => {
+                    self.schedule_metadata(&mut rec);
                     rec.write_metadata(SystemTime::now());
                     self.index_update(rec.metadata());
                     self.route(&rec);
@@ -773,6 +782,8 @@ impl Writer {
                         .get(&flow)
                         .and_then(|(id, _, _)| self.recordings.get_mut(id))
                     {
+                        // The first drops are news; more of them wait for the next refresh.
+                        rec.urgent |= rec.drops().queue_full == 0;
                         rec.drops().queue_full += n;
                         rec.dirty = true;
                     }
@@ -875,6 +886,7 @@ impl Writer {
             };
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {
+                    self.schedule_metadata(&mut rec);
                     link(self.index.as_mut(), &self.shared, &mut rec);
                     rec.write_metadata(*at);
                     self.index_update(rec.metadata());
@@ -979,11 +991,30 @@ impl Writer {
 
     fn flush_all(&mut self) {
         let now = SystemTime::now();
+        let tick = Instant::now();
+        let interval = self.config.metadata_interval;
         for rec in self.recordings.values_mut() {
-            if rec.dirty {
-                rec.flush(now);
+            if !(rec.dirty || rec.urgent) {
+                continue;
+            }
+            rec.flush_media();
+            if rec.urgent || tick >= rec.next_meta {
+                rec.write_metadata(now);
+                rec.next_meta = tick + interval;
             }
         }
+    }
+
+    /// First counter refresh of a new (or resumed) recording: at a point of the interval that
+    /// depends on its id, so that recordings started together do not all rewrite their
+    /// metadata (one fsync each) in the same flush.
+    fn schedule_metadata(&self, rec: &mut Recording) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        rec.id().hash(&mut h);
+        let frac = (h.finish() % 1024) as f64 / 1024.0;
+        let interval = self.config.metadata_interval;
+        rec.next_meta = Instant::now() + interval.mul_f64(frac);
     }
 
     fn index_update(&mut self, meta: &RecordingMetadata) {

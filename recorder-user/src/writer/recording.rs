@@ -3,7 +3,7 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -175,8 +175,12 @@ pub(crate) struct Recording {
     streams: Vec<Stream>,
     pcap: Option<PcapWriter>,
     wav: Option<WavWriter>,
-    /// Metadata changed since the last write.
+    /// Metadata changed since the last write (counters: refreshed on the writer's schedule).
     pub dirty: bool,
+    /// A change an operator should see at the next flush (first media, first drops).
+    pub urgent: bool,
+    /// When the counters in `metadata.json` may be refreshed next (set by the writer).
+    pub next_meta: Instant,
     /// A disk error was already logged (log once, count always).
     warned: bool,
     scratch: Vec<i16>,
@@ -294,6 +298,8 @@ impl Recording {
             pcap: Some(pcap),
             wav: Some(wav),
             dirty: true,
+            urgent: false,
+            next_meta: Instant::now(),
             warned: false,
             scratch: Vec::new(),
         };
@@ -456,6 +462,7 @@ impl Recording {
         if let Some(pcap) = self.pcap.as_mut() {
             if let Err(e) = pcap.write(p.wall, p.header.wire_len, &p.frame) {
                 failed.pcap = true;
+                self.urgent |= self.meta.dropped.pcap_write_failed == 0;
                 self.meta.dropped.pcap_write_failed += 1;
                 if !self.warned {
                     self.warned = true;
@@ -487,7 +494,10 @@ impl Recording {
         };
         s.packets += 1;
         s.bytes += p.header.wire_len as u64;
-        self.meta.media_received = true;
+        if !self.meta.media_received {
+            self.meta.media_received = true;
+            self.urgent = true;
+        }
         let idx = match s.ssrcs.iter().position(|x| x.ssrc == h.ssrc) {
             Some(i) => i,
             None => {
@@ -560,6 +570,7 @@ impl Recording {
             }
             Err(e) => {
                 failed.wav = true;
+                self.urgent |= self.meta.dropped.wav_write_failed == 0;
                 self.meta.dropped.wav_write_failed += 1;
                 if !self.warned {
                     self.warned = true;
@@ -585,6 +596,7 @@ impl Recording {
         match self.meta.write(&self.dir) {
             Ok(()) => {
                 self.dirty = false;
+                self.urgent = false;
                 true
             }
             Err(e) => {
@@ -595,8 +607,16 @@ impl Recording {
         }
     }
 
-    /// Periodic flush: WAV header sizes, writeback of both files, metadata.
+    /// Flush: WAV header sizes, writeback of both files, metadata.
+    #[cfg(test)]
     pub(crate) fn flush(&mut self, now: SystemTime) {
+        self.flush_media();
+        self.write_metadata(now);
+    }
+
+    /// Periodic media flush (cheap: no syscall but `msync(MS_ASYNC)`): the WAV header's sizes
+    /// cover the frames written, writeback of both files starts.
+    pub(crate) fn flush_media(&mut self) {
         if let Some(w) = self.wav.as_mut() {
             if let Err(e) = w.flush() {
                 warn!(recording = %self.meta.id, error = %e, "wav flush failed");
@@ -607,7 +627,6 @@ impl Recording {
                 warn!(recording = %self.meta.id, error = %e, "pcap flush failed");
             }
         }
-        self.write_metadata(now);
     }
 
     /// Ends the recording: the WAV covers the whole call (silence up to the end), files are cut
@@ -725,6 +744,8 @@ impl Recording {
             pcap,
             wav,
             dirty: true,
+            urgent: false,
+            next_meta: Instant::now(),
             warned: false,
             scratch: Vec::new(),
         })
