@@ -11,9 +11,11 @@
 //!   for gaps, late starts, pauses and lost packets. PCMU and PCMA are decoded; other codecs
 //!   (and SRTP) are kept in the pcap only and their channel is silent (said in `notes`);
 //! * `metadata.json` ([`RecordingMetadata`]), replaced atomically on every event (start, media
-//!   or participant change, pause, end), at the next flush after the first media or the first
-//!   drop of a kind an operator must see (queue full, write failures), and otherwise every
-//!   `metadata_interval` (30 s) while its counters move (packets, loss, DTMF, WAV frames);
+//!   or participant change, pause, end), at the next flush after the first drop of a kind an
+//!   operator must see (queue full, write failures), and otherwise every `metadata_interval`
+//!   (30 s) while its counters move (packets, loss, DTMF, WAV frames, `media_received`). Each
+//!   flush rewrites at most [`METADATA_WRITES_MIN`] files or twice the average rate, so that
+//!   thousands of recordings do not stall packet writing with a burst of fsyncs;
 //! * `metadata-<n>.xml`: each SIPREC metadata body as received.
 //!
 //! # Data flow
@@ -642,6 +644,9 @@ struct Writer {
     max_routed_flow: u64,
 }
 
+/// Metadata files a flush may always rewrite (more when many recordings need it).
+pub const METADATA_WRITES_MIN: usize = 64;
+
 /// Packets held at most for flows whose event has not arrived yet.
 pub const PENDING_MAX: usize = 4096;
 /// How long such a packet is held before it counts as an unknown flow.
@@ -992,13 +997,29 @@ impl Writer {
     fn flush_all(&mut self) {
         let now = SystemTime::now();
         let tick = Instant::now();
-        let interval = self.config.metadata_interval;
+        let interval = self.config.metadata_interval.max(Duration::from_millis(10));
+        // (urgent first, then the most overdue) among the recordings whose metadata is due.
+        let mut due: Vec<(bool, Instant, String)> = Vec::new();
         for rec in self.recordings.values_mut() {
             if !(rec.dirty || rec.urgent) {
                 continue;
             }
             rec.flush_media();
             if rec.urgent || tick >= rec.next_meta {
+                due.push((!rec.urgent, rec.next_meta, rec.id().to_string()));
+            }
+        }
+        // Twice the rate that refreshes every recording once per interval: bursts (thousands
+        // of recordings started together, or all hit by the same drops) spread over flushes.
+        let flush = self.config.flush_interval.max(Duration::from_millis(10));
+        let average = self.recordings.len() as f64 * flush.as_secs_f64() / interval.as_secs_f64();
+        let budget = METADATA_WRITES_MIN.max(2 * average.ceil() as usize);
+        if due.len() > budget {
+            due.sort_unstable();
+            due.truncate(budget);
+        }
+        for (_, _, id) in due {
+            if let Some(rec) = self.recordings.get_mut(&id) {
                 rec.write_metadata(now);
                 rec.next_meta = tick + interval;
             }

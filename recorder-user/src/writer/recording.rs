@@ -177,7 +177,7 @@ pub(crate) struct Recording {
     wav: Option<WavWriter>,
     /// Metadata changed since the last write (counters: refreshed on the writer's schedule).
     pub dirty: bool,
-    /// A change an operator should see at the next flush (first media, first drops).
+    /// A change an operator should see at the next flush (first drops of a kind).
     pub urgent: bool,
     /// When the counters in `metadata.json` may be refreshed next (set by the writer).
     pub next_meta: Instant,
@@ -494,10 +494,7 @@ impl Recording {
         };
         s.packets += 1;
         s.bytes += p.header.wire_len as u64;
-        if !self.meta.media_received {
-            self.meta.media_received = true;
-            self.urgent = true;
-        }
+        self.meta.media_received = true;
         let idx = match s.ssrcs.iter().position(|x| x.ssrc == h.ssrc) {
             Some(i) => i,
             None => {
