@@ -46,6 +46,25 @@
 //! handle.shutdown(); // ends active recordings with end_reason "shutdown"
 //! # Ok(()) }
 //! ```
+//!
+//! # Restart without ending recordings
+//! ```no_run
+//! # use recorder::writer::*;
+//! # fn main() -> Result<(), WriterError> {
+//! # let config = WriterConfig::new("/var/spool/recorder".into());
+//! # let (handle, _sink) = start(config.clone())?;
+//! // Old daemon, after signaling and the ring consumer stopped:
+//! let handover = handle.handover()?; // files synced and valid, recordings still `active`
+//! let json = serde_json::to_vec(&handover).expect("serializable");
+//! // New daemon, before the ring consumer starts:
+//! let handover: WriterHandover = serde_json::from_slice(&json).expect("our own format");
+//! repair_spool_except(&config.spool, &handover.recording_ids())?;
+//! let (handle, sink) = start_resumed(config, handover)?; // flows routed before any packet
+//! # Ok(()) }
+//! ```
+//! Files are reopened by path, so the spool must be the same; a recording whose files changed
+//! in between ends `interrupted` (`end_reason: resume_failed`).
+//!
 //! The index is written only by the writer thread; readers (control API, CLI) open their own
 //! [`crate::index::Index`] on the same file (SQLite WAL allows concurrent readers).
 //!
@@ -57,9 +76,13 @@
 //! the floor leaves room to finish the files and replace `metadata.json`.
 //! Files are written through `memmap2` mappings grown in large steps with space reserved by
 //! `fallocate`, so a full disk is an error, not a `SIGBUS` (see `mmapfile.rs` for the measurement
-//! against `write(2)`).
+//! against `write(2)`). No file descriptor stays open per recording: a mapping outlives its
+//! descriptor, and files are reopened only to grow, cut or sync them (10 000 live recordings
+//! would otherwise need 20 000 descriptors; each still holds two mappings, well below the
+//! default `vm.max_map_count` of 65530).
 
 pub mod dtmf;
+mod files;
 mod g711;
 pub mod metadata;
 mod mmapfile;
@@ -88,13 +111,16 @@ use std::{
 
 use tracing::{info, warn};
 
-use self::recording::{Recording, RecordingHandover, Start};
 pub use self::{
     dtmf::DtmfEvent,
     metadata::{RecordingMetadata, RecordingState},
     repair::{repair_spool, repair_spool_except},
     retention::{enforce_retention, RetentionPolicy},
     rtp::SsrcStats,
+};
+use self::{
+    files::FileQueue,
+    recording::{Recording, RecordingHandover, Start},
 };
 use crate::{
     capture::{CapturedPacket, PacketSink, RecordHeader},
@@ -222,6 +248,8 @@ pub struct WriterStats {
     pub bytes_written: u64,
     /// Time the writer thread spent storing each packet (pcap + WAV, into the mapped files).
     pub write_latency: LatencyHistogram,
+    /// `metadata.json` replacements that failed (the previous file stays).
+    pub metadata_write_failed: u64,
 }
 
 /// Upper bounds (microseconds) of the write-latency buckets.
@@ -287,6 +315,7 @@ struct Shared {
     completed: AtomicU64,
     bytes_written: AtomicU64,
     write_latency: LatencyCells,
+    metadata_write_failed: Arc<AtomicU64>,
     /// Reception statistics per live RTP flow id, republished every [`RECEPTION_INTERVAL`]
     /// (read by the RTCP receiver reports).
     reception: std::sync::Mutex<HashMap<u64, Vec<SsrcStats>>>,
@@ -410,7 +439,15 @@ fn start_inner(
     };
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared::default());
+    let files = FileQueue::spawn(shared.metadata_write_failed.clone()).map_err(|source| {
+        WriterError::Io {
+            op: "spawn file thread",
+            path: config.spool.clone(),
+            source,
+        }
+    })?;
     let mut writer = Writer {
+        files,
         policy: RetentionPolicy {
             max_age: config.retention_max_age,
             max_bytes: config.retention_max_bytes,
@@ -492,6 +529,7 @@ impl WriterHandle {
             queued_packets: s.queued.load(Relaxed) as u64,
             bytes_written: s.bytes_written.load(Relaxed),
             write_latency: s.write_latency.snapshot(),
+            metadata_write_failed: s.metadata_write_failed.load(Relaxed),
         }
     }
 
@@ -631,6 +669,8 @@ pub(crate) fn hostname() -> String {
 
 /// State of the writer thread.
 struct Writer {
+    /// The thread replacing `metadata.json` files (fsync off the packet path).
+    files: FileQueue,
     config: WriterConfig,
     policy: RetentionPolicy,
     shared: Arc<Shared>,
@@ -700,6 +740,7 @@ impl Writer {
                 .map(|rec| rec.handover(now))
                 .collect();
             self.flows.clear();
+            self.files.barrier();
             info!(
                 recordings = recordings.len(),
                 "writer stopped for a handover"
@@ -715,6 +756,7 @@ impl Writer {
         for id in ids {
             self.end(&id, now, "shutdown", None);
         }
+        self.files.barrier();
         info!("writer stopped");
     }
 
@@ -731,6 +773,7 @@ impl Writer {
             match Recording::resume(state, floor) {
                 Ok(mut rec) => {
                     self.schedule_metadata(&mut rec);
+                    rec.files = Some(self.files.clone());
                     rec.write_metadata(SystemTime::now());
                     self.index_update(rec.metadata());
                     self.route(&rec);
@@ -795,9 +838,13 @@ impl Writer {
                 }
             }
             Msg::Sync(reply) => {
+                // Files queued before are written too (callers read them next).
+                self.files.barrier();
                 let _ = reply.send(());
             }
             Msg::Retention(reply) => {
+                // Retention reads the states in metadata.json: they must be current.
+                self.files.barrier();
                 let _ = reply.send(self.retention());
             }
             Msg::SetRetention(policy) => self.policy = policy,
@@ -892,6 +939,7 @@ impl Writer {
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {
                     self.schedule_metadata(&mut rec);
+                    rec.files = Some(self.files.clone());
                     link(self.index.as_mut(), &self.shared, &mut rec);
                     rec.write_metadata(*at);
                     self.index_update(rec.metadata());

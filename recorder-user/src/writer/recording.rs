@@ -11,10 +11,11 @@ use tracing::warn;
 
 use super::{
     dtmf::{self, DtmfEvent},
+    files::FileQueue,
     g711,
     metadata::{
         rfc3339, write_atomic, DropCounters, Interval, MetadataVersionMeta, ParticipantMeta,
-        RecordingMetadata, RecordingState, StreamMeta, WavMeta, PCAP_FILE, WAV_FILE,
+        RecordingMetadata, RecordingState, StreamMeta, WavMeta, METADATA_FILE, PCAP_FILE, WAV_FILE,
     },
     pcap::{self, PcapWriter},
     rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
@@ -181,6 +182,8 @@ pub(crate) struct Recording {
     pub urgent: bool,
     /// When the counters in `metadata.json` may be refreshed next (set by the writer).
     pub next_meta: Instant,
+    /// Where `metadata.json` replacements go (None: written here, synchronously).
+    pub files: Option<FileQueue>,
     /// A disk error was already logged (log once, count always).
     warned: bool,
     scratch: Vec<i16>,
@@ -300,6 +303,7 @@ impl Recording {
             dirty: true,
             urgent: false,
             next_meta: Instant::now(),
+            files: None,
             warned: false,
             scratch: Vec::new(),
         };
@@ -587,9 +591,20 @@ impl Recording {
         self.meta.updated_at = rfc3339(now);
     }
 
-    /// Writes `metadata.json` (atomically). Failures are counted, the old file stays.
+    /// Writes `metadata.json` (atomically), or queues it to the file thread. Failures are
+    /// counted (by the file thread in [`super::WriterStats::metadata_write_failed`]), the old
+    /// file stays.
     pub(crate) fn write_metadata(&mut self, now: SystemTime) -> bool {
         self.refresh_meta(now);
+        if let Some(files) = &self.files {
+            if let Ok(bytes) = serde_json::to_vec_pretty(&self.meta) {
+                if files.write(self.dir.join(METADATA_FILE), bytes, &self.meta.id) {
+                    self.dirty = false;
+                    self.urgent = false;
+                    return true;
+                }
+            }
+        }
         match self.meta.write(&self.dir) {
             Ok(()) => {
                 self.dirty = false;
@@ -743,6 +758,7 @@ impl Recording {
             dirty: true,
             urgent: false,
             next_meta: Instant::now(),
+            files: None,
             warned: false,
             scratch: Vec::new(),
         })

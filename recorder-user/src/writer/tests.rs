@@ -1517,8 +1517,9 @@ fn thread_cpu(name: &str) -> f64 {
 }
 
 /// Writer-thread CPU for many live recordings at G.711 rate. Run with `cargo test --release -p
-/// recorder-user --lib bench_writer_cpu -- --ignored --nocapture` (env BENCH_RECORDINGS,
-/// BENCH_SECONDS to change the 2000 x 10 s default).
+/// recorder-user --lib bench_writer_cpu -- --ignored --nocapture`. Environment: BENCH_RECORDINGS
+/// and BENCH_SECONDS (default 2000 x 10 s), BENCH_SPOOL (parent of the spool, e.g. /dev/shm to
+/// take the disk out), BENCH_METADATA_INTERVAL_MS (2000 = the old rewrite-on-every-flush).
 #[test]
 #[ignore = "measurement, not a check"]
 fn bench_writer_cpu() {
@@ -1531,8 +1532,20 @@ fn bench_writer_cpu() {
     };
     let n = env("BENCH_RECORDINGS", 2000);
     let secs = env("BENCH_SECONDS", 10);
-    let dir = TempDir::new("benchcpu");
-    let (h, mut sink) = start_writer(dir.path());
+    let dir = match std::env::var("BENCH_SPOOL") {
+        Ok(parent) => {
+            let p = Path::new(&parent).join(format!("recorder-benchcpu-{}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        Err(_) => TempDir::new("benchcpu"),
+    };
+    let mut c = WriterConfig::new(dir.path().to_path_buf());
+    c.min_free_bytes = 0;
+    c.media_floor_bytes = 0;
+    let interval_ms = env("BENCH_METADATA_INTERVAL_MS", 30_000);
+    c.metadata_interval = Duration::from_millis(interval_ms);
+    let (h, mut sink) = start(c).unwrap();
     let start_wall = SystemTime::now();
     for k in 0..n {
         let mut ev = started(&format!("r{k}"), mux_streams(k), "u");
@@ -1568,14 +1581,22 @@ fn bench_writer_cpu() {
     let elapsed = t.elapsed().as_secs_f64();
     let cpu = thread_cpu("rec-writer") - cpu0;
     let st = h.stats();
+    let written = sent - st.queue_full;
+    let lat = &st.write_latency;
+    // Buckets are cumulative: index 6 is <= 1 ms.
+    let slow = lat.count - lat.buckets[6];
     println!(
-        "{n} recordings, {sent} packets in {elapsed:.1} s ({:.0} pps): writer thread CPU {cpu:.2} s \
-         ({:.1}% of a core, {:.2} us/packet); queue_full {}, unknown_flow {}",
+        "{n} recordings, metadata interval {interval_ms} ms, spool {}: {sent} packets in \
+         {elapsed:.1} s ({:.0} pps); writer thread CPU {cpu:.2} s ({:.1}% of a core, {:.2} us \
+         per written packet); dropped queue_full {} ({:.1}%); packet writes > 1 ms: {slow}, \
+         time in packet writes {:.2} s",
+        dir.path().display(),
         sent as f64 / elapsed,
         100.0 * cpu / elapsed,
-        cpu * 1e6 / sent as f64,
+        cpu * 1e6 / written.max(1) as f64,
         st.queue_full,
-        st.unknown_flow
+        100.0 * st.queue_full as f64 / sent as f64,
+        lat.sum_ns as f64 / 1e9,
     );
     h.shutdown();
 }
