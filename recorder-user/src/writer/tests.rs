@@ -1556,6 +1556,7 @@ fn bench_writer_cpu() {
     }
     h.sync();
     let cpu0 = thread_cpu("rec-writer");
+    let files0 = thread_cpu("rec-files");
     let t = Instant::now();
     let (mut frame, off) = udp_frame(40000, &rtp(0, 0, 0, 1, &[0xffu8; 160]));
     let payload = off as usize;
@@ -1580,6 +1581,7 @@ fn bench_writer_cpu() {
     h.sync();
     let elapsed = t.elapsed().as_secs_f64();
     let cpu = thread_cpu("rec-writer") - cpu0;
+    let files_cpu = thread_cpu("rec-files") - files0;
     let st = h.stats();
     let written = sent - st.queue_full;
     let lat = &st.write_latency;
@@ -1588,8 +1590,8 @@ fn bench_writer_cpu() {
     println!(
         "{n} recordings, metadata interval {interval_ms} ms, spool {}: {sent} packets in \
          {elapsed:.1} s ({:.0} pps); writer thread CPU {cpu:.2} s ({:.1}% of a core, {:.2} us \
-         per written packet); dropped queue_full {} ({:.1}%); packet writes > 1 ms: {slow}, \
-         time in packet writes {:.2} s",
+         per written packet); file thread (metadata.json) CPU {files_cpu:.2} s; dropped \
+         queue_full {} ({:.1}%); packet writes > 1 ms: {slow}, time in packet writes {:.2} s",
         dir.path().display(),
         sent as f64 / elapsed,
         100.0 * cpu / elapsed,
