@@ -1,8 +1,14 @@
 //! A thread of its own for replacing small files atomically (`metadata.json`, SIPREC metadata
 //! XML). Each replacement ends with an fsync, which takes milliseconds on a busy disk: done on
 //! the writer thread for thousands of recordings, it stalls packet writing until capture's
-//! queue overflows (`bench_writer_cpu`). One thread and one FIFO keep the replacements of a
-//! file in order.
+//! queue overflows. One thread and one FIFO keep the replacements of a file in order.
+//!
+//! `bench_writer_cpu` (release, 2 shared cores, ext4 on a virtual disk; 2000 recordings, one
+//! G.711 stream each at 50 packets/s for 10 s = 1 M packets): before (every recording's
+//! metadata rewritten with fsync on the writer thread every 2 s) 43 % of the packets were
+//! dropped at the queue, 3.0 s writer CPU; rewriting every 2 s from this thread, 0-0.6 % drops,
+//! writer 4.1-4.3 s + this thread 2.9 s CPU; counters every 30 s (the default) from this
+//! thread, no drops, writer 3.6-3.8 s + this thread 0.4 s.
 
 use std::{
     path::PathBuf,
