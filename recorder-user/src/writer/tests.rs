@@ -1766,6 +1766,12 @@ fn resume_marks_a_recording_with_a_missing_pcap_interrupted_and_goes_on_with_the
     let mut c = Sender::new(5, 40000, 0, 0xC, 1, 0);
     c.send(&mut sink, 0, 0, &noise);
     h.event(started("new", mux_streams(2), "u3"));
+    // Events about a resumed recording work as about any other: a re-INVITE drops "callee".
+    h.event(SessionEvent::MediaChanged {
+        id: "good".into(),
+        at: at_ms(1500),
+        streams: mux_streams(0)[..1].to_vec(),
+    });
     h.event(ended("good", 2000));
     h.event(ended("new", 2000));
     h.sync();
@@ -1778,6 +1784,11 @@ fn resume_marks_a_recording_with_a_missing_pcap_interrupted_and_goes_on_with_the
     let good = RecordingMetadata::read(&config.spool.join("good")).unwrap();
     assert_eq!(good.state, RecordingState::Complete);
     assert_eq!((good.streams[0].packets, good.streams[0].lost), (100, 0));
+    assert!(good.streams[0].removed_at.is_none());
+    assert_eq!(
+        good.streams[1].removed_at.as_deref(),
+        Some(&*metadata::rfc3339(at_ms(1500)))
+    );
     let bad = RecordingMetadata::read(&config.spool.join("bad")).unwrap();
     assert_eq!(bad.state, RecordingState::Interrupted);
     assert_eq!(bad.end_reason.as_deref(), Some("resume_failed"));
