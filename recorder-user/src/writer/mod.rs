@@ -10,7 +10,12 @@
 //!   label left), time-aligned: frame N of every channel is `started_at + N / 8000` s; silence
 //!   for gaps, late starts, pauses and lost packets. PCMU and PCMA are decoded; other codecs
 //!   (and SRTP) are kept in the pcap only and their channel is silent (said in `notes`);
-//! * `metadata.json` ([`RecordingMetadata`]), replaced atomically on every change and every flush;
+//! * `metadata.json` ([`RecordingMetadata`]), replaced atomically on every event (start, media
+//!   or participant change, pause, end), at the next flush after the first drop of a kind an
+//!   operator must see (queue full, write failures), and otherwise every `metadata_interval`
+//!   (30 s) while its counters move (packets, loss, DTMF, WAV frames, `media_received`). Each
+//!   flush rewrites at most [`METADATA_WRITES_MIN`] files or twice the average rate, so that
+//!   thousands of recordings do not stall packet writing with a burst of fsyncs;
 //! * `metadata-<n>.xml`: each SIPREC metadata body as received.
 //!
 //! # Data flow
@@ -41,6 +46,25 @@
 //! handle.shutdown(); // ends active recordings with end_reason "shutdown"
 //! # Ok(()) }
 //! ```
+//!
+//! # Restart without ending recordings
+//! ```no_run
+//! # use recorder::writer::*;
+//! # fn main() -> Result<(), WriterError> {
+//! # let config = WriterConfig::new("/var/spool/recorder".into());
+//! # let (handle, _sink) = start(config.clone())?;
+//! // Old daemon, after signaling and the ring consumer stopped:
+//! let handover = handle.handover()?; // files synced and valid, recordings still `active`
+//! let json = serde_json::to_vec(&handover).expect("serializable");
+//! // New daemon, before the ring consumer starts:
+//! let handover: WriterHandover = serde_json::from_slice(&json).expect("our own format");
+//! repair_spool_except(&config.spool, &handover.recording_ids())?;
+//! let (handle, sink) = start_resumed(config, handover)?; // flows routed before any packet
+//! # Ok(()) }
+//! ```
+//! Files are reopened by path, so the spool must be the same; a recording whose files changed
+//! in between ends `interrupted` (`end_reason: resume_failed`).
+//!
 //! The index is written only by the writer thread; readers (control API, CLI) open their own
 //! [`crate::index::Index`] on the same file (SQLite WAL allows concurrent readers).
 //!
@@ -52,9 +76,13 @@
 //! the floor leaves room to finish the files and replace `metadata.json`.
 //! Files are written through `memmap2` mappings grown in large steps with space reserved by
 //! `fallocate`, so a full disk is an error, not a `SIGBUS` (see `mmapfile.rs` for the measurement
-//! against `write(2)`).
+//! against `write(2)`). No file descriptor stays open per recording: a mapping outlives its
+//! descriptor, and files are reopened only to grow, cut or sync them (10 000 live recordings
+//! would otherwise need 20 000 descriptors; each still holds two mappings, well below the
+//! default `vm.max_map_count` of 65530).
 
 pub mod dtmf;
+mod files;
 mod g711;
 pub mod metadata;
 mod mmapfile;
@@ -83,13 +111,16 @@ use std::{
 
 use tracing::{info, warn};
 
-use self::recording::{Recording, RecordingHandover, Start};
 pub use self::{
     dtmf::DtmfEvent,
     metadata::{RecordingMetadata, RecordingState},
     repair::{repair_spool, repair_spool_except},
     retention::{enforce_retention, RetentionPolicy},
     rtp::SsrcStats,
+};
+use self::{
+    files::FileQueue,
+    recording::{Recording, RecordingHandover, Start},
 };
 use crate::{
     capture::{CapturedPacket, PacketSink, RecordHeader},
@@ -102,8 +133,12 @@ use crate::{
 pub struct WriterConfig {
     /// Directory holding one directory per recording.
     pub spool: PathBuf,
-    /// How often WAV headers, writeback and `metadata.json` are refreshed.
+    /// How often WAV headers and writeback are refreshed (and urgent metadata changes written).
     pub flush_interval: Duration,
+    /// How often the counters in a live recording's `metadata.json` are refreshed. Each rewrite
+    /// costs an fsync on the writer thread: with thousands of live recordings, rewriting every
+    /// flush would stall packet writing (see `bench_writer_cpu`).
+    pub metadata_interval: Duration,
     /// Below this many free bytes in the spool, [`WriterHandle::can_accept_new_session`] is false.
     pub min_free_bytes: u64,
     pub retention_max_age: Option<Duration>,
@@ -129,6 +164,7 @@ impl WriterConfig {
         Self {
             spool,
             flush_interval: Duration::from_secs(2),
+            metadata_interval: Duration::from_secs(30),
             min_free_bytes: 256 * 1024 * 1024,
             retention_max_age: None,
             retention_max_bytes: None,
@@ -212,6 +248,8 @@ pub struct WriterStats {
     pub bytes_written: u64,
     /// Time the writer thread spent storing each packet (pcap + WAV, into the mapped files).
     pub write_latency: LatencyHistogram,
+    /// `metadata.json` replacements that failed (the previous file stays).
+    pub metadata_write_failed: u64,
 }
 
 /// Upper bounds (microseconds) of the write-latency buckets.
@@ -277,6 +315,7 @@ struct Shared {
     completed: AtomicU64,
     bytes_written: AtomicU64,
     write_latency: LatencyCells,
+    metadata_write_failed: Arc<AtomicU64>,
     /// Reception statistics per live RTP flow id, republished every [`RECEPTION_INTERVAL`]
     /// (read by the RTCP receiver reports).
     reception: std::sync::Mutex<HashMap<u64, Vec<SsrcStats>>>,
@@ -400,7 +439,15 @@ fn start_inner(
     };
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared::default());
+    let files = FileQueue::spawn(shared.metadata_write_failed.clone()).map_err(|source| {
+        WriterError::Io {
+            op: "spawn file thread",
+            path: config.spool.clone(),
+            source,
+        }
+    })?;
     let mut writer = Writer {
+        files,
         policy: RetentionPolicy {
             max_age: config.retention_max_age,
             max_bytes: config.retention_max_bytes,
@@ -482,6 +529,7 @@ impl WriterHandle {
             queued_packets: s.queued.load(Relaxed) as u64,
             bytes_written: s.bytes_written.load(Relaxed),
             write_latency: s.write_latency.snapshot(),
+            metadata_write_failed: s.metadata_write_failed.load(Relaxed),
         }
     }
 
@@ -621,6 +669,8 @@ pub(crate) fn hostname() -> String {
 
 /// State of the writer thread.
 struct Writer {
+    /// The thread replacing `metadata.json` files (fsync off the packet path).
+    files: FileQueue,
     config: WriterConfig,
     policy: RetentionPolicy,
     shared: Arc<Shared>,
@@ -633,6 +683,9 @@ struct Writer {
     /// Highest flow id ever routed (signaling hands out flow ids in increasing order).
     max_routed_flow: u64,
 }
+
+/// Metadata files a flush may always rewrite (more when many recordings need it).
+pub const METADATA_WRITES_MIN: usize = 64;
 
 /// Packets held at most for flows whose event has not arrived yet.
 pub const PENDING_MAX: usize = 4096;
@@ -687,6 +740,7 @@ impl Writer {
                 .map(|rec| rec.handover(now))
                 .collect();
             self.flows.clear();
+            self.files.barrier();
             info!(
                 recordings = recordings.len(),
                 "writer stopped for a handover"
@@ -702,6 +756,7 @@ impl Writer {
         for id in ids {
             self.end(&id, now, "shutdown", None);
         }
+        self.files.barrier();
         info!("writer stopped");
     }
 
@@ -717,6 +772,8 @@ impl Writer {
             let (dir, mut meta) = (state.dir.clone(), state.meta.clone());
             match Recording::resume(state, floor) {
                 Ok(mut rec) => {
+                    self.schedule_metadata(&mut rec);
+                    rec.files = Some(self.files.clone());
                     rec.write_metadata(SystemTime::now());
                     self.index_update(rec.metadata());
                     self.route(&rec);
@@ -773,15 +830,21 @@ impl Writer {
                         .get(&flow)
                         .and_then(|(id, _, _)| self.recordings.get_mut(id))
                     {
+                        // The first drops are news; more of them wait for the next refresh.
+                        rec.urgent |= rec.drops().queue_full == 0;
                         rec.drops().queue_full += n;
                         rec.dirty = true;
                     }
                 }
             }
             Msg::Sync(reply) => {
+                // Files queued before are written too (callers read them next).
+                self.files.barrier();
                 let _ = reply.send(());
             }
             Msg::Retention(reply) => {
+                // Retention reads the states in metadata.json: they must be current.
+                self.files.barrier();
                 let _ = reply.send(self.retention());
             }
             Msg::SetRetention(policy) => self.policy = policy,
@@ -875,6 +938,8 @@ impl Writer {
             };
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {
+                    self.schedule_metadata(&mut rec);
+                    rec.files = Some(self.files.clone());
                     link(self.index.as_mut(), &self.shared, &mut rec);
                     rec.write_metadata(*at);
                     self.index_update(rec.metadata());
@@ -979,11 +1044,46 @@ impl Writer {
 
     fn flush_all(&mut self) {
         let now = SystemTime::now();
+        let tick = Instant::now();
+        let interval = self.config.metadata_interval.max(Duration::from_millis(10));
+        // (urgent first, then the most overdue) among the recordings whose metadata is due.
+        let mut due: Vec<(bool, Instant, String)> = Vec::new();
         for rec in self.recordings.values_mut() {
-            if rec.dirty {
-                rec.flush(now);
+            if !(rec.dirty || rec.urgent) {
+                continue;
+            }
+            rec.flush_media();
+            if rec.urgent || tick >= rec.next_meta {
+                due.push((!rec.urgent, rec.next_meta, rec.id().to_string()));
             }
         }
+        // Twice the rate that refreshes every recording once per interval: bursts (thousands
+        // of recordings started together, or all hit by the same drops) spread over flushes.
+        let flush = self.config.flush_interval.max(Duration::from_millis(10));
+        let average = self.recordings.len() as f64 * flush.as_secs_f64() / interval.as_secs_f64();
+        let budget = METADATA_WRITES_MIN.max(2 * average.ceil() as usize);
+        if due.len() > budget {
+            due.sort_unstable();
+            due.truncate(budget);
+        }
+        for (_, _, id) in due {
+            if let Some(rec) = self.recordings.get_mut(&id) {
+                rec.write_metadata(now);
+                rec.next_meta = tick + interval;
+            }
+        }
+    }
+
+    /// First counter refresh of a new (or resumed) recording: at a point of the interval that
+    /// depends on its id, so that recordings started together do not all rewrite their
+    /// metadata (one fsync each) in the same flush.
+    fn schedule_metadata(&self, rec: &mut Recording) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        rec.id().hash(&mut h);
+        let frac = (h.finish() % 1024) as f64 / 1024.0;
+        let interval = self.config.metadata_interval;
+        rec.next_meta = Instant::now() + interval.mul_f64(frac);
     }
 
     fn index_update(&mut self, meta: &RecordingMetadata) {

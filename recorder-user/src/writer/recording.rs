@@ -3,7 +3,7 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -11,10 +11,11 @@ use tracing::warn;
 
 use super::{
     dtmf::{self, DtmfEvent},
+    files::FileQueue,
     g711,
     metadata::{
         rfc3339, write_atomic, DropCounters, Interval, MetadataVersionMeta, ParticipantMeta,
-        RecordingMetadata, RecordingState, StreamMeta, WavMeta, PCAP_FILE, WAV_FILE,
+        RecordingMetadata, RecordingState, StreamMeta, WavMeta, METADATA_FILE, PCAP_FILE, WAV_FILE,
     },
     pcap::{self, PcapWriter},
     rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
@@ -175,8 +176,14 @@ pub(crate) struct Recording {
     streams: Vec<Stream>,
     pcap: Option<PcapWriter>,
     wav: Option<WavWriter>,
-    /// Metadata changed since the last write.
+    /// Metadata changed since the last write (counters: refreshed on the writer's schedule).
     pub dirty: bool,
+    /// A change an operator should see at the next flush (first drops of a kind).
+    pub urgent: bool,
+    /// When the counters in `metadata.json` may be refreshed next (set by the writer).
+    pub next_meta: Instant,
+    /// Where `metadata.json` replacements go (None: written here, synchronously).
+    pub files: Option<FileQueue>,
     /// A disk error was already logged (log once, count always).
     warned: bool,
     scratch: Vec<i16>,
@@ -294,6 +301,9 @@ impl Recording {
             pcap: Some(pcap),
             wav: Some(wav),
             dirty: true,
+            urgent: false,
+            next_meta: Instant::now(),
+            files: None,
             warned: false,
             scratch: Vec::new(),
         };
@@ -456,6 +466,7 @@ impl Recording {
         if let Some(pcap) = self.pcap.as_mut() {
             if let Err(e) = pcap.write(p.wall, p.header.wire_len, &p.frame) {
                 failed.pcap = true;
+                self.urgent |= self.meta.dropped.pcap_write_failed == 0;
                 self.meta.dropped.pcap_write_failed += 1;
                 if !self.warned {
                     self.warned = true;
@@ -560,6 +571,7 @@ impl Recording {
             }
             Err(e) => {
                 failed.wav = true;
+                self.urgent |= self.meta.dropped.wav_write_failed == 0;
                 self.meta.dropped.wav_write_failed += 1;
                 if !self.warned {
                     self.warned = true;
@@ -579,12 +591,24 @@ impl Recording {
         self.meta.updated_at = rfc3339(now);
     }
 
-    /// Writes `metadata.json` (atomically). Failures are counted, the old file stays.
+    /// Writes `metadata.json` (atomically), or queues it to the file thread. Failures are
+    /// counted (by the file thread in [`super::WriterStats::metadata_write_failed`]), the old
+    /// file stays.
     pub(crate) fn write_metadata(&mut self, now: SystemTime) -> bool {
         self.refresh_meta(now);
+        if let Some(files) = &self.files {
+            if let Ok(bytes) = serde_json::to_vec_pretty(&self.meta) {
+                if files.write(self.dir.join(METADATA_FILE), bytes, &self.meta.id) {
+                    self.dirty = false;
+                    self.urgent = false;
+                    return true;
+                }
+            }
+        }
         match self.meta.write(&self.dir) {
             Ok(()) => {
                 self.dirty = false;
+                self.urgent = false;
                 true
             }
             Err(e) => {
@@ -595,8 +619,16 @@ impl Recording {
         }
     }
 
-    /// Periodic flush: WAV header sizes, writeback of both files, metadata.
+    /// Flush: WAV header sizes, writeback of both files, metadata.
+    #[cfg(test)]
     pub(crate) fn flush(&mut self, now: SystemTime) {
+        self.flush_media();
+        self.write_metadata(now);
+    }
+
+    /// Periodic media flush (cheap: no syscall but `msync(MS_ASYNC)`): the WAV header's sizes
+    /// cover the frames written, writeback of both files starts.
+    pub(crate) fn flush_media(&mut self) {
         if let Some(w) = self.wav.as_mut() {
             if let Err(e) = w.flush() {
                 warn!(recording = %self.meta.id, error = %e, "wav flush failed");
@@ -607,7 +639,6 @@ impl Recording {
                 warn!(recording = %self.meta.id, error = %e, "pcap flush failed");
             }
         }
-        self.write_metadata(now);
     }
 
     /// Ends the recording: the WAV covers the whole call (silence up to the end), files are cut
@@ -725,6 +756,9 @@ impl Recording {
             pcap,
             wav,
             dirty: true,
+            urgent: false,
+            next_meta: Instant::now(),
+            files: None,
             warned: false,
             scratch: Vec::new(),
         })

@@ -340,6 +340,35 @@ mod tests {
     }
 
     #[test]
+    fn handed_over_stats_go_on_as_if_never_stopped() {
+        let mut whole = SsrcStats::new(5, 65000);
+        let mut first = SsrcStats::new(5, 65000);
+        // A gap (65003 lost), a wrap, jittered arrivals.
+        let packets: Vec<(u16, u32)> = [65000u16, 65001, 65002, 65004, 65535, 0, 1, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &seq)| (seq, 1000 + i as u32 * 160 + (i as u32 % 3) * 7))
+            .collect();
+        let (before, after) = packets.split_at(4);
+        for &(seq, at) in before {
+            for s in [&mut whole, &mut first] {
+                s.record(seq);
+                s.record_arrival(seq as u32 * 160, at);
+            }
+        }
+        let json = serde_json::to_string(&SsrcState::from(&first)).unwrap();
+        let mut resumed = SsrcStats::from(serde_json::from_str::<SsrcState>(&json).unwrap());
+        for &(seq, at) in after {
+            for s in [&mut whole, &mut resumed] {
+                s.record(seq);
+                s.record_arrival(seq as u32 * 160, at);
+            }
+        }
+        assert_eq!(resumed, whole);
+        assert!(whole.lost > 0 && whole.jitter() > 0, "{whole:?}");
+    }
+
+    #[test]
     fn jitter_follows_rfc3550_a8() {
         let mut s = SsrcStats::new(1, 0);
         // Packets 160 ticks apart; arrivals alternate 0 and 32 ticks late.

@@ -1517,8 +1517,9 @@ fn thread_cpu(name: &str) -> f64 {
 }
 
 /// Writer-thread CPU for many live recordings at G.711 rate. Run with `cargo test --release -p
-/// recorder-user --lib bench_writer_cpu -- --ignored --nocapture` (env BENCH_RECORDINGS,
-/// BENCH_SECONDS to change the 2000 x 10 s default).
+/// recorder-user --lib bench_writer_cpu -- --ignored --nocapture`. Environment: BENCH_RECORDINGS
+/// and BENCH_SECONDS (default 2000 x 10 s), BENCH_SPOOL (parent of the spool, e.g. /dev/shm to
+/// take the disk out), BENCH_METADATA_INTERVAL_MS (2000 = the old rewrite-on-every-flush).
 #[test]
 #[ignore = "measurement, not a check"]
 fn bench_writer_cpu() {
@@ -1531,8 +1532,20 @@ fn bench_writer_cpu() {
     };
     let n = env("BENCH_RECORDINGS", 2000);
     let secs = env("BENCH_SECONDS", 10);
-    let dir = TempDir::new("benchcpu");
-    let (h, mut sink) = start_writer(dir.path());
+    let dir = match std::env::var("BENCH_SPOOL") {
+        Ok(parent) => {
+            let p = Path::new(&parent).join(format!("recorder-benchcpu-{}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        Err(_) => TempDir::new("benchcpu"),
+    };
+    let mut c = WriterConfig::new(dir.path().to_path_buf());
+    c.min_free_bytes = 0;
+    c.media_floor_bytes = 0;
+    let interval_ms = env("BENCH_METADATA_INTERVAL_MS", 30_000);
+    c.metadata_interval = Duration::from_millis(interval_ms);
+    let (h, mut sink) = start(c).unwrap();
     let start_wall = SystemTime::now();
     for k in 0..n {
         let mut ev = started(&format!("r{k}"), mux_streams(k), "u");
@@ -1543,6 +1556,7 @@ fn bench_writer_cpu() {
     }
     h.sync();
     let cpu0 = thread_cpu("rec-writer");
+    let files0 = thread_cpu("rec-files");
     let t = Instant::now();
     let (mut frame, off) = udp_frame(40000, &rtp(0, 0, 0, 1, &[0xffu8; 160]));
     let payload = off as usize;
@@ -1567,15 +1581,24 @@ fn bench_writer_cpu() {
     h.sync();
     let elapsed = t.elapsed().as_secs_f64();
     let cpu = thread_cpu("rec-writer") - cpu0;
+    let files_cpu = thread_cpu("rec-files") - files0;
     let st = h.stats();
+    let written = sent - st.queue_full;
+    let lat = &st.write_latency;
+    // Buckets are cumulative: index 6 is <= 1 ms.
+    let slow = lat.count - lat.buckets[6];
     println!(
-        "{n} recordings, {sent} packets in {elapsed:.1} s ({:.0} pps): writer thread CPU {cpu:.2} s \
-         ({:.1}% of a core, {:.2} us/packet); queue_full {}, unknown_flow {}",
+        "{n} recordings, metadata interval {interval_ms} ms, spool {}: {sent} packets in \
+         {elapsed:.1} s ({:.0} pps); writer thread CPU {cpu:.2} s ({:.1}% of a core, {:.2} us \
+         per written packet); file thread (metadata.json) CPU {files_cpu:.2} s; dropped \
+         queue_full {} ({:.1}%); packet writes > 1 ms: {slow}, time in packet writes {:.2} s",
+        dir.path().display(),
         sent as f64 / elapsed,
         100.0 * cpu / elapsed,
-        cpu * 1e6 / sent as f64,
+        cpu * 1e6 / written.max(1) as f64,
         st.queue_full,
-        st.unknown_flow
+        100.0 * st.queue_full as f64 / sent as f64,
+        lat.sum_ns as f64 / 1e9,
     );
     h.shutdown();
 }
@@ -1743,6 +1766,12 @@ fn resume_marks_a_recording_with_a_missing_pcap_interrupted_and_goes_on_with_the
     let mut c = Sender::new(5, 40000, 0, 0xC, 1, 0);
     c.send(&mut sink, 0, 0, &noise);
     h.event(started("new", mux_streams(2), "u3"));
+    // Events about a resumed recording work as about any other: a re-INVITE drops "callee".
+    h.event(SessionEvent::MediaChanged {
+        id: "good".into(),
+        at: at_ms(1500),
+        streams: mux_streams(0)[..1].to_vec(),
+    });
     h.event(ended("good", 2000));
     h.event(ended("new", 2000));
     h.sync();
@@ -1755,6 +1784,11 @@ fn resume_marks_a_recording_with_a_missing_pcap_interrupted_and_goes_on_with_the
     let good = RecordingMetadata::read(&config.spool.join("good")).unwrap();
     assert_eq!(good.state, RecordingState::Complete);
     assert_eq!((good.streams[0].packets, good.streams[0].lost), (100, 0));
+    assert!(good.streams[0].removed_at.is_none());
+    assert_eq!(
+        good.streams[1].removed_at.as_deref(),
+        Some(&*metadata::rfc3339(at_ms(1500)))
+    );
     let bad = RecordingMetadata::read(&config.spool.join("bad")).unwrap();
     assert_eq!(bad.state, RecordingState::Interrupted);
     assert_eq!(bad.end_reason.as_deref(), Some("resume_failed"));
@@ -1878,4 +1912,100 @@ fn many_recordings_hold_no_descriptors() {
         max <= before + 4 && after <= before + 4,
         "descriptors grew with recordings: {before} before, {max} at most, {after} after"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flush policy
+
+/// Polls `metadata.json` of `rec` until `ok` holds (the writer's flush is asynchronous).
+fn wait_metadata(rec: &Path, ok: impl Fn(&RecordingMetadata) -> bool) -> RecordingMetadata {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(m) = RecordingMetadata::read(rec) {
+            if ok(&m) {
+                return m;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metadata.json never got there"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn metadata_is_rewritten_on_news_and_counters_on_their_own_interval() {
+    let dir = TempDir::new("metaflush");
+    let mut c = WriterConfig::new(dir.path().to_path_buf());
+    c.min_free_bytes = 0;
+    c.media_floor_bytes = 0;
+    c.flush_interval = Duration::from_millis(20);
+    c.metadata_interval = Duration::from_secs(3600);
+    let (h, mut sink) = start(c.clone()).unwrap();
+    let rec = dir.path().join("r1");
+    h.event(started("r1", two_streams(), "u"));
+    let mut a = Sender::new(1, 40000, 0, 0xA, 1, 0);
+    for k in 0..50 {
+        a.send(&mut sink, k * 160, 0, &noise);
+    }
+    h.sync();
+    // Media flushes go on (the WAV header covers the new audio) ...
+    let (_, _, chans) = wait_wav(&rec.join(WAV_FILE), 50 * 160);
+    assert_eq!(chans[0].len(), 50 * 160);
+    // (One more flush after that one, so that it has finished whatever it writes.)
+    a.send(&mut sink, 50 * 160, 0, &noise);
+    wait_wav(&rec.join(WAV_FILE), 51 * 160);
+    // ... but counters alone do not rewrite metadata.json before their interval.
+    let m = RecordingMetadata::read(&rec).unwrap();
+    assert_eq!((m.streams[0].packets, m.media_received), (0, false));
+    // An event does, at once.
+    h.event(SessionEvent::Paused {
+        id: "r1".into(),
+        at: at_ms(1000),
+        label: "callee".into(),
+    });
+    h.sync();
+    assert_eq!(
+        RecordingMetadata::read(&rec).unwrap().streams[0].packets,
+        51
+    );
+    h.shutdown();
+
+    // With a short interval the counters follow without any event.
+    let dir = TempDir::new("metaflush2");
+    c.spool = dir.path().to_path_buf();
+    c.metadata_interval = Duration::from_millis(100);
+    let (h, mut sink) = start(c).unwrap();
+    let rec = dir.path().join("r1");
+    h.event(started("r1", two_streams(), "u"));
+    let mut a = Sender::new(1, 40000, 0, 0xA, 1, 0);
+    for k in 0..50 {
+        a.send(&mut sink, k * 160, 0, &noise);
+    }
+    wait_metadata(&rec, |m| m.streams[0].packets == 50);
+    h.shutdown();
+}
+
+/// Polls the WAV until its header covers `frames` frames; returns it as [`read_wav`] does.
+fn wait_wav(path: &Path, frames: usize) -> (u16, u32, Vec<Vec<i16>>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = std::fs::read(path).unwrap();
+        let len = u32::from_le_bytes(d[40..44].try_into().unwrap()) as usize;
+        let ch = u16::from_le_bytes([d[22], d[23]]).max(1) as usize;
+        if len / (2 * ch) >= frames {
+            // The header was flushed; the file itself is still the mapped (longer) one.
+            let mut chans = vec![Vec::new(); ch];
+            for (i, s) in d[44..44 + len].chunks(2).enumerate() {
+                chans[i % ch].push(i16::from_le_bytes([s[0], s[1]]));
+            }
+            return (ch as u16, 8000, chans);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "WAV header never covered {frames} frames"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
