@@ -242,6 +242,19 @@ impl Snapshot {
             .into_iter()
             .map(|(r, n)| (vec![("reason", r.to_string())], n)),
         );
+        out.family(
+            "recorder_writer_errors_total",
+            "counter",
+            "Writer operations that failed, by kind (recording not created or not resumed, index update, metadata.json replacement, event for an unknown recording).",
+            [
+                ("start_failed", self.writer.start_failed),
+                ("index", self.writer.index_errors),
+                ("metadata_write", self.writer.metadata_write_failed),
+                ("unknown_recording_event", self.writer.unknown_recording_events),
+            ]
+            .into_iter()
+            .map(|(r, n)| (vec![("kind", r.to_string())], n)),
+        );
 
         out.family(
             "recorder_sip_requests_total",
