@@ -233,7 +233,7 @@ fn every_read_command_in_text_and_json_and_operator_stop() {
     assert_eq!(session["packets"], 100, "{session}");
     assert!(session["duration_secs"].is_u64());
     assert!(session["started_at"].as_str().unwrap().ends_with('Z'));
-    // Sequence loss comes from the writer's periodic metadata flush.
+    // Sequence loss comes from the writer's reception statistics (republished every 250 ms).
     let deadline = Instant::now() + Duration::from_secs(10);
     while cli_json(&control, &["sessions"])[0]["lost"] != 3 {
         assert!(Instant::now() < deadline, "loss of 3 never reported");

@@ -177,7 +177,7 @@ async fn handle(state: &ControlState, request: Request) -> Response {
         Request::Status => status(state).await,
         Request::Sessions => match query(&state.commands, |app, _, _| sessions(app)).await {
             Some(Ok(mut v)) => {
-                add_loss(&state.config.spool, &mut v);
+                add_loss(&state.writer, &mut v);
                 Response::ok(v)
             }
             Some(Err(e)) => Response::error(e.to_string()),
@@ -241,23 +241,18 @@ fn sessions(app: &DaemonRecorder) -> serde_json::Result<Value> {
         .map(Value::Array)
 }
 
-/// Adds `lost` (RTP sequence gaps, all streams) to each live session, from the metadata.json the
-/// writer refreshes every flush interval; `null` before the first one.
-fn add_loss(spool: &Path, sessions: &mut Value) {
+/// Adds `lost` (RTP sequence gaps, all streams) to each live session, from the reception
+/// statistics the writer republishes every quarter second (those the RTCP reports use).
+fn add_loss(writer: &WriterHandle, sessions: &mut Value) {
     for session in sessions.as_array_mut().into_iter().flatten() {
-        let lost = session["id"]
-            .as_str()
-            .filter(|id| !id.contains('/') && !id.contains(".."))
-            .and_then(|id| std::fs::read_to_string(spool.join(id).join("metadata.json")).ok())
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            .map(|meta| {
-                meta["streams"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| s["lost"].as_u64())
-                    .sum::<u64>()
-            });
+        let lost: u64 = session["streams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|stream| stream["flow_id"].as_u64())
+            .flat_map(|flow_id| writer.reception(flow_id))
+            .map(|ssrc| ssrc.lost)
+            .sum();
         if let Value::Object(map) = session {
             map.insert("lost".into(), json!(lost));
         }
