@@ -246,6 +246,9 @@ pub struct Config {
     /// saved next to the spool, and the next `recorder run` carries on the same recordings.
     /// `false` (the default): finish every recording (`shutdown`) and detach XDP.
     pub detach_on_exit: bool,
+    /// Seconds between refreshes of a live recording's counters in its metadata.json (events
+    /// rewrite it at once).
+    pub metadata_interval_secs: u64,
     /// bpffs directory holding the pinned XDP link, flow map and ring buffers (one
     /// subdirectory per kernel/user layout version). Give each daemon on a host its own.
     pub pin_dir: PathBuf,
@@ -298,6 +301,7 @@ impl Default for Config {
             control_socket: PathBuf::from("/run/recorder/control.sock"),
             metrics_listen: None,
             detach_on_exit: false,
+            metadata_interval_secs: 30,
             pin_dir: PathBuf::from("/sys/fs/bpf/recorder"),
             config_file: None,
         }
@@ -385,6 +389,9 @@ impl Config {
         }
         if self.max_sessions == 0 {
             return Err(invalid("max_sessions", "must be at least 1"));
+        }
+        if self.metadata_interval_secs == 0 {
+            return Err(invalid("metadata_interval_secs", "must be at least 1"));
         }
         if self.idle_timeout_secs == 0 {
             return Err(invalid("idle_timeout_secs", "must be at least 1"));

@@ -432,6 +432,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .retention_max_age_hours
         .map(|h| Duration::from_secs(h * 3600));
     writer_config.retention_max_bytes = config.retention_max_bytes;
+    writer_config.metadata_interval = Duration::from_secs(config.metadata_interval_secs);
     let (writer, sink) = match writer_handover {
         Some(h) => writer::start_resumed(writer_config, h),
         None => writer::start(writer_config),

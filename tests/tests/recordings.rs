@@ -59,7 +59,17 @@ fn soxi_samples(wav: &Path) -> u64 {
 #[test]
 fn kill_9_mid_call_then_restart_repairs_the_recording() {
     let pair = VethPair::new("crash");
-    let mut daemon = Daemon::start(&pair, DaemonOptions::default());
+    let dir = scratch_dir("crash");
+    let config = dir.join("recorder.toml");
+    // Counters in metadata.json every second: the test waits for them.
+    std::fs::write(&config, "metadata_interval_secs = 1\n").unwrap();
+    let mut daemon = Daemon::start(
+        &pair,
+        DaemonOptions {
+            extra: vec!["--config".into(), config.display().to_string()],
+            ..Default::default()
+        },
+    );
     let mut client = pair.in_sender(|| SipClient::udp(IpAddr::V4(pair.sender_v4), daemon.sip));
     let sdp = one_stream(&pair, "1", 31000);
     let reply = client.invite(Some(("application/sdp", sdp.as_bytes())), &[]);
@@ -94,6 +104,8 @@ fn kill_9_mid_call_then_restart_repairs_the_recording() {
     // soxi reads the repaired header. (The burst above is not real-time, so the WAV's length
     // says little; WAV timing is covered by the writer's own tests.)
     assert!(soxi_samples(&dir.join("recording.wav")) > 0);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(config.parent().unwrap());
 }
 
 #[test]
