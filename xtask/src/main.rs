@@ -39,6 +39,9 @@ enum Cli {
         /// A short sweep (under two minutes) for checking a change.
         #[arg(long)]
         quick: bool,
+        /// Run only one part: `datapath` (trafgen contenders, rewrites) or `sip` (SIPp sessions).
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
     },
 }
 
@@ -62,11 +65,11 @@ fn main() -> Result<()> {
             demo()
         }
         Cli::Lint => lint(),
-        Cli::Bench { quick } => {
+        Cli::Bench { quick, only } => {
             setup::setup()?;
             build_ebpf()?;
             build_user()?;
-            bench::run(quick)
+            bench::run(quick, only)
         }
     }
 }

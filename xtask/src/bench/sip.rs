@@ -1,0 +1,843 @@
+//! The SIP part of `cargo xtask bench`: SIPREC sessions per second and concurrent sessions held,
+//! SIPp (`tests/sipp/siprec_bench.xml`) against the real release daemon.
+//!
+//! Layout: namespace `rbench-sip-s` runs SIPp pinned to CPU 0 over one UDP socket (`-t u1`);
+//! namespace `rbench-sip-r` runs `recorder run` pinned to CPU 1, its XDP program attached to the
+//! veth end `bsr0` as in production. Each phase gets a fresh daemon and spool.
+//!
+//! 1. Rate sweep: at each call rate, `calls/s x secs` calls (INVITE with two sendonly audio
+//!    m-lines + metadata, ACK, a short hold, BYE). A rate passes when SIPp counts every call
+//!    successful and none failed, the daemon started and ended that many sessions, and the spool
+//!    and the index hold that many recordings. The sweep stops at the first rate that fails.
+//! 2. Held sessions: calls that hold for an hour, `-l target`, at a rate the sweep passed, until
+//!    `target` sessions are up, a call fails or the count stops moving. At the peak: sessions,
+//!    flows (`recorder flows`), the daemon's RSS and open fds, and the BPF maps' memlock.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::{proc_cpu, sh};
+use crate::workspace_root;
+
+const NS_S: &str = "rbench-sip-s";
+const NS_R: &str = "rbench-sip-r";
+const IF_S: &str = "bss0";
+const IF_R: &str = "bsr0";
+const IP_S: &str = "10.232.0.1";
+const IP_R: &str = "10.232.0.2";
+
+/// What one SIP bench run does.
+pub struct SipPlan {
+    /// Call rates tried in order (calls per second).
+    pub rates: Vec<u32>,
+    /// Seconds of calls at each rate.
+    pub secs_per_rate: u32,
+    /// Milliseconds each sweep call is held between ACK and BYE.
+    pub hold_ms: u32,
+    /// Concurrent sessions aimed for in the hold phase.
+    pub target_sessions: u32,
+    /// Highest rate used to ramp the held sessions up.
+    pub max_ramp_rate: u32,
+}
+
+impl SipPlan {
+    pub fn quick() -> Self {
+        Self {
+            rates: vec![50, 200],
+            secs_per_rate: 4,
+            hold_ms: 100,
+            target_sessions: 500,
+            max_ramp_rate: 200,
+        }
+    }
+
+    pub fn full() -> Self {
+        Self {
+            rates: vec![100, 200, 400, 800, 1600, 3200],
+            secs_per_rate: 10,
+            hold_ms: 100,
+            target_sessions: 10_000,
+            max_ramp_rate: 500,
+        }
+    }
+}
+
+/// Runs both SIP phases; returns the report's `sip` section.
+pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
+    let dir = out_dir.join("sip");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let _net = SipNet::create()?;
+    let started = Instant::now();
+
+    let sweep = sweep(plan, &dir, commands)?;
+    let best = sweep
+        .iter()
+        .filter(|r| r["passed"] == true)
+        .filter_map(|r| r["rate"].as_u64())
+        .max();
+    let achieved = sweep
+        .iter()
+        .filter(|r| r["passed"] == true && r["rate"].as_u64() == best)
+        .find_map(|r| r["achieved_cps"].as_f64());
+    let ramp_rate = best
+        .map(|b| (b as u32).min(plan.max_ramp_rate))
+        .unwrap_or(plan.rates[0]);
+    let held = match hold(plan, ramp_rate, &dir, commands) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("bench: sip hold phase failed: {e:#}");
+            json!({ "error": format!("{e:#}") })
+        }
+    };
+    let _ = std::fs::remove_dir_all(dir.join("spool"));
+    Ok(json!({
+        "sessions_per_second": best,
+        "sessions_per_second_achieved": achieved,
+        "max_concurrent_sessions": held["max_held_zero_failures"],
+        "sweep": sweep,
+        "concurrent": held,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "notes": [
+            "SIPp on CPU 0, the daemon on CPU 1, on a 2-core machine shared with other builds: figures are noisy.",
+            "Sweep calls: INVITE (multipart: SDP with 2 sendonly audio m-lines + rs-metadata), ACK, hold, BYE; no RTP.",
+            "The sweep's daemon uses port_cooldown_secs = 2 so that the RTP port range (2 pairs per call, held cooldown + hold) does not cap the rate.",
+        ],
+    }))
+}
+
+fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<Value>> {
+    let mut daemon = Daemon::start(dir, "sweep", 2, plan.target_sessions.max(1000) * 2)?;
+    let mut results = Vec::new();
+    for &rate in &plan.rates {
+        let calls = rate * plan.secs_per_rate;
+        let before = daemon.snapshot(true)?;
+        let stat = dir.join(format!("sweep-{rate}.csv"));
+        let args: Vec<String> = [
+            "-r".to_string(),
+            rate.to_string(),
+            "-m".into(),
+            calls.to_string(),
+            "-d".into(),
+            plan.hold_ms.to_string(),
+            // A call not answered within 5 s fails instead of hanging the run.
+            "-recv_timeout".into(),
+            "5000".into(),
+            "-timeout".into(),
+            format!("{}s", plan.secs_per_rate * 3 + 30),
+            "-timeout_error".into(),
+        ]
+        .into();
+        let t0 = Instant::now();
+        let mut sipp = Sipp::start(dir, &stat, &args, commands)?;
+        let status = sipp.child.wait()?;
+        let wall = t0.elapsed().as_secs_f64();
+        let s = sipp.final_stats()?;
+        // The daemon writes and indexes asynchronously: wait for every session to end.
+        let after = daemon.settle(
+            before.sessions_ended + s.successful,
+            Duration::from_secs(20),
+        )?;
+        let started = after.sessions_started - before.sessions_started;
+        let ended = after.sessions_ended - before.sessions_ended;
+        let spool_new = after.spool_recordings - before.spool_recordings;
+        let index_new = after.index_recordings - before.index_recordings;
+        let cpu = after.cpu_s - before.cpu_s;
+        let passed = s.failed == 0
+            && s.successful == calls as u64
+            && started == calls as u64
+            && ended == calls as u64
+            && spool_new == calls as u64
+            && index_new == calls as u64;
+        // Calls per second while calls were being placed: the last call starts after the hold
+        // and its BYE transaction finished.
+        let achieved = s.successful as f64 / (wall - plan.hold_ms as f64 / 1000.0).max(0.001);
+        eprintln!(
+            "bench: sip rate={rate}/s calls={calls} ok={} failed={} retrans={} daemon started={started} ended={ended} spool={spool_new} index={index_new} achieved={achieved:.0}/s daemon_cpu={cpu:.2}s {}",
+            s.successful,
+            s.failed,
+            s.retransmissions,
+            if passed { "PASS" } else { "FAIL" }
+        );
+        results.push(json!({
+            "rate": rate, "calls": calls, "successful": s.successful, "failed": s.failed,
+            "retransmissions": s.retransmissions, "sipp_exit": status.code(),
+            "sipp_errors": sipp.errors(),
+            "daemon_sessions_started": started, "daemon_sessions_ended": ended,
+            "rejections": after.rejections, "spool_recordings": spool_new,
+            "index_recordings": index_new, "wall_s": wall, "achieved_cps": achieved,
+            "daemon_cpu_s": cpu,
+            "daemon_cpu_ms_per_session": (started > 0).then(|| cpu * 1000.0 / started as f64),
+            "rss_kib": after.rss_kib, "passed": passed,
+        }));
+        if !passed {
+            break;
+        }
+    }
+    daemon.stop()?;
+    Ok(results)
+}
+
+fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
+    let target = plan.target_sessions;
+    let mut daemon = Daemon::start(dir, "hold", 10, target * 2)?;
+    let base = daemon.snapshot(false)?;
+    let stat = dir.join("hold.csv");
+    let args: Vec<String> = [
+        "-r".to_string(),
+        rate.to_string(),
+        "-m".into(),
+        target.to_string(),
+        "-l".into(),
+        target.to_string(),
+        "-d".into(),
+        "3600000".into(),
+        "-recv_timeout".into(),
+        "10000".into(),
+    ]
+    .into();
+    let t0 = Instant::now();
+    let mut sipp = Sipp::start(dir, &stat, &args, commands)?;
+    let mut peak = base.clone();
+    let mut held_ok = 0u64;
+    let mut last_change = Instant::now();
+    let stop_reason = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let snap = daemon.snapshot(false)?;
+        let s = sipp.last_stats().unwrap_or_default();
+        if snap.sessions_active > peak.sessions_active {
+            peak = snap.clone();
+            last_change = Instant::now();
+        }
+        if s.failed == 0 {
+            held_ok = held_ok.max(snap.sessions_active);
+        }
+        if snap.sessions_active >= target as u64 {
+            break format!("target of {target} sessions reached");
+        }
+        if let Some(st) = sipp.child.try_wait()? {
+            break format!("SIPp exited ({st})");
+        }
+        if s.failed > 0 && last_change.elapsed() > Duration::from_secs(5) {
+            break format!("{} calls failed and the count stopped moving", s.failed);
+        }
+        if last_change.elapsed() > Duration::from_secs(20) {
+            break "the session count stopped moving for 20 s".to_string();
+        }
+    };
+    let ramp_s = t0.elapsed().as_secs_f64();
+    // At the peak: what the kernel and the daemon hold.
+    let flows = daemon.flows().unwrap_or(Value::Null);
+    let flow_entries = flows.as_array().map(Vec::len);
+    let flows_in_kernel = flows
+        .as_array()
+        .map(|a| a.iter().filter(|f| f["in_kernel"] == true).count());
+    let maps = bpf_maps().unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    let fds = daemon.open_fds();
+    let nofile = daemon.nofile_limit();
+    let errors = daemon.log_errors();
+    let s = sipp.last_stats().unwrap_or_default();
+    sipp.kill();
+    let rss_delta = peak.rss_kib.saturating_sub(base.rss_kib) * 1024;
+    let per_session = (peak.sessions_active > 0).then(|| rss_delta / peak.sessions_active);
+    eprintln!(
+        "bench: sip held: peak {} sessions ({held_ok} with zero failures), {} flow entries, sipp current={} failed={}, rss {} -> {} KiB ({} B/session), fds {fds:?}; {stop_reason}",
+        peak.sessions_active,
+        flow_entries.unwrap_or(0),
+        s.current,
+        s.failed,
+        base.rss_kib,
+        peak.rss_kib,
+        per_session.unwrap_or(0)
+    );
+    let stopped = daemon.stop();
+    Ok(json!({
+        "target_sessions": target, "ramp_rate": rate, "ramp_s": ramp_s,
+        "peak_sessions": peak.sessions_active, "max_held_zero_failures": held_ok,
+        "sipp_current_calls": s.current, "sipp_failed": s.failed, "sipp_errors": sipp.errors(),
+        "stop_reason": stop_reason, "rejections": peak.rejections,
+        "flow_entries": flow_entries, "flow_entries_in_kernel": flows_in_kernel,
+        "flow_entries_per_session": flow_entries.filter(|_| peak.sessions_active > 0).map(|n| n as f64 / peak.sessions_active as f64),
+        "rss_kib_before": base.rss_kib, "rss_kib_peak": peak.rss_kib,
+        "memory_per_session_bytes": per_session,
+        "open_fds_at_peak": fds, "nofile_limit": nofile,
+        "bpf_maps": maps, "daemon_log_errors": errors,
+        "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
+    }))
+}
+
+/// Namespaces and veth for the SIP runs; removed on drop.
+struct SipNet;
+
+impl SipNet {
+    fn create() -> Result<Self> {
+        for ns in [NS_S, NS_R] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        sh(&["ip", "netns", "add", NS_S])?;
+        sh(&["ip", "netns", "add", NS_R])?;
+        sh(&[
+            "ip", "link", "add", IF_S, "netns", NS_S, "type", "veth", "peer", "name", IF_R,
+            "netns", NS_R,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            NS_S,
+            "addr",
+            "add",
+            &format!("{IP_S}/24"),
+            "dev",
+            IF_S,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            NS_R,
+            "addr",
+            "add",
+            &format!("{IP_R}/24"),
+            "dev",
+            IF_R,
+        ])?;
+        for (ns, dev) in [(NS_S, IF_S), (NS_R, IF_R), (NS_S, "lo"), (NS_R, "lo")] {
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(SipNet)
+    }
+}
+
+impl Drop for SipNet {
+    fn drop(&mut self) {
+        for ns in [NS_S, NS_R] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+    }
+}
+
+fn recorder_bin() -> PathBuf {
+    workspace_root().join("target/release/recorder")
+}
+
+/// Counters read from the daemon at one moment.
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    sessions_active: u64,
+    sessions_started: u64,
+    sessions_ended: u64,
+    rejections: Value,
+    spool_recordings: u64,
+    index_recordings: u64,
+    rss_kib: u64,
+    cpu_s: f64,
+}
+
+/// `recorder run` in the receiver namespace, pinned to CPU 1.
+struct Daemon {
+    child: Option<Child>,
+    control: PathBuf,
+    spool: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, tag: &str, cooldown_secs: u32, max_sessions: u32) -> Result<Self> {
+        let spool = dir.join("spool").join(tag);
+        let _ = std::fs::remove_dir_all(&spool);
+        std::fs::create_dir_all(&spool)?;
+        let control = dir.join(format!("control-{tag}.sock"));
+        let log = dir.join(format!("recorder-{tag}.log"));
+        let config = dir.join(format!("recorder-{tag}.toml"));
+        // Two port pairs per session (RTP + RTCP each); 10000-64999 holds 27 500 pairs.
+        std::fs::write(
+            &config,
+            format!(
+                "interfaces = [\"{IF_R}\"]\nsip_listen = [\"{IP_R}:5060\"]\nmedia_address = \"{IP_R}\"\n\
+rtp_ports = \"10000-64999\"\nport_cooldown_secs = {cooldown_secs}\nspool = \"{}\"\n\
+max_flows = 65536\nmax_sessions = {max_sessions}\nidle_timeout_secs = 7200\n\
+control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
+                spool.display(),
+                control.display()
+            ),
+        )?;
+        let logf = std::fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", NS_R, "taskset", "-c", "1"])
+            .arg(recorder_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::from(logf.try_clone()?))
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .context("starting recorder")?;
+        let mut d = Self {
+            child: Some(child),
+            control,
+            spool,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("recorder exited at start ({st}):\n{}", d.log_text());
+            }
+            if d.ctl("status").is_ok_and(|v| !v["sip"].is_null()) {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                bail!("recorder not ready after 30 s:\n{}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(200)); // polling another process's socket
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Warnings and errors the daemon logged (first 20).
+    fn log_errors(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN") || l.contains("RLIMIT"))
+            .take(20)
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn ctl(&self, what: &str) -> Result<Value> {
+        let out = Command::new(recorder_bin())
+            .args([what, "--json", "--socket"])
+            .arg(&self.control)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "recorder {what}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    fn flows(&self) -> Result<Value> {
+        self.ctl("flows")
+    }
+
+    /// The daemon's counters; `files` also counts recordings in the spool and the index (slow
+    /// with thousands of recordings, so not while ramping up held sessions).
+    fn snapshot(&self, files: bool) -> Result<Snapshot> {
+        let st = self.ctl("status")?;
+        let siprec = &st["sip"]["siprec"];
+        let ended = siprec["sessions_ended"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        let index_recordings = if files {
+            self.ctl("recordings")?
+                .as_array()
+                .map_or(0, |a| a.len() as u64)
+        } else {
+            0
+        };
+        let pid = self.pid().context("daemon stopped")?;
+        Ok(Snapshot {
+            sessions_active: st["sip"]["sessions_active"].as_u64().unwrap_or(0),
+            sessions_started: siprec["sessions_started"].as_u64().unwrap_or(0),
+            sessions_ended: ended,
+            rejections: siprec["rejections"].clone(),
+            spool_recordings: if files {
+                spool_recordings(&self.spool)
+            } else {
+                0
+            },
+            index_recordings,
+            rss_kib: vm_rss_kib(pid),
+            cpu_s: proc_cpu(pid).unwrap_or(0.0),
+        })
+    }
+
+    /// Waits until `ended` sessions have ended and the spool and index agree (or `limit`).
+    fn settle(&self, ended: u64, limit: Duration) -> Result<Snapshot> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.snapshot(true)?;
+            let done = s.sessions_active == 0
+                && s.sessions_ended >= ended
+                && s.index_recordings == s.spool_recordings;
+            if done || Instant::now() > deadline {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(250)); // polling another process
+        }
+    }
+
+    fn open_fds(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|rd| rd.count() as u64)
+    }
+
+    fn nofile_limit(&self) -> Option<String> {
+        let pid = self.pid()?;
+        std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+
+    /// SIGTERM and wait (ending thousands of recordings takes a while); SIGKILL after 120 s.
+    fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on our own child (`ip netns exec` and taskset exec the daemon).
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                if !st.success() {
+                    bail!("recorder exited with {st}");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("recorder did not exit within 120 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100)); // polling a child's exit
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spool_recordings(spool: &Path) -> u64 {
+    std::fs::read_dir(spool).map_or(0, |rd| {
+        rd.filter_map(|e| e.ok())
+            .filter(|e| e.path().join("metadata.json").exists())
+            .count() as u64
+    })
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// SIPp's counters from its statistics CSV.
+#[derive(Clone, Debug, Default)]
+struct SippStats {
+    successful: u64,
+    failed: u64,
+    current: u64,
+    retransmissions: u64,
+}
+
+struct Sipp {
+    child: Child,
+    stat: PathBuf,
+    errors: PathBuf,
+}
+
+impl Sipp {
+    fn start(
+        dir: &Path,
+        stat: &Path,
+        extra: &[String],
+        commands: &mut Vec<String>,
+    ) -> Result<Self> {
+        let scenario = workspace_root().join("tests/sipp/siprec_bench.xml");
+        let errors = stat.with_extension("errors.log");
+        let _ = std::fs::remove_file(stat);
+        let _ = std::fs::remove_file(&errors);
+        let mut argv: Vec<String> = vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            NS_S.into(),
+            "taskset".into(),
+            "-c".into(),
+            "0".into(),
+            "sipp".into(),
+            format!("{IP_R}:5060"),
+            "-sf".into(),
+            scenario.display().to_string(),
+            "-t".into(),
+            "u1".into(),
+            "-i".into(),
+            IP_S.into(),
+            "-mi".into(),
+            IP_S.into(),
+            "-mp".into(),
+            "40000".into(),
+        ];
+        argv.extend(extra.iter().cloned());
+        argv.extend(
+            ["-nostdin", "-trace_stat", "-fd", "1", "-trace_err", "-stf"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        argv.push(stat.display().to_string());
+        argv.push("-error_file".into());
+        argv.push(errors.display().to_string());
+        let shown = argv
+            .iter()
+            .map(|a| a.replace(&workspace_root().display().to_string(), "."))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !commands.contains(&shown) {
+            commands.push(shown);
+        }
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting sipp (install: cargo xtask setup)")?;
+        Ok(Self {
+            child,
+            stat: stat.to_path_buf(),
+            errors,
+        })
+    }
+
+    /// The last line of the statistics CSV (SIPp writes one every `-fd` seconds and at exit).
+    fn last_stats(&self) -> Option<SippStats> {
+        let text = std::fs::read_to_string(&self.stat).ok()?;
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let header: Vec<&str> = lines.next()?.split(';').collect();
+        let last: Vec<&str> = lines.last()?.split(';').collect();
+        let get = |name: &str| -> u64 {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .and_then(|i| last.get(i))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Some(SippStats {
+            successful: get("SuccessfulCall(C)"),
+            failed: get("FailedCall(C)"),
+            current: get("CurrentCall"),
+            retransmissions: get("Retransmissions(C)"),
+        })
+    }
+
+    fn final_stats(&self) -> Result<SippStats> {
+        self.last_stats()
+            .with_context(|| format!("no SIPp statistics in {}", self.stat.display()))
+    }
+
+    /// The first lines of SIPp's error log.
+    fn errors(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.errors)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(10)
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// Memory of the BPF maps of the XDP program attached to `bsr0` (bpftool's `bytes_memlock`).
+fn bpf_maps() -> Result<Value> {
+    let link: Value = serde_json::from_str(&sh(&[
+        "ip", "-n", NS_R, "-j", "-d", "link", "show", "dev", IF_R,
+    ])?)?;
+    let prog_id = link[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .or_else(|| link[0]["xdp"]["attached"][0]["prog"]["id"].as_u64())
+        .context("no XDP program on the bench interface")?;
+    let prog: Value = serde_json::from_str(&sh(&[
+        "bpftool",
+        "-j",
+        "prog",
+        "show",
+        "id",
+        &prog_id.to_string(),
+    ])?)?;
+    let mut maps = Vec::new();
+    let (mut flow_bytes, mut total) = (0u64, 0u64);
+    for id in prog["map_ids"].as_array().into_iter().flatten() {
+        let Some(id) = id.as_u64() else { continue };
+        let m: Value = serde_json::from_str(&sh(&[
+            "bpftool",
+            "-j",
+            "map",
+            "show",
+            "id",
+            &id.to_string(),
+        ])?)?;
+        let name = m["name"].as_str().unwrap_or("").to_string();
+        let bytes = m["bytes_memlock"].as_u64().unwrap_or(0);
+        total += bytes;
+        if name == "FLOWS" || name == "FLOW_STATS" {
+            flow_bytes += bytes;
+        }
+        maps.push(json!({
+            "name": name, "type": m["type"], "max_entries": m["max_entries"], "bytes_memlock": bytes,
+        }));
+    }
+    Ok(json!({ "flow_maps_bytes": flow_bytes, "all_maps_bytes": total, "maps": maps }))
+}
+
+/// The SIP rows of report.md.
+pub fn markdown(sip: &Value) -> Result<String> {
+    let mut md = String::new();
+    writeln!(md, "## SIP (SIPREC sessions with SIPp)\n")?;
+    if let Some(e) = sip["error"].as_str() {
+        writeln!(md, "The SIP bench failed: {e}\n")?;
+        return Ok(md);
+    }
+    let n = |v: &Value| match v {
+        Value::Null => "n/a".to_string(),
+        Value::Number(x) => x
+            .as_f64()
+            .filter(|f| f.fract() != 0.0)
+            .map_or(x.to_string(), |f| format!("{f:.2}")),
+        other => other.to_string(),
+    };
+    let c = &sip["concurrent"];
+    writeln!(md, "| figure | value |\n|---|---|")?;
+    writeln!(
+        md,
+        "| sessions per second, zero failures (highest rate tried that passed) | {} (achieved {}) |",
+        n(&sip["sessions_per_second"]),
+        n(&sip["sessions_per_second_achieved"])
+    )?;
+    writeln!(
+        md,
+        "| concurrent sessions held, zero failures (target {}) | {} |",
+        n(&c["target_sessions"]),
+        n(&sip["max_concurrent_sessions"])
+    )?;
+    writeln!(
+        md,
+        "| peak sessions (any failures) | {} |",
+        n(&c["peak_sessions"])
+    )?;
+    writeln!(
+        md,
+        "| flow entries at the peak (recorder flows) | {} ({} per session) |",
+        n(&c["flow_entries"]),
+        n(&c["flow_entries_per_session"])
+    )?;
+    writeln!(
+        md,
+        "| daemon RSS before / at peak (KiB) | {} / {} |",
+        n(&c["rss_kib_before"]),
+        n(&c["rss_kib_peak"])
+    )?;
+    writeln!(
+        md,
+        "| memory per session (RSS delta / sessions, bytes) | {} |",
+        n(&c["memory_per_session_bytes"])
+    )?;
+    writeln!(
+        md,
+        "| BPF flow maps memlock (FLOWS + FLOW_STATS, bytes, preallocated) | {} |",
+        n(&c["bpf_maps"]["flow_maps_bytes"])
+    )?;
+    writeln!(
+        md,
+        "| BPF all maps memlock incl. ring buffers (bytes) | {} |",
+        n(&c["bpf_maps"]["all_maps_bytes"])
+    )?;
+    writeln!(
+        md,
+        "| daemon open fds at peak / limit | {} / {} |",
+        n(&c["open_fds_at_peak"]),
+        c["nofile_limit"].as_str().unwrap_or("n/a")
+    )?;
+    writeln!(
+        md,
+        "| hold phase ended because | {} (ramp at {}/s, SIPp failed calls {}) |",
+        c["stop_reason"].as_str().unwrap_or("n/a"),
+        n(&c["ramp_rate"]),
+        n(&c["sipp_failed"])
+    )?;
+    writeln!(md, "\n| rate (calls/s) | calls | successful | failed | retrans | daemon started | ended | spool | index | achieved/s | daemon CPU ms/session | result |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+    for r in sip["sweep"].as_array().into_iter().flatten() {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            n(&r["rate"]),
+            n(&r["calls"]),
+            n(&r["successful"]),
+            n(&r["failed"]),
+            n(&r["retransmissions"]),
+            n(&r["daemon_sessions_started"]),
+            n(&r["daemon_sessions_ended"]),
+            n(&r["spool_recordings"]),
+            n(&r["index_recordings"]),
+            r["achieved_cps"]
+                .as_f64()
+                .map_or("n/a".into(), |v| format!("{v:.0}")),
+            n(&r["daemon_cpu_ms_per_session"]),
+            if r["passed"] == true { "pass" } else { "FAIL" },
+        )?;
+    }
+    let errs: Vec<&str> = c["daemon_log_errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if !errs.is_empty() {
+        writeln!(
+            md,
+            "\nDaemon log in the hold phase (first warnings/errors):\n"
+        )?;
+        for e in errs {
+            writeln!(md, "    {e}")?;
+        }
+    }
+    for note in sip["notes"].as_array().into_iter().flatten() {
+        writeln!(md, "\n{}", note.as_str().unwrap_or(""))?;
+    }
+    writeln!(md)?;
+    Ok(md)
+}
