@@ -115,6 +115,8 @@ pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result
 
 fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<Value>> {
     let mut daemon = Daemon::start(dir, "sweep", 2, plan.target_sessions.max(1000) * 2)?;
+    let mut log = LogWatch::new(&daemon.log);
+    log.poll();
     let mut results = Vec::new();
     for &rate in &plan.rates {
         let calls = rate * plan.secs_per_rate;
@@ -140,11 +142,17 @@ fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<V
         let status = sipp.child.wait()?;
         let wall = t0.elapsed().as_secs_f64();
         let s = sipp.final_stats()?;
-        // The daemon writes and indexes asynchronously: wait for every session to end.
+        // Every successful call must end as a session and land as a recording in the spool and
+        // the index (the writer and the index lag behind the signaling by a few seconds).
+        let settle_t0 = Instant::now();
         let after = daemon.settle(
             before.sessions_ended + s.successful,
-            Duration::from_secs(20),
+            before.spool_recordings + s.successful,
+            before.index_recordings + s.successful,
+            Duration::from_secs(60),
         )?;
+        let settle_s = settle_t0.elapsed().as_secs_f64();
+        let warnings = log.poll();
         let started = after.sessions_started - before.sessions_started;
         let ended = after.sessions_ended - before.sessions_ended;
         let spool_new = after.spool_recordings - before.spool_recordings;
@@ -155,12 +163,13 @@ fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<V
             && started == calls as u64
             && ended == calls as u64
             && spool_new == calls as u64
-            && index_new == calls as u64;
+            && index_new == calls as u64
+            && warnings == 0;
         // Calls per second while calls were being placed: the last call starts after the hold
         // and its BYE transaction finished.
         let achieved = s.successful as f64 / (wall - plan.hold_ms as f64 / 1000.0).max(0.001);
         eprintln!(
-            "bench: sip rate={rate}/s calls={calls} ok={} failed={} retrans={} daemon started={started} ended={ended} spool={spool_new} index={index_new} achieved={achieved:.0}/s daemon_cpu={cpu:.2}s {}",
+            "bench: sip rate={rate}/s calls={calls} ok={} failed={} retrans={} daemon started={started} ended={ended} spool={spool_new} index={index_new} achieved={achieved:.0}/s daemon_cpu={cpu:.2}s files_after={settle_s:.1}s warnings={warnings} {}",
             s.successful,
             s.failed,
             s.retransmissions,
@@ -173,7 +182,8 @@ fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<V
             "daemon_sessions_started": started, "daemon_sessions_ended": ended,
             "rejections": after.rejections, "spool_recordings": spool_new,
             "index_recordings": index_new, "wall_s": wall, "achieved_cps": achieved,
-            "daemon_cpu_s": cpu,
+            "daemon_cpu_s": cpu, "files_settled_after_s": settle_s,
+            "daemon_warnings": warnings,
             "daemon_cpu_ms_per_session": (started > 0).then(|| cpu * 1000.0 / started as f64),
             "rss_kib": after.rss_kib, "passed": passed,
         }));
@@ -182,13 +192,26 @@ fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<V
         }
     }
     daemon.stop()?;
+    if !log.first.is_empty() {
+        if let Some(last) = results.last_mut() {
+            last["daemon_log_first_warnings"] = json!(log.first);
+        }
+    }
     Ok(results)
 }
 
 fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
     let target = plan.target_sessions;
     let mut daemon = Daemon::start(dir, "hold", 10, target * 2)?;
+    let mut log = LogWatch::new(&daemon.log);
+    log.poll();
     let base = daemon.snapshot(false)?;
+    let rss_split_before = daemon.rss_split();
+    let nofile = daemon.nofile_limit();
+    let fd_limit = nofile_soft(nofile.as_deref());
+    // Peak figures need the control socket, i.e. one free fd: take them before the daemon runs
+    // out (4 fds per session here at `rate` calls/s, 2 s of polling slack).
+    let fd_margin = u64::from(rate) * 4 * 2 + 200;
     let stat = dir.join("hold.csv");
     let args: Vec<String> = [
         "-r".to_string(),
@@ -208,69 +231,184 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
     let mut peak = base.clone();
     let mut held_ok = 0u64;
     let mut last_change = Instant::now();
+    let mut status_errors = 0;
+    let mut at_peak: Option<Value> = None;
+    let mut first_warning_at: Option<u64> = None;
     let stop_reason = loop {
         std::thread::sleep(Duration::from_secs(1));
-        let snap = daemon.snapshot(false)?;
+        let new_warnings = log.poll();
         let s = sipp.last_stats().unwrap_or_default();
+        let snap = match daemon.snapshot(false) {
+            Ok(snap) => {
+                status_errors = 0;
+                snap
+            }
+            Err(e) => {
+                status_errors += 1;
+                if status_errors >= 5 {
+                    break format!("the daemon stopped answering its control socket ({e:#})");
+                }
+                continue;
+            }
+        };
+        if new_warnings > 0 && first_warning_at.is_none() {
+            first_warning_at = Some(snap.sessions_active);
+        }
         if snap.sessions_active > peak.sessions_active {
             peak = snap.clone();
             last_change = Instant::now();
         }
-        if s.failed == 0 {
+        if s.failed == 0 && log.warnings == 0 {
             held_ok = held_ok.max(snap.sessions_active);
         }
-        if snap.sessions_active >= target as u64 {
+        let fds = daemon.open_fds().unwrap_or(0);
+        let near_fd_limit = fd_limit.is_some_and(|l| fds + fd_margin >= l);
+        if at_peak.is_none() && (snap.sessions_active >= u64::from(target) || near_fd_limit) {
+            // SIPp stopped meanwhile so that nothing moves while the daemon is inspected.
+            sipp.signal(libc::SIGSTOP);
+            at_peak = Some(daemon.inspect(&base, fds));
+            sipp.signal(libc::SIGCONT);
+        }
+        if snap.sessions_active >= u64::from(target) {
             break format!("target of {target} sessions reached");
+        }
+        if log.warnings > 0 {
+            break format!(
+                "the daemon logged warnings at {} sessions, first: {}",
+                first_warning_at.unwrap_or(snap.sessions_active),
+                log.first.first().map_or("", String::as_str)
+            );
+        }
+        if s.failed > 0 {
+            break format!("SIPp counted {} failed calls", s.failed);
         }
         if let Some(st) = sipp.child.try_wait()? {
             break format!("SIPp exited ({st})");
-        }
-        if s.failed > 0 && last_change.elapsed() > Duration::from_secs(5) {
-            break format!("{} calls failed and the count stopped moving", s.failed);
         }
         if last_change.elapsed() > Duration::from_secs(20) {
             break "the session count stopped moving for 20 s".to_string();
         }
     };
     let ramp_s = t0.elapsed().as_secs_f64();
-    // At the peak: what the kernel and the daemon hold.
-    let flows = daemon.flows().unwrap_or(Value::Null);
-    let flow_entries = flows.as_array().map(Vec::len);
-    let flows_in_kernel = flows
-        .as_array()
-        .map(|a| a.iter().filter(|f| f["in_kernel"] == true).count());
-    let maps = bpf_maps().unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
-    let fds = daemon.open_fds();
-    let nofile = daemon.nofile_limit();
-    let errors = daemon.log_errors();
+    let at_peak = at_peak.unwrap_or_else(|| daemon.inspect(&base, daemon.open_fds().unwrap_or(0)));
     let s = sipp.last_stats().unwrap_or_default();
     sipp.kill();
-    let rss_delta = peak.rss_kib.saturating_sub(base.rss_kib) * 1024;
-    let per_session = (peak.sessions_active > 0).then(|| rss_delta / peak.sessions_active);
+    log.poll();
     eprintln!(
-        "bench: sip held: peak {} sessions ({held_ok} with zero failures), {} flow entries, sipp current={} failed={}, rss {} -> {} KiB ({} B/session), fds {fds:?}; {stop_reason}",
+        "bench: sip held: peak {} sessions ({held_ok} with zero failures), sipp current={} failed={}; at {} sessions: {} flow entries, {} B/session RSS, {} fds; {stop_reason}",
         peak.sessions_active,
-        flow_entries.unwrap_or(0),
         s.current,
         s.failed,
-        base.rss_kib,
-        peak.rss_kib,
-        per_session.unwrap_or(0)
+        at_peak["sessions"],
+        at_peak["flow_entries"],
+        at_peak["memory_per_session_bytes"],
+        at_peak["open_fds"]
     );
     let stopped = daemon.stop();
+    log.poll();
     Ok(json!({
         "target_sessions": target, "ramp_rate": rate, "ramp_s": ramp_s,
         "peak_sessions": peak.sessions_active, "max_held_zero_failures": held_ok,
         "sipp_current_calls": s.current, "sipp_failed": s.failed, "sipp_errors": sipp.errors(),
         "stop_reason": stop_reason, "rejections": peak.rejections,
-        "flow_entries": flow_entries, "flow_entries_in_kernel": flows_in_kernel,
-        "flow_entries_per_session": flow_entries.filter(|_| peak.sessions_active > 0).map(|n| n as f64 / peak.sessions_active as f64),
-        "rss_kib_before": base.rss_kib, "rss_kib_peak": peak.rss_kib,
-        "memory_per_session_bytes": per_session,
-        "open_fds_at_peak": fds, "nofile_limit": nofile,
-        "bpf_maps": maps, "daemon_log_errors": errors,
+        "first_daemon_warning_at_sessions": first_warning_at,
+        "rss_kib_before": base.rss_kib, "rss_split_before": rss_split_before,
+        "nofile_limit": nofile, "at_peak": at_peak,
+        "daemon_warnings": log.warnings, "daemon_warning_kinds": log.kinds(),
+        "daemon_log_first_warnings": log.first,
         "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
     }))
+}
+
+/// The soft limit from a /proc/<pid>/limits "Max open files" line.
+fn nofile_soft(line: Option<&str>) -> Option<u64> {
+    line?.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Follows the daemon's log, counting warnings and errors as they are written.
+struct LogWatch {
+    path: PathBuf,
+    offset: u64,
+    warnings: u64,
+    /// The first distinct warning lines (ANSI colours stripped).
+    first: Vec<String>,
+    /// Warning count per message, numbers masked.
+    by_kind: std::collections::BTreeMap<String, u64>,
+}
+
+impl LogWatch {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            offset: 0,
+            warnings: 0,
+            first: Vec::new(),
+            by_kind: Default::default(),
+        }
+    }
+
+    /// Reads what was appended (at most 4 MiB a call: a daemon spinning on an error can write
+    /// tens of MB a second); returns the new warnings.
+    fn poll(&mut self) -> u64 {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return 0;
+        };
+        let len = f.metadata().map_or(0, |m| m.len());
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return 0;
+        }
+        let mut buf = Vec::new();
+        let _ = f.take(4 << 20).read_to_end(&mut buf);
+        // Only whole lines; when more than 4 MiB was written, skip to the end.
+        let used = buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        self.offset = if len - self.offset > 4 << 20 {
+            len
+        } else {
+            self.offset + used as u64
+        };
+        let mut new = 0;
+        for line in String::from_utf8_lossy(&buf[..used]).lines() {
+            let line = strip_ansi(line);
+            if !(line.contains(" WARN ") || line.contains(" ERROR ")) {
+                continue;
+            }
+            new += 1;
+            let msg = line.split_once(' ').map_or(line.as_str(), |x| x.1).trim();
+            let kind: String = msg
+                .chars()
+                .map(|c| if c.is_ascii_digit() { 'N' } else { c })
+                .collect();
+            let kind = kind.split("NNN").next().unwrap_or("").to_string();
+            if !self.by_kind.contains_key(&kind) && self.first.len() < 10 {
+                self.first.push(msg.to_string());
+            }
+            *self.by_kind.entry(kind).or_default() += 1;
+        }
+        self.warnings += new;
+        new
+    }
+
+    fn kinds(&self) -> Value {
+        json!(self.by_kind)
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Namespaces and veth for the SIP runs; removed on drop.
@@ -407,16 +545,6 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Warnings and errors the daemon logged (first 20).
-    fn log_errors(&self) -> Vec<String> {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains("ERROR") || l.contains("WARN") || l.contains("RLIMIT"))
-            .take(20)
-            .map(str::to_string)
-            .collect()
-    }
-
     fn ctl(&self, what: &str) -> Result<Value> {
         let out = Command::new(recorder_bin())
             .args([what, "--json", "--socket"])
@@ -467,14 +595,16 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
         })
     }
 
-    /// Waits until `ended` sessions have ended and the spool and index agree (or `limit`).
-    fn settle(&self, ended: u64, limit: Duration) -> Result<Snapshot> {
+    /// Waits until `ended` sessions have ended and the spool and the index hold `spool` and
+    /// `index` recordings, or `limit` has passed; returns the last snapshot either way.
+    fn settle(&self, ended: u64, spool: u64, index: u64, limit: Duration) -> Result<Snapshot> {
         let deadline = Instant::now() + limit;
         loop {
             let s = self.snapshot(true)?;
             let done = s.sessions_active == 0
                 && s.sessions_ended >= ended
-                && s.index_recordings == s.spool_recordings;
+                && s.spool_recordings >= spool
+                && s.index_recordings >= index;
             if done || Instant::now() > deadline {
                 return Ok(s);
             }
@@ -487,6 +617,72 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
         std::fs::read_dir(format!("/proc/{pid}/fd"))
             .ok()
             .map(|rd| rd.count() as u64)
+    }
+
+    /// Figures at the peak: sessions, flow entries (daemon and kernel), RSS, fds, BPF maps.
+    fn inspect(&self, base: &Snapshot, fds: u64) -> Value {
+        let snap = match self.snapshot(false) {
+            Ok(s) => s,
+            Err(e) => return json!({ "error": format!("{e:#}") }),
+        };
+        let flows = self.flows().unwrap_or(Value::Null);
+        let entries = flows.as_array().map(|a| a.len() as u64);
+        let in_kernel = flows
+            .as_array()
+            .map(|a| a.iter().filter(|f| f["in_kernel"] == true).count());
+        let n = snap.sessions_active;
+        let rss_delta = snap.rss_kib.saturating_sub(base.rss_kib) * 1024;
+        json!({
+            "sessions": n,
+            "flow_entries": entries, "flow_entries_in_kernel": in_kernel,
+            "flow_entries_per_session": entries.filter(|_| n > 0).map(|e| e as f64 / n as f64),
+            "rss_kib": snap.rss_kib, "rss_split": self.rss_split(),
+            "memory_per_session_bytes": (n > 0).then(|| rss_delta / n),
+            "open_fds": fds, "open_fds_by_kind": self.fd_kinds(),
+            "fds_per_session": (n > 0).then(|| fds as f64 / n as f64),
+            "bpf_maps": bpf_maps().unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
+        })
+    }
+
+    /// The daemon's open fds by what they point at: files per name in the spool, sockets, ...
+    fn fd_kinds(&self) -> Value {
+        let Some(pid) = self.pid() else {
+            return Value::Null;
+        };
+        let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(target) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let kind = if target.starts_with(&self.spool) {
+                let name = target
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                format!("spool file {name}")
+            } else {
+                let t = target.to_string_lossy();
+                // "socket:[123]", "anon_inode:bpf-map", "/dev/null": keep the kind only.
+                t.split([':', '[']).next().unwrap_or("").to_string()
+            };
+            *kinds.entry(kind).or_default() += 1;
+        }
+        json!(kinds)
+    }
+
+    /// Resident memory split: anonymous (heap) and file-backed (mmapped recording files).
+    fn rss_split(&self) -> Value {
+        let Some(pid) = self.pid() else {
+            return Value::Null;
+        };
+        json!({
+            "rss_anon_kib": status_kib(pid, "RssAnon:"),
+            "rss_file_kib": status_kib(pid, "RssFile:"),
+            "rss_shmem_kib": status_kib(pid, "RssShmem:"),
+        })
     }
 
     fn nofile_limit(&self) -> Option<String> {
@@ -541,10 +737,15 @@ fn spool_recordings(spool: &Path) -> u64 {
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB field of /proc/<pid>/status.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -667,6 +868,11 @@ impl Sipp {
             .collect()
     }
 
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child (`ip netns exec` and taskset exec SIPp).
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -737,73 +943,109 @@ pub fn markdown(sip: &Value) -> Result<String> {
             .as_f64()
             .filter(|f| f.fract() != 0.0)
             .map_or(x.to_string(), |f| format!("{f:.2}")),
+        Value::String(s) => s.clone(),
         other => other.to_string(),
     };
     let c = &sip["concurrent"];
-    writeln!(md, "| figure | value |\n|---|---|")?;
+    let p = &c["at_peak"];
+    let mut row = |k: &str, v: String| writeln!(md, "| {k} | {v} |");
+    row("figure", "value".into())?;
+    row("---", "---".into())?;
+    row(
+        "sessions per second, zero failures (highest rate tried that passed)",
+        format!(
+            "{} (achieved {})",
+            n(&sip["sessions_per_second"]),
+            n(&sip["sessions_per_second_achieved"])
+        ),
+    )?;
+    row(
+        &format!(
+            "concurrent sessions held, zero failures (target {})",
+            n(&c["target_sessions"])
+        ),
+        n(&sip["max_concurrent_sessions"]),
+    )?;
+    row("peak sessions (failures or not)", n(&c["peak_sessions"]))?;
+    row(
+        "hold phase stopped because",
+        format!(
+            "{} (ramp {} calls/s, SIPp failed calls {})",
+            n(&c["stop_reason"]),
+            n(&c["ramp_rate"]),
+            n(&c["sipp_failed"])
+        ),
+    )?;
+    row(
+        "figures below measured at",
+        format!("{} sessions", n(&p["sessions"])),
+    )?;
+    row(
+        "flow entries (recorder flows; in kernel)",
+        format!(
+            "{} ({} per session; {} in the kernel map)",
+            n(&p["flow_entries"]),
+            n(&p["flow_entries_per_session"]),
+            n(&p["flow_entries_in_kernel"])
+        ),
+    )?;
+    row(
+        "daemon RSS before calls / at that point (KiB)",
+        format!("{} / {}", n(&c["rss_kib_before"]), n(&p["rss_kib"])),
+    )?;
+    row(
+        "memory per session (RSS delta / sessions, bytes)",
+        n(&p["memory_per_session_bytes"]),
+    )?;
+    row(
+        "RSS anonymous / file-backed (mmapped recording files), before -> then (KiB)",
+        format!(
+            "{} -> {} / {} -> {}",
+            n(&c["rss_split_before"]["rss_anon_kib"]),
+            n(&p["rss_split"]["rss_anon_kib"]),
+            n(&c["rss_split_before"]["rss_file_kib"]),
+            n(&p["rss_split"]["rss_file_kib"])
+        ),
+    )?;
+    row(
+        "BPF flow maps memlock (FLOWS + FLOW_STATS, preallocated for max_flows, bytes)",
+        n(&p["bpf_maps"]["flow_maps_bytes"]),
+    )?;
+    row(
+        "BPF all maps memlock incl. ring buffers (bytes)",
+        n(&p["bpf_maps"]["all_maps_bytes"]),
+    )?;
+    row(
+        "daemon open fds (per session) / limit",
+        format!(
+            "{} ({}) / {}",
+            n(&p["open_fds"]),
+            n(&p["fds_per_session"]),
+            n(&c["nofile_limit"])
+        ),
+    )?;
+    if let Some(kinds) = p["open_fds_by_kind"].as_object() {
+        let list: Vec<String> = kinds.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        row("daemon open fds by kind", list.join(", "))?;
+    }
+    if let Some(kinds) = c["daemon_warning_kinds"].as_object() {
+        let list: Vec<String> = kinds.iter().map(|(k, v)| format!("{v} x `{k}`")).collect();
+        if !list.is_empty() {
+            row(
+                "daemon warnings in the hold phase",
+                list.join("; ").replace('|', "/"),
+            )?;
+        }
+    }
+    writeln!(md, "\n| rate (calls/s) | calls | successful | failed | retrans | daemon started | ended | spool | index | daemon warnings | achieved/s | daemon CPU ms/session | files settled after s | result |")?;
     writeln!(
         md,
-        "| sessions per second, zero failures (highest rate tried that passed) | {} (achieved {}) |",
-        n(&sip["sessions_per_second"]),
-        n(&sip["sessions_per_second_achieved"])
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
-    writeln!(
-        md,
-        "| concurrent sessions held, zero failures (target {}) | {} |",
-        n(&c["target_sessions"]),
-        n(&sip["max_concurrent_sessions"])
-    )?;
-    writeln!(
-        md,
-        "| peak sessions (any failures) | {} |",
-        n(&c["peak_sessions"])
-    )?;
-    writeln!(
-        md,
-        "| flow entries at the peak (recorder flows) | {} ({} per session) |",
-        n(&c["flow_entries"]),
-        n(&c["flow_entries_per_session"])
-    )?;
-    writeln!(
-        md,
-        "| daemon RSS before / at peak (KiB) | {} / {} |",
-        n(&c["rss_kib_before"]),
-        n(&c["rss_kib_peak"])
-    )?;
-    writeln!(
-        md,
-        "| memory per session (RSS delta / sessions, bytes) | {} |",
-        n(&c["memory_per_session_bytes"])
-    )?;
-    writeln!(
-        md,
-        "| BPF flow maps memlock (FLOWS + FLOW_STATS, bytes, preallocated) | {} |",
-        n(&c["bpf_maps"]["flow_maps_bytes"])
-    )?;
-    writeln!(
-        md,
-        "| BPF all maps memlock incl. ring buffers (bytes) | {} |",
-        n(&c["bpf_maps"]["all_maps_bytes"])
-    )?;
-    writeln!(
-        md,
-        "| daemon open fds at peak / limit | {} / {} |",
-        n(&c["open_fds_at_peak"]),
-        c["nofile_limit"].as_str().unwrap_or("n/a")
-    )?;
-    writeln!(
-        md,
-        "| hold phase ended because | {} (ramp at {}/s, SIPp failed calls {}) |",
-        c["stop_reason"].as_str().unwrap_or("n/a"),
-        n(&c["ramp_rate"]),
-        n(&c["sipp_failed"])
-    )?;
-    writeln!(md, "\n| rate (calls/s) | calls | successful | failed | retrans | daemon started | ended | spool | index | achieved/s | daemon CPU ms/session | result |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in sip["sweep"].as_array().into_iter().flatten() {
         writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             n(&r["rate"]),
             n(&r["calls"]),
             n(&r["successful"]),
@@ -813,27 +1055,16 @@ pub fn markdown(sip: &Value) -> Result<String> {
             n(&r["daemon_sessions_ended"]),
             n(&r["spool_recordings"]),
             n(&r["index_recordings"]),
+            n(&r["daemon_warnings"]),
             r["achieved_cps"]
                 .as_f64()
                 .map_or("n/a".into(), |v| format!("{v:.0}")),
             n(&r["daemon_cpu_ms_per_session"]),
+            r["files_settled_after_s"]
+                .as_f64()
+                .map_or("n/a".into(), |v| format!("{v:.1}")),
             if r["passed"] == true { "pass" } else { "FAIL" },
         )?;
-    }
-    let errs: Vec<&str> = c["daemon_log_errors"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
-    if !errs.is_empty() {
-        writeln!(
-            md,
-            "\nDaemon log in the hold phase (first warnings/errors):\n"
-        )?;
-        for e in errs {
-            writeln!(md, "    {e}")?;
-        }
     }
     for note in sip["notes"].as_array().into_iter().flatten() {
         writeln!(md, "\n{}", note.as_str().unwrap_or(""))?;
