@@ -120,91 +120,97 @@ pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result
 fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<Value>> {
     let mut results = Vec::new();
     for &rate in &plan.rates {
-        // A fresh daemon per rate: transactions lingering from the previous rate (64*T1 = 32 s
-        // over UDP) would otherwise count against this one.
-        let mut daemon = Daemon::start(dir, &format!("sweep-{rate}"), 2, 20_000)?;
-        let mut log = LogWatch::new(&daemon.log);
-        log.poll();
-        let calls = rate * plan.secs_per_rate;
-        let before = daemon.snapshot(true)?;
-        let stat = dir.join(format!("sweep-{rate}.csv"));
-        let args: Vec<String> = [
-            "-r".to_string(),
-            rate.to_string(),
-            "-m".into(),
-            calls.to_string(),
-            "-d".into(),
-            plan.hold_ms.to_string(),
-            // A call not answered within 5 s fails instead of hanging the run.
-            "-recv_timeout".into(),
-            "5000".into(),
-            "-timeout".into(),
-            format!("{}s", plan.secs_per_rate * 3 + 30),
-            "-timeout_error".into(),
-        ]
-        .into();
-        let t0 = Instant::now();
-        let mut sipp = Sipp::start(dir, &stat, &args, commands)?;
-        let status = sipp.child.wait()?;
-        let wall = t0.elapsed().as_secs_f64();
-        let s = sipp.final_stats()?;
-        // Every successful call must end as a session and land as a recording in the spool and
-        // the index (the writer and the index lag behind the signaling by a few seconds).
-        let settle_t0 = Instant::now();
-        let after = daemon.settle(
-            before.sessions_ended + s.successful,
-            before.spool_recordings + s.successful,
-            before.index_recordings + s.successful,
-            Duration::from_secs(10),
-        )?;
-        let settle_s = settle_t0.elapsed().as_secs_f64();
-        let warnings = log.poll();
-        let started = after.sessions_started - before.sessions_started;
-        let ended = after.sessions_ended - before.sessions_ended;
-        let spool_new = after.spool_recordings - before.spool_recordings;
-        let index_new = after.index_recordings - before.index_recordings;
-        let cpu = after.cpu_s - before.cpu_s;
-        let passed = s.failed == 0
-            && s.successful == calls as u64
-            && started == calls as u64
-            && ended == calls as u64
-            && spool_new == calls as u64
-            && index_new == calls as u64
-            && warnings == 0;
-        // Calls per second while calls were being placed: the last call starts after the hold
-        // and its BYE transaction finished.
-        let achieved = s.successful as f64 / (wall - plan.hold_ms as f64 / 1000.0).max(0.001);
-        eprintln!(
-            "bench: sip rate={rate}/s calls={calls} ok={} failed={} retrans={} daemon started={started} ended={ended} spool={spool_new} index={index_new} achieved={achieved:.0}/s daemon_cpu={cpu:.2}s files_after={settle_s:.1}s warnings={warnings} {}",
-            s.successful,
-            s.failed,
-            s.retransmissions,
-            if passed { "PASS" } else { "FAIL" }
-        );
-        results.push(json!({
-            "rate": rate, "calls": calls, "successful": s.successful, "failed": s.failed,
-            "retransmissions": s.retransmissions, "sipp_exit": status.code(),
-            "sipp_errors": sipp.errors(),
-            "daemon_sessions_started": started, "daemon_sessions_ended": ended,
-            "rejections": after.rejections, "spool_recordings": spool_new,
-            "index_recordings": index_new, "wall_s": wall, "achieved_cps": achieved,
-            "daemon_cpu_s": cpu, "files_settled_after_s": settle_s,
-            "daemon_warnings": warnings,
-            "daemon_cpu_ms_per_session": (started > 0).then(|| cpu * 1000.0 / started as f64),
-            "rss_kib": after.rss_kib, "passed": passed,
-        }));
-        let stopped = daemon.stop();
-        if let Some(last) = results.last_mut() {
-            last["daemon_log_first_warnings"] = json!(log.first);
-            last["daemon_stop"] =
-                json!(stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()));
-        }
-        let _ = std::fs::remove_dir_all(&daemon.spool);
+        let r = sweep_rate(plan, rate, dir, commands).unwrap_or_else(|e| {
+            eprintln!("bench: sip rate={rate}/s failed to run: {e:#}");
+            json!({ "rate": rate, "error": format!("{e:#}"), "passed": false })
+        });
+        let passed = r["passed"] == true;
+        results.push(r);
         if !passed {
             break;
         }
     }
     Ok(results)
+}
+
+/// One rate of the sweep, on a fresh daemon: transactions lingering from the previous rate
+/// (64*T1 = 32 s over UDP) would otherwise count against this one.
+fn sweep_rate(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
+    let mut daemon = Daemon::start(dir, &format!("sweep-{rate}"), 2, 20_000)?;
+    let mut log = LogWatch::new(&daemon.log);
+    log.poll();
+    let calls = u64::from(rate * plan.secs_per_rate);
+    let before = daemon.snapshot(false)?;
+    let stat = dir.join(format!("sweep-{rate}.csv"));
+    let args: Vec<String> = [
+        "-r".to_string(),
+        rate.to_string(),
+        "-m".into(),
+        calls.to_string(),
+        "-d".into(),
+        plan.hold_ms.to_string(),
+        // A call not answered within 5 s fails instead of hanging the run.
+        "-recv_timeout".into(),
+        "5000".into(),
+        "-timeout".into(),
+        format!("{}s", plan.secs_per_rate * 3 + 30),
+        "-timeout_error".into(),
+    ]
+    .into();
+    let t0 = Instant::now();
+    let mut sipp = Sipp::start(dir, &stat, &args, commands)?;
+    let status = sipp.child.wait()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let s = sipp.final_stats()?;
+    // Every successful call must end as a session and land as a recording in the spool and the
+    // index (the writer and the index lag behind the signaling by seconds under load).
+    let settle_t0 = Instant::now();
+    let after = daemon.settle(
+        before.sessions_ended + s.successful,
+        s.successful,
+        s.successful,
+        Duration::from_secs(10),
+    )?;
+    let settle_s = settle_t0.elapsed().as_secs_f64();
+    let warnings = log.poll();
+    let started = after.sessions_started - before.sessions_started;
+    let ended = after.sessions_ended - before.sessions_ended;
+    let cpu = after.cpu_s - before.cpu_s;
+    let passed = s.failed == 0
+        && s.successful == calls
+        && started == calls
+        && ended == calls
+        && after.spool_recordings == calls
+        && after.index_recordings == Some(calls)
+        && warnings == 0;
+    // Calls per second while calls were being placed: the last call starts after the hold and
+    // its BYE transaction finished.
+    let achieved = s.successful as f64 / (wall - plan.hold_ms as f64 / 1000.0).max(0.001);
+    eprintln!(
+        "bench: sip rate={rate}/s calls={calls} ok={} failed={} retrans={} daemon started={started} ended={ended} spool={} index={:?} achieved={achieved:.0}/s daemon_cpu={cpu:.2}s files_after={settle_s:.1}s warnings={warnings} {}",
+        s.successful,
+        s.failed,
+        s.retransmissions,
+        after.spool_recordings,
+        after.index_recordings,
+        if passed { "PASS" } else { "FAIL" }
+    );
+    let stopped = daemon.stop();
+    let _ = std::fs::remove_dir_all(&daemon.spool);
+    Ok(json!({
+        "rate": rate, "calls": calls, "successful": s.successful, "failed": s.failed,
+        "retransmissions": s.retransmissions, "sipp_exit": status.code(),
+        "sipp_errors": sipp.errors(),
+        "daemon_sessions_started": started, "daemon_sessions_ended": ended,
+        "rejections": after.rejections, "spool_recordings": after.spool_recordings,
+        // null: the daemon did not answer the index query in time.
+        "index_recordings": after.index_recordings, "wall_s": wall, "achieved_cps": achieved,
+        "daemon_cpu_s": cpu, "files_settled_after_s": settle_s,
+        "daemon_warnings": warnings, "daemon_log_first_warnings": log.first,
+        "daemon_cpu_ms_per_session": (started > 0).then(|| cpu * 1000.0 / started as f64),
+        "rss_kib": after.rss_kib, "passed": passed,
+        "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
+    }))
 }
 
 fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
@@ -488,7 +494,8 @@ struct Snapshot {
     sessions_ended: u64,
     rejections: Value,
     spool_recordings: u64,
-    index_recordings: u64,
+    /// None when the daemon did not answer the index query in time.
+    index_recordings: Option<u64>,
     rss_kib: u64,
     cpu_s: f64,
 }
@@ -588,11 +595,11 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
             .as_object()
             .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
         let index_recordings = if files {
-            self.ctl("recordings")?
-                .as_array()
-                .map_or(0, |a| a.len() as u64)
+            self.ctl("recordings")
+                .ok()
+                .and_then(|v| v.as_array().map(|a| a.len() as u64))
         } else {
-            0
+            None
         };
         let pid = self.pid().context("daemon stopped")?;
         Ok(Snapshot {
@@ -614,21 +621,33 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
     /// Waits until `ended` sessions have ended and the spool and the index hold `spool` and
     /// `index` recordings, or nothing moved for `idle`; returns the last snapshot either way.
     fn settle(&self, ended: u64, spool: u64, index: u64, idle: Duration) -> Result<Snapshot> {
-        let mut last = (0, 0, 0);
+        let mut last = (0, 0, None);
         let mut moved = Instant::now();
+        let mut good: Option<Snapshot> = None;
+        let give_up = Instant::now() + 12 * idle;
         loop {
-            let s = self.snapshot(true)?;
-            let done = s.sessions_active == 0
-                && s.sessions_ended >= ended
-                && s.spool_recordings >= spool
-                && s.index_recordings >= index;
-            let now = (s.sessions_ended, s.spool_recordings, s.index_recordings);
-            if now != last {
-                last = now;
-                moved = Instant::now();
+            match self.snapshot(true) {
+                Ok(s) => {
+                    let done = s.sessions_active == 0
+                        && s.sessions_ended >= ended
+                        && s.spool_recordings >= spool
+                        && s.index_recordings.is_some_and(|i| i >= index);
+                    let now = (s.sessions_ended, s.spool_recordings, s.index_recordings);
+                    if now != last {
+                        last = now;
+                        moved = Instant::now();
+                    }
+                    if done {
+                        return Ok(s);
+                    }
+                    good = Some(s);
+                }
+                // Busy: the status or index query timed out; it counts as no progress.
+                Err(e) if good.is_none() && moved.elapsed() > idle => return Err(e),
+                Err(_) => {}
             }
-            if done || moved.elapsed() > idle {
-                return Ok(s);
+            if moved.elapsed() > idle || Instant::now() > give_up {
+                return good.context("no answer from the daemon");
             }
             std::thread::sleep(Duration::from_millis(250)); // polling another process
         }
