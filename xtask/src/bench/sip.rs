@@ -169,7 +169,8 @@ fn sweep_rate(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>)
         before.sessions_ended + s.successful,
         s.successful,
         s.successful,
-        Duration::from_secs(10),
+        // A control query alone may take its 10 s timeout when the daemon is busy.
+        Duration::from_secs(30),
     )?;
     let settle_s = settle_t0.elapsed().as_secs_f64();
     let warnings = log.poll();
@@ -279,7 +280,8 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
             peak = snap.clone();
             last_change = Instant::now();
         }
-        if s.failed == 0 {
+        // Counted only when the log shows nothing up to after this snapshot was taken.
+        if log.poll() == 0 && s.failed == 0 {
             held_ok = held_ok.max(snap.sessions_active);
         }
         let fds = daemon.open_fds().unwrap_or(0);
@@ -624,7 +626,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
         let mut last = (0, 0, None);
         let mut moved = Instant::now();
         let mut good: Option<Snapshot> = None;
-        let give_up = Instant::now() + 12 * idle;
+        let give_up = Instant::now() + 6 * idle;
         loop {
             match self.snapshot(true) {
                 Ok(s) => {
