@@ -203,7 +203,8 @@ fn sweep_rate(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>)
         "retransmissions": s.retransmissions, "sipp_exit": status.code(),
         "sipp_errors": sipp.errors(),
         "daemon_sessions_started": started, "daemon_sessions_ended": ended,
-        "rejections": after.rejections, "spool_recordings": after.spool_recordings,
+        "rejections": after.rejections, "endpoint_counters": after.endpoint,
+        "spool_recordings": after.spool_recordings,
         // null: the daemon did not answer the index query in time.
         "index_recordings": after.index_recordings, "wall_s": wall, "achieved_cps": achieved,
         "daemon_cpu_s": cpu, "files_settled_after_s": settle_s,
@@ -221,6 +222,7 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
     log.poll();
     let base = daemon.snapshot(false)?;
     let rss_split_before = daemon.rss_split();
+    let maps_before = bpf_maps().unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     let nofile = daemon.nofile_limit();
     let fd_limit = nofile_soft(nofile.as_deref());
     // Peak figures need the control socket, i.e. one free fd: take them before the daemon runs
@@ -325,7 +327,9 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
     // A daemon out of fds may spin in its control accept loop (see the log): no clean stop.
     let stopped = if log.warnings > 0 {
         daemon.kill();
-        Ok(())
+        Err(anyhow::anyhow!(
+            "killed: out of file descriptors, it may spin logging accept errors"
+        ))
     } else {
         daemon.stop()
     };
@@ -337,11 +341,20 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
         "stop_reason": stop_reason, "rejections": peak.rejections,
         "daemon_warnings_after_sessions": (log.warnings > 0).then_some(peak.sessions_active),
         "rss_kib_before": base.rss_kib, "rss_split_before": rss_split_before,
-        "nofile_limit": nofile, "at_peak": at_peak,
+        "nofile_limit": nofile, "at_peak": at_peak, "bpf_maps_before": maps_before,
+        "flow_maps_bytes_per_session": flow_map_bytes_per_session(&maps_before, &at_peak),
         "daemon_warnings": log.warnings, "daemon_warning_kinds": log.kinds(),
         "daemon_log_first_warnings": log.first,
         "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
     }))
+}
+
+/// Growth of the flow maps' memory (bpftool reports the kernel's usage) per session held.
+fn flow_map_bytes_per_session(before: &Value, at_peak: &Value) -> Option<u64> {
+    let b = before["flow_maps_bytes"].as_u64()?;
+    let p = at_peak["bpf_maps"]["flow_maps_bytes"].as_u64()?;
+    let n = at_peak["sessions"].as_u64().filter(|&n| n > 0)?;
+    Some(p.saturating_sub(b) / n)
 }
 
 /// The soft limit from a /proc/<pid>/limits "Max open files" line.
@@ -495,6 +508,8 @@ struct Snapshot {
     sessions_started: u64,
     sessions_ended: u64,
     rejections: Value,
+    /// The SIP endpoint's counters (its 503s for overload are not SIPREC rejections).
+    endpoint: Value,
     spool_recordings: u64,
     /// None when the daemon did not answer the index query in time.
     index_recordings: Option<u64>,
@@ -609,6 +624,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
             sessions_started: siprec["sessions_started"].as_u64().unwrap_or(0),
             sessions_ended: ended,
             rejections: siprec["rejections"].clone(),
+            endpoint: st["sip"]["endpoint"].clone(),
             spool_recordings: if files {
                 spool_recordings(&self.spool)
             } else {
@@ -891,7 +907,7 @@ impl Sipp {
         let text = std::fs::read_to_string(&self.stat).ok()?;
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let header: Vec<&str> = lines.next()?.split(';').collect();
-        let last: Vec<&str> = lines.last()?.split(';').collect();
+        let last: Vec<&str> = lines.next_back()?.split(';').collect();
         let get = |name: &str| -> u64 {
             header
                 .iter()
@@ -1069,8 +1085,13 @@ pub fn markdown(sip: &Value) -> Result<String> {
         ),
     )?;
     row(
-        "BPF flow maps memlock (FLOWS + FLOW_STATS, preallocated for max_flows, bytes)",
-        n(&p["bpf_maps"]["flow_maps_bytes"]),
+        "BPF flow maps FLOWS + FLOW_STATS (bpftool bytes_memlock), before -> then (bytes)",
+        format!(
+            "{} -> {} ({} per session)",
+            n(&c["bpf_maps_before"]["flow_maps_bytes"]),
+            n(&p["bpf_maps"]["flow_maps_bytes"]),
+            n(&c["flow_maps_bytes_per_session"])
+        ),
     )?;
     row(
         "BPF all maps memlock incl. ring buffers (bytes)",
