@@ -34,7 +34,8 @@ enum Cli {
     /// Lint: rustfmt check and clippy with warnings denied.
     Lint,
     /// Setup, build, then benchmark the data path against a no-op XDP ceiling, tcpdump and a
-    /// UDP-socket recorder (writes target/bench/report.{md,json} and loss.png).
+    /// UDP-socket recorder, and SIPREC sessions (rate, held) with SIPp against the daemon
+    /// (writes target/bench/report.{md,json} and loss.png).
     Bench {
         /// A short sweep (under two minutes) for checking a change.
         #[arg(long)]
