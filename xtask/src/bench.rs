@@ -19,6 +19,15 @@ use serde_json::{json, Value};
 
 use crate::{cargo, run as run_cmd, workspace_root};
 
+mod sip;
+
+/// One part of the bench, for `--only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Datapath,
+    Sip,
+}
+
 const NS_S: &str = "rbench-s";
 const NS_R: &str = "rbench-r";
 const IF_S: &str = "bs0";
@@ -110,11 +119,53 @@ struct Plan {
     secs_per_run: u64,
 }
 
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, only: Option<Part>) -> Result<()> {
     let root = workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     build()?;
+    let started = Instant::now();
+    let mut commands: Vec<String> = Vec::new();
+    let datapath = if only == Some(Part::Sip) {
+        None
+    } else {
+        Some(datapath(quick, &out_dir, &mut commands)?)
+    };
+    let sip = if only == Some(Part::Datapath) {
+        None
+    } else {
+        let plan = if quick {
+            sip::SipPlan::quick()
+        } else {
+            sip::SipPlan::full()
+        };
+        Some(
+            sip::run(&plan, &out_dir, &mut commands).unwrap_or_else(|e| {
+                eprintln!("bench: SIP part failed: {e:#}");
+                json!({ "error": format!("{e:#}") })
+            }),
+        )
+    };
+    report(
+        &out_dir,
+        quick,
+        datapath.as_ref(),
+        sip.as_ref(),
+        &commands,
+        started.elapsed(),
+    )
+}
+
+/// What the data-path part measured.
+struct Datapath {
+    plan: Plan,
+    samples: HashMap<Contender, Vec<Sample>>,
+    rewrite: Sample,
+    failures: Vec<String>,
+}
+
+fn datapath(quick: bool, out_dir: &Path, commands: &mut Vec<String>) -> Result<Datapath> {
+    let out_dir = out_dir.to_path_buf();
     let plan = if quick {
         Plan {
             flows: vec![100],
@@ -138,10 +189,8 @@ pub fn run(quick: bool) -> Result<()> {
             secs_per_run: 2,
         }
     };
-    let started = Instant::now();
     let net = Net::create()?;
     let mut samples: HashMap<Contender, Vec<Sample>> = HashMap::new();
-    let mut commands: Vec<String> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let _ = std::fs::remove_file(out_dir.join("runs.jsonl"));
     for &flows in &plan.flows {
@@ -157,7 +206,7 @@ pub fn run(quick: bool) -> Result<()> {
                 continue;
             }
             for c in Contender::ALL {
-                let s = match net.measure(c, flows, rate, count, &cfg, &out_dir, 0, &mut commands) {
+                let s = match net.measure(c, flows, rate, count, &cfg, &out_dir, 0, commands) {
                     Ok(s) => s,
                     Err(e) => {
                         eprintln!(
@@ -207,23 +256,19 @@ pub fn run(quick: bool) -> Result<()> {
         &cfg,
         &out_dir,
         REWRITES,
-        &mut commands,
+        commands,
     )?;
     eprintln!(
         "bench: rewrite run: offered={} written={} lost={} rewrites={}",
         rewrite.offered, rewrite.written, rewrite.lost, rewrite.extra["rewrites_done"]
     );
     drop(net);
-    report(
-        &out_dir,
-        quick,
-        &plan,
-        &samples,
-        &rewrite,
-        &commands,
-        &failures,
-        started.elapsed(),
-    )
+    Ok(Datapath {
+        plan,
+        samples,
+        rewrite,
+        failures,
+    })
 }
 
 fn build() -> Result<()> {
@@ -772,17 +817,33 @@ fn rate_label(r: Option<u64>) -> String {
     r.map_or("max".into(), |r| format!("{}k", r / 1000))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn report(
     out_dir: &Path,
     quick: bool,
-    plan: &Plan,
-    samples: &HashMap<Contender, Vec<Sample>>,
-    rewrite: &Sample,
+    dp: Option<&Datapath>,
+    sip: Option<&Value>,
     commands: &[String],
-    failures: &[String],
     elapsed: Duration,
 ) -> Result<()> {
+    let empty = Datapath {
+        plan: Plan {
+            flows: Vec::new(),
+            rates: Vec::new(),
+            min_packets: 0,
+            max_packets: 0,
+            secs_per_run: 0,
+        },
+        samples: HashMap::new(),
+        rewrite: Sample::default(),
+        failures: Vec::new(),
+    };
+    let has_dp = dp.is_some();
+    let Datapath {
+        plan,
+        samples,
+        rewrite,
+        failures,
+    } = dp.unwrap_or(&empty);
     let get = |c: Contender| samples.get(&c).map(Vec::as_slice).unwrap_or(&[]);
     let mut per_flows = Vec::new();
     let (mut ceil_ratio, mut tcp_ratio, mut sock_ratio): (Option<f64>, Option<f64>, Option<f64>) =
@@ -837,18 +898,22 @@ fn report(
             )
         })
         .collect();
+    let rewrite_in_xdp = rewrite
+        .offered
+        .saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0));
+    let sip_fig = |k: &str| sip.map_or(Value::Null, |s| s[k].clone());
     let doc = json!({
         "ceiling_ratio": ceil_ratio,
         "cpu_ratio_tcpdump": tcp_ratio,
         "cpu_ratio_socket": sock_ratio,
-        "rewrite_lost_packets": rewrite.lost,
+        "rewrite_lost_packets": has_dp.then_some(rewrite.lost),
         // Of those, lost before the ring (the flow-map rewrite itself); the rest is writer queue.
-        "rewrite_lost_in_xdp": rewrite.offered.saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0)),
-        "max_concurrent_sessions": Value::Null,
-        "sessions_per_second": Value::Null,
-        "sip_note": "SIPp session rate and concurrent-session measurements are not implemented in this version; see datapath_sessions_held for the data-path-only figure.",
+        "rewrite_lost_in_xdp": has_dp.then_some(rewrite_in_xdp),
+        "max_concurrent_sessions": sip_fig("max_concurrent_sessions"),
+        "sessions_per_second": sip_fig("sessions_per_second"),
+        "sip": sip,
         "datapath_sessions_held": held,
-        "rewrite": rewrite.to_json(),
+        "rewrite": has_dp.then(|| rewrite.to_json()),
         "per_flow_count": per_flows,
         "contenders": tables,
         "quick": quick,
@@ -878,44 +943,45 @@ fn report(
         "Run took {:.0} s. Ratios are against baselines measured in this run.\n",
         elapsed.as_secs_f64()
     )?;
-    writeln!(md, "## Summary\n")?;
-    let f2 = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
-    writeln!(md, "| flows | ceiling 0-loss pps | recorder 0-loss pps | tcpdump 0-loss pps | socket 0-loss pps | recorder/ceiling | rec CPU / tcpdump | rec CPU / socket |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
-    for p in &per_flows {
-        let z = |k: &str| {
-            p["zero_loss_pps"][k]
-                .as_f64()
-                .map_or("none".into(), |v| format!("{v:.0}"))
-        };
-        writeln!(
-            md,
-            "| {} | {} | {} | {} | {} | {} | {} (at {}) | {} (at {}) |",
-            p["flows"],
-            z("ceiling"),
-            z("recorder"),
-            z("tcpdump"),
-            z("socket"),
-            f2(p["ceiling_ratio"].as_f64()),
-            f2(p["cpu_ratio_tcpdump"].as_f64()),
-            p["cpu_ratio_tcpdump_at"].as_str().unwrap_or("-"),
-            f2(p["cpu_ratio_socket"].as_f64()),
-            p["cpu_ratio_socket_at"].as_str().unwrap_or("-"),
-        )?;
-    }
-    writeln!(md, "\nTop level (worst over flow counts): ceiling_ratio {}, cpu_ratio_tcpdump {}, cpu_ratio_socket {}; rewrite_lost_packets {} (of which before the ring, i.e. by the rewrites: {}; {} rewrites during a flat-out run of {} packets, {} flows).\n",
+    if has_dp {
+        writeln!(md, "## Summary\n")?;
+        let f2 = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
+        writeln!(md, "| flows | ceiling 0-loss pps | recorder 0-loss pps | tcpdump 0-loss pps | socket 0-loss pps | recorder/ceiling | rec CPU / tcpdump | rec CPU / socket |")?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+        for p in &per_flows {
+            let z = |k: &str| {
+                p["zero_loss_pps"][k]
+                    .as_f64()
+                    .map_or("none".into(), |v| format!("{v:.0}"))
+            };
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} (at {}) | {} (at {}) |",
+                p["flows"],
+                z("ceiling"),
+                z("recorder"),
+                z("tcpdump"),
+                z("socket"),
+                f2(p["ceiling_ratio"].as_f64()),
+                f2(p["cpu_ratio_tcpdump"].as_f64()),
+                p["cpu_ratio_tcpdump_at"].as_str().unwrap_or("-"),
+                f2(p["cpu_ratio_socket"].as_f64()),
+                p["cpu_ratio_socket_at"].as_str().unwrap_or("-"),
+            )?;
+        }
+        writeln!(md, "\nTop level (worst over flow counts): ceiling_ratio {}, cpu_ratio_tcpdump {}, cpu_ratio_socket {}; rewrite_lost_packets {} (of which before the ring, i.e. by the rewrites: {}; {} rewrites during a flat-out run of {} packets, {} flows).\n",
         f2(ceil_ratio), f2(tcp_ratio), f2(sock_ratio), rewrite.lost,
         rewrite.offered.saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0)),
         rewrite.extra["rewrites_done"], rewrite.offered, rewrite.flows)?;
-    writeln!(md, "## Every run\n")?;
-    writeln!(md, "| contender | flows | rate | offered | offered pps | rx at if | sender drops | written | lost | loss % | seq gaps (flows) | CPU1 s (whole CPU) | proc s | napi s | CPU s / Mpkt (proc+napi) | RSS KiB |")?;
-    writeln!(
-        md,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )?;
-    for c in Contender::ALL {
-        for s in get(c) {
-            writeln!(
+        writeln!(md, "## Every run\n")?;
+        writeln!(md, "| contender | flows | rate | offered | offered pps | rx at if | sender drops | written | lost | loss % | seq gaps (flows) | CPU1 s (whole CPU) | proc s | napi s | CPU s / Mpkt (proc+napi) | RSS KiB |")?;
+        writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        )?;
+        for c in Contender::ALL {
+            for s in get(c) {
+                writeln!(
                 md,
                 "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {:.3} | {} ({}) | {:.2} | {:.2} | {:.2} | {} | {} |",
                 c.key(), s.flows, rate_label(s.nominal_pps), s.offered, s.offered_pps, s.rx_if,
@@ -923,9 +989,13 @@ fn report(
                 s.lost, s.loss_pct(), s.gap_events, s.flows_with_gaps, s.cpu1_s, s.proc_cpu_s,
                 s.napi_cpu_s, s.cpu_per_mpkt().map_or("-".into(), |v| format!("{v:.2}")), s.rss_kib
             )?;
+            }
         }
+        writeln!(md, "\nRecorder XDP counters per run are in report.json (`contenders.recorder[].detail.xdp`).\n")?;
     }
-    writeln!(md, "\nRecorder XDP counters per run are in report.json (`contenders.recorder[].detail.xdp`).\n")?;
+    if let Some(sip) = sip {
+        md.push_str(&sip::markdown(sip)?);
+    }
     if !failures.is_empty() {
         writeln!(md, "## Failed runs\n")?;
         for f in failures {
@@ -938,7 +1008,9 @@ fn report(
         writeln!(md, "    {c}")?;
     }
     std::fs::write(out_dir.join("report.md"), md)?;
-    chart(&out_dir.join("loss.png"), samples, &plan.flows)?;
+    if has_dp {
+        chart(&out_dir.join("loss.png"), samples, &plan.flows)?;
+    }
     eprintln!(
         "bench: wrote {}/report.md, report.json, loss.png",
         out_dir.display()

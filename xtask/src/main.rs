@@ -34,11 +34,15 @@ enum Cli {
     /// Lint: rustfmt check and clippy with warnings denied.
     Lint,
     /// Setup, build, then benchmark the data path against a no-op XDP ceiling, tcpdump and a
-    /// UDP-socket recorder (writes target/bench/report.{md,json} and loss.png).
+    /// UDP-socket recorder, and SIPREC sessions (rate, held) with SIPp against the daemon
+    /// (writes target/bench/report.{md,json} and loss.png).
     Bench {
         /// A short sweep (under two minutes) for checking a change.
         #[arg(long)]
         quick: bool,
+        /// Run only one part: `datapath` (trafgen contenders, rewrites) or `sip` (SIPp sessions).
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
     },
 }
 
@@ -62,11 +66,11 @@ fn main() -> Result<()> {
             demo()
         }
         Cli::Lint => lint(),
-        Cli::Bench { quick } => {
+        Cli::Bench { quick, only } => {
             setup::setup()?;
             build_ebpf()?;
             build_user()?;
-            bench::run(quick)
+            bench::run(quick, only)
         }
     }
 }

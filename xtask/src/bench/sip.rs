@@ -1,0 +1,1156 @@
+//! The SIP part of `cargo xtask bench`: SIPREC sessions per second and concurrent sessions held,
+//! SIPp (`tests/sipp/siprec_bench.xml`) against the real release daemon.
+//!
+//! Layout: namespace `rbench-sip-s` runs SIPp pinned to CPU 0 over one UDP socket (`-t u1`);
+//! namespace `rbench-sip-r` runs `recorder run` pinned to CPU 1, its XDP program attached to the
+//! veth end `bsr0` as in production. Each phase gets a fresh daemon and spool.
+//!
+//! 1. Rate sweep: at each call rate, `calls/s x secs` calls (INVITE with two sendonly audio
+//!    m-lines + metadata, ACK, a short hold, BYE). A rate passes when SIPp counts every call
+//!    successful and none failed, the daemon started and ended that many sessions, and the spool
+//!    and the index hold that many recordings. The sweep stops at the first rate that fails.
+//! 2. Held sessions: calls that hold for an hour, `-l target`, at a rate the sweep passed, until
+//!    `target` sessions are up, a call fails or the count stops moving. At the peak: sessions,
+//!    flows (`recorder flows`), the daemon's RSS and open fds, and the BPF maps' memlock.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::{proc_cpu, sh};
+use crate::workspace_root;
+
+const NS_S: &str = "rbench-sip-s";
+const NS_R: &str = "rbench-sip-r";
+const IF_S: &str = "bss0";
+const IF_R: &str = "bsr0";
+const IP_S: &str = "10.232.0.1";
+const IP_R: &str = "10.232.0.2";
+
+/// What one SIP bench run does.
+pub struct SipPlan {
+    /// Call rates tried in order (calls per second).
+    pub rates: Vec<u32>,
+    /// Seconds of calls at each rate.
+    pub secs_per_rate: u32,
+    /// Milliseconds each sweep call is held between ACK and BYE.
+    pub hold_ms: u32,
+    /// Concurrent sessions aimed for in the hold phase.
+    pub target_sessions: u32,
+    /// Highest rate used to ramp the held sessions up.
+    pub max_ramp_rate: u32,
+}
+
+impl SipPlan {
+    pub fn quick() -> Self {
+        Self {
+            rates: vec![50, 200],
+            secs_per_rate: 4,
+            hold_ms: 100,
+            target_sessions: 500,
+            max_ramp_rate: 200,
+        }
+    }
+
+    pub fn full() -> Self {
+        Self {
+            rates: vec![50, 100, 150, 200, 300, 400, 800],
+            // Longer than the 32 s UDP transactions linger: the transaction table reaches its
+            // steady state within each rate.
+            secs_per_rate: 40,
+            hold_ms: 100,
+            target_sessions: 10_000,
+            max_ramp_rate: 500,
+        }
+    }
+}
+
+/// Runs both SIP phases; returns the report's `sip` section.
+pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
+    let dir = out_dir.join("sip");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let _net = SipNet::create()?;
+    let started = Instant::now();
+
+    let sweep = sweep(plan, &dir, commands)?;
+    let best = sweep
+        .iter()
+        .filter(|r| r["passed"] == true)
+        .filter_map(|r| r["rate"].as_u64())
+        .max();
+    let achieved = sweep
+        .iter()
+        .filter(|r| r["passed"] == true && r["rate"].as_u64() == best)
+        .find_map(|r| r["achieved_cps"].as_f64());
+    let ramp_rate = best
+        .map(|b| (b as u32).min(plan.max_ramp_rate))
+        .unwrap_or(plan.rates[0]);
+    let held = match hold(plan, ramp_rate, &dir, commands) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("bench: sip hold phase failed: {e:#}");
+            json!({ "error": format!("{e:#}") })
+        }
+    };
+    let _ = std::fs::remove_dir_all(dir.join("spool"));
+    Ok(json!({
+        "sessions_per_second": best,
+        "sessions_per_second_achieved": achieved,
+        "max_concurrent_sessions": held["max_held_zero_failures"],
+        "sweep": sweep,
+        "concurrent": held,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "notes": [
+            "SIPp on CPU 0, the daemon on CPU 1, on a 2-core machine shared with other builds: figures are noisy.",
+            "Sweep calls: INVITE (multipart: SDP with 2 sendonly audio m-lines + rs-metadata), ACK, hold, BYE; no RTP.",
+            "The sweep's daemon uses port_cooldown_secs = 2 so that the RTP port range (2 pairs per call, held cooldown + hold) does not cap the rate; each rate gets a fresh daemon.",
+            "Over UDP every call leaves 2 server transactions (INVITE, timer L; BYE, timer J) lingering 64*T1 = 32 s, and the SIP endpoint answers 503 beyond max_transactions (10 000, not configurable): about 156 calls/s sustained at most, whatever the CPU.",
+            "File-backed RSS is the recordings' mmapped pcap/WAV windows (page cache the kernel can write back and reclaim); anonymous RSS is the daemon's heap.",
+        ],
+    }))
+}
+
+fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<Value>> {
+    let mut results = Vec::new();
+    for &rate in &plan.rates {
+        let r = sweep_rate(plan, rate, dir, commands).unwrap_or_else(|e| {
+            eprintln!("bench: sip rate={rate}/s failed to run: {e:#}");
+            json!({ "rate": rate, "error": format!("{e:#}"), "passed": false })
+        });
+        let passed = r["passed"] == true;
+        results.push(r);
+        if !passed {
+            break;
+        }
+    }
+    Ok(results)
+}
+
+/// One rate of the sweep, on a fresh daemon: transactions lingering from the previous rate
+/// (64*T1 = 32 s over UDP) would otherwise count against this one.
+fn sweep_rate(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
+    let mut daemon = Daemon::start(dir, &format!("sweep-{rate}"), 2, 20_000)?;
+    let mut log = LogWatch::new(&daemon.log);
+    log.poll();
+    let calls = u64::from(rate * plan.secs_per_rate);
+    let before = daemon.snapshot(false)?;
+    let stat = dir.join(format!("sweep-{rate}.csv"));
+    let args: Vec<String> = [
+        "-r".to_string(),
+        rate.to_string(),
+        "-m".into(),
+        calls.to_string(),
+        "-d".into(),
+        plan.hold_ms.to_string(),
+        // A call not answered within 5 s fails instead of hanging the run.
+        "-recv_timeout".into(),
+        "5000".into(),
+        "-timeout".into(),
+        format!("{}s", plan.secs_per_rate * 3 + 30),
+        "-timeout_error".into(),
+    ]
+    .into();
+    let t0 = Instant::now();
+    let mut sipp = Sipp::start(dir, &stat, &args, commands)?;
+    let status = sipp.child.wait()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let s = sipp.final_stats()?;
+    // Every successful call must end as a session and land as a recording in the spool and the
+    // index (the writer and the index lag behind the signaling by seconds under load).
+    let settle_t0 = Instant::now();
+    let after = daemon.settle(
+        before.sessions_ended + s.successful,
+        s.successful,
+        s.successful,
+        // A control query alone may take its 10 s timeout when the daemon is busy.
+        Duration::from_secs(30),
+    )?;
+    let settle_s = settle_t0.elapsed().as_secs_f64();
+    let warnings = log.poll();
+    let started = after.sessions_started - before.sessions_started;
+    let ended = after.sessions_ended - before.sessions_ended;
+    let cpu = after.cpu_s - before.cpu_s;
+    let passed = s.failed == 0
+        && s.successful == calls
+        && started == calls
+        && ended == calls
+        && after.spool_recordings == calls
+        && after.index_recordings == Some(calls)
+        && warnings == 0;
+    // Calls per second while calls were being placed: the last call starts after the hold and
+    // its BYE transaction finished.
+    let achieved = s.successful as f64 / (wall - plan.hold_ms as f64 / 1000.0).max(0.001);
+    eprintln!(
+        "bench: sip rate={rate}/s calls={calls} ok={} failed={} retrans={} daemon started={started} ended={ended} spool={} index={:?} achieved={achieved:.0}/s daemon_cpu={cpu:.2}s files_after={settle_s:.1}s warnings={warnings} {}",
+        s.successful,
+        s.failed,
+        s.retransmissions,
+        after.spool_recordings,
+        after.index_recordings,
+        if passed { "PASS" } else { "FAIL" }
+    );
+    let stopped = daemon.stop();
+    let _ = std::fs::remove_dir_all(&daemon.spool);
+    Ok(json!({
+        "rate": rate, "calls": calls, "successful": s.successful, "failed": s.failed,
+        "retransmissions": s.retransmissions, "sipp_exit": status.code(),
+        "sipp_errors": sipp.errors(),
+        "daemon_sessions_started": started, "daemon_sessions_ended": ended,
+        "rejections": after.rejections, "endpoint_counters": after.endpoint,
+        "spool_recordings": after.spool_recordings,
+        // null: the daemon did not answer the index query in time.
+        "index_recordings": after.index_recordings, "wall_s": wall, "achieved_cps": achieved,
+        "daemon_cpu_s": cpu, "files_settled_after_s": settle_s,
+        "daemon_warnings": warnings, "daemon_log_first_warnings": log.first,
+        "daemon_cpu_ms_per_session": (started > 0).then(|| cpu * 1000.0 / started as f64),
+        "rss_kib": after.rss_kib, "passed": passed,
+        "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
+    }))
+}
+
+fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
+    let target = plan.target_sessions;
+    let mut daemon = Daemon::start(dir, "hold", 10, target * 2)?;
+    let mut log = LogWatch::new(&daemon.log);
+    log.poll();
+    let base = daemon.snapshot(false)?;
+    let rss_split_before = daemon.rss_split();
+    let maps_before = bpf_maps().unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    let nofile = daemon.nofile_limit();
+    let fd_limit = nofile_soft(nofile.as_deref());
+    // Peak figures need the control socket, i.e. one free fd: take them before the daemon runs
+    // out (4 fds per session here at `rate` calls/s, 2 s of polling slack).
+    let fd_margin = u64::from(rate) * 4 * 2 + 200;
+    let stat = dir.join("hold.csv");
+    let args: Vec<String> = [
+        "-r".to_string(),
+        rate.to_string(),
+        "-m".into(),
+        target.to_string(),
+        "-l".into(),
+        target.to_string(),
+        "-d".into(),
+        "3600000".into(),
+        "-recv_timeout".into(),
+        "10000".into(),
+    ]
+    .into();
+    let t0 = Instant::now();
+    let mut sipp = Sipp::start(dir, &stat, &args, commands)?;
+    let mut peak = base.clone();
+    let mut held_ok = 0u64;
+    let mut last_change = Instant::now();
+    let mut status_errors = 0;
+    let mut at_peak: Option<Value> = None;
+    let stop_reason = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        log.poll();
+        if log.warnings > 0 {
+            // Past this point the daemon may spin on EMFILE (writing its log at tens of MB/s).
+            break format!(
+                "the daemon logged {} warnings at about {} sessions, first: {}",
+                log.warnings,
+                peak.sessions_active,
+                log.first.first().map_or("", String::as_str)
+            );
+        }
+        if log.offset > 256 << 20 {
+            break "the daemon's log passed 256 MiB".to_string();
+        }
+        let s = sipp.last_stats().unwrap_or_default();
+        let snap = match daemon.snapshot(false) {
+            Ok(snap) => {
+                status_errors = 0;
+                snap
+            }
+            Err(e) => {
+                status_errors += 1;
+                if status_errors >= 2 {
+                    break format!("the daemon stopped answering its control socket ({e:#})");
+                }
+                continue;
+            }
+        };
+        if snap.sessions_active > peak.sessions_active {
+            peak = snap.clone();
+            last_change = Instant::now();
+        }
+        // Counted only when the log shows nothing up to after this snapshot was taken.
+        if log.poll() == 0 && s.failed == 0 {
+            held_ok = held_ok.max(snap.sessions_active);
+        }
+        let fds = daemon.open_fds().unwrap_or(0);
+        let near_fd_limit = fd_limit.is_some_and(|l| fds + fd_margin >= l);
+        if at_peak.is_none() && (snap.sessions_active >= u64::from(target) || near_fd_limit) {
+            // SIPp stopped meanwhile so that nothing moves while the daemon is inspected.
+            sipp.signal(libc::SIGSTOP);
+            at_peak = Some(daemon.inspect(&base, &rss_split_before, fds));
+            sipp.signal(libc::SIGCONT);
+        }
+        if snap.sessions_active >= u64::from(target) {
+            break format!("target of {target} sessions reached");
+        }
+        if s.failed > 0 {
+            break format!("SIPp counted {} failed calls", s.failed);
+        }
+        if let Some(st) = sipp.child.try_wait()? {
+            break format!("SIPp exited ({st})");
+        }
+        if last_change.elapsed() > Duration::from_secs(20) {
+            break "the session count stopped moving for 20 s".to_string();
+        }
+    };
+    let ramp_s = t0.elapsed().as_secs_f64();
+    let at_peak = at_peak.unwrap_or_else(|| {
+        daemon.inspect(&base, &rss_split_before, daemon.open_fds().unwrap_or(0))
+    });
+    let s = sipp.last_stats().unwrap_or_default();
+    sipp.kill();
+    log.poll();
+    eprintln!(
+        "bench: sip held: peak {} sessions ({held_ok} with zero failures), sipp current={} failed={}; at {} sessions: {} flow entries, {} B/session RSS, {} fds; {stop_reason}",
+        peak.sessions_active,
+        s.current,
+        s.failed,
+        at_peak["sessions"],
+        at_peak["flow_entries"],
+        at_peak["memory_per_session_bytes"],
+        at_peak["open_fds"]
+    );
+    // A daemon out of fds may spin in its control accept loop (see the log): no clean stop.
+    let stopped = if log.warnings > 0 {
+        daemon.kill();
+        Err(anyhow::anyhow!(
+            "killed: out of file descriptors, it may spin logging accept errors"
+        ))
+    } else {
+        daemon.stop()
+    };
+    log.poll();
+    Ok(json!({
+        "target_sessions": target, "ramp_rate": rate, "ramp_s": ramp_s,
+        "peak_sessions": peak.sessions_active, "max_held_zero_failures": held_ok,
+        "sipp_current_calls": s.current, "sipp_failed": s.failed, "sipp_errors": sipp.errors(),
+        "stop_reason": stop_reason, "rejections": peak.rejections,
+        "daemon_warnings_after_sessions": (log.warnings > 0).then_some(peak.sessions_active),
+        "rss_kib_before": base.rss_kib, "rss_split_before": rss_split_before,
+        "nofile_limit": nofile, "at_peak": at_peak, "bpf_maps_before": maps_before,
+        "flow_maps_bytes_per_session": flow_map_bytes_per_session(&maps_before, &at_peak),
+        "daemon_warnings": log.warnings, "daemon_warning_kinds": log.kinds(),
+        "daemon_log_first_warnings": log.first,
+        "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
+    }))
+}
+
+/// Growth of the flow maps' memory (bpftool reports the kernel's usage) per session held.
+fn flow_map_bytes_per_session(before: &Value, at_peak: &Value) -> Option<u64> {
+    let b = before["flow_maps_bytes"].as_u64()?;
+    let p = at_peak["bpf_maps"]["flow_maps_bytes"].as_u64()?;
+    let n = at_peak["sessions"].as_u64().filter(|&n| n > 0)?;
+    Some(p.saturating_sub(b) / n)
+}
+
+/// The soft limit from a /proc/<pid>/limits "Max open files" line.
+fn nofile_soft(line: Option<&str>) -> Option<u64> {
+    line?.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Follows the daemon's log, counting warnings and errors as they are written.
+struct LogWatch {
+    path: PathBuf,
+    offset: u64,
+    warnings: u64,
+    /// The first distinct warning lines (ANSI colours stripped).
+    first: Vec<String>,
+    /// Warning count per message, numbers masked.
+    by_kind: std::collections::BTreeMap<String, u64>,
+}
+
+impl LogWatch {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            offset: 0,
+            warnings: 0,
+            first: Vec::new(),
+            by_kind: Default::default(),
+        }
+    }
+
+    /// Reads what was appended (at most 4 MiB a call: a daemon spinning on an error can write
+    /// tens of MB a second); returns the new warnings.
+    fn poll(&mut self) -> u64 {
+        use std::io::{Read, Seek, SeekFrom};
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return 0;
+        };
+        let len = f.metadata().map_or(0, |m| m.len());
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return 0;
+        }
+        let mut buf = Vec::new();
+        let _ = f.take(4 << 20).read_to_end(&mut buf);
+        // Only whole lines; when more than 4 MiB was written, skip to the end.
+        let used = buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        self.offset = if len.saturating_sub(self.offset) > 4 << 20 {
+            len
+        } else {
+            self.offset + used as u64
+        };
+        let mut new = 0;
+        for line in String::from_utf8_lossy(&buf[..used]).lines() {
+            let line = strip_ansi(line);
+            if !(line.contains(" WARN ") || line.contains(" ERROR ")) {
+                continue;
+            }
+            new += 1;
+            let msg = line.split_once(' ').map_or(line.as_str(), |x| x.1).trim();
+            let kind: String = msg
+                .chars()
+                .map(|c| if c.is_ascii_digit() { 'N' } else { c })
+                .collect();
+            let kind = kind.split("NNN").next().unwrap_or("").to_string();
+            if !self.by_kind.contains_key(&kind) && self.first.len() < 10 {
+                self.first.push(msg.to_string());
+            }
+            *self.by_kind.entry(kind).or_default() += 1;
+        }
+        self.warnings += new;
+        new
+    }
+
+    fn kinds(&self) -> Value {
+        json!(self.by_kind)
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Namespaces and veth for the SIP runs; removed on drop.
+struct SipNet;
+
+impl SipNet {
+    fn create() -> Result<Self> {
+        for ns in [NS_S, NS_R] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        sh(&["ip", "netns", "add", NS_S])?;
+        sh(&["ip", "netns", "add", NS_R])?;
+        sh(&[
+            "ip", "link", "add", IF_S, "netns", NS_S, "type", "veth", "peer", "name", IF_R,
+            "netns", NS_R,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            NS_S,
+            "addr",
+            "add",
+            &format!("{IP_S}/24"),
+            "dev",
+            IF_S,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            NS_R,
+            "addr",
+            "add",
+            &format!("{IP_R}/24"),
+            "dev",
+            IF_R,
+        ])?;
+        for (ns, dev) in [(NS_S, IF_S), (NS_R, IF_R), (NS_S, "lo"), (NS_R, "lo")] {
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(SipNet)
+    }
+}
+
+impl Drop for SipNet {
+    fn drop(&mut self) {
+        for ns in [NS_S, NS_R] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+    }
+}
+
+fn recorder_bin() -> PathBuf {
+    workspace_root().join("target/release/recorder")
+}
+
+/// Counters read from the daemon at one moment.
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    sessions_active: u64,
+    sessions_started: u64,
+    sessions_ended: u64,
+    rejections: Value,
+    /// The SIP endpoint's counters (its 503s for overload are not SIPREC rejections).
+    endpoint: Value,
+    spool_recordings: u64,
+    /// None when the daemon did not answer the index query in time.
+    index_recordings: Option<u64>,
+    rss_kib: u64,
+    cpu_s: f64,
+}
+
+/// `recorder run` in the receiver namespace, pinned to CPU 1.
+struct Daemon {
+    child: Option<Child>,
+    control: PathBuf,
+    spool: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, tag: &str, cooldown_secs: u32, max_sessions: u32) -> Result<Self> {
+        let spool = dir.join("spool").join(tag);
+        let _ = std::fs::remove_dir_all(&spool);
+        std::fs::create_dir_all(&spool)?;
+        let control = dir.join(format!("control-{tag}.sock"));
+        let log = dir.join(format!("recorder-{tag}.log"));
+        let config = dir.join(format!("recorder-{tag}.toml"));
+        // Two port pairs per session (RTP + RTCP each); 10000-64999 holds 27 500 pairs.
+        std::fs::write(
+            &config,
+            format!(
+                "interfaces = [\"{IF_R}\"]\nsip_listen = [\"{IP_R}:5060\"]\nmedia_address = \"{IP_R}\"\n\
+rtp_ports = \"10000-64999\"\nport_cooldown_secs = {cooldown_secs}\nspool = \"{}\"\n\
+max_flows = 65536\nmax_sessions = {max_sessions}\nidle_timeout_secs = 7200\n\
+control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
+                spool.display(),
+                control.display()
+            ),
+        )?;
+        let logf = std::fs::File::create(&log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", NS_R, "taskset", "-c", "1"])
+            .arg(recorder_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::from(logf.try_clone()?))
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .context("starting recorder")?;
+        let mut d = Self {
+            child: Some(child),
+            control,
+            spool,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("recorder exited at start ({st}):\n{}", d.log_text());
+            }
+            if d.ctl("status").is_ok_and(|v| !v["sip"].is_null()) {
+                return Ok(d);
+            }
+            if Instant::now() > deadline {
+                bail!("recorder not ready after 30 s:\n{}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(200)); // polling another process's socket
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn ctl(&self, what: &str) -> Result<Value> {
+        let out = Command::new(recorder_bin())
+            .args([what, "--json", "--socket"])
+            .arg(&self.control)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "recorder {what}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    fn flows(&self) -> Result<Value> {
+        self.ctl("flows")
+    }
+
+    /// The daemon's counters; `files` also counts recordings in the spool and the index (slow
+    /// with thousands of recordings, so not while ramping up held sessions).
+    fn snapshot(&self, files: bool) -> Result<Snapshot> {
+        let st = self.ctl("status")?;
+        let siprec = &st["sip"]["siprec"];
+        let ended = siprec["sessions_ended"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        let index_recordings = if files {
+            self.ctl("recordings")
+                .ok()
+                .and_then(|v| v.as_array().map(|a| a.len() as u64))
+        } else {
+            None
+        };
+        let pid = self.pid().context("daemon stopped")?;
+        Ok(Snapshot {
+            sessions_active: st["sip"]["sessions_active"].as_u64().unwrap_or(0),
+            sessions_started: siprec["sessions_started"].as_u64().unwrap_or(0),
+            sessions_ended: ended,
+            rejections: siprec["rejections"].clone(),
+            endpoint: st["sip"]["endpoint"].clone(),
+            spool_recordings: if files {
+                spool_recordings(&self.spool)
+            } else {
+                0
+            },
+            index_recordings,
+            rss_kib: vm_rss_kib(pid),
+            cpu_s: proc_cpu(pid).unwrap_or(0.0),
+        })
+    }
+
+    /// Waits until `ended` sessions have ended and the spool and the index hold `spool` and
+    /// `index` recordings, or nothing moved for `idle`; returns the last snapshot either way.
+    fn settle(&self, ended: u64, spool: u64, index: u64, idle: Duration) -> Result<Snapshot> {
+        let mut last = (0, 0, None);
+        let mut moved = Instant::now();
+        let mut good: Option<Snapshot> = None;
+        let give_up = Instant::now() + 6 * idle;
+        loop {
+            match self.snapshot(true) {
+                Ok(s) => {
+                    let done = s.sessions_active == 0
+                        && s.sessions_ended >= ended
+                        && s.spool_recordings >= spool
+                        && s.index_recordings.is_some_and(|i| i >= index);
+                    let now = (s.sessions_ended, s.spool_recordings, s.index_recordings);
+                    if now != last {
+                        last = now;
+                        moved = Instant::now();
+                    }
+                    if done {
+                        return Ok(s);
+                    }
+                    good = Some(s);
+                }
+                // Busy: the status or index query timed out; it counts as no progress.
+                Err(e) if good.is_none() && moved.elapsed() > idle => return Err(e),
+                Err(_) => {}
+            }
+            if moved.elapsed() > idle || Instant::now() > give_up {
+                return good.context("no answer from the daemon");
+            }
+            std::thread::sleep(Duration::from_millis(250)); // polling another process
+        }
+    }
+
+    fn open_fds(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|rd| rd.count() as u64)
+    }
+
+    /// Figures at the peak: sessions, flow entries (daemon and kernel), RSS, fds, BPF maps.
+    fn inspect(&self, base: &Snapshot, base_split: &Value, fds: u64) -> Value {
+        let snap = match self.snapshot(false) {
+            Ok(s) => s,
+            Err(e) => return json!({ "error": format!("{e:#}") }),
+        };
+        let flows = self.flows().unwrap_or(Value::Null);
+        let entries = flows.as_array().map(|a| a.len() as u64);
+        let in_kernel = flows
+            .as_array()
+            .map(|a| a.iter().filter(|f| f["in_kernel"] == true).count());
+        let n = snap.sessions_active;
+        let rss_delta = snap.rss_kib.saturating_sub(base.rss_kib) * 1024;
+        let split = self.rss_split();
+        let per = |k: &str| {
+            let d = split[k].as_u64()?.saturating_sub(base_split[k].as_u64()?) * 1024;
+            (n > 0).then(|| d / n)
+        };
+        json!({
+            "sessions": n,
+            "flow_entries": entries, "flow_entries_in_kernel": in_kernel,
+            "flow_entries_per_session": entries.filter(|_| n > 0).map(|e| e as f64 / n as f64),
+            "rss_kib": snap.rss_kib, "rss_split": split,
+            "memory_per_session_bytes": (n > 0).then(|| rss_delta / n),
+            "anon_memory_per_session_bytes": per("rss_anon_kib"),
+            "file_memory_per_session_bytes": per("rss_file_kib"),
+            "open_fds": fds, "open_fds_by_kind": self.fd_kinds(),
+            "fds_per_session": (n > 0).then(|| fds as f64 / n as f64),
+            "bpf_maps": bpf_maps().unwrap_or_else(|e| json!({ "error": format!("{e:#}") })),
+        })
+    }
+
+    /// The daemon's open fds by what they point at: files per name in the spool, sockets, ...
+    fn fd_kinds(&self) -> Value {
+        let Some(pid) = self.pid() else {
+            return Value::Null;
+        };
+        let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(target) = std::fs::read_link(e.path()) else {
+                continue;
+            };
+            let kind = if target.starts_with(&self.spool) {
+                let name = target
+                    .file_name()
+                    .map_or(String::new(), |n| n.to_string_lossy().into_owned());
+                format!("spool file {name}")
+            } else {
+                let t = target.to_string_lossy();
+                // "socket:[123]", "anon_inode:bpf-map", "/dev/null": keep the kind only.
+                t.split([':', '[']).next().unwrap_or("").to_string()
+            };
+            *kinds.entry(kind).or_default() += 1;
+        }
+        json!(kinds)
+    }
+
+    /// Resident memory split: anonymous (heap) and file-backed (mmapped recording files).
+    fn rss_split(&self) -> Value {
+        let Some(pid) = self.pid() else {
+            return Value::Null;
+        };
+        json!({
+            "rss_anon_kib": status_kib(pid, "RssAnon:"),
+            "rss_file_kib": status_kib(pid, "RssFile:"),
+            "rss_shmem_kib": status_kib(pid, "RssShmem:"),
+        })
+    }
+
+    fn nofile_limit(&self) -> Option<String> {
+        let pid = self.pid()?;
+        std::fs::read_to_string(format!("/proc/{pid}/limits"))
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+
+    /// SIGTERM and wait (ending thousands of recordings takes a while); SIGKILL after 120 s.
+    fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on our own child (`ip netns exec` and taskset exec the daemon).
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                if !st.success() {
+                    bail!("recorder exited with {st}");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("recorder did not exit within 120 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100)); // polling a child's exit
+        }
+    }
+}
+
+impl Daemon {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spool_recordings(spool: &Path) -> u64 {
+    std::fs::read_dir(spool).map_or(0, |rd| {
+        rd.filter_map(|e| e.ok())
+            .filter(|e| e.path().join("metadata.json").exists())
+            .count() as u64
+    })
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A KiB field of /proc/<pid>/status.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// SIPp's counters from its statistics CSV.
+#[derive(Clone, Debug, Default)]
+struct SippStats {
+    successful: u64,
+    failed: u64,
+    current: u64,
+    retransmissions: u64,
+}
+
+struct Sipp {
+    child: Child,
+    stat: PathBuf,
+    errors: PathBuf,
+}
+
+impl Sipp {
+    fn start(
+        dir: &Path,
+        stat: &Path,
+        extra: &[String],
+        commands: &mut Vec<String>,
+    ) -> Result<Self> {
+        let scenario = workspace_root().join("tests/sipp/siprec_bench.xml");
+        let errors = stat.with_extension("errors.log");
+        let _ = std::fs::remove_file(stat);
+        let _ = std::fs::remove_file(&errors);
+        let mut argv: Vec<String> = vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            NS_S.into(),
+            "taskset".into(),
+            "-c".into(),
+            "0".into(),
+            "sipp".into(),
+            format!("{IP_R}:5060"),
+            "-sf".into(),
+            scenario.display().to_string(),
+            "-t".into(),
+            "u1".into(),
+            "-i".into(),
+            IP_S.into(),
+            "-mi".into(),
+            IP_S.into(),
+            "-mp".into(),
+            "40000".into(),
+        ];
+        argv.extend(extra.iter().cloned());
+        argv.extend(
+            ["-nostdin", "-trace_stat", "-fd", "1", "-trace_err", "-stf"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        argv.push(stat.display().to_string());
+        argv.push("-error_file".into());
+        argv.push(errors.display().to_string());
+        let shown = argv
+            .iter()
+            .map(|a| a.replace(&workspace_root().display().to_string(), "."))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !commands.contains(&shown) {
+            commands.push(shown);
+        }
+        let child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting sipp (install: cargo xtask setup)")?;
+        Ok(Self {
+            child,
+            stat: stat.to_path_buf(),
+            errors,
+        })
+    }
+
+    /// The last line of the statistics CSV (SIPp writes one every `-fd` seconds and at exit).
+    fn last_stats(&self) -> Option<SippStats> {
+        let text = std::fs::read_to_string(&self.stat).ok()?;
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let header: Vec<&str> = lines.next()?.split(';').collect();
+        let last: Vec<&str> = lines.next_back()?.split(';').collect();
+        let get = |name: &str| -> u64 {
+            header
+                .iter()
+                .position(|h| *h == name)
+                .and_then(|i| last.get(i))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Some(SippStats {
+            successful: get("SuccessfulCall(C)"),
+            failed: get("FailedCall(C)"),
+            current: get("CurrentCall"),
+            retransmissions: get("Retransmissions(C)"),
+        })
+    }
+
+    fn final_stats(&self) -> Result<SippStats> {
+        self.last_stats()
+            .with_context(|| format!("no SIPp statistics in {}", self.stat.display()))
+    }
+
+    /// The first lines of SIPp's error log.
+    fn errors(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.errors)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(10)
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child (`ip netns exec` and taskset exec SIPp).
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// Memory of the BPF maps of the XDP program attached to `bsr0` (bpftool's `bytes_memlock`).
+fn bpf_maps() -> Result<Value> {
+    let link: Value = serde_json::from_str(&sh(&[
+        "ip", "-n", NS_R, "-j", "-d", "link", "show", "dev", IF_R,
+    ])?)?;
+    let prog_id = link[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .or_else(|| link[0]["xdp"]["attached"][0]["prog"]["id"].as_u64())
+        .context("no XDP program on the bench interface")?;
+    let prog: Value = serde_json::from_str(&sh(&[
+        "bpftool",
+        "-j",
+        "prog",
+        "show",
+        "id",
+        &prog_id.to_string(),
+    ])?)?;
+    let mut maps = Vec::new();
+    let (mut flow_bytes, mut total) = (0u64, 0u64);
+    for id in prog["map_ids"].as_array().into_iter().flatten() {
+        let Some(id) = id.as_u64() else { continue };
+        let m: Value = serde_json::from_str(&sh(&[
+            "bpftool",
+            "-j",
+            "map",
+            "show",
+            "id",
+            &id.to_string(),
+        ])?)?;
+        let name = m["name"].as_str().unwrap_or("").to_string();
+        let bytes = m["bytes_memlock"].as_u64().unwrap_or(0);
+        total += bytes;
+        if name == "FLOWS" || name == "FLOW_STATS" {
+            flow_bytes += bytes;
+        }
+        maps.push(json!({
+            "name": name, "type": m["type"], "max_entries": m["max_entries"], "bytes_memlock": bytes,
+        }));
+    }
+    Ok(json!({ "flow_maps_bytes": flow_bytes, "all_maps_bytes": total, "maps": maps }))
+}
+
+/// The SIP rows of report.md.
+pub fn markdown(sip: &Value) -> Result<String> {
+    let mut md = String::new();
+    writeln!(md, "## SIP (SIPREC sessions with SIPp)\n")?;
+    if let Some(e) = sip["error"].as_str() {
+        writeln!(md, "The SIP bench failed: {e}\n")?;
+        return Ok(md);
+    }
+    let n = |v: &Value| match v {
+        Value::Null => "n/a".to_string(),
+        Value::Number(x) => x
+            .as_f64()
+            .filter(|f| f.fract() != 0.0)
+            .map_or(x.to_string(), |f| format!("{f:.2}")),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let c = &sip["concurrent"];
+    let p = &c["at_peak"];
+    let mut row = |k: &str, v: String| writeln!(md, "| {k} | {v} |");
+    row("figure", "value".into())?;
+    row("---", "---".into())?;
+    row(
+        "sessions per second, zero failures (highest rate tried that passed)",
+        format!(
+            "{} (achieved {})",
+            n(&sip["sessions_per_second"]),
+            n(&sip["sessions_per_second_achieved"])
+        ),
+    )?;
+    row(
+        &format!(
+            "concurrent sessions held, zero failures (target {})",
+            n(&c["target_sessions"])
+        ),
+        n(&sip["max_concurrent_sessions"]),
+    )?;
+    row("peak sessions (failures or not)", n(&c["peak_sessions"]))?;
+    row(
+        "hold phase stopped because",
+        format!(
+            "{} (ramp {} calls/s, SIPp failed calls {})",
+            n(&c["stop_reason"]),
+            n(&c["ramp_rate"]),
+            n(&c["sipp_failed"])
+        ),
+    )?;
+    row(
+        "figures below measured at",
+        format!("{} sessions", n(&p["sessions"])),
+    )?;
+    row(
+        "flow entries (recorder flows; in kernel)",
+        format!(
+            "{} ({} per session; {} in the kernel map)",
+            n(&p["flow_entries"]),
+            n(&p["flow_entries_per_session"]),
+            n(&p["flow_entries_in_kernel"])
+        ),
+    )?;
+    row(
+        "daemon RSS before calls / at that point (KiB)",
+        format!("{} / {}", n(&c["rss_kib_before"]), n(&p["rss_kib"])),
+    )?;
+    row(
+        "memory per session (RSS delta / sessions, bytes): anonymous + file-backed",
+        format!(
+            "{} = {} + {}",
+            n(&p["memory_per_session_bytes"]),
+            n(&p["anon_memory_per_session_bytes"]),
+            n(&p["file_memory_per_session_bytes"])
+        ),
+    )?;
+    row(
+        "RSS anonymous / file-backed (mmapped recording files), before -> then (KiB)",
+        format!(
+            "{} -> {} / {} -> {}",
+            n(&c["rss_split_before"]["rss_anon_kib"]),
+            n(&p["rss_split"]["rss_anon_kib"]),
+            n(&c["rss_split_before"]["rss_file_kib"]),
+            n(&p["rss_split"]["rss_file_kib"])
+        ),
+    )?;
+    row(
+        "BPF flow maps FLOWS + FLOW_STATS (bpftool bytes_memlock), before -> then (bytes)",
+        format!(
+            "{} -> {} ({} per session)",
+            n(&c["bpf_maps_before"]["flow_maps_bytes"]),
+            n(&p["bpf_maps"]["flow_maps_bytes"]),
+            n(&c["flow_maps_bytes_per_session"])
+        ),
+    )?;
+    row(
+        "BPF all maps memlock incl. ring buffers (bytes)",
+        n(&p["bpf_maps"]["all_maps_bytes"]),
+    )?;
+    row(
+        "daemon open fds (per session) / limit",
+        format!(
+            "{} ({}) / {}",
+            n(&p["open_fds"]),
+            n(&p["fds_per_session"]),
+            n(&c["nofile_limit"])
+        ),
+    )?;
+    if let Some(kinds) = p["open_fds_by_kind"].as_object() {
+        let list: Vec<String> = kinds.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        row("daemon open fds by kind", list.join(", "))?;
+    }
+    if let Some(kinds) = c["daemon_warning_kinds"].as_object() {
+        let list: Vec<String> = kinds.iter().map(|(k, v)| format!("{v} x `{k}`")).collect();
+        if !list.is_empty() {
+            row(
+                "daemon warnings in the hold phase",
+                list.join("; ").replace('|', "/"),
+            )?;
+        }
+    }
+    writeln!(md, "\n| rate (calls/s) | calls | successful | failed | retrans | daemon started | ended | spool | index | daemon warnings | achieved/s | daemon CPU ms/session | files settled after s | result |")?;
+    writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )?;
+    for r in sip["sweep"].as_array().into_iter().flatten() {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            n(&r["rate"]),
+            n(&r["calls"]),
+            n(&r["successful"]),
+            n(&r["failed"]),
+            n(&r["retransmissions"]),
+            n(&r["daemon_sessions_started"]),
+            n(&r["daemon_sessions_ended"]),
+            n(&r["spool_recordings"]),
+            n(&r["index_recordings"]),
+            n(&r["daemon_warnings"]),
+            r["achieved_cps"]
+                .as_f64()
+                .map_or("n/a".into(), |v| format!("{v:.0}")),
+            n(&r["daemon_cpu_ms_per_session"]),
+            r["files_settled_after_s"]
+                .as_f64()
+                .map_or("n/a".into(), |v| format!("{v:.1}")),
+            if r["passed"] == true { "pass" } else { "FAIL" },
+        )?;
+    }
+    for note in sip["notes"].as_array().into_iter().flatten() {
+        writeln!(md, "\n{}", note.as_str().unwrap_or(""))?;
+    }
+    writeln!(md)?;
+    Ok(md)
+}
