@@ -163,6 +163,21 @@ fn log_event(event: &SessionEvent, uuids: &mut std::collections::HashMap<String,
     }
 }
 
+/// Whether the process has file descriptors to spare for new sessions (each takes RTCP sockets
+/// and, briefly, files): more than a twentieth of its limit, and at least 256, still free.
+fn fds_to_spare() -> bool {
+    let Ok(open) = std::fs::read_dir("/proc/self/fd").map(|dir| dir.count() as u64) else {
+        return true;
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return true;
+    }
+    let limit = limit.rlim_cur;
+    limit.saturating_sub(open) > (limit / 20).max(256)
+}
+
 /// Holds an exclusive lock on the spool for the daemon's lifetime: two daemons on one spool (or
 /// one handover file) would corrupt each other's recordings.
 fn lock_spool(spool: &std::path::Path) -> Result<std::fs::File> {
@@ -551,16 +566,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let ok = writer.can_accept_new_session();
+                // A session needs sockets and files: without them it would be answered and
+                // not recorded.
+                let refusal = if !writer.can_accept_new_session() {
+                    Some("spool full")
+                } else if !fds_to_spare() {
+                    Some("file descriptors nearly exhausted")
+                } else {
+                    None
+                };
+                let ok = refusal.is_none();
                 if ok != accepting {
                     accepting = ok;
-                    if ok {
-                        info!("spool has room again: accepting new sessions");
-                    } else {
-                        warn!("spool is nearly full: refusing new sessions (503)");
+                    match refusal {
+                        None => info!("accepting new sessions again"),
+                        Some(reason) => warn!(reason, "refusing new sessions (503)"),
                     }
+                    let reason = refusal.unwrap_or_default();
                     let cmd: DriverCommand = Box::new(move |app: &mut DaemonRecorder, _, _| {
-                        app.set_accepting(ok, "spool full")
+                        app.set_accepting(ok, reason)
                     });
                     let _ = commands.send(cmd).await;
                 }

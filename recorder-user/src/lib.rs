@@ -15,6 +15,7 @@
 //! * [`control`]: the control API the CLI talks to.
 //! * [`metrics`]: the Prometheus metrics endpoint.
 //! * [`events`]: the typed events signaling emits.
+pub mod accept;
 pub mod capture;
 pub mod cli;
 pub mod config;

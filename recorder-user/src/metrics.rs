@@ -380,11 +380,13 @@ pub async fn serve(
     info!(%addr, "metrics endpoint listening");
     let sources = Arc::new(sources);
     Ok(tokio::spawn(async move {
+        let mut backoff = crate::accept::AcceptBackoff::new("metrics");
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        backoff.succeeded();
                         let sources = sources.clone();
                         let shutdown = shutdown.clone();
                         // Ends with the daemon: the sources hold the writer, which shutdown
@@ -398,7 +400,7 @@ pub async fn serve(
                             }
                         });
                     }
-                    Err(e) => warn!(error = %e, "metrics accept failed"),
+                    Err(e) => backoff.failed(&e).await,
                 },
             }
         }

@@ -822,3 +822,57 @@ fn json_logs_carry_the_session_fields() {
         assert_eq!(line["fields"]["call_uuid"], UUID, "{line}");
     }
 }
+
+/// Counts the open descriptors of a process.
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64
+}
+
+#[test]
+fn new_sessions_get_503_while_file_descriptors_run_out() {
+    let pair = VethPair::new("fds");
+    let daemon = Daemon::start(&pair, DaemonOptions::default());
+    let pid = daemon.child.as_ref().unwrap().id();
+    let invite = |n: u16| {
+        let mut client = pair.in_sender(|| SipClient::udp(IpAddr::V4(pair.sender_v4), daemon.sip));
+        let sdp = offer_sdp(
+            IpAddr::V4(pair.sender_v4),
+            1,
+            &[
+                OfferedStream::sendonly("1", 31000 + 4 * n, 0),
+                OfferedStream::sendonly("2", 31002 + 4 * n, 0),
+            ],
+        );
+        let reply = client.invite(Some(("application/sdp", sdp.as_bytes())), &[]);
+        (reply, client)
+    };
+    // Room for a few sessions (each takes an RTCP socket per stream) above the reserve of 256.
+    let limit = open_fds(pid) + 256 + 5;
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    let mut calls = Vec::new();
+    for n in 0..3 {
+        let (reply, client) = invite(n);
+        assert_eq!(reply.status, 200, "{}", reply.raw);
+        calls.push(client);
+    }
+    wait_log(&daemon, "file descriptors nearly exhausted", 1);
+    let (refused, _) = invite(10);
+    assert_eq!(refused.status, 503, "{}", refused.raw);
+    assert!(refused.header("Retry-After").is_some());
+
+    // Ending calls frees their sockets: sessions are accepted again.
+    for mut client in calls.drain(..) {
+        assert_eq!(client.bye(&[]).status, 200);
+    }
+    wait_log(&daemon, "accepting new sessions again", 1);
+    let (accepted, mut client) = invite(11);
+    assert_eq!(accepted.status, 200, "{}", accepted.raw);
+    assert_eq!(client.bye(&[]).status, 200);
+}

@@ -93,11 +93,13 @@ pub async fn serve(
     info!(socket = %path.display(), "control socket listening");
     let state = Arc::new(state);
     Ok(tokio::spawn(async move {
+        let mut backoff = crate::accept::AcceptBackoff::new("control");
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        backoff.succeeded();
                         let state = state.clone();
                         tokio::spawn(async move {
                             if let Err(e) = handle_connection(&state, stream).await {
@@ -105,7 +107,7 @@ pub async fn serve(
                             }
                         });
                     }
-                    Err(e) => warn!(error = %e, "control accept failed"),
+                    Err(e) => backoff.failed(&e).await,
                 },
             }
         }

@@ -60,6 +60,7 @@ pub(crate) async fn next_connection(
     stop: &CancellationToken,
     what: &'static str,
 ) -> Option<(TcpStream, SocketAddr, SocketAddr)> {
+    let mut backoff = crate::accept::AcceptBackoff::new(what);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return None,
@@ -67,13 +68,11 @@ pub(crate) async fn next_connection(
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff.succeeded();
                 let local = stream.local_addr().unwrap_or(peer);
                 return Some((stream, peer, local));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, listener = what, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+            Err(e) => backoff.failed(&e).await,
         }
     }
 }
