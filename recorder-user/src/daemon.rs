@@ -321,6 +321,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         contact_tls_port: tls_listen.first().map(|a| a.port()),
         contact_params: vec!["+sip.srs".into()],
         retry_after_secs: config.retry_after_secs,
+        // UDP transactions linger 32 s after their answer (two per call: INVITE and BYE), so
+        // the table scales with the session limit: 4 per session allows ~600 calls/s at 10 000
+        // sessions before new INVITEs get 503.
+        max_transactions: config.max_sessions.saturating_mul(4).max(10_000),
         ..EndpointConfig::default()
     });
     let (events_tx, events_rx) = mpsc::unbounded_channel::<SessionEvent>();

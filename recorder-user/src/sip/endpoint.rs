@@ -779,6 +779,17 @@ impl Endpoint {
 
     // ---------------------------------------------------------------- requests
 
+    /// Transactions beyond which a request gets 503. Requests in a dialog (BYE, re-INVITE,
+    /// UPDATE) may use twice the table: refusing them would leave recordings running that the
+    /// client has ended, and new sessions are refused first.
+    fn transaction_limit(&self, facts: &RequestFacts) -> usize {
+        if facts.to_tag.is_some() {
+            self.config.max_transactions.saturating_mul(2)
+        } else {
+            self.config.max_transactions
+        }
+    }
+
     fn handle_request(&mut self, now: Instant, incoming: &Incoming, request: rsip::Request) {
         *self
             .counters
@@ -810,7 +821,7 @@ impl Endpoint {
             ))
         } else if message::max_forwards(&request) == Some(0) {
             Some((483, "Too Many Hops".into(), "too-many-hops"))
-        } else if self.txns.len() >= self.config.max_transactions {
+        } else if self.txns.len() >= self.transaction_limit(&facts) {
             Some((503, "Service Unavailable".into(), "overload"))
         } else {
             None

@@ -589,6 +589,40 @@ fn bye_in_dialog_reaches_the_app_and_ends_the_dialog() {
 }
 
 #[test]
+fn full_transaction_table_refuses_new_sessions_but_not_their_byes() {
+    let mut h = Harness::new();
+    h.ep = Endpoint::new(EndpointConfig {
+        contact_host: "192.0.2.1".into(),
+        max_transactions: 3,
+        ..Default::default()
+    });
+    let (dialog, to) = h.establish("call-full");
+    // OPTIONS transactions linger (Timer K/J) and fill the table.
+    for n in 0..3 {
+        h.udp(&options(&format!("z9hG4bKopt{n}")));
+    }
+    h.take_sent();
+    assert!(h.ep.transaction_count() >= 3);
+    h.udp(&invite("z9hG4bKnew", "call-new", 1));
+    let refused = h.responses();
+    assert_eq!(refused[0].status_code.code(), 503);
+    assert!(header(&refused[0], "Retry-After").is_some());
+    // The BYE of the live session still reaches the app.
+    h.udp(&in_dialog("BYE", "z9hG4bKbye", "call-full", &to, 2));
+    match h.events().as_slice() {
+        [.., SipEvent::Request {
+            dialog: Some(d),
+            request,
+            ..
+        }] => {
+            assert_eq!(d, &dialog);
+            assert_eq!(request.method, rsip::Method::Bye);
+        }
+        other => panic!("BYE refused under load: {other:?}"),
+    }
+}
+
+#[test]
 fn bye_before_ack_stops_the_2xx_retransmissions() {
     let mut h = Harness::new();
     let txn = h.invite("z9hG4bKba", "call-ba");
