@@ -3,13 +3,14 @@
 //! We never send RTP, but a client expects to hear from its receiver: for each live stream with
 //! an RTCP port we send, from that port, a compound RR + SDES CNAME every 5 s (randomised
 //! 0.5-1.5x, RFC 3550 §6.2) to the client's RTCP address, with one report block per SSRC the
-//! writer heard. The same socket reads the client's sender reports for LSR/DLSR: the XDP flow
-//! action `pass` lets them reach the stack after they were captured.
+//! writer heard. No socket is kept between reports (10 000 sessions would hold 20 000 of them):
+//! each report binds the port, sends and closes. The client's sender reports (for LSR/DLSR) are
+//! captured by XDP like its RTP, and the writer remembers the last one per SSRC.
 
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::{Duration, SystemTime},
 };
 
 use rand::Rng;
@@ -108,12 +109,17 @@ pub fn parse_sender_report(b: &[u8]) -> Option<(u32, u32)> {
 struct ReporterState {
     /// Per SSRC: (packets, lost) at the previous report, for the fraction lost.
     prior: HashMap<u32, (u64, u64)>,
-    /// Per SSRC: (LSR, when that SR arrived).
-    last_sr: HashMap<u32, (u32, Instant)>,
 }
 
 impl ReporterState {
-    fn blocks(&mut self, stats: &[SsrcStats], now: Instant) -> Vec<ReportBlock> {
+    /// Report blocks for `stats`; `sender_reports` holds the last SR of each SSRC (SSRC, LSR,
+    /// when it was captured).
+    fn blocks(
+        &mut self,
+        stats: &[SsrcStats],
+        sender_reports: &[(u32, u32, SystemTime)],
+        now: SystemTime,
+    ) -> Vec<ReportBlock> {
         stats
             .iter()
             .map(|s| {
@@ -126,9 +132,9 @@ impl ReporterState {
                 let fraction_lost = (lost << 8)
                     .checked_div(expected)
                     .map_or(0, |f| f.min(255) as u8);
-                let (lsr, dlsr) = match self.last_sr.get(&s.ssrc) {
-                    Some((lsr, at)) => {
-                        let d = now.duration_since(*at);
+                let (lsr, dlsr) = match sender_reports.iter().find(|(ssrc, ..)| *ssrc == s.ssrc) {
+                    Some((_, lsr, at)) => {
+                        let d = now.duration_since(*at).unwrap_or_default();
                         (*lsr, (d.as_micros() * 65536 / 1_000_000) as u32)
                     }
                     None => (0, 0),
@@ -152,34 +158,44 @@ fn next_interval() -> Duration {
     REPORT_INTERVAL.mul_f64(rand::thread_rng().gen_range(0.5..1.5))
 }
 
-/// Sends the reports of one stream until aborted.
+/// Sends the reports of one stream, from `local`, until aborted.
 async fn report(
-    socket: UdpSocket,
+    local: SocketAddr,
     to: SocketAddr,
     flow_id: u64,
+    rtcp_flow_id: Option<u64>,
     reader: ReceptionReader,
     cname: String,
 ) {
     let ssrc: u32 = rand::random();
     let mut state = ReporterState::default();
-    let mut buf = vec![0u8; 1500];
-    let mut next = tokio::time::Instant::now() + next_interval();
+    let mut warned = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {
-                let blocks = state.blocks(&reader.reception(flow_id), Instant::now());
-                let packet = receiver_report(ssrc, &blocks, &cname);
-                if let Err(e) = socket.send_to(&packet, to).await {
-                    debug!(error = %e, %to, "sending RTCP RR failed");
-                }
-                next = tokio::time::Instant::now() + next_interval();
-            }
-            got = socket.recv_from(&mut buf) => {
-                if let Ok((n, _)) = got {
-                    if let Some((sender, lsr)) = parse_sender_report(&buf[..n]) {
-                        state.last_sr.insert(sender, (lsr, Instant::now()));
-                    }
-                }
+        tokio::time::sleep(next_interval()).await;
+        let sender_reports = rtcp_flow_id
+            .map(|f| reader.sender_reports(f))
+            .unwrap_or_default();
+        let blocks = state.blocks(
+            &reader.reception(flow_id),
+            &sender_reports,
+            SystemTime::now(),
+        );
+        let packet = receiver_report(ssrc, &blocks, &cname);
+        let sent = match bind(local) {
+            Ok(socket) => socket
+                .send_to(&packet, to)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(error) = sent {
+            // Once per stream at warning level: the cause (descriptors, address) persists.
+            if warned {
+                debug!(%error, %local, %to, "RTCP receiver report not sent");
+            } else {
+                warn!(%error, %local, %to, "RTCP receiver report not sent");
+                warned = true;
             }
         }
     }
@@ -242,14 +258,15 @@ pub async fn run(
                 continue;
             }
             let local = SocketAddr::new(media_address, key.0);
-            match bind(local) {
-                Ok(socket) => {
-                    let task =
-                        tokio::spawn(report(socket, key.1, flow, reader.clone(), cname.clone()));
-                    mine.insert(flow, Running { key, task });
-                }
-                Err(e) => warn!(error = %e, "no RTCP receiver reports for this stream"),
-            }
+            let task = tokio::spawn(report(
+                local,
+                key.1,
+                flow,
+                info.rtcp_flow_id,
+                reader.clone(),
+                cname.clone(),
+            ));
+            mine.insert(flow, Running { key, task });
         }
         if mine.is_empty() {
             running.remove(&id);
@@ -421,8 +438,8 @@ mod tests {
             stats.record(seq);
         }
         let mut state = ReporterState::default();
-        let now = Instant::now();
-        let b = state.blocks(std::slice::from_ref(&stats), now);
+        let now = SystemTime::now();
+        let b = state.blocks(std::slice::from_ref(&stats), &[], now);
         // 11 expected, 10 received: 1/11 of 256.
         assert_eq!(b[0].fraction_lost, (256 / 11) as u8);
         assert_eq!((b[0].cumulative_lost, b[0].extended_highest_seq), (1, 10));
@@ -430,8 +447,8 @@ mod tests {
         for seq in 11..=20u16 {
             stats.record(seq);
         }
-        state.last_sr.insert(5, (0xabcd_0000, now));
-        let b = state.blocks(&[stats], now + Duration::from_millis(500));
+        let sender_reports = [(9, 0x1234_0000, now), (5, 0xabcd_0000, now)];
+        let b = state.blocks(&[stats], &sender_reports, now + Duration::from_millis(500));
         assert_eq!((b[0].fraction_lost, b[0].cumulative_lost), (0, 1));
         assert_eq!((b[0].lsr, b[0].dlsr), (0xabcd_0000, 32768));
     }

@@ -1,6 +1,7 @@
 //! RTCP receiver reports end to end: the client binds the RTCP port it offered (RTP + 1),
 //! sends RTP with a deliberate gap, and receives from the recorder's RTCP port an RR whose
-//! report block names its SSRC with the right cumulative loss; after BYE the reports stop.
+//! report block names its SSRC with the right cumulative loss and echoes the client's sender
+//! report (LSR); after BYE the reports stop.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -14,8 +15,8 @@ use tests::{
     rtp::{send_paced, RtpStream},
 };
 
-/// A report block: (SSRC, cumulative lost, extended highest sequence number).
-type Block = (u32, u32, u32);
+/// A report block: (SSRC, cumulative lost, extended highest sequence number, LSR).
+type Block = (u32, u32, u32, u32);
 
 /// (sender SSRC, report blocks, has an SDES CNAME after the RR).
 fn parse_rr(b: &[u8]) -> Option<(u32, Vec<Block>, bool)> {
@@ -31,7 +32,7 @@ fn parse_rr(b: &[u8]) -> Option<(u32, Vec<Block>, bool)> {
     let blocks = (0..count)
         .map(|k| {
             let o = 8 + 24 * k;
-            (word(o), word(o + 4) & 0xff_ffff, word(o + 8))
+            (word(o), word(o + 4) & 0xff_ffff, word(o + 8), word(o + 16))
         })
         .collect();
     let sdes = &b[len..];
@@ -64,6 +65,16 @@ fn receiver_reports_name_the_ssrc_and_its_loss() {
     stream.skip(skipped);
     send_paced(&mut [(&mut stream, 440.0)], Duration::from_millis(600));
     let last_seq = stream.seq.wrapping_sub(1);
+    // A sender report to our RTCP port: XDP captures it like RTP, and the next RR echoes the
+    // middle of its NTP timestamp as LSR.
+    let mut sr = vec![0x80, 200, 0, 6];
+    sr.extend_from_slice(&stream.ssrc.to_be_bytes());
+    sr.extend_from_slice(&[0xe9, 0x01, 0x5a, 0x5b, 0x5c, 0x5d, 0x00, 0x00]);
+    sr.extend_from_slice(&stream.timestamp.to_be_bytes());
+    sr.extend_from_slice(&(stream.sent as u32).to_be_bytes());
+    sr.extend_from_slice(&((stream.sent * 160) as u32).to_be_bytes());
+    rtcp.send_to(&sr, SocketAddr::new(IpAddr::V4(pair.recorder_v4), ours + 1))
+        .unwrap();
 
     // Reports come every 2.5-7.5 s; the first may predate the last packets: wait for one that
     // has seen them all, and check it.
@@ -89,12 +100,16 @@ fn receiver_reports_name_the_ssrc_and_its_loss() {
         );
         assert!(cname, "compound RR + SDES CNAME");
         if let Some(b) = blocks.iter().find(|b| b.0 == stream.ssrc) {
-            if b.2 as u16 == last_seq {
+            if b.2 as u16 == last_seq && b.3 != 0 {
                 break *b;
             }
         }
     };
     assert_eq!(block.1, u32::from(skipped), "cumulative lost");
+    assert_eq!(
+        block.3, 0x5a5b_5c5d,
+        "LSR: middle 32 bits of the SR's NTP timestamp"
+    );
 
     // After BYE the reports stop (the interval is at most 7.5 s).
     assert_eq!(client.bye(&[]).status, 200);

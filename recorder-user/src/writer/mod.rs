@@ -319,11 +319,34 @@ struct Shared {
     /// Reception statistics per live RTP flow id, republished every [`RECEPTION_INTERVAL`]
     /// (read by the RTCP receiver reports).
     reception: std::sync::Mutex<HashMap<u64, Vec<SsrcStats>>>,
+    /// The last sender report per RTCP flow id and sender SSRC: (middle 32 bits of its NTP
+    /// timestamp, capture time), for the LSR/DLSR of our receiver reports.
+    sender_reports: std::sync::Mutex<HashMap<u64, SenderReports>>,
 }
 
 /// How often the writer republishes its reception statistics: far below the 5 s RTCP interval,
 /// far above the per-packet rate.
 const RECEPTION_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Per sender SSRC: the middle 32 bits of the NTP timestamp of its last SR, and when it was
+/// captured.
+type SenderReports = HashMap<u32, (u32, SystemTime)>;
+
+/// Remembers a sender report (RTCP packets are captured like RTP: no socket reads them).
+fn note_sender_report(shared: &Shared, p: &OwnedPacket) {
+    let payload = p
+        .frame
+        .get(p.header.payload_offset as usize..)
+        .unwrap_or(&[]);
+    if let Some((ssrc, lsr)) = crate::rtcp::parse_sender_report(payload) {
+        if let Ok(mut reports) = shared.sender_reports.lock() {
+            reports
+                .entry(p.header.flow_id)
+                .or_default()
+                .insert(ssrc, (lsr, p.wall));
+        }
+    }
+}
 
 /// A captured packet copied out of the ring.
 pub(crate) struct OwnedPacket {
@@ -353,6 +376,23 @@ enum Msg {
 pub struct ReceptionReader(Arc<Shared>);
 
 impl ReceptionReader {
+    /// The last sender report of each SSRC on the RTCP flow `rtcp_flow_id`: (SSRC, middle 32
+    /// bits of its NTP timestamp, when it was captured).
+    pub fn sender_reports(&self, rtcp_flow_id: u64) -> Vec<(u32, u32, SystemTime)> {
+        self.0
+            .sender_reports
+            .lock()
+            .ok()
+            .and_then(|m| {
+                m.get(&rtcp_flow_id).map(|r| {
+                    r.iter()
+                        .map(|(ssrc, (lsr, at))| (*ssrc, *lsr, *at))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
     pub fn reception(&self, flow_id: u64) -> Vec<SsrcStats> {
         self.0
             .reception
@@ -805,6 +845,9 @@ impl Writer {
 
     /// Replaces the shared reception snapshot (ended recordings and removed streams drop out).
     fn publish_reception(&self) {
+        if let Ok(mut reports) = self.shared.sender_reports.lock() {
+            reports.retain(|flow, _| self.flows.contains_key(flow));
+        }
         let fresh: HashMap<u64, Vec<SsrcStats>> = self
             .recordings
             .values()
@@ -894,6 +937,9 @@ impl Writer {
             self.shared.unknown_flow.fetch_add(1, Relaxed);
             return;
         };
+        if *rtcp {
+            note_sender_report(&self.shared, &p);
+        }
         let started = Instant::now();
         let failed = rec.packet(*stream, *rtcp, &p);
         self.shared.write_latency.observe(started.elapsed());
