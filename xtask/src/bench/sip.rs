@@ -517,6 +517,29 @@ struct Snapshot {
     cpu_s: f64,
 }
 
+/// A bpffs mount for the daemon's pins: `ip netns exec` remounts /sys, which hides
+/// /sys/fs/bpf from the daemon (it would run unpinned and warn).
+fn bench_bpffs() -> Result<PathBuf> {
+    let dir = PathBuf::from("/run/recorder-bench-bpffs");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let mut fields = l.split_whitespace();
+        fields.nth(1) == Some("/run/recorder-bench-bpffs") && fields.next() == Some("bpf")
+    });
+    if !mounted {
+        std::fs::create_dir_all(&dir)?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .context("mount bpffs")?;
+        if !status.success() {
+            bail!("mount -t bpf bpf {} failed", dir.display());
+        }
+    }
+    Ok(dir)
+}
+
 /// `recorder run` in the receiver namespace, pinned to CPU 1.
 struct Daemon {
     child: Option<Child>,
@@ -540,9 +563,10 @@ impl Daemon {
                 "interfaces = [\"{IF_R}\"]\nsip_listen = [\"{IP_R}:5060\"]\nmedia_address = \"{IP_R}\"\n\
 rtp_ports = \"10000-64999\"\nport_cooldown_secs = {cooldown_secs}\nspool = \"{}\"\n\
 max_flows = 65536\nmax_sessions = {max_sessions}\nidle_timeout_secs = 7200\n\
-control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\n",
+control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir = \"{}\"\n",
                 spool.display(),
-                control.display()
+                control.display(),
+                bench_bpffs()?.join(tag).display(),
             ),
         )?;
         let logf = std::fs::File::create(&log)?;
