@@ -20,9 +20,11 @@ use super::{
     pcap::{self, PcapWriter},
     rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
     wav::WavWriter,
-    OwnedPacket,
 };
-use crate::events::{CallIds, MetadataVersion, Participant, StreamInfo};
+use crate::{
+    capture::CapturedPacket,
+    events::{CallIds, MetadataVersion, Participant, StreamInfo},
+};
 
 /// Sample rate of the WAV: G.711 is the only codec decoded.
 pub(crate) const WAV_RATE: u32 = 8000;
@@ -458,13 +460,18 @@ impl Recording {
     }
 
     /// Records one captured packet of stream `stream`.
-    pub(crate) fn packet(&mut self, stream: usize, rtcp: bool, p: &OwnedPacket) -> WriteFailures {
+    pub(crate) fn packet(
+        &mut self,
+        stream: usize,
+        rtcp: bool,
+        p: &CapturedPacket<'_>,
+    ) -> WriteFailures {
         let mut failed = WriteFailures::default();
         let Some(s) = self.streams.get_mut(stream) else {
             return failed;
         };
         if let Some(pcap) = self.pcap.as_mut() {
-            if let Err(e) = pcap.write(p.wall, p.header.wire_len, &p.frame) {
+            if let Err(e) = pcap.write(p.wall, p.header.wire_len, p.frame) {
                 failed.pcap = true;
                 self.urgent |= self.meta.dropped.pcap_write_failed == 0;
                 self.meta.dropped.pcap_write_failed += 1;
@@ -509,12 +516,15 @@ impl Recording {
         let x = &mut s.ssrcs[idx];
         x.record(h.seq);
         // Arrival in units of the stream's clock, for the RTCP jitter.
-        let clock = u128::from(s.info.codec.clock_rate.max(1));
+        // Split in seconds and the rest (same value as micros * clock / 10^6, wrapped to 32
+        // bits as RTP timestamps are): no 128-bit division per packet.
+        let clock = u64::from(s.info.codec.clock_rate.max(1));
         let since_epoch = p.wall.duration_since(UNIX_EPOCH).unwrap_or_default();
-        x.record_arrival(
-            h.timestamp,
-            (since_epoch.as_micros() * clock / 1_000_000) as u32,
-        );
+        let arrival = since_epoch
+            .as_secs()
+            .wrapping_mul(clock)
+            .wrapping_add(u64::from(since_epoch.subsec_micros()) * clock / 1_000_000);
+        x.record_arrival(h.timestamp, arrival as u32);
         if s.info.telephone_event_pt == Some(h.payload_type) {
             // DTMF: listed in the metadata, kept in the pcap, never decoded as audio (the WAV
             // channel stays silent for these packets).
@@ -779,9 +789,16 @@ fn not_decoded_note(info: &StreamInfo) -> String {
 
 /// Frames at `rate` from `from` to `to` (negative when `to` is earlier).
 fn frames_between(from: SystemTime, to: SystemTime, rate: u32) -> i64 {
-    let ns = match to.duration_since(from) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(e) => -(e.duration().as_nanos() as i128),
+    // Whole seconds and the rest apart: the same truncated value as ns * rate / 10^9, without
+    // a 128-bit division (called for every packet).
+    let (d, sign) = match to.duration_since(from) {
+        Ok(d) => (d, 1),
+        Err(e) => (e.duration(), -1),
     };
-    (ns * rate as i128 / 1_000_000_000) as i64
+    let rate = u64::from(rate);
+    let frames = d
+        .as_secs()
+        .saturating_mul(rate)
+        .saturating_add(u64::from(d.subsec_nanos()) * rate / 1_000_000_000);
+    sign * frames.min(i64::MAX as u64) as i64
 }

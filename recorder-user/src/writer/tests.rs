@@ -193,6 +193,32 @@ fn feed(sink: &mut impl PacketSink, flow_id: u64, wall: SystemTime, frame: &[u8]
         wall,
         ring: 0,
     });
+    // As the ring consumer does after a drain (the writer's sink sends packets per batch).
+    sink.batch_end();
+}
+
+/// [`feed`] without ending the batch (the bench: many packets per drain).
+fn feed_batched(
+    sink: &mut impl PacketSink,
+    flow_id: u64,
+    wall: SystemTime,
+    frame: &[u8],
+    off: u16,
+) {
+    sink.packet(&CapturedPacket {
+        header: RecordHeader {
+            flow_id,
+            ts_ns: 0,
+            generation: 0,
+            wire_len: frame.len() as u32,
+            cap_len: frame.len() as u32,
+            payload_offset: off,
+            flags: 0,
+        },
+        frame,
+        wall,
+        ring: 0,
+    });
 }
 
 fn owned(flow_id: u64, wall: SystemTime, frame: &[u8], off: u16) -> OwnedPacket {
@@ -596,23 +622,90 @@ fn sink_never_blocks_and_counts_queue_drops_per_flow() {
         shared: shared.clone(),
         capacity: 3,
         drops: HashMap::new(),
+        batch: PacketBatch::default(),
+        packets_in: 0,
+        queue_full: 0,
     };
     let (f, off) = udp_frame(40000, &rtp(0, 1, 0, 1, &[0xff; 160]));
     for _ in 0..5 {
-        feed(&mut sink, 9, at_ms(0), &f, off);
+        feed_batched(&mut sink, 9, at_ms(0), &f, off);
     }
     sink.batch_end();
     assert_eq!(shared.queue_full.load(Relaxed), 2);
+    assert_eq!(shared.packets_in.load(Relaxed), 5);
+    assert_eq!(shared.queued.load(Relaxed), 3);
     let msgs: Vec<Msg> = rx.try_iter().collect();
-    assert_eq!(
-        msgs.iter().filter(|m| matches!(m, Msg::Packet(_))).count(),
-        3
-    );
+    let batches: Vec<usize> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Msg::Packets(b) => Some(b.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(batches, vec![3], "one batch per drain");
     let drops = msgs.iter().find_map(|m| match m {
         Msg::QueueDrops(d) => Some(d.clone()),
         _ => None,
     });
     assert_eq!(drops, Some(vec![(9, 2)]));
+}
+
+#[test]
+fn sink_sends_batches_at_batch_end_when_full_and_on_drop() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let shared = Arc::new(Shared::default());
+    let mut sink = WriterSink {
+        tx,
+        shared: shared.clone(),
+        capacity: 100_000,
+        drops: HashMap::new(),
+        batch: PacketBatch::default(),
+        packets_in: 0,
+        queue_full: 0,
+    };
+    let batch_lens = |rx: &std::sync::mpsc::Receiver<Msg>| -> Vec<usize> {
+        rx.try_iter()
+            .filter_map(|m| match m {
+                Msg::Packets(b) => Some(b.len()),
+                _ => None,
+            })
+            .collect()
+    };
+    let frames: Vec<(Vec<u8>, u16)> = (0..3u16)
+        .map(|k| udp_frame(40000, &rtp(0, k, 0, 1, &vec![k as u8; 10 + k as usize])))
+        .collect();
+    let n = BATCH_PACKETS + 2;
+    for i in 0..n {
+        let (f, off) = &frames[i % 3];
+        feed_batched(&mut sink, i as u64, at_ms(i as i64), f, *off);
+    }
+    assert_eq!(
+        batch_lens(&rx),
+        vec![BATCH_PACKETS],
+        "a full batch leaves at once"
+    );
+    sink.batch_end();
+    let msgs: Vec<Msg> = rx.try_iter().collect();
+    let Some(Msg::Packets(last)) = msgs.first() else {
+        panic!("the rest leaves at batch_end");
+    };
+    // Frames come back whole and in order, with their headers and times.
+    let got: Vec<(u64, SystemTime, Vec<u8>)> = last
+        .iter()
+        .map(|p| (p.header.flow_id, p.wall, p.frame.to_vec()))
+        .collect();
+    let want: Vec<(u64, SystemTime, Vec<u8>)> = (BATCH_PACKETS..n)
+        .map(|i| (i as u64, at_ms(i as i64), frames[i % 3].0.clone()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(shared.packets_in.load(Relaxed), n as u64);
+    feed_batched(&mut sink, 1, at_ms(0), &frames[0].0, frames[0].1);
+    drop(sink);
+    assert_eq!(
+        batch_lens(&rx),
+        vec![1],
+        "dropping the sink sends what it held"
+    );
 }
 
 #[test]
@@ -926,7 +1019,11 @@ fn abandoned_recording(spool: &Path, packets: u64, flush_after: u64) -> u64 {
     for k in 0..packets {
         let (f, off) = a.frame(k * 160, &noise);
         bytes += f.len() as u64;
-        rec.packet(0, false, &owned(1, at_ms((k * 20) as i64), &f, off));
+        rec.packet(
+            0,
+            false,
+            &owned(1, at_ms((k * 20) as i64), &f, off).as_captured(),
+        );
         if k + 1 == flush_after {
             rec.flush(at_ms((k * 20) as i64));
         }
@@ -1495,6 +1592,17 @@ fn mux_streams(k: u64) -> Vec<StreamInfo> {
 }
 
 /// CPU seconds (user + system) of this process's threads named `name`.
+/// CPU seconds of the calling thread (its own clock reads included: a few tens of ns).
+fn own_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 fn thread_cpu(name: &str) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -1557,22 +1665,25 @@ fn bench_writer_cpu() {
     h.sync();
     let cpu0 = thread_cpu("rec-writer");
     let files0 = thread_cpu("rec-files");
+    let mut sink_cpu = 0.0;
     let t = Instant::now();
     let (mut frame, off) = udp_frame(40000, &rtp(0, 0, 0, 1, &[0xffu8; 160]));
     let payload = off as usize;
     let mut sent = 0u64;
     for tick in 0..secs * 50 {
         // One packet per recording (its caller stream) every 20 ms.
+        let c0 = own_cpu();
         for k in 0..n {
             let seq = tick as u16;
             frame[payload + 2..payload + 4].copy_from_slice(&seq.to_be_bytes());
             frame[payload + 4..payload + 8].copy_from_slice(&((tick * 160) as u32).to_be_bytes());
             frame[payload + 8..payload + 12].copy_from_slice(&(k as u32).to_be_bytes());
             let wall = start_wall + Duration::from_millis(tick * 20);
-            feed(&mut sink, 2 * k + 1, wall, &frame, off);
+            feed_batched(&mut sink, 2 * k + 1, wall, &frame, off);
             sent += 1;
         }
         sink.batch_end();
+        sink_cpu += own_cpu() - c0;
         let due = Duration::from_millis((tick + 1) * 20);
         if let Some(wait) = due.checked_sub(t.elapsed()) {
             std::thread::sleep(wait);
@@ -1590,12 +1701,14 @@ fn bench_writer_cpu() {
     println!(
         "{n} recordings, metadata interval {interval_ms} ms, spool {}: {sent} packets in \
          {elapsed:.1} s ({:.0} pps); writer thread CPU {cpu:.2} s ({:.1}% of a core, {:.2} us \
-         per written packet); file thread (metadata.json) CPU {files_cpu:.2} s; dropped \
+         per written packet); sink (capture side, with building the frames) CPU {sink_cpu:.2} s ({:.2} us per packet); \
+         file thread (metadata.json) CPU {files_cpu:.2} s; dropped \
          queue_full {} ({:.1}%); packet writes > 1 ms: {slow}, time in packet writes {:.2} s",
         dir.path().display(),
         sent as f64 / elapsed,
         100.0 * cpu / elapsed,
         cpu * 1e6 / written.max(1) as f64,
+        sink_cpu * 1e6 / sent.max(1) as f64,
         st.queue_full,
         100.0 * st.queue_full as f64 / sent as f64,
         lat.sum_ns as f64 / 1e9,

@@ -96,9 +96,10 @@ impl WavWriter {
         let region = self
             .out
             .slice_mut(off, (n - 1) * fb + 2 * (channel as usize + 1))?;
-        for (i, s) in samples[..n].iter().enumerate() {
-            let at = i * fb + 2 * channel as usize;
-            region[at..at + 2].copy_from_slice(&s.to_le_bytes());
+        let at = 2 * channel as usize;
+        // One frame per chunk (the last one may stop right after this channel).
+        for (frame, s) in region.chunks_mut(fb).zip(&samples[..n]) {
+            frame[at..at + 2].copy_from_slice(&s.to_le_bytes());
         }
         // The slice may end mid-frame (last channel not reached): round the length up.
         self.extend_to(start + n as u64)?;
