@@ -40,11 +40,14 @@ enum Decoder {
 }
 
 impl Decoder {
+    /// Called per packet: compares in place (no uppercased copy).
     fn for_name(name: &str) -> Option<Self> {
-        match name.to_ascii_uppercase().as_str() {
-            "PCMU" => Some(Decoder::Pcmu),
-            "PCMA" => Some(Decoder::Pcma),
-            _ => None,
+        if name.eq_ignore_ascii_case("PCMU") {
+            Some(Decoder::Pcmu)
+        } else if name.eq_ignore_ascii_case("PCMA") {
+            Some(Decoder::Pcma)
+        } else {
+            None
         }
     }
 
@@ -111,9 +114,9 @@ impl Stream {
     /// Decoder for one packet's payload type (static PCMU/PCMA types are honoured even when
     /// the answer chose the other, as some clients switch).
     fn decoder_for(&self, pt: u8) -> Option<Decoder> {
-        self.decoder()?;
+        let negotiated = self.decoder()?;
         if pt == self.info.codec.payload_type {
-            return self.decoder();
+            return Some(negotiated);
         }
         match pt {
             0 => Some(Decoder::Pcmu),
