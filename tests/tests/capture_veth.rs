@@ -14,7 +14,7 @@ use recorder::{
     },
     flow::{maps::BpfFlowTable, FlowAction, FlowControl, FlowSpec},
 };
-use recorder_ebpf::abi::counter;
+use recorder_ebpf::abi::{self, counter};
 use tests::net::VethPair;
 
 /// Payload: 8-byte big-endian sequence number, then a tag byte per destination and filler, so
@@ -376,4 +376,32 @@ fn async_consumer_is_woken_by_the_ring_not_the_tick() {
     });
     assert_eq!(sink.count, N);
     assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn flow_counters_go_with_their_flows() {
+    let mut rig = rig("stats");
+    let ip = rig.pair.recorder_v4;
+    // More flows over the table's life than the stats map holds: a leak would refuse the last.
+    let total = u64::from(abi::DEFAULT_MAX_FLOWS) + 1000;
+    for flow_id in 1..=total {
+        let spec = |port: u16| FlowSpec {
+            flow_id,
+            local: (ip, port).into(),
+            remote: None,
+            action: FlowAction::Pass,
+        };
+        rig.flows
+            .insert(spec(40000))
+            .unwrap_or_else(|e| panic!("flow {flow_id}: {e}"));
+        if flow_id % 1000 == 0 {
+            // A rewrite keeps the flow id and so its counters; removal then frees them.
+            rig.flows.rewrite(spec(40000).local, spec(40002)).unwrap();
+            assert_eq!(rig.flows.stats_entries(), 1, "one flow, one counter entry");
+            rig.flows.remove(spec(40002).local).unwrap();
+        } else {
+            rig.flows.remove(spec(40000).local).unwrap();
+        }
+    }
+    assert_eq!(rig.flows.stats_entries(), 0, "no counters left behind");
 }

@@ -254,7 +254,9 @@ impl Capture {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(abi::GLOBAL_SNAPLEN, &config.snaplen, true)
-            .map_max_entries(abi::MAP_FLOWS, config.max_flows);
+            .map_max_entries(abi::MAP_FLOWS, config.max_flows)
+            // One counter entry per flow id, so as many as flows.
+            .map_max_entries(abi::MAP_FLOW_STATS, config.max_flows);
         for (i, name) in abi::RING_NAMES.iter().enumerate() {
             // Rings no CPU writes to get the minimum size (one page).
             let bytes = if i < cpus { config.ring_bytes } else { 4096 };

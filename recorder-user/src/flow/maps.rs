@@ -26,6 +26,9 @@ pub struct BpfFlowTable {
     /// What we pinned, by local address (the map holds the same, this avoids syscalls to read).
     /// Starts as the kernel map's content: empty, or a previous daemon's flows when adopted.
     pinned: StdHashMap<SocketAddr, (FlowSpec, u32)>,
+    /// Entries in `pinned` per flow id: a flow's counters go when its last entry goes (they
+    /// leaked before, and a full stats map refused every new flow after ~65 000 of them).
+    refs: StdHashMap<u64, u32>,
     cpus: usize,
 }
 
@@ -120,14 +123,13 @@ impl BpfFlowTable {
             flows,
             stats,
             pinned: StdHashMap::new(),
+            refs: StdHashMap::new(),
             cpus: crate::capture::loader::possible_cpus()?,
         };
         // An adopted map holds the previous daemon's flows: they are ours now.
-        table.pinned = table
-            .kernel_entries()
-            .into_iter()
-            .map(|(local, value)| (local, (spec_of(local, &value), value.generation)))
-            .collect();
+        for (local, value) in table.kernel_entries() {
+            table.pin(spec_of(local, &value), value.generation);
+        }
         Ok(table)
     }
 
@@ -158,12 +160,39 @@ impl BpfFlowTable {
         for spec in &gone {
             self.remove(spec.local)?;
         }
-        for spec in &gone {
-            if !self.pinned.values().any(|(s, _)| s.flow_id == spec.flow_id) {
-                self.forget_stats(spec.flow_id);
+        Ok(gone)
+    }
+
+    /// Records `spec` in the mirror (replacing what was at its address).
+    fn pin(&mut self, spec: FlowSpec, generation: u32) {
+        // Counted before the replaced entry is released: same flow id, same counters.
+        *self.refs.entry(spec.flow_id).or_default() += 1;
+        if let Some((old, _)) = self.pinned.insert(spec.local, (spec, generation)) {
+            self.release(old.flow_id);
+        }
+    }
+
+    /// Drops `local` from the mirror.
+    fn unpin(&mut self, local: SocketAddr) -> Option<FlowSpec> {
+        let (spec, _) = self.pinned.remove(&local)?;
+        self.release(spec.flow_id);
+        Some(spec)
+    }
+
+    /// One entry of `flow_id` fewer; the last one takes the flow's counters along.
+    fn release(&mut self, flow_id: u64) {
+        match self.refs.get_mut(&flow_id) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                self.refs.remove(&flow_id);
+                self.forget_stats(flow_id);
             }
         }
-        Ok(gone)
+    }
+
+    /// Flow ids with counters in the kernel (tests: nothing leaks).
+    pub fn stats_entries(&self) -> usize {
+        self.stats.keys().count()
     }
 
     fn map_err(
@@ -249,7 +278,7 @@ impl FlowControl for BpfFlowTable {
                 .map_err(Self::map_err("stats insert", spec.local))?;
         }
         self.write(&spec, 1)?;
-        self.pinned.insert(spec.local, (spec, 1));
+        self.pin(spec, 1);
         Ok(1)
     }
 
@@ -270,23 +299,28 @@ impl FlowControl for BpfFlowTable {
         // Make before break: the new key is live before the old one goes, so a packet on
         // either is captured. Same key: the kernel swaps the value atomically (no-prealloc map).
         self.write(&new, generation)?;
+        // The new entry is counted before the old one goes, so a flow id kept across the
+        // rewrite keeps its counters.
+        self.pin(new, generation);
         if new.local != old_local {
             self.flows
                 .remove(&flow_key(old_local))
                 .map_err(Self::map_err("remove", old_local))?;
-            self.pinned.remove(&old_local);
+            self.unpin(old_local);
         }
-        self.pinned.insert(new.local, (new, generation));
         Ok(generation)
     }
 
     fn remove(&mut self, local: SocketAddr) -> Result<(), FlowError> {
-        if self.pinned.remove(&local).is_none() {
+        if !self.pinned.contains_key(&local) {
             return Err(FlowError::NotFound(local));
         }
-        self.flows
+        let removed = self
+            .flows
             .remove(&flow_key(local))
-            .map_err(Self::map_err("remove", local))
+            .map_err(Self::map_err("remove", local));
+        self.unpin(local);
+        removed
     }
 
     fn lookup(&self, local: SocketAddr) -> Option<(FlowSpec, u32)> {
