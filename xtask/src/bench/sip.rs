@@ -111,7 +111,7 @@ pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result
             "SIPp on CPU 0, the daemon on CPU 1, on a 2-core machine shared with other builds: figures are noisy.",
             "Sweep calls: INVITE (multipart: SDP with 2 sendonly audio m-lines + rs-metadata), ACK, hold, BYE; no RTP.",
             "The sweep's daemon uses port_cooldown_secs = 2 so that the RTP port range (2 pairs per call, held cooldown + hold) does not cap the rate; each rate gets a fresh daemon.",
-            "Over UDP every call leaves 2 server transactions (INVITE, timer L; BYE, timer J) lingering 64*T1 = 32 s, and the SIP endpoint answers 503 beyond max_transactions (10 000, not configurable): about 156 calls/s sustained at most, whatever the CPU.",
+            "Over UDP every call leaves 2 server transactions (INVITE, timer L; BYE, timer J) lingering 64*T1 = 32 s; the daemon sizes its transaction table at 4 per allowed session (80 000 here), beyond which new INVITEs get 503 (requests in a dialog may use twice that).",
             "File-backed RSS is the recordings' mmapped pcap/WAV windows (page cache the kernel can write back and reclaim); anonymous RSS is the daemon's heap.",
         ],
     }))
