@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     capture::{
-        loader::{Capture, CaptureConfig, Counters},
+        loader::{Capture, CaptureConfig, CaptureError, Counters},
         ring::RingConsumer,
     },
     config::{Config, LogFormat},
@@ -199,40 +199,6 @@ fn lock_spool(spool: &std::path::Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
-/// The pin directory to use, if its file system is bpffs (else pinning is impossible: warn and
-/// run without, so a restart cannot carry on capture).
-fn usable_pin_dir(pin_dir: &std::path::Path) -> Option<std::path::PathBuf> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let base = pin_dir
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(std::path::Path::new("/"));
-    let Ok(c_path) = std::ffi::CString::new(base.as_os_str().as_encoded_bytes()) else {
-        return None;
-    };
-    // SAFETY: statfs(2) into a zeroed struct we own, with a NUL-terminated path.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    let on_bpffs = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } == 0
-        && stat.f_type as i64 == BPF_FS_MAGIC;
-    if !on_bpffs {
-        warn!(
-            pin_dir = %pin_dir.display(),
-            "pin_dir is not on a bpffs mount: capture is not pinned, a restart cannot carry on recordings without loss (mount -t bpf bpf /sys/fs/bpf)"
-        );
-        return None;
-    }
-    // The service user cannot create it in a root-owned bpffs: the unit creates it for us.
-    if let Err(error) = std::fs::create_dir_all(pin_dir) {
-        warn!(
-            pin_dir = %pin_dir.display(),
-            %error,
-            "cannot create pin_dir: capture is not pinned, a restart cannot carry on recordings without loss"
-        );
-        return None;
-    }
-    Some(pin_dir.to_path_buf())
-}
-
 /// Runs everything until `shutdown` is cancelled, then stops in order. Either (default) no new
 /// sessions, every recording finished (`shutdown`), rings drained, files closed, XDP detached;
 /// or, with `detach_on_exit`, the live recordings handed over to the next daemon: capture stays
@@ -263,15 +229,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             "carrying on the recordings of the previous daemon"
         );
     }
-    let pin_dir = usable_pin_dir(&config.pin_dir);
-    let mut capture = Capture::load(&CaptureConfig {
+    let mut capture_config = CaptureConfig {
         snaplen: config.snaplen,
         ring_bytes: config.ring_bytes,
         max_flows: config.max_flows,
         attach_mode: config.attach_mode,
-        pin_dir: pin_dir.clone(),
-        create_pins: pin_dir.is_some(),
-    })
+        pin_dir: Some(config.pin_dir.clone()),
+        create_pins: true,
+    };
+    let mut capture = match Capture::load(&capture_config) {
+        // No bpffs there (`ip netns exec` remounts /sys), or a directory the service user may
+        // not create (the systemd unit creates it): run, but say what a restart will lose.
+        Err(e @ (CaptureError::NotBpffs(_) | CaptureError::PinDir { .. })) => {
+            warn!(error = %e, "capture is not pinned: a restart cannot carry on recordings without loss");
+            capture_config.pin_dir = None;
+            Capture::load(&capture_config)
+        }
+        loaded => loaded,
+    }
     .context("loading the XDP program")?;
     if capture.adopted() {
         info!(pin_dir = %config.pin_dir.display(), "adopted the pinned capture: packets buffered while no daemon ran are drained now");

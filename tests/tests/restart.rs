@@ -239,3 +239,29 @@ fn restart_mid_call_loses_no_packet_and_keeps_one_recording() {
         daemon.log_text()
     );
 }
+
+#[test]
+fn without_bpffs_the_daemon_runs_unpinned_and_says_so() {
+    let pair = VethPair::new("nopin");
+    let mut daemon = Daemon::start(&pair, DaemonOptions::default());
+    assert_eq!(daemon.stop(), Some(0));
+    // A pin dir on an ordinary file system: pinning is impossible there.
+    let at = daemon
+        .args
+        .iter()
+        .position(|a| a == "--pin-dir")
+        .expect("the harness gives a pin dir")
+        + 1;
+    daemon.args[at] = daemon.dir.join("not-bpffs").display().to_string();
+    daemon.spawn(&pair);
+    let log = daemon.log_text();
+    assert!(log.contains("capture is not pinned"), "{log}");
+    let status = Command::new(recorder_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(&daemon.control)
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(status["restart"]["pinned_in"].is_null(), "{status:#}");
+    assert_eq!(daemon.stop(), Some(0));
+}
