@@ -83,9 +83,36 @@ pub fn set_log_filter(level: &str) -> Result<(), String> {
     reload(filter)
 }
 
+/// Raises the soft limit on open files to the hard one (sessions need sockets and, briefly,
+/// files; the default soft limit of 1024 is far below what 10 000 sessions take) and logs both.
+fn raise_nofile_limit() {
+    // SAFETY: getrlimit/setrlimit with a pointer to a local rlimit.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "getrlimit(RLIMIT_NOFILE) failed");
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            warn!(soft, hard = limit.rlim_max, error = %std::io::Error::last_os_error(), "raising RLIMIT_NOFILE failed");
+            return;
+        }
+    }
+    info!(
+        soft_was = soft,
+        soft = limit.rlim_cur,
+        hard = limit.rlim_max,
+        "open files limit"
+    );
+}
+
 /// Runs the daemon on a fresh runtime until SIGTERM/SIGINT.
 pub fn run_blocking(config: Config) -> Result<()> {
     init_logging(&config);
+    raise_nofile_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

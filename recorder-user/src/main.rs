@@ -225,46 +225,10 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
 
-/// Raises the soft open-file limit to the hard one: every recording holds file descriptors and
-/// every TCP/TLS client a socket, so the usual soft limit of 1024 caps a busy recorder well
-/// below max_sessions. Logged to stderr because logging is not set up yet.
-fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        eprintln!(
-            "recorder: getrlimit(RLIMIT_NOFILE): {}",
-            std::io::Error::last_os_error()
-        );
-        return;
-    }
-    let soft = lim.rlim_cur;
-    if soft < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            eprintln!(
-                "recorder: RLIMIT_NOFILE soft {soft}, hard {}: raising failed: {}",
-                lim.rlim_max,
-                std::io::Error::last_os_error()
-            );
-            return;
-        }
-    }
-    eprintln!(
-        "recorder: RLIMIT_NOFILE soft {soft} -> {}, hard {}",
-        lim.rlim_cur, lim.rlim_max
-    );
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (request, read) = match cli.command {
         Command::Run(args) => {
-            raise_nofile_limit();
             return match args.into_config() {
                 Ok(config) => match recorder::daemon::run_blocking(config) {
                     Ok(()) => ExitCode::SUCCESS,
