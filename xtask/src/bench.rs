@@ -315,7 +315,70 @@ c32(0x5eed0001), fill(0xd5, 160) }}\n"
     )
 }
 
-struct Net;
+/// The data-path runs' network: a veth pair tuned so that every contender receives through
+/// NAPI on CPU 1.
+struct Net {
+    _veth: VethNamespaces,
+}
+
+/// A sender and a receiver namespace joined by a veth pair (addresses /24, links and loopbacks
+/// up). Leftovers of an interrupted run are deleted first; both namespaces go on drop.
+pub(crate) struct VethNamespaces {
+    namespaces: [&'static str; 2],
+}
+
+impl VethNamespaces {
+    /// `[sender, receiver]` namespaces, interfaces, addresses and (optionally) MACs.
+    pub(crate) fn create(
+        namespaces: [&'static str; 2],
+        interfaces: [&str; 2],
+        addresses: [&str; 2],
+        macs: Option<[&str; 2]>,
+    ) -> Result<Self> {
+        // Built first: a failure below still deletes what was made.
+        let this = Self { namespaces };
+        for ns in namespaces {
+            let _ = sh(&["ip", "netns", "del", ns]);
+            sh(&["ip", "netns", "add", ns])?;
+        }
+        let end = |i: usize| {
+            let mut end = vec![interfaces[i], "netns", namespaces[i]];
+            if let Some(macs) = &macs {
+                end.extend(["address", macs[i]]);
+            }
+            end
+        };
+        let mut link = vec!["ip", "link", "add"];
+        link.extend(end(0));
+        link.extend(["type", "veth", "peer", "name"]);
+        link.extend(end(1));
+        sh(&link)?;
+        for i in 0..2 {
+            let (ns, dev) = (namespaces[i], interfaces[i]);
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", addresses[i]),
+                "dev",
+                dev,
+            ])?;
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(this)
+    }
+}
+
+impl Drop for VethNamespaces {
+    fn drop(&mut self) {
+        for ns in self.namespaces {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+    }
+}
 
 fn sh(args: &[&str]) -> Result<String> {
     let out = Command::new(args[0])
@@ -345,53 +408,12 @@ fn stat(ns: &str, dev: &str, what: &str) -> Result<u64> {
 
 impl Net {
     fn create() -> Result<Self> {
-        for ns in [NS_S, NS_R] {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
-        sh(&["ip", "netns", "add", NS_S])?;
-        sh(&["ip", "netns", "add", NS_R])?;
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            IF_S,
-            "netns",
-            NS_S,
-            "address",
-            "02:00:00:00:00:01",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            IF_R,
-            "netns",
-            NS_R,
-            "address",
-            "02:00:00:00:00:02",
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            NS_S,
-            "addr",
-            "add",
-            "10.231.0.1/24",
-            "dev",
-            IF_S,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            NS_R,
-            "addr",
-            "add",
-            "10.231.0.2/24",
-            "dev",
-            IF_R,
-        ])?;
-        sh(&["ip", "-n", NS_S, "link", "set", IF_S, "up"])?;
-        sh(&["ip", "-n", NS_R, "link", "set", IF_R, "up"])?;
-        sh(&["ip", "-n", NS_R, "link", "set", "lo", "up"])?;
+        let veth = VethNamespaces::create(
+            [NS_S, NS_R],
+            [IF_S, IF_R],
+            ["10.231.0.1", "10.231.0.2"],
+            Some(["02:00:00:00:00:01", "02:00:00:00:00:02"]),
+        )?;
         // GRO on the receiver and no TSO on the sender make veth receive through NAPI for every
         // contender (not only under XDP); threaded NAPI then lets us pin it to CPU 1.
         in_ns(NS_R, &["ethtool", "-K", IF_R, "gro", "on"])?;
@@ -404,7 +426,7 @@ impl Net {
                 &format!("echo 1 > /sys/class/net/{IF_R}/threaded"),
             ],
         )?;
-        Ok(Net)
+        Ok(Net { _veth: veth })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -560,14 +582,6 @@ impl Net {
             rss_kib,
             extra: detail,
         })
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in [NS_S, NS_R] {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
     }
 }
 

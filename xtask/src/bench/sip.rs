@@ -23,7 +23,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::{proc_cpu, sh};
+use super::{proc_cpu, sh, VethNamespaces};
 use crate::workspace_root;
 
 const NS_S: &str = "rbench-sip-s";
@@ -76,7 +76,7 @@ pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result
     let dir = out_dir.join("sip");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let _net = SipNet::create()?;
+    let _net = VethNamespaces::create([NS_S, NS_R], [IF_S, IF_R], [IP_S, IP_R], None)?;
     let started = Instant::now();
 
     let sweep = sweep(plan, &dir, commands)?;
@@ -446,55 +446,6 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
-}
-
-/// Namespaces and veth for the SIP runs; removed on drop.
-struct SipNet;
-
-impl SipNet {
-    fn create() -> Result<Self> {
-        for ns in [NS_S, NS_R] {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
-        sh(&["ip", "netns", "add", NS_S])?;
-        sh(&["ip", "netns", "add", NS_R])?;
-        sh(&[
-            "ip", "link", "add", IF_S, "netns", NS_S, "type", "veth", "peer", "name", IF_R,
-            "netns", NS_R,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            NS_S,
-            "addr",
-            "add",
-            &format!("{IP_S}/24"),
-            "dev",
-            IF_S,
-        ])?;
-        sh(&[
-            "ip",
-            "-n",
-            NS_R,
-            "addr",
-            "add",
-            &format!("{IP_R}/24"),
-            "dev",
-            IF_R,
-        ])?;
-        for (ns, dev) in [(NS_S, IF_S), (NS_R, IF_R), (NS_S, "lo"), (NS_R, "lo")] {
-            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
-        }
-        Ok(SipNet)
-    }
-}
-
-impl Drop for SipNet {
-    fn drop(&mut self) {
-        for ns in [NS_S, NS_R] {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
-    }
 }
 
 fn recorder_bin() -> PathBuf {
