@@ -35,7 +35,32 @@ const IF_R: &str = "br0";
 const BASE_PORT: u16 = 20000;
 const REWRITES: u32 = 1000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Narrows the data-path plan to some points, for profiling one case (the report then covers
+/// only those).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Select {
+    /// Flow counts to run, e.g. `--flows 100,2000`.
+    #[arg(long, value_delimiter = ',')]
+    flows: Option<Vec<u32>>,
+    /// Offered rates in packets/s, `max` for trafgen flat out, e.g. `--rates 150000,max`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
+    rates: Option<Vec<Option<u64>>>,
+    /// Contenders to run, e.g. `--contenders ceiling,recorder`.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    contenders: Option<Vec<Contender>>,
+    /// Skip the flow-rewrite run.
+    #[arg(long)]
+    no_rewrite: bool,
+}
+
+fn parse_rate(s: &str) -> Result<Option<u64>, String> {
+    if s == "max" {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e| format!("{s}: {e}"))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 enum Contender {
     Ceiling,
     Recorder,
@@ -119,7 +144,7 @@ struct Plan {
     secs_per_run: u64,
 }
 
-pub fn run(quick: bool, only: Option<Part>) -> Result<()> {
+pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
     let root = workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -129,7 +154,7 @@ pub fn run(quick: bool, only: Option<Part>) -> Result<()> {
     let datapath = if only == Some(Part::Sip) {
         None
     } else {
-        Some(datapath(quick, &out_dir, &mut commands)?)
+        Some(datapath(quick, select, &out_dir, &mut commands)?)
     };
     let sip = if only == Some(Part::Datapath) {
         None
@@ -164,7 +189,12 @@ struct Datapath {
     failures: Vec<String>,
 }
 
-fn datapath(quick: bool, out_dir: &Path, commands: &mut Vec<String>) -> Result<Datapath> {
+fn datapath(
+    quick: bool,
+    select: &Select,
+    out_dir: &Path,
+    commands: &mut Vec<String>,
+) -> Result<Datapath> {
     let out_dir = out_dir.to_path_buf();
     let plan = if quick {
         Plan {
@@ -189,6 +219,17 @@ fn datapath(quick: bool, out_dir: &Path, commands: &mut Vec<String>) -> Result<D
             secs_per_run: 2,
         }
     };
+    let mut plan = plan;
+    if let Some(flows) = &select.flows {
+        plan.flows.clone_from(flows);
+    }
+    if let Some(rates) = &select.rates {
+        plan.rates.clone_from(rates);
+    }
+    let contenders: Vec<Contender> = select
+        .contenders
+        .clone()
+        .unwrap_or_else(|| Contender::ALL.to_vec());
     let net = Net::create()?;
     let mut samples: HashMap<Contender, Vec<Sample>> = HashMap::new();
     let mut failures: Vec<String> = Vec::new();
@@ -205,7 +246,7 @@ fn datapath(quick: bool, out_dir: &Path, commands: &mut Vec<String>) -> Result<D
             if flows >= 20000 && matches!(rate, Some(r) if r != 50_000 && r != 200_000) {
                 continue;
             }
-            for c in Contender::ALL {
+            for &c in &contenders {
                 let s = match net.measure(c, flows, rate, count, &cfg, &out_dir, 0, commands) {
                     Ok(s) => s,
                     Err(e) => {
@@ -245,6 +286,29 @@ fn datapath(quick: bool, out_dir: &Path, commands: &mut Vec<String>) -> Result<D
         }
     }
     // Flow rewrite under load: the recorder at full rate while 1000 rewrites happen.
+    let rewrite = if select.no_rewrite {
+        failures.push("rewrite run skipped (--no-rewrite)".into());
+        Sample::default()
+    } else {
+        rewrite_run(&net, &plan, quick, &out_dir, commands)?
+    };
+    drop(net);
+    Ok(Datapath {
+        plan,
+        samples,
+        rewrite,
+        failures,
+    })
+}
+
+/// The recorder at full rate while [`REWRITES`] flow rewrites happen.
+fn rewrite_run(
+    net: &Net,
+    plan: &Plan,
+    quick: bool,
+    out_dir: &Path,
+    commands: &mut Vec<String>,
+) -> Result<Sample> {
     let rw_flows = *plan.flows.iter().find(|&&f| f >= 100).unwrap_or(&100);
     let cfg = out_dir.join(format!("rtp-{rw_flows}.cfg"));
     std::fs::write(&cfg, trafgen_config(rw_flows))?;
@@ -254,7 +318,7 @@ fn datapath(quick: bool, out_dir: &Path, commands: &mut Vec<String>) -> Result<D
         None,
         if quick { 1_000_000 } else { 2_000_000 },
         &cfg,
-        &out_dir,
+        out_dir,
         REWRITES,
         commands,
     )?;
@@ -262,13 +326,7 @@ fn datapath(quick: bool, out_dir: &Path, commands: &mut Vec<String>) -> Result<D
         "bench: rewrite run: offered={} written={} lost={} rewrites={}",
         rewrite.offered, rewrite.written, rewrite.lost, rewrite.extra["rewrites_done"]
     );
-    drop(net);
-    Ok(Datapath {
-        plan,
-        samples,
-        rewrite,
-        failures,
-    })
+    Ok(rewrite)
 }
 
 fn build() -> Result<()> {

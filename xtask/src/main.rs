@@ -43,6 +43,8 @@ enum Cli {
         /// Run only one part: `datapath` (trafgen contenders, rewrites) or `sip` (SIPp sessions).
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
+        #[command(flatten)]
+        select: bench::Select,
     },
 }
 
@@ -66,11 +68,15 @@ fn main() -> Result<()> {
             demo()
         }
         Cli::Lint => lint(),
-        Cli::Bench { quick, only } => {
+        Cli::Bench {
+            quick,
+            only,
+            select,
+        } => {
             setup::setup()?;
             build_ebpf()?;
             build_user()?;
-            bench::run(quick, only)
+            bench::run(quick, only, &select)
         }
     }
 }
