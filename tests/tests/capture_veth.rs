@@ -39,9 +39,13 @@ struct Rig {
 }
 
 fn rig(tag: &str) -> Rig {
+    rig_with(tag, &CaptureConfig::default())
+}
+
+fn rig_with(tag: &str, config: &CaptureConfig) -> Rig {
     let pair = VethPair::new(tag);
     let (capture, flows, consumer, counters) = pair.in_recorder(|| {
-        let mut capture = Capture::load(&CaptureConfig::default()).expect("load XDP object");
+        let mut capture = Capture::load(config).expect("load XDP object");
         let mode = capture
             .attach(&pair.recorder_if, AttachMode::Auto)
             .expect("attach XDP");
@@ -308,27 +312,28 @@ fn rewrite_while_traffic_runs_loses_nothing_and_remove_stops_capture() {
     assert!(rig.flows.list().is_empty());
 }
 
-/// Counts records and says when `target` is reached.
+/// Counts records and publishes the count.
 struct CountingSink {
-    count: usize,
-    target: usize,
-    reached: Option<tokio::sync::oneshot::Sender<()>>,
+    count: tokio::sync::watch::Sender<usize>,
 }
 
 impl recorder::capture::PacketSink for CountingSink {
     fn packet(&mut self, _packet: &recorder::capture::CapturedPacket<'_>) {
-        self.count += 1;
-        if self.count == self.target {
-            if let Some(tx) = self.reached.take() {
-                let _ = tx.send(());
-            }
-        }
+        self.count.send_modify(|n| *n += 1);
     }
 }
 
-#[test]
-fn async_consumer_is_woken_by_the_ring_not_the_tick() {
-    let mut rig = rig("async");
+/// Runs the async consumer with `tick` while `bursts` bursts of `per_burst` packets go to one
+/// flow. After each burst, waits (10 s at most) until all but `below` of the packets sent so far
+/// reached the sink. Returns the consumer and the sink's count once it stopped (its final drain
+/// takes the rest).
+fn run_async_consumer(
+    rig: &mut Rig,
+    tick: Duration,
+    bursts: usize,
+    per_burst: usize,
+    below: usize,
+) -> (RingConsumer, usize) {
     let local: SocketAddr = (rig.pair.recorder_v4, 42000).into();
     rig.flows
         .insert(FlowSpec {
@@ -346,36 +351,89 @@ fn async_consumer_is_woken_by_the_ring_not_the_tick() {
         .build()
         .unwrap();
     let consumer = std::mem::replace(&mut rig.consumer, RingConsumer::new(Vec::new()).unwrap());
-    const N: usize = 500;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let mut sink = CountingSink {
-        count: 0,
-        target: N,
-        reached: Some(tx),
-    };
+    let (count_tx, mut count_rx) = tokio::sync::watch::channel(0usize);
+    let mut sink = CountingSink { count: count_tx };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();
-    let started = Instant::now();
-    runtime.block_on(async {
-        // An hour-long tick: only the epoll wake-up can deliver the records in time.
-        let run = consumer.run(&mut sink, Duration::from_secs(3600), shutdown);
+    let consumer = runtime.block_on(async {
+        let run = consumer.run(&mut sink, tick, shutdown);
         let send = async {
-            tokio::task::yield_now().await;
-            for seq in 0..N as u64 {
-                sender.send_to(&payload(seq, 1, 172), local).unwrap();
-            }
-            tokio::time::timeout(Duration::from_secs(10), rx)
+            let mut sent = 0;
+            for _ in 0..bursts {
+                // The burst goes out without yielding: only a wake-up (or the tick) lets the
+                // consumer see it afterwards.
+                for _ in 0..per_burst {
+                    sender.send_to(&payload(sent, 1, 172), local).unwrap();
+                    sent += 1;
+                }
+                let want = (sent as usize).saturating_sub(below);
+                let waited = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    count_rx.wait_for(|n| *n >= want),
+                )
                 .await
-                .expect("consumer woken for every record")
-                .unwrap();
+                .is_ok();
+                assert!(
+                    waited,
+                    "{want} of {sent} records delivered within 10 s ({} were)",
+                    *count_rx.borrow()
+                );
+            }
             stop.cancel();
         };
         let (consumer, ()) = tokio::join!(run, send);
-        assert_eq!(consumer.stats.records, N as u64);
-        assert!(consumer.stats.wakeups >= 1);
+        consumer
     });
-    assert_eq!(sink.count, N);
-    assert!(started.elapsed() < Duration::from_secs(60));
+    let count = *sink.count.borrow();
+    (consumer, count)
+}
+
+#[test]
+fn async_consumer_is_woken_when_an_eighth_of_the_ring_fills() {
+    // 64 KiB rings: the program wakes the consumer each time unread data crosses 8 KiB.
+    let config = CaptureConfig {
+        ring_bytes: 64 << 10,
+        ..CaptureConfig::default()
+    };
+    let mut rig = rig_with("wake", &config);
+    // Bursts of 100 records (~25 KiB, within the ring even if nobody drains during a burst).
+    const BURSTS: usize = 5;
+    const PER_BURST: usize = 100;
+    const N: usize = BURSTS * PER_BURST;
+    // A record (ring header + record header + 214-byte frame) is over 200 bytes, so at most
+    // 8 KiB / 200 = 40 records can wait below the threshold.
+    const BELOW: usize = 40;
+    // An hour-long tick: only the ring's wake-ups can deliver the records in time.
+    let (consumer, count) = run_async_consumer(
+        &mut rig,
+        Duration::from_secs(3600),
+        BURSTS,
+        PER_BURST,
+        BELOW,
+    );
+    assert_eq!(
+        count, N,
+        "the final drain takes what stayed below the threshold"
+    );
+    assert_eq!(consumer.stats.records, N as u64);
+    assert_eq!(rig.counter(counter::RING_FULL), 0);
+    // The kernel's default wakes the consumer whenever it has caught up (up to once per
+    // record); here: one drain for the interval's first tick, a few per burst.
+    assert!(
+        consumer.stats.wakeups <= 1 + 4 * BURSTS as u64 + 1,
+        "{} drains for {N} records: woken per record?",
+        consumer.stats.wakeups
+    );
+}
+
+#[test]
+fn async_consumer_drains_a_trickle_on_its_tick() {
+    let mut rig = rig("trickle");
+    // Three records never reach the wake-up threshold (1 MiB of the default 8 MiB ring): the
+    // tick delivers them.
+    let (consumer, count) = run_async_consumer(&mut rig, Duration::from_millis(50), 1, 3, 0);
+    assert_eq!(count, 3);
+    assert_eq!(consumer.stats.records, 3);
 }
 
 #[test]
