@@ -41,12 +41,17 @@ const MIN_STEP: u64 = 64 * 1024;
 /// Largest growth step: steps double with the file size up to this.
 const MAX_STEP: u64 = 16 * 1024 * 1024;
 const PAGE: u64 = 4096;
-/// Pages are faulted in (`MADV_POPULATE_WRITE`) ahead of the writes this much at a time: one
-/// call per 64 pages instead of a fault per page, but not a whole growth step at once. Steps
-/// reach 16 MiB, and recordings started together grow in step: populating whole steps stalled
-/// the writer thread for long enough to fill the packet queue (`queue_full` in the bench at
-/// 150 000 packets/s).
+/// Pages are faulted in (`MADV_POPULATE_WRITE`) ahead of the writes, at most this much at a
+/// time: one call per 64 pages instead of a fault per page, but not a whole growth step at once.
+/// Steps reach 16 MiB, and recordings started together grow in step: populating whole steps
+/// stalled the writer thread for long enough to fill the packet queue (`queue_full` in the bench
+/// at 150 000 packets/s).
 const POPULATE_CHUNK: u64 = 256 * 1024;
+/// ... and at most this fraction of what the file already holds: a populated page is zeroed
+/// (it lies over a fallocated, unwritten extent) whether or not it is ever written, and 10 000
+/// recordings starting together with 256 KiB ahead in two files each zeroed 5 GB before their
+/// first seconds of audio (a quarter of the receiving CPU in the bench at 2 000 flows).
+const POPULATE_FRACTION: u64 = 8;
 
 /// No file descriptor is kept between writes: a mapping stays valid after its descriptor is
 /// closed, so the file is opened only to grow, cut or sync it. 10 000 live recordings would
@@ -58,7 +63,7 @@ pub(crate) struct MmapFile {
     len: u64,
     /// Bytes allocated in the file (and mapped).
     cap: u64,
-    /// End of the range faulted in ahead of the writes (see [`POPULATE_CHUNK`]).
+    /// End of the range faulted in ahead of the writes (see [`populate_ahead`]).
     populated: u64,
     /// Growth fails with `ENOSPC` when it would leave less free space than this on the
     /// filesystem (room kept to finish files and write metadata).
@@ -97,7 +102,7 @@ impl MmapFile {
         }
         let map = if len > 0 {
             // SAFETY: as in `reserve`: the file is ours and never truncated while mapped.
-            Some(unsafe { MmapMut::map_mut(&file)? })
+            Some(map_without_readahead(&file)?)
         } else {
             None
         };
@@ -147,16 +152,14 @@ impl MmapFile {
         };
         // Unmap before mapping the longer file (a single mapping of the whole file).
         self.map = None;
-        // SAFETY: the file is ours (created by this writer in its spool directory) and is never
-        // truncated while mapped: `finish` drops the mapping before `set_len`.
-        let map = unsafe { MmapMut::map_mut(&file)? };
+        let map = map_without_readahead(&file)?;
         self.map = Some(map);
         self.cap = new_cap;
         // `file` is closed here; the mapping keeps the pages.
         Ok(())
     }
 
-    /// Faults in the pages of `[offset, end)` and up to [`POPULATE_CHUNK`] after, in one call
+    /// Faults in the pages of `[offset, end)` and up to [`populate_ahead`] after, in one call
     /// instead of one page fault per 4 KiB written; best effort (kernels before 5.14 do not
     /// have it). Pages skipped by a positional write (WAV silence) are not touched.
     fn populate(&mut self, offset: u64, end: u64) {
@@ -167,7 +170,7 @@ impl MmapFile {
             return;
         };
         let from = self.populated.max(offset / PAGE * PAGE);
-        let to = self.cap.min(round_up(end).max(from + POPULATE_CHUNK));
+        let to = self.cap.min(round_up(end.max(from + populate_ahead(end))));
         if to > from {
             let _ = map.advise_range(
                 memmap2::Advice::PopulateWrite,
@@ -254,6 +257,65 @@ fn free_bytes(file: &File) -> io::Result<u64> {
     Ok(st.f_bavail * st.f_frsize)
 }
 
+/// Maps the whole file, without fault readahead.
+///
+/// A fault on a file mapping reads ahead (128 KiB by default) and every page read over a
+/// fallocated, unwritten extent is zeroed: populating one page of each of 20 000 new files
+/// zeroed 2.5 GB, most of the writer thread's time in the bench at 20 000 flows.
+fn map_without_readahead(file: &File) -> io::Result<MmapMut> {
+    // SAFETY: the file is ours (created by this writer in its spool directory) and is never
+    // truncated while mapped: `finish` drops the mapping before `set_len`.
+    let map = unsafe { MmapMut::map_mut(file)? };
+    // Best effort: without it, only slower.
+    let _ = map.advise(memmap2::Advice::Random);
+    Ok(map)
+}
+
+/// How far past a write at `end` pages are faulted in: 1/[`POPULATE_FRACTION`] of the file,
+/// one page to [`POPULATE_CHUNK`].
+fn populate_ahead(end: u64) -> u64 {
+    (end / POPULATE_FRACTION).clamp(PAGE, POPULATE_CHUNK)
+}
+
 fn round_up(n: u64) -> u64 {
     n.div_ceil(PAGE) * PAGE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_populated_ahead_in_proportion_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("mmapfile-populate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut f = MmapFile::create(&dir.join("f"), 0).unwrap();
+        // A new file: only the page written, not 256 KiB of zeroed pages per file.
+        f.slice_mut(0, 100).unwrap().fill(1);
+        assert_eq!(f.populated, PAGE);
+        // ... and no fault readahead zeroing the 31 pages after it: the mapping is `rr`.
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let path = dir.join("f").display().to_string();
+        let entry = smaps
+            .split_inclusive("VmFlags:")
+            .zip(smaps.split("VmFlags:").skip(1))
+            .find(|(head, _)| head.lines().any(|l| l.ends_with(&path)))
+            .map(|(_, flags)| flags.lines().next().unwrap_or_default().to_string())
+            .expect("the file's mapping in smaps");
+        assert!(
+            entry.split_whitespace().any(|f| f == "rr"),
+            "VmFlags:{entry}"
+        );
+        // A 1 MiB file: 1/8 of it ahead (space reserved beyond it, as after growth steps).
+        f.reserve(80 << 20).unwrap();
+        let at = 1 << 20;
+        f.slice_mut(at, 100).unwrap().fill(1);
+        assert_eq!(f.populated, round_up(at + (at + 100) / POPULATE_FRACTION));
+        // Never more than POPULATE_CHUNK ahead.
+        let at = 64 << 20;
+        f.slice_mut(at, 100).unwrap().fill(1);
+        assert_eq!(f.populated, at + POPULATE_CHUNK);
+        drop(f);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
