@@ -51,6 +51,9 @@ pub struct Select {
     /// Skip the flow-rewrite run.
     #[arg(long)]
     no_rewrite: bool,
+    /// Profile the recorder with perf also in `--quick` (a full run always does).
+    #[arg(long)]
+    profile: bool,
 }
 
 fn parse_rate(s: &str) -> Result<Option<u64>, String> {
@@ -186,6 +189,8 @@ struct Datapath {
     plan: Plan,
     samples: HashMap<Contender, Vec<Sample>>,
     rewrite: Sample,
+    /// Where the recorder's CPU goes, per flow count (see [`profile_run`]).
+    profiles: Vec<Value>,
     failures: Vec<String>,
 }
 
@@ -247,7 +252,8 @@ fn datapath(
                 continue;
             }
             for &c in &contenders {
-                let s = match net.measure(c, flows, rate, count, &cfg, &out_dir, 0, commands) {
+                let s = match net.measure(c, flows, rate, count, &cfg, &out_dir, 0, None, commands)
+                {
                     Ok(s) => s,
                     Err(e) => {
                         eprintln!(
@@ -290,21 +296,125 @@ fn datapath(
         failures.push("rewrite run skipped (--no-rewrite)".into());
         Sample::default()
     } else {
-        rewrite_run(&net, &plan, quick, &out_dir, commands)?
+        rewrite_run(
+            &net,
+            &plan,
+            samples
+                .get(&Contender::Recorder)
+                .map_or(&[][..], Vec::as_slice),
+            quick,
+            &out_dir,
+            commands,
+        )?
     };
+    let mut profiles = Vec::new();
+    if (!quick || select.profile) && contenders.contains(&Contender::Recorder) {
+        for &flows in &plan.flows {
+            match profile_run(&net, &plan, flows, &out_dir, commands) {
+                Ok(p) => profiles.push(p),
+                Err(e) => failures.push(format!("profile flows={flows}: {e:#}")),
+            }
+        }
+    }
     drop(net);
     Ok(Datapath {
         plan,
         samples,
         rewrite,
+        profiles,
         failures,
     })
 }
 
-/// The recorder at full rate while [`REWRITES`] flow rewrites happen.
+/// One more flat-out recorder run, under `perf record` on the receiving CPU (not in the
+/// tables: sampling costs a few percent): CPU share per thread and the hottest symbols.
+fn profile_run(
+    net: &Net,
+    plan: &Plan,
+    flows: u32,
+    out_dir: &Path,
+    commands: &mut Vec<String>,
+) -> Result<Value> {
+    let cfg = out_dir.join(format!("rtp-{flows}.cfg"));
+    let data = out_dir.join(format!("perf-recorder-{flows}.data"));
+    let s = net.measure(
+        Contender::Recorder,
+        flows,
+        None,
+        plan.max_packets,
+        &cfg,
+        out_dir,
+        0,
+        Some(&data),
+        commands,
+    )?;
+    let report = |sort: &str| -> Result<Vec<(f64, String)>> {
+        let out = Command::new("perf")
+            .args([
+                "report",
+                "--no-children",
+                "--stdio",
+                "-g",
+                "none",
+                "--sort",
+                sort,
+                "-i",
+            ])
+            .arg(&data)
+            .output()
+            .context("perf report")?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (pct, rest) = l.trim().split_once('%')?;
+                Some((
+                    pct.trim().parse().ok()?,
+                    rest.split_whitespace().collect::<Vec<_>>().join(" "),
+                ))
+            })
+            .collect())
+    };
+    // Thread names without their ids (napi/br0-1914 -> napi/br0).
+    let mut threads: Vec<(String, f64)> = Vec::new();
+    for (pct, comm) in report("comm")? {
+        let name = comm.rsplit_once('-').map_or(comm.as_str(), |(n, id)| {
+            if id.chars().all(|c| c.is_ascii_digit()) {
+                n
+            } else {
+                comm.as_str()
+            }
+        });
+        match threads.iter_mut().find(|(n, _)| n == name) {
+            Some((_, p)) => *p += pct,
+            None => threads.push((name.to_string(), pct)),
+        }
+    }
+    let symbols: Vec<Value> = report("comm,sym")?
+        .into_iter()
+        .take(25)
+        .map(|(pct, what)| json!({ "pct": pct, "comm_symbol": what }))
+        .collect();
+    eprintln!(
+        "bench: profile flows={flows}: {} pps, threads {threads:?}",
+        s.offered_pps.round()
+    );
+    Ok(json!({
+        "flows": flows, "offered_pps": s.offered_pps.round(), "lost": s.lost,
+        "perf_data": data.display().to_string(),
+        "threads_pct": threads.iter().map(|(n, p)| json!({ "thread": n, "pct": p })).collect::<Vec<_>>(),
+        "top_symbols": symbols,
+    }))
+}
+
+/// The recorder at full rate while [`REWRITES`] flow rewrites happen. "Full rate" is the highest
+/// rate at which the recorder lost nothing in this run's sweep (trafgen flat out if that was
+/// loss-free): above it, packets are lost to the writer whether or not flows move, which would
+/// hide what the rewrites themselves cost. Without a loss-free sweep point, the plan's lowest rate.
 fn rewrite_run(
     net: &Net,
     plan: &Plan,
+    recorder: &[Sample],
     quick: bool,
     out_dir: &Path,
     commands: &mut Vec<String>,
@@ -312,19 +422,38 @@ fn rewrite_run(
     let rw_flows = *plan.flows.iter().find(|&&f| f >= 100).unwrap_or(&100);
     let cfg = out_dir.join(format!("rtp-{rw_flows}.cfg"));
     std::fs::write(&cfg, trafgen_config(rw_flows))?;
+    let loss_free: Vec<Option<u64>> = recorder
+        .iter()
+        .filter(|s| s.flows == rw_flows && s.lost == 0)
+        .map(|s| s.nominal_pps)
+        .collect();
+    let rate = if loss_free.contains(&None) {
+        None
+    } else {
+        loss_free
+            .into_iter()
+            .flatten()
+            .max()
+            .or_else(|| plan.rates.iter().flatten().min().copied())
+    };
     let rewrite = net.measure(
         Contender::Recorder,
         rw_flows,
-        None,
+        rate,
         if quick { 1_000_000 } else { 2_000_000 },
         &cfg,
         out_dir,
         REWRITES,
+        None,
         commands,
     )?;
     eprintln!(
-        "bench: rewrite run: offered={} written={} lost={} rewrites={}",
-        rewrite.offered, rewrite.written, rewrite.lost, rewrite.extra["rewrites_done"]
+        "bench: rewrite run at {}: offered={} written={} lost={} rewrites={}",
+        rate_label(rate),
+        rewrite.offered,
+        rewrite.written,
+        rewrite.lost,
+        rewrite.extra["rewrites_done"]
     );
     Ok(rewrite)
 }
@@ -497,6 +626,7 @@ impl Net {
         cfg: &Path,
         out_dir: &Path,
         rewrites: u32,
+        profile: Option<&Path>,
         commands: &mut Vec<String>,
     ) -> Result<Sample> {
         let root = workspace_root();
@@ -576,6 +706,28 @@ impl Net {
         if !commands.contains(&rcmd) {
             commands.push(rcmd);
         }
+        // perf on the receiving CPU for the traffic window (profile runs only).
+        if let Some(data) = profile {
+            let cmd = format!("taskset -c 0 perf record -F 999 -C 1 -g -o {}", data.display());
+            if !commands.contains(&cmd) {
+                commands.push(cmd);
+            }
+        }
+        let perf = match profile {
+            Some(data) => Some(
+                Command::new("taskset")
+                    .args([
+                        "-c", "0", "perf", "record", "-F", "999", "-C", "1", "-g", "-o",
+                    ])
+                    .arg(data)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("perf record")?,
+            ),
+            None => None,
+        };
         let t0 = Instant::now();
         let tg = Command::new(&targv[0])
             .args(&targv[1..])
@@ -607,6 +759,11 @@ impl Net {
         }
         // Let the receiver empty its queues before CPU is read.
         std::thread::sleep(Duration::from_millis(300));
+        if let Some(mut perf) = perf {
+            // SAFETY: plain kill(2) on our own child; perf writes its file on SIGINT.
+            unsafe { libc::kill(perf.id() as libc::pid_t, libc::SIGINT) };
+            perf.wait().context("perf record")?;
+        }
         let cpu1 = cpu1_busy()? - cpu0;
         let napi_cpu_s = napi_cpu(&napi) - napi_before;
         let rx_if = last - rx0;
@@ -907,6 +1064,7 @@ fn report(
         },
         samples: HashMap::new(),
         rewrite: Sample::default(),
+        profiles: Vec::new(),
         failures: Vec::new(),
     };
     let has_dp = dp.is_some();
@@ -914,6 +1072,7 @@ fn report(
         plan,
         samples,
         rewrite,
+        profiles,
         failures,
     } = dp.unwrap_or(&empty);
     let get = |c: Contender| samples.get(&c).map(Vec::as_slice).unwrap_or(&[]);
@@ -986,6 +1145,7 @@ fn report(
         "sip": sip,
         "datapath_sessions_held": held,
         "rewrite": has_dp.then(|| rewrite.to_json()),
+        "profiles": has_dp.then_some(profiles),
         "per_flow_count": per_flows,
         "contenders": tables,
         "quick": quick,
@@ -1041,10 +1201,11 @@ fn report(
                 p["cpu_ratio_socket_at"].as_str().unwrap_or("-"),
             )?;
         }
-        writeln!(md, "\nTop level (worst over flow counts): ceiling_ratio {}, cpu_ratio_tcpdump {}, cpu_ratio_socket {}; rewrite_lost_packets {} (of which before the ring, i.e. by the rewrites: {}; {} rewrites during a flat-out run of {} packets, {} flows).\n",
+        writeln!(md, "\nTop level (worst over flow counts): ceiling_ratio {}, cpu_ratio_tcpdump {}, cpu_ratio_socket {}; rewrite_lost_packets {} (of which before the ring, i.e. by the rewrites: {}; {} rewrites during a run of {} packets to {} flows at {} ({:.0} pps offered), the recorder's highest loss-free rate for that flow count in this run).\n",
         f2(ceil_ratio), f2(tcp_ratio), f2(sock_ratio), rewrite.lost,
         rewrite.offered.saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0)),
-        rewrite.extra["rewrites_done"], rewrite.offered, rewrite.flows)?;
+        rewrite.extra["rewrites_done"], rewrite.offered, rewrite.flows,
+        rate_label(rewrite.nominal_pps), rewrite.offered_pps)?;
         writeln!(md, "## Every run\n")?;
         writeln!(md, "| contender | flows | rate | offered | offered pps | rx at if | sender drops | written | lost | loss % | seq gaps (flows) | CPU1 s (whole CPU) | proc s | napi s | CPU s / Mpkt (proc+napi) | RSS KiB |")?;
         writeln!(
@@ -1064,6 +1225,35 @@ fn report(
             }
         }
         writeln!(md, "\nRecorder XDP counters per run are in report.json (`contenders.recorder[].detail.xdp`).\n")?;
+        for p in profiles {
+            writeln!(
+                md,
+                "## Profile: recorder, {} flows, trafgen flat out ({} pps offered, {} lost)\n",
+                p["flows"], p["offered_pps"], p["lost"]
+            )?;
+            writeln!(md, "`perf record -F 999 -C 1 -g` on the receiving CPU during the traffic ({}); share of CPU 1's samples:\n", p["perf_data"].as_str().unwrap_or("-"))?;
+            for t in p["threads_pct"].as_array().into_iter().flatten().take(6) {
+                writeln!(
+                    md,
+                    "* {}: {:.1} %",
+                    t["thread"].as_str().unwrap_or("?"),
+                    t["pct"].as_f64().unwrap_or(0.0)
+                )?;
+            }
+            writeln!(
+                md,
+                "\nHottest symbols (self time, thread and symbol):\n\n```"
+            )?;
+            for sym in p["top_symbols"].as_array().into_iter().flatten().take(20) {
+                writeln!(
+                    md,
+                    "{:6.2}%  {}",
+                    sym["pct"].as_f64().unwrap_or(0.0),
+                    sym["comm_symbol"].as_str().unwrap_or("")
+                )?;
+            }
+            writeln!(md, "```\n")?;
+        }
     }
     if let Some(sip) = sip {
         md.push_str(&sip::markdown(sip)?);

@@ -36,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "postgresql",
     // The bench chart's font.
     "fonts-dejavu-core",
+    // The bench's profile of the recorder (perf record/report).
+    "linux-perf",
 ];
 
 pub fn setup() -> Result<()> {
