@@ -4,17 +4,20 @@
 //! lines; the decoders are turned into 256-entry tables at compile time.
 
 /// μ-law (PCMU) byte to 16-bit linear PCM.
+#[cfg(test)]
 pub(crate) fn ulaw(b: u8) -> i16 {
     ULAW[b as usize]
 }
 
 /// A-law (PCMA) byte to 16-bit linear PCM.
+#[cfg(test)]
 pub(crate) fn alaw(b: u8) -> i16 {
     ALAW[b as usize]
 }
 
-static ULAW: [i16; 256] = table(false);
-static ALAW: [i16; 256] = table(true);
+/// Decoding tables, indexed by the G.711 byte.
+pub(crate) static ULAW: [i16; 256] = table(false);
+pub(crate) static ALAW: [i16; 256] = table(true);
 
 const fn table(alaw: bool) -> [i16; 256] {
     let mut t = [0i16; 256];

@@ -51,11 +51,12 @@ impl Decoder {
         }
     }
 
-    fn decode(self, payload: &[u8], out: &mut Vec<i16>) {
-        out.clear();
+    /// Byte-to-sample table: the WAV writer decodes while it interleaves (no intermediate
+    /// buffer per packet).
+    fn table(self) -> &'static [i16; 256] {
         match self {
-            Decoder::Pcmu => out.extend(payload.iter().map(|&b| g711::ulaw(b))),
-            Decoder::Pcma => out.extend(payload.iter().map(|&b| g711::alaw(b))),
+            Decoder::Pcmu => &g711::ULAW,
+            Decoder::Pcma => &g711::ALAW,
         }
     }
 }
@@ -191,7 +192,6 @@ pub(crate) struct Recording {
     pub files: Option<FileQueue>,
     /// A disk error was already logged (log once, count always).
     warned: bool,
-    scratch: Vec<i16>,
 }
 
 /// What a handover carries of one active recording: enough to reopen its files and go on
@@ -310,7 +310,6 @@ impl Recording {
             next_meta: Instant::now(),
             files: None,
             warned: false,
-            scratch: Vec::new(),
         };
         rec.set_ids(s.ids);
         rec.set_participants(s.participants);
@@ -567,18 +566,21 @@ impl Recording {
         let data = payload
             .get(h.payload_offset..h.payload_offset + h.payload_len)
             .unwrap_or(&[]);
-        dec.decode(data, &mut self.scratch);
+        // G.711: one sample per byte.
+        let samples = data.len();
         // Audio before the start of the recording is cut (packets racing the 200 OK).
         let skip = (-pos).max(0) as usize;
-        if skip >= self.scratch.len() || pos > MAX_WAV_SECONDS * wav.rate() as i64 {
+        if skip >= samples || pos > MAX_WAV_SECONDS * wav.rate() as i64 {
             self.meta.dropped.out_of_range += 1;
             return failed;
         }
         let start = pos.max(0) as u64;
-        match wav.write(channel, start, &self.scratch[skip..]) {
+        let table = dec.table();
+        let decoded = data[skip..].iter().map(|&b| table[usize::from(b)]);
+        match wav.write(channel, start, decoded) {
             Ok(n) => {
                 failed.bytes += 2 * n as u64;
-                if n + skip < self.scratch.len() {
+                if n + skip < samples {
                     self.meta.dropped.out_of_range += 1;
                 }
             }
@@ -773,7 +775,6 @@ impl Recording {
             next_meta: Instant::now(),
             files: None,
             warned: false,
-            scratch: Vec::new(),
         })
     }
 }

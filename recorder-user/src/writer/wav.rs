@@ -86,7 +86,12 @@ impl WavWriter {
 
     /// Writes `samples` on `channel` starting at frame `start`. Returns how many were written
     /// (fewer when the RIFF size limit is reached); on a disk error nothing is written.
-    pub(crate) fn write(&mut self, channel: u16, start: u64, samples: &[i16]) -> io::Result<usize> {
+    pub(crate) fn write(
+        &mut self,
+        channel: u16,
+        start: u64,
+        samples: impl ExactSizeIterator<Item = i16>,
+    ) -> io::Result<usize> {
         let n = (samples.len() as u64).min(self.max_frames().saturating_sub(start)) as usize;
         if n == 0 || channel >= self.channels {
             return Ok(0);
@@ -98,7 +103,7 @@ impl WavWriter {
             .slice_mut(off, (n - 1) * fb + 2 * (channel as usize + 1))?;
         let at = 2 * channel as usize;
         // One frame per chunk (the last one may stop right after this channel).
-        for (frame, s) in region.chunks_mut(fb).zip(&samples[..n]) {
+        for (frame, s) in region.chunks_mut(fb).zip(samples.take(n)) {
             frame[at..at + 2].copy_from_slice(&s.to_le_bytes());
         }
         // The slice may end mid-frame (last channel not reached): round the length up.
