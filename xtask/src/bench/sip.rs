@@ -588,6 +588,9 @@ struct Daemon {
     control: PathBuf,
     spool: PathBuf,
     log: PathBuf,
+    /// The daemon's bpffs pins: a daemon that did not stop cleanly leaves its XDP link pinned
+    /// there, attached to the bench interface, and the next daemon could not attach.
+    pins: PathBuf,
 }
 
 impl Daemon {
@@ -598,6 +601,8 @@ impl Daemon {
         let control = dir.join(format!("control-{tag}.sock"));
         let log = dir.join(format!("recorder-{tag}.log"));
         let config = dir.join(format!("recorder-{tag}.toml"));
+        let pins = bench_bpffs()?.join(tag);
+        let _ = std::fs::remove_dir_all(&pins);
         // Two port pairs per session (RTP + RTCP each); 10000-64999 holds 27 500 pairs.
         std::fs::write(
             &config,
@@ -608,7 +613,7 @@ max_flows = 65536\nmax_sessions = {max_sessions}\nidle_timeout_secs = 7200\n\
 control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir = \"{}\"\n",
                 spool.display(),
                 control.display(),
-                bench_bpffs()?.join(tag).display(),
+                pins.display(),
             ),
         )?;
         let logf = std::fs::File::create(&log)?;
@@ -627,6 +632,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
             control,
             spool,
             log,
+            pins,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -836,6 +842,8 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(st) = child.try_wait()? {
+                // A clean stop removed them; otherwise they keep XDP attached.
+                let _ = std::fs::remove_dir_all(&self.pins);
                 if !st.success() {
                     bail!("recorder exited with {st}");
                 }
@@ -844,6 +852,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&self.pins);
                 bail!("recorder did not exit within 120 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(100)); // polling a child's exit
@@ -856,6 +865,7 @@ impl Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            let _ = std::fs::remove_dir_all(&self.pins);
         }
     }
 }
