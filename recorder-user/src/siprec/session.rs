@@ -436,6 +436,11 @@ impl<F: FlowControl> Recorder<F> {
         self.flush(now, endpoint);
     }
 
+    /// How many sessions are live (without building their summaries, as `sessions` does).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
     pub fn sessions(&self) -> Vec<SessionSummary> {
         self.sessions
             .values()
@@ -3703,6 +3708,7 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
             .collect();
         assert_eq!(byes, call_ids[..10], "the first ten, in order");
         assert_eq!(h.rec.sessions().len(), 30);
+        assert_eq!(h.rec.session_count(), 30);
         let sent = h.advance(Duration::from_secs(30));
         assert_eq!(requests(&sent).len(), 30);
         assert!(h.rec.sessions().is_empty());
