@@ -732,9 +732,17 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
                     }
                     good = Some(s);
                 }
-                // Busy: the status or index query timed out; it counts as no progress.
-                Err(e) if good.is_none() && moved.elapsed() > idle => return Err(e),
-                Err(_) => {}
+                // Busy: the status or index query timed out (a saturated daemon answers late).
+                // Recordings still landing in the spool are progress all the same.
+                Err(e) => {
+                    let spool_now = spool_recordings(&self.spool);
+                    if spool_now != last.1 {
+                        last.1 = spool_now;
+                        moved = Instant::now();
+                    } else if good.is_none() && moved.elapsed() > idle {
+                        return Err(e);
+                    }
+                }
             }
             if moved.elapsed() > idle || Instant::now() > give_up {
                 return good.context("no answer from the daemon");
