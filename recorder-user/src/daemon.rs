@@ -205,6 +205,26 @@ fn fds_to_spare() -> bool {
     limit.saturating_sub(open) > (limit / 20).max(256)
 }
 
+/// How long shutdown waits for the writer's other users to let go of it.
+const WRITER_RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits (up to `wait`) until `shared` has no other owner and returns its value. Control
+/// connections outlive the control listener: one still answering a query (an index search
+/// takes seconds with tens of thousands of recordings) holds the writer for that long, and
+/// failing then would leave the recordings unfinished and XDP attached.
+async fn sole_owner<T>(mut shared: Arc<T>, wait: Duration) -> Result<T, Arc<T>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match Arc::try_unwrap(shared) {
+            Ok(value) => return Ok(value),
+            Err(still) if tokio::time::Instant::now() >= deadline => return Err(still),
+            Err(still) => shared = still,
+        }
+        // Nothing signals the last clone's drop: poll, briefly.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Holds an exclusive lock on the spool for the daemon's lifetime: two daemons on one spool (or
 /// one handover file) would corrupt each other's recordings.
 fn lock_spool(spool: &std::path::Path) -> Result<std::fs::File> {
@@ -659,8 +679,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     let _ = reload_task.await;
     let _ = rtcp_task.await;
-    let writer =
-        Arc::try_unwrap(writer).map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;
+    let writer = sole_owner(writer, WRITER_RELEASE_WAIT)
+        .await
+        .map_err(|_| anyhow::anyhow!("writer still in use at shutdown"))?;
     if let (true, Some(recorder_handover)) = (hand_over, recorder_handover) {
         let pinned = capture.pinning();
         let writer_handover = writer
@@ -709,4 +730,36 @@ pub async fn query<T: Send + 'static>(
     });
     commands.send(cmd).await.ok()?;
     rx.await.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_waits_for_the_writers_last_other_user() {
+        let shared = Arc::new(7u32);
+        let held = shared.clone();
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let holder = tokio::spawn(async move {
+            let _ = release_rx.await;
+            drop(held);
+        });
+        let waiting = tokio::spawn(sole_owner(shared, Duration::from_secs(30)));
+        // Its first try fails while `held` is alive.
+        tokio::task::yield_now().await;
+        release_tx.send(()).unwrap();
+        holder.await.unwrap();
+        assert_eq!(waiting.await.unwrap().ok(), Some(7));
+    }
+
+    #[tokio::test]
+    async fn shutdown_gives_up_on_a_user_that_never_lets_go() {
+        let shared = Arc::new(7u32);
+        let _held = shared.clone();
+        let back = sole_owner(shared, Duration::from_millis(120))
+            .await
+            .expect_err("still shared");
+        assert_eq!(Arc::strong_count(&back), 2);
+    }
 }

@@ -79,7 +79,7 @@ impl Snapshot {
         };
         let (sessions_active, siprec, sip) = query(&sources.commands, |app, endpoint, _| {
             (
-                app.sessions().len() as u64,
+                app.session_count() as u64,
                 app.counters().clone(),
                 endpoint.counters().clone(),
             )

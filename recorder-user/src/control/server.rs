@@ -271,7 +271,7 @@ async fn status(state: &ControlState) -> Response {
     };
     let sip = query(&state.commands, |app, endpoint, _| {
         json!({
-            "sessions_active": app.sessions().len(),
+            "sessions_active": app.session_count(),
             "siprec": app.counters(),
             "endpoint": endpoint.counters(),
         })

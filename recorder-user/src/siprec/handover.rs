@@ -395,9 +395,15 @@ impl<F: FlowControl> Recorder<F> {
             next_idle_check: now + snap.idle_check_in.saturating_sub(downtime),
             snapshot_asked: snap.snapshot_asked,
             snapshot_due: snap.snapshot_due,
+            armed_at: None,
         };
         info!(id = %session.id, call_id = %dialog.call_id, confirmed, "recording session carried on");
+        let snapshot_due = session.snapshot_due.is_some();
         self.sessions.insert(snap.key.clone(), session);
+        self.arm(&snap.key);
+        if snapshot_due {
+            self.snapshots_due.push(snap.key.clone());
+        }
         if let Some(detail) = flow_error {
             // The dialog is back: the client hears why with a BYE.
             let reason = EndReason::Error { detail };

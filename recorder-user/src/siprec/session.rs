@@ -17,7 +17,8 @@
 //! [`Recorder::restore`] (see the `handover` submodule).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap},
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant, SystemTime},
 };
@@ -290,6 +291,8 @@ struct Session {
     snapshot_asked: Vec<String>,
     /// A snapshot request to send (its reason) once the dialog is confirmed.
     snapshot_due: Option<String>,
+    /// The deadline of this session's current entry in `Recorder::timers`, if any.
+    armed_at: Option<Instant>,
 }
 
 impl Session {
@@ -308,6 +311,16 @@ impl Session {
     /// end of RTP is noticed within a quarter of the idle timeout.
     fn schedule_idle_check(&mut self, now: Instant, idle: Duration) {
         self.next_idle_check = (self.last_activity + idle).min(now + idle / 4);
+    }
+
+    /// When `Recorder::on_timeout` has work for this session.
+    fn deadline(&self) -> Instant {
+        match &self.phase {
+            Phase::Pending { answer_at, .. } => *answer_at,
+            _ => self
+                .refresh_deadline
+                .map_or(self.next_idle_check, |d| d.min(self.next_idle_check)),
+        }
     }
 }
 
@@ -346,6 +359,14 @@ pub struct Recorder<F: FlowControl> {
     snapshots_in_flight: HashMap<DialogId, SnapshotInFlight>,
     /// Snapshot requests refused with 491, to send again at the given time.
     snapshot_retries: Vec<(Instant, DialogId, String)>,
+    /// Session deadlines, earliest first, so that a timer or an event costs O(log n), not a
+    /// pass over every session (with thousands held, those passes were most of the CPU per
+    /// new session). An entry is current while its session's `armed_at` holds its instant;
+    /// stale ones are skipped, popped from the top in `flush`, and dropped all at once when
+    /// they outnumber the sessions.
+    timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
+    /// Sessions whose `snapshot_due` is set, so that `flush` does not look at every session.
+    snapshots_due: Vec<SessionKey>,
 }
 
 impl<F: FlowControl> Recorder<F> {
@@ -370,6 +391,8 @@ impl<F: FlowControl> Recorder<F> {
             outbox: Outbox::default(),
             snapshots_in_flight: HashMap::new(),
             snapshot_retries: Vec::new(),
+            timers: BinaryHeap::new(),
+            snapshots_due: Vec::new(),
         }
     }
 
@@ -411,6 +434,11 @@ impl<F: FlowControl> Recorder<F> {
     pub fn shutdown(&mut self, now: Instant, endpoint: &mut Endpoint) {
         self.shutdown_sessions(now);
         self.flush(now, endpoint);
+    }
+
+    /// How many sessions are live (without building their summaries, as `sessions` does).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
     pub fn sessions(&self) -> Vec<SessionSummary> {
@@ -466,6 +494,7 @@ impl<F: FlowControl> Recorder<F> {
             return Some(self.reject(Reject::new(400, "Missing Call-ID or From", "bad_request")));
         };
         let in_dialog = to_tag(&request.headers).is_some();
+        let armed = key.clone();
         let result = match (&request.method, in_dialog) {
             (Method::Invite, false) => {
                 if self.sessions.contains_key(&key) {
@@ -483,6 +512,8 @@ impl<F: FlowControl> Recorder<F> {
             )),
             _ => self.in_dialog(now, wall, dialog, &key, request),
         };
+        // A new session, a refresh or a BYE may have moved (or ended) the session's deadline.
+        self.arm(&armed);
         match result {
             Ok(reply) => reply,
             Err(reject) => Some(self.reject(reject)),
@@ -697,6 +728,7 @@ impl<F: FlowControl> Recorder<F> {
             next_idle_check: now + self.config.idle_timeout / 4,
             snapshot_asked: Vec::new(),
             snapshot_due: None,
+            armed_at: None,
         };
         let streams = session.streams();
         info!(id = %id, call_id = %key.call_id, streams = streams.len(), "recording session started");
@@ -1184,23 +1216,34 @@ impl<F: FlowControl> Recorder<F> {
         );
         info!(id = %session.id, %reason, "requesting a metadata snapshot");
         session.snapshot_due = Some(reason);
+        self.snapshots_due.push(key.clone());
     }
 
     /// Queues the due snapshot requests of confirmed dialogs (an initial INVITE's request
     /// waits for its ACK).
     fn queue_snapshot_requests(&mut self) {
-        for session in self.sessions.values_mut() {
+        if self.snapshots_due.is_empty() {
+            return;
+        }
+        let sessions = &mut self.sessions;
+        let outbox = &mut self.outbox;
+        // Kept: sessions still waiting for their ACK. Dropped: sent, or the session is gone.
+        self.snapshots_due.retain(|key| {
+            let Some(session) = sessions.get_mut(key) else {
+                return false;
+            };
             let (Phase::Confirmed, Some(dialog)) = (&session.phase, &session.dialog) else {
-                continue;
+                return session.snapshot_due.is_some();
             };
             if let Some(reason) = session.snapshot_due.take() {
-                self.outbox.snapshot_requests.push((
+                outbox.snapshot_requests.push((
                     dialog.clone(),
                     snapshot_request_xml(&reason),
                     false,
                 ));
             }
-        }
+            false
+        });
     }
 
     /// Ends a session: flows removed, ports released, `Ended` emitted, BYE queued if asked.
@@ -1251,6 +1294,19 @@ impl<F: FlowControl> Recorder<F> {
     }
 
     fn session_for_dialog(&self, dialog: &DialogId) -> Option<SessionKey> {
+        // Our dialogs are the client's: its Call-ID and From tag (the dialog's remote tag) are
+        // the session's key, one lookup. The scan is for a session keyed otherwise, if any.
+        let key = SessionKey {
+            call_id: dialog.call_id.clone(),
+            from_tag: dialog.remote_tag.clone(),
+        };
+        if self
+            .sessions
+            .get(&key)
+            .is_some_and(|s| s.dialog.as_ref() == Some(dialog))
+        {
+            return Some(key);
+        }
         self.sessions
             .values()
             .find(|s| s.dialog.as_ref() == Some(dialog))
@@ -1266,42 +1322,64 @@ impl<F: FlowControl> Recorder<F> {
 
     // ---------------------------------------------------------------- timers
 
+    /// Puts the session's deadline in `timers` (nothing if it is already there or the session
+    /// is gone).
+    fn arm(&mut self, key: &SessionKey) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let at = session.deadline();
+        if session.armed_at == Some(at) {
+            return;
+        }
+        session.armed_at = Some(at);
+        self.timers.push(Reverse((at, key.clone())));
+        // Ended and re-armed sessions leave entries behind until their instant comes (an idle
+        // check can be an hour away): drop them when they outnumber the sessions (amortised
+        // O(1) per entry, since at most one entry per session is current).
+        if self.timers.len() > 2 * self.sessions.len() + 64 {
+            let sessions = &self.sessions;
+            self.timers
+                .retain(|Reverse((at, key))| timer_is_current(sessions, *at, key));
+        }
+    }
+
+    /// Pops stale entries off the top, so that `next_deadline` is a real deadline.
+    fn prune_timers(&mut self) {
+        while let Some(Reverse((at, key))) = self.timers.peek() {
+            if timer_is_current(&self.sessions, *at, key) {
+                return;
+            }
+            self.timers.pop();
+        }
+    }
+
     /// Sends deferred answers, ends sessions whose session timer expired or that went idle.
+    /// Looks only at the sessions whose deadline is due.
     fn on_timeout(&mut self, now: Instant) {
         let wall = SystemTime::now();
+        let mut due = Vec::new();
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, key))) = self.timers.pop() else {
+                break;
+            };
+            if let Some(session) = self.sessions.get_mut(&key) {
+                if session.armed_at == Some(at) {
+                    session.armed_at = None;
+                    due.push(key);
+                }
+            }
+        }
         let mut expired = Vec::new();
         let mut idle = Vec::new();
-        for (key, session) in self.sessions.iter_mut() {
-            let due =
-                matches!(&session.phase, Phase::Pending { answer_at, .. } if *answer_at <= now);
-            if due {
-                if let Phase::Pending { txn, reply, .. } =
-                    std::mem::replace(&mut session.phase, Phase::Answered)
-                {
-                    self.outbox.replies.push((txn, reply));
-                    session.last_activity = now;
-                    session.refresh_deadline = session.session_expires.map(|se| now + se);
-                }
-            }
-            if due || matches!(session.phase, Phase::Pending { .. }) {
-                continue;
-            }
-            if session.refresh_deadline.is_some_and(|d| d <= now) {
-                expired.push(key.clone());
-                continue;
-            }
-            if session.next_idle_check <= now {
-                let packets: u64 = session.flow_ids().map(|id| self.flows.packets(id)).sum();
-                if packets != session.packets_seen {
-                    session.packets_seen = packets;
-                    session.last_activity = now;
-                    session.last_activity_wall = wall;
-                }
-                if session.last_activity + self.config.idle_timeout <= now {
-                    idle.push(key.clone());
-                } else {
-                    session.schedule_idle_check(now, self.config.idle_timeout);
-                }
+        for key in due {
+            match self.session_timeout(now, wall, &key) {
+                Some(SessionDue::Expired) => expired.push(key),
+                Some(SessionDue::Idle) => idle.push(key),
+                None => self.arm(&key),
             }
         }
         for key in expired {
@@ -1314,15 +1392,51 @@ impl<F: FlowControl> Recorder<F> {
         }
     }
 
+    /// One session's due work: its deferred answer, its session timer, its idle check.
+    fn session_timeout(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        key: &SessionKey,
+    ) -> Option<SessionDue> {
+        let session = self.sessions.get_mut(key)?;
+        let due = matches!(&session.phase, Phase::Pending { answer_at, .. } if *answer_at <= now);
+        if due {
+            if let Phase::Pending { txn, reply, .. } =
+                std::mem::replace(&mut session.phase, Phase::Answered)
+            {
+                self.outbox.replies.push((txn, reply));
+                session.last_activity = now;
+                session.refresh_deadline = session.session_expires.map(|se| now + se);
+            }
+        }
+        if due || matches!(session.phase, Phase::Pending { .. }) {
+            return None;
+        }
+        if session.refresh_deadline.is_some_and(|d| d <= now) {
+            return Some(SessionDue::Expired);
+        }
+        if session.next_idle_check <= now {
+            let packets: u64 = session.flow_ids().map(|id| self.flows.packets(id)).sum();
+            if packets != session.packets_seen {
+                session.packets_seen = packets;
+                session.last_activity = now;
+                session.last_activity_wall = wall;
+            }
+            if session.last_activity + self.config.idle_timeout <= now {
+                return Some(SessionDue::Idle);
+            }
+            session.schedule_idle_check(now, self.config.idle_timeout);
+        }
+        None
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
-        self.sessions
-            .values()
-            .map(|s| match &s.phase {
-                Phase::Pending { answer_at, .. } => *answer_at,
-                _ => s
-                    .refresh_deadline
-                    .map_or(s.next_idle_check, |d| d.min(s.next_idle_check)),
-            })
+        // The top may be stale (pruned in `flush`): at worst an early wake-up with nothing due.
+        self.timers
+            .peek()
+            .map(|Reverse((at, _))| *at)
+            .into_iter()
             .chain(self.snapshot_retries.iter().map(|(at, _, _)| *at))
             .min()
     }
@@ -1359,6 +1473,7 @@ impl<F: FlowControl> Recorder<F> {
 
     /// Sends what the logic queued.
     fn flush(&mut self, now: Instant, endpoint: &mut Endpoint) {
+        self.prune_timers();
         for (txn, reply) in std::mem::take(&mut self.outbox.replies) {
             send_reply(now, endpoint, &txn, reply);
         }
@@ -1473,6 +1588,21 @@ impl<F: FlowControl> SipApp for Recorder<F> {
     fn poll_timeout(&self) -> Option<Instant> {
         self.next_deadline()
     }
+}
+
+/// What a session's timer found due.
+enum SessionDue {
+    Expired,
+    Idle,
+}
+
+/// Whether a `Recorder::timers` entry still stands for its session's deadline.
+fn timer_is_current(
+    sessions: &BTreeMap<SessionKey, Session>,
+    at: Instant,
+    key: &SessionKey,
+) -> bool {
+    sessions.get(key).is_some_and(|s| s.armed_at == Some(at))
 }
 
 /// Turns a [`Reply`] into a response on its transaction.
@@ -3549,5 +3679,96 @@ a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubG
         );
         assert_eq!(h.rec.sessions().len(), 1, "the recording session goes on");
         assert!(h.flow(h.rec.sessions()[0].streams[0].local_port).is_some());
+    }
+
+    /// Many sessions with session timers set at different times: each expires at its own
+    /// deadline (the timer heap keeps them in order), the others go on.
+    #[test]
+    fn session_timers_of_many_sessions_fire_in_order_and_only_when_due() {
+        let mut h = Harness::new(SiprecConfig {
+            rtp_ports: (40000, 49999),
+            ..config()
+        });
+        let call_ids: Vec<String> = (0..40).map(|i| format!("many-{i}@src")).collect();
+        for call_id in &call_ids {
+            h.establish(
+                Req::new("INVITE", call_id)
+                    .header("Supported: timer")
+                    .header("Session-Expires: 120;refresher=uac")
+                    .body("application/sdp", &sdp(1, &[20000], "sendonly")),
+            );
+            h.advance(Duration::from_secs(1));
+        }
+        // Session i was set up at i s and expires at i + 120 s; it is now 40 s.
+        let sent = h.advance(Duration::from_millis(89_500));
+        let byes: Vec<String> = requests(&sent)
+            .iter()
+            .filter(|r| r.method == Method::Bye)
+            .map(|r| header_value(&r.headers, "Call-ID").unwrap())
+            .collect();
+        assert_eq!(byes, call_ids[..10], "the first ten, in order");
+        assert_eq!(h.rec.sessions().len(), 30);
+        assert_eq!(h.rec.session_count(), 30);
+        let sent = h.advance(Duration::from_secs(30));
+        assert_eq!(requests(&sent).len(), 30);
+        assert!(h.rec.sessions().is_empty());
+        // Every timer entry went with its session: no wake-ups for sessions that are gone.
+        assert_eq!(h.rec.poll_timeout(), None);
+    }
+
+    /// A refresh that shortens the session timer moves the deadline earlier, not only later.
+    #[test]
+    fn refresh_with_a_shorter_session_timer_ends_the_session_sooner() {
+        let mut h = Harness::new(config());
+        let req = Req::new("INVITE", "shorter@src")
+            .header("Supported: timer")
+            .header("Session-Expires: 1800;refresher=uac")
+            .body("application/sdp", &sdp(1, &[20000], "sendonly"));
+        let (resp, _) = h.establish(req);
+        let tag = to_tag(&resp.headers).unwrap();
+        h.advance(Duration::from_secs(10));
+        let (code, _) = status(
+            &mut h,
+            &Req::new("UPDATE", "shorter@src")
+                .in_dialog(&tag, 2)
+                .header("Session-Expires: 120;refresher=uac"),
+        );
+        assert_eq!(code, 200);
+        assert_eq!(h.rec.poll_timeout(), Some(h.now + Duration::from_secs(120)));
+        let sent = h.advance(Duration::from_secs(121));
+        assert_eq!(requests(&sent).len(), 1, "{sent:?}");
+        assert!(h.rec.sessions().is_empty());
+    }
+
+    /// Sessions set up and ended by the thousand leave no timer entries behind.
+    #[test]
+    fn ended_sessions_leave_no_timer_entries_behind() {
+        let mut h = Harness::new(SiprecConfig {
+            rtp_ports: (40000, 49999),
+            port_cooldown: Duration::ZERO,
+            ..config()
+        });
+        let held =
+            Req::new("INVITE", "held@src").body("application/sdp", &sdp(1, &[20000], "sendonly"));
+        h.establish(held);
+        for i in 0..1000 {
+            let call_id = format!("churn-{i}@src");
+            let (resp, _) = h.establish(
+                Req::new("INVITE", &call_id).body("application/sdp", &sdp(1, &[20000], "sendonly")),
+            );
+            let tag = to_tag(&resp.headers).unwrap();
+            let (code, _) = status(&mut h, &Req::new("BYE", &call_id).in_dialog(&tag, 2));
+            assert_eq!(code, 200);
+            h.take_events();
+            assert!(
+                h.rec.timers.len() <= 2 * h.rec.sessions.len() + 64,
+                "{}",
+                h.rec.timers.len()
+            );
+        }
+        assert_eq!(h.rec.sessions().len(), 1);
+        // The held session's idle check is the only deadline.
+        let deadline = h.rec.poll_timeout().expect("the held session's idle check");
+        assert!(deadline > h.now, "{deadline:?}");
     }
 }

@@ -45,6 +45,10 @@ pub struct SipPlan {
     pub target_sessions: u32,
     /// Highest rate used to ramp the held sessions up.
     pub max_ramp_rate: u32,
+    /// Share of the daemon's CPU the ramp may take, by the sweep's CPU per session: the rest is
+    /// for what grows with the sessions held (RTCP reports, the writer's per-recording work)
+    /// and for retransmissions, so that calls do not time out while the daemon catches up.
+    pub ramp_cpu_share: f64,
 }
 
 impl SipPlan {
@@ -55,6 +59,7 @@ impl SipPlan {
             hold_ms: 100,
             target_sessions: 500,
             max_ramp_rate: 200,
+            ramp_cpu_share: 0.5,
         }
     }
 
@@ -67,12 +72,23 @@ impl SipPlan {
             hold_ms: 100,
             target_sessions: 10_000,
             max_ramp_rate: 500,
+            ramp_cpu_share: 0.5,
         }
     }
 }
 
 /// Runs both SIP phases; returns the report's `sip` section.
 pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
+    // The daemon under test is the release binary: build it, so that the bench never measures
+    // a stale one.
+    crate::run(crate::cargo(None).args([
+        "build",
+        "--release",
+        "--package",
+        "recorder-user",
+        "--bin",
+        "recorder",
+    ]))?;
     let dir = out_dir.join("sip");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -89,16 +105,21 @@ pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result
         .iter()
         .filter(|r| r["passed"] == true && r["rate"].as_u64() == best)
         .find_map(|r| r["achieved_cps"].as_f64());
-    let ramp_rate = best
-        .map(|b| (b as u32).min(plan.max_ramp_rate))
-        .unwrap_or(plan.rates[0]);
-    let held = match hold(plan, ramp_rate, &dir, commands) {
+    let cpu_ms = sweep
+        .iter()
+        .filter(|r| r["passed"] == true && r["rate"].as_u64() == best)
+        .find_map(|r| r["daemon_cpu_ms_per_session"].as_f64());
+    let (ramp_rate, ramp_reason) = ramp_rate(plan, best.map(|b| b as u32), cpu_ms);
+    eprintln!("bench: sip hold ramp {ramp_rate} calls/s: {ramp_reason}");
+    let mut held = match hold(plan, ramp_rate, &dir, commands) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("bench: sip hold phase failed: {e:#}");
             json!({ "error": format!("{e:#}") })
         }
     };
+    held["ramp_rate"] = json!(ramp_rate);
+    held["ramp_rate_reason"] = json!(ramp_reason);
     let _ = std::fs::remove_dir_all(dir.join("spool"));
     Ok(json!({
         "sessions_per_second": best,
@@ -115,6 +136,44 @@ pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result
             "File-backed RSS is the recordings' mmapped pcap/WAV windows (page cache the kernel can write back and reclaim); anonymous RSS is the daemon's heap.",
         ],
     }))
+}
+
+/// The hold phase's call rate and why: the lowest of the best sweep rate, the plan's cap, and
+/// the rate at which set-ups alone would take `ramp_cpu_share` of the daemon's CPU (by the
+/// sweep's CPU per session at its best rate), rounded down to a multiple of 50 (at least 50).
+fn ramp_rate(plan: &SipPlan, best: Option<u32>, cpu_ms_per_session: Option<f64>) -> (u32, String) {
+    let Some(best) = best else {
+        let r = plan.rates[0];
+        return (
+            r,
+            format!("no sweep rate passed: the lowest rate tried, {r}/s"),
+        );
+    };
+    let by_cpu = cpu_ms_per_session
+        .filter(|ms| *ms > 0.0)
+        .map(|ms| (plan.ramp_cpu_share * 1000.0 / ms) as u32);
+    let mut limits = vec![
+        (best, format!("the best sweep rate ({best}/s)")),
+        (
+            plan.max_ramp_rate,
+            format!("the cap of {}/s", plan.max_ramp_rate),
+        ),
+    ];
+    if let (Some(r), Some(ms)) = (by_cpu, cpu_ms_per_session) {
+        limits.push((
+            r,
+            format!(
+                "{:.0}% of one CPU at the sweep's {ms:.2} ms of daemon CPU per session ({r}/s)",
+                plan.ramp_cpu_share * 100.0
+            ),
+        ));
+    }
+    let (limit, why) = limits
+        .into_iter()
+        .min_by_key(|(r, _)| *r)
+        .expect("two limits at least");
+    let rate = (limit / 50 * 50).max(50);
+    (rate, format!("lowest of the best sweep rate, the cap and the CPU budget: {why}, rounded down to {rate}/s"))
 }
 
 fn sweep(plan: &SipPlan, dir: &Path, commands: &mut Vec<String>) -> Result<Vec<Value>> {
@@ -249,6 +308,8 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
     let mut last_change = Instant::now();
     let mut status_errors = 0;
     let mut at_peak: Option<Value> = None;
+    // (sessions active, daemon CPU s) at each poll: CPU per new session against sessions held.
+    let mut series: Vec<(u64, f64)> = vec![(base.sessions_active, base.cpu_s)];
     let stop_reason = loop {
         std::thread::sleep(Duration::from_secs(1));
         log.poll();
@@ -278,6 +339,7 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
                 continue;
             }
         };
+        series.push((snap.sessions_active, snap.cpu_s));
         if snap.sessions_active > peak.sessions_active {
             peak = snap.clone();
             last_change = Instant::now();
@@ -308,6 +370,10 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
         }
     };
     let ramp_s = t0.elapsed().as_secs_f64();
+    let ramp_cpu_ms = (peak.sessions_active > base.sessions_active).then(|| {
+        (peak.cpu_s - base.cpu_s) * 1000.0 / (peak.sessions_active - base.sessions_active) as f64
+    });
+    let by_held = cpu_per_session_by_held(&series, u64::from(target) / 5);
     let at_peak = at_peak.unwrap_or_else(|| {
         daemon.inspect(&base, &rss_split_before, daemon.open_fds().unwrap_or(0))
     });
@@ -336,6 +402,7 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
     log.poll();
     Ok(json!({
         "target_sessions": target, "ramp_rate": rate, "ramp_s": ramp_s,
+        "ramp_cpu_ms_per_session": ramp_cpu_ms, "cpu_ms_per_session_by_held": by_held,
         "peak_sessions": peak.sessions_active, "max_held_zero_failures": held_ok,
         "sipp_current_calls": s.current, "sipp_failed": s.failed, "sipp_errors": sipp.errors(),
         "stop_reason": stop_reason, "rejections": peak.rejections,
@@ -347,6 +414,30 @@ fn hold(plan: &SipPlan, rate: u32, dir: &Path, commands: &mut Vec<String>) -> Re
         "daemon_log_first_warnings": log.first,
         "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
     }))
+}
+
+/// Daemon CPU per new session while the sessions held went from `lo` to `lo + step`, for each
+/// step: flat if a set-up costs the same with 0 or 9 000 sessions held, rising if some work is
+/// proportional to the sessions held.
+fn cpu_per_session_by_held(series: &[(u64, f64)], step: u64) -> Vec<Value> {
+    let step = step.max(1);
+    let mut out = Vec::new();
+    let mut lo = 0;
+    loop {
+        let first = series.iter().find(|(n, _)| *n >= lo);
+        let last = series.iter().find(|(n, _)| *n >= lo + step);
+        let (Some(&(n0, c0)), Some(&(n1, c1))) = (first, last) else {
+            break;
+        };
+        if n1 > n0 {
+            out.push(json!({
+                "held_from": n0, "held_to": n1,
+                "cpu_ms_per_session": (c1 - c0) * 1000.0 / (n1 - n0) as f64,
+            }));
+        }
+        lo += step;
+    }
+    out
 }
 
 /// Growth of the flow maps' memory (bpftool reports the kernel's usage) per session held.
@@ -497,6 +588,9 @@ struct Daemon {
     control: PathBuf,
     spool: PathBuf,
     log: PathBuf,
+    /// The daemon's bpffs pins: a daemon that did not stop cleanly leaves its XDP link pinned
+    /// there, attached to the bench interface, and the next daemon could not attach.
+    pins: PathBuf,
 }
 
 impl Daemon {
@@ -507,6 +601,8 @@ impl Daemon {
         let control = dir.join(format!("control-{tag}.sock"));
         let log = dir.join(format!("recorder-{tag}.log"));
         let config = dir.join(format!("recorder-{tag}.toml"));
+        let pins = bench_bpffs()?.join(tag);
+        let _ = std::fs::remove_dir_all(&pins);
         // Two port pairs per session (RTP + RTCP each); 10000-64999 holds 27 500 pairs.
         std::fs::write(
             &config,
@@ -517,7 +613,7 @@ max_flows = 65536\nmax_sessions = {max_sessions}\nidle_timeout_secs = 7200\n\
 control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir = \"{}\"\n",
                 spool.display(),
                 control.display(),
-                bench_bpffs()?.join(tag).display(),
+                pins.display(),
             ),
         )?;
         let logf = std::fs::File::create(&log)?;
@@ -536,6 +632,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
             control,
             spool,
             log,
+            pins,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -635,9 +732,17 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
                     }
                     good = Some(s);
                 }
-                // Busy: the status or index query timed out; it counts as no progress.
-                Err(e) if good.is_none() && moved.elapsed() > idle => return Err(e),
-                Err(_) => {}
+                // Busy: the status or index query timed out (a saturated daemon answers late).
+                // Recordings still landing in the spool are progress all the same.
+                Err(e) => {
+                    let spool_now = spool_recordings(&self.spool);
+                    if spool_now != last.1 {
+                        last.1 = spool_now;
+                        moved = Instant::now();
+                    } else if good.is_none() && moved.elapsed() > idle {
+                        return Err(e);
+                    }
+                }
             }
             if moved.elapsed() > idle || Instant::now() > give_up {
                 return good.context("no answer from the daemon");
@@ -745,6 +850,8 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(st) = child.try_wait()? {
+                // A clean stop removed them; otherwise they keep XDP attached.
+                let _ = std::fs::remove_dir_all(&self.pins);
                 if !st.success() {
                     bail!("recorder exited with {st}");
                 }
@@ -753,6 +860,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
+                let _ = std::fs::remove_dir_all(&self.pins);
                 bail!("recorder did not exit within 120 s of SIGTERM");
             }
             std::thread::sleep(Duration::from_millis(100)); // polling a child's exit
@@ -765,6 +873,7 @@ impl Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            let _ = std::fs::remove_dir_all(&self.pins);
         }
     }
 }
@@ -1023,6 +1132,28 @@ pub fn markdown(sip: &Value) -> Result<String> {
             n(&c["sipp_failed"])
         ),
     )?;
+    row("hold phase ramp rate chosen as", n(&c["ramp_rate_reason"]))?;
+    if let Some(steps) = c["cpu_ms_per_session_by_held"].as_array() {
+        let list: Vec<String> = steps
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}-{}: {:.2}",
+                    n(&s["held_from"]),
+                    n(&s["held_to"]),
+                    s["cpu_ms_per_session"].as_f64().unwrap_or(f64::NAN)
+                )
+            })
+            .collect();
+        row(
+            "hold phase: daemon CPU ms per new session, by sessions held",
+            list.join("; "),
+        )?;
+    }
+    row(
+        "hold phase: ramp time (s) / daemon CPU per session during the ramp (ms)",
+        format!("{} / {}", n(&c["ramp_s"]), n(&c["ramp_cpu_ms_per_session"])),
+    )?;
     row(
         "figures below measured at",
         format!("{} sessions", n(&p["sessions"])),
@@ -1128,4 +1259,39 @@ pub fn markdown(sip: &Value) -> Result<String> {
     }
     writeln!(md)?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ramp_rate_is_the_lowest_limit_rounded_down() {
+        let plan = SipPlan::full();
+        // 2 ms per session: half a CPU is 250/s, below the best rate and the cap.
+        let (rate, why) = ramp_rate(&plan, Some(800), Some(2.0));
+        assert_eq!(rate, 250, "{why}");
+        assert!(why.contains("2.00 ms"), "{why}");
+        // Cheap sessions: the cap.
+        assert_eq!(ramp_rate(&plan, Some(800), Some(0.5)).0, 500);
+        // The best sweep rate, when lower.
+        assert_eq!(ramp_rate(&plan, Some(300), Some(0.5)).0, 300);
+        // 3.4 ms: 147/s, rounded down to 100.
+        assert_eq!(ramp_rate(&plan, Some(400), Some(3.4)).0, 100);
+        // Never below 50; no CPU figure: the other limits.
+        assert_eq!(ramp_rate(&plan, Some(400), Some(40.0)).0, 50);
+        assert_eq!(ramp_rate(&plan, Some(400), None).0, 400);
+        assert_eq!(ramp_rate(&plan, None, None).0, plan.rates[0]);
+    }
+
+    #[test]
+    fn cpu_per_session_by_held_steps() {
+        // 1 ms per session up to 1 000 held, 3 ms after.
+        let series = [(0, 0.0), (500, 0.5), (1000, 1.0), (1500, 2.5), (2000, 4.0)];
+        let steps = cpu_per_session_by_held(&series, 1000);
+        assert_eq!(steps.len(), 2);
+        assert_eq!(steps[0]["cpu_ms_per_session"].as_f64(), Some(1.0));
+        assert_eq!(steps[1]["cpu_ms_per_session"].as_f64(), Some(3.0));
+        assert!(cpu_per_session_by_held(&series[..1], 1000).is_empty());
+    }
 }
