@@ -502,6 +502,45 @@ fn packets_routed_by_flow_rtcp_to_pcap_only_late_packets_counted() {
 }
 
 #[test]
+fn ending_a_recording_keeps_the_routes_another_took_over() {
+    let dir = TempDir::new("reroute");
+    let (h, mut sink) = start_writer(dir.path());
+    h.event(started("r1", two_streams(), "uuid-1"));
+    // r2 takes flow 2 over (a flow id reused: last one wins) and has flow 3 of its own.
+    h.event(started(
+        "r2",
+        vec![
+            stream(0, "caller", 2, "PCMA", 8, 40002),
+            stream(1, "callee", 3, "PCMU", 0, 40004),
+        ],
+        "uuid-2",
+    ));
+    h.event(ended("r1", 500));
+    let mut b = Sender::new(2, 40002, 8, 0x2222, 1, 0);
+    let mut c = Sender::new(3, 40004, 0, 0x3333, 1, 0);
+    let sig = tone(440.0, 8000.0);
+    for k in 0..5 {
+        b.send(&mut sink, k * 160, 0, &sig);
+        c.send(&mut sink, k * 160, 0, &sig);
+    }
+    h.sync();
+    assert_eq!(h.stats().unknown_flow, 0, "r1's end left r2's routes alone");
+    h.event(ended("r2", 1000));
+    b.send(&mut sink, 5 * 160, 0, &sig);
+    c.send(&mut sink, 5 * 160, 0, &sig);
+    h.sync();
+    assert_eq!(
+        h.stats().unknown_flow,
+        2,
+        "r2's end removed both of its routes"
+    );
+    let m = RecordingMetadata::read(&dir.path().join("r2")).unwrap();
+    assert_eq!(m.streams[0].packets, 5);
+    assert_eq!(m.streams[1].packets, 5);
+    h.shutdown();
+}
+
+#[test]
 fn tool_reinvite_keeps_the_recording_and_channels_metadata_versions_are_kept() {
     let dir = TempDir::new("reinvite");
     let (h, mut sink) = start_writer(dir.path());
