@@ -20,7 +20,7 @@ use std::{
 
 use tracing::warn;
 
-use super::metadata::write_atomic;
+use super::metadata::replace_file;
 
 enum Job {
     Write {
@@ -28,6 +28,8 @@ enum Job {
         bytes: Vec<u8>,
         /// Recording the file belongs to (for the log).
         id: String,
+        /// fsync before the rename (see [`FileQueue::write`]).
+        sync: bool,
     },
     Barrier(mpsc::SyncSender<()>),
 }
@@ -48,8 +50,13 @@ impl FileQueue {
                 // Ends when every queue (clone) is dropped.
                 for job in rx {
                     match job {
-                        Job::Write { path, bytes, id } => {
-                            if let Err(e) = write_atomic(&path, &bytes) {
+                        Job::Write {
+                            path,
+                            bytes,
+                            id,
+                            sync,
+                        } => {
+                            if let Err(e) = replace_file(&path, &bytes, sync) {
                                 failed.fetch_add(1, Relaxed);
                                 warn!(recording = %id, path = %path.display(), error = %e,
                                     "cannot write file");
@@ -64,13 +71,18 @@ impl FileQueue {
         Ok(Self { tx })
     }
 
-    /// Queues the replacement of `path` by `bytes`. False when the thread is gone.
-    pub(crate) fn write(&self, path: PathBuf, bytes: Vec<u8>, id: &str) -> bool {
+    /// Queues the replacement of `path` by `bytes`, with an fsync when `sync` (events: start,
+    /// media and participant changes, end). Counter refreshes go without: an fsync commits the
+    /// filesystem journal, and thousands of them in a row stalled the writer thread's page
+    /// faults on the recordings' mappings (which wait for the journal to update mtime). False
+    /// when the thread is gone.
+    pub(crate) fn write(&self, path: PathBuf, bytes: Vec<u8>, id: &str, sync: bool) -> bool {
         self.tx
             .send(Job::Write {
                 path,
                 bytes,
                 id: id.to_string(),
+                sync,
             })
             .is_ok()
     }

@@ -188,12 +188,21 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
 /// On error the previous file (if any) is left as it was and the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, bytes, true)
+}
+
+/// [`write_atomic`], with the fsync before the rename only when `sync`. Without it a crash may
+/// keep the previous version (the rename can reach the journal first; ext4 and XFS flush the
+/// data of a file renamed over another before that commit, so it is never a torn file there).
+pub(crate) fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if sync {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     if result.is_err() {

@@ -1159,11 +1159,11 @@ impl Writer {
                     .config
                     .media_floor_bytes
                     .min(self.config.min_free_bytes / 2),
+                files: Some(self.files.clone()),
             };
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {
                     self.schedule_metadata(&mut rec);
-                    rec.files = Some(self.files.clone());
                     link(self.index.as_mut(), &self.shared, &mut rec);
                     rec.write_metadata(*at);
                     self.index_update(rec.metadata());
@@ -1312,7 +1312,7 @@ impl Writer {
         }
         for (_, _, slot) in due {
             if let Some(rec) = self.recordings.slot_mut(slot) {
-                rec.write_metadata(now);
+                rec.refresh_metadata(now);
                 rec.next_meta = tick + interval;
             }
         }

@@ -228,6 +228,8 @@ pub(crate) struct Start<'a> {
     pub host: &'a str,
     /// Free space media writes leave on the filesystem.
     pub floor: u64,
+    /// The writer's file thread (None: files are replaced from the calling thread).
+    pub files: Option<FileQueue>,
 }
 
 impl Recording {
@@ -308,7 +310,7 @@ impl Recording {
             dirty: true,
             urgent: false,
             next_meta: Instant::now(),
-            files: None,
+            files: s.files,
             warned: false,
         };
         rec.set_ids(s.ids);
@@ -396,10 +398,23 @@ impl Recording {
     /// Stores a SIPREC metadata body as `metadata-<n>.xml` and lists it.
     pub(crate) fn add_metadata_version(&mut self, m: &MetadataVersion) {
         let file = format!("metadata-{}.xml", m.version);
-        if let Err(e) = write_atomic(&self.dir.join(&file), m.xml.as_bytes()) {
-            self.meta.dropped.metadata_write_failed += 1;
-            warn!(recording = %self.meta.id, error = %e, "cannot write {file}");
-            return;
+        let path = self.dir.join(&file);
+        // On the file thread when there is one: an fsync per new session on the writer thread
+        // held packet writing up (failures are counted there, in `metadata_write_failed`).
+        let queued = self.files.as_ref().is_some_and(|files| {
+            files.write(
+                path.clone(),
+                m.xml.clone().into_bytes(),
+                &self.meta.id,
+                true,
+            )
+        });
+        if !queued {
+            if let Err(e) = write_atomic(&path, m.xml.as_bytes()) {
+                self.meta.dropped.metadata_write_failed += 1;
+                warn!(recording = %self.meta.id, error = %e, "cannot write {file}");
+                return;
+            }
         }
         self.meta
             .metadata_versions
@@ -610,10 +625,20 @@ impl Recording {
     /// counted (by the file thread in [`super::WriterStats::metadata_write_failed`]), the old
     /// file stays.
     pub(crate) fn write_metadata(&mut self, now: SystemTime) -> bool {
+        self.replace_metadata(now, true)
+    }
+
+    /// Periodic counter refresh: like [`Self::write_metadata`], without an fsync when it goes
+    /// through the file thread (see [`super::files::FileQueue::write`]).
+    pub(crate) fn refresh_metadata(&mut self, now: SystemTime) -> bool {
+        self.replace_metadata(now, false)
+    }
+
+    fn replace_metadata(&mut self, now: SystemTime, sync: bool) -> bool {
         self.refresh_meta(now);
         if let Some(files) = &self.files {
             if let Ok(bytes) = serde_json::to_vec_pretty(&self.meta) {
-                if files.write(self.dir.join(METADATA_FILE), bytes, &self.meta.id) {
+                if files.write(self.dir.join(METADATA_FILE), bytes, &self.meta.id, sync) {
                     self.dirty = false;
                     self.urgent = false;
                     return true;

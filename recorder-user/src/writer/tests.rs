@@ -1049,6 +1049,7 @@ fn abandoned_recording(spool: &Path, packets: u64, flush_after: u64) -> u64 {
             metadata: None,
             host: "h",
             floor: 0,
+            files: None,
         },
     )
     .unwrap();
