@@ -170,12 +170,7 @@ fn restart_mid_call_loses_no_packet_and_keeps_one_recording() {
         !daemon.spool.join(".handover.json").exists(),
         "handover used"
     );
-    let status = Command::new(recorder_bin())
-        .args(["status", "--json", "--socket"])
-        .arg(&daemon.control)
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = status_json(&daemon);
     assert_eq!(status["restart"]["adopted"], true, "{status:#}");
     assert_eq!(status["restart"]["carried_on_sessions"], 1, "{status:#}");
     assert_eq!(status["restart"]["on_exit"], "finish", "{status:#}");
@@ -256,12 +251,17 @@ fn without_bpffs_the_daemon_runs_unpinned_and_says_so() {
     daemon.spawn(&pair);
     let log = daemon.log_text();
     assert!(log.contains("capture is not pinned"), "{log}");
-    let status = Command::new(recorder_bin())
+    let status = status_json(&daemon);
+    assert!(status["restart"]["pinned_in"].is_null(), "{status:#}");
+    assert_eq!(daemon.stop(), Some(0));
+}
+
+/// `recorder status --json` of a running daemon.
+fn status_json(daemon: &Daemon) -> serde_json::Value {
+    let out = Command::new(recorder_bin())
         .args(["status", "--json", "--socket"])
         .arg(&daemon.control)
         .output()
         .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert!(status["restart"]["pinned_in"].is_null(), "{status:#}");
-    assert_eq!(daemon.stop(), Some(0));
+    serde_json::from_slice(&out.stdout).unwrap()
 }

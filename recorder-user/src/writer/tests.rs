@@ -178,21 +178,7 @@ fn rtp(pt: u8, seq: u16, ts: u32, ssrc: u32, payload: &[u8]) -> Vec<u8> {
 
 /// Feeds one frame to a sink as a captured packet of `flow_id`.
 fn feed(sink: &mut impl PacketSink, flow_id: u64, wall: SystemTime, frame: &[u8], off: u16) {
-    let header = RecordHeader {
-        flow_id,
-        ts_ns: 0,
-        generation: 0,
-        wire_len: frame.len() as u32,
-        cap_len: frame.len() as u32,
-        payload_offset: off,
-        flags: 0,
-    };
-    sink.packet(&CapturedPacket {
-        header,
-        frame,
-        wall,
-        ring: 0,
-    });
+    feed_batched(sink, flow_id, wall, frame, off);
     // As the ring consumer does after a drain (the writer's sink sends packets per batch).
     sink.batch_end();
 }
@@ -206,32 +192,29 @@ fn feed_batched(
     off: u16,
 ) {
     sink.packet(&CapturedPacket {
-        header: RecordHeader {
-            flow_id,
-            ts_ns: 0,
-            generation: 0,
-            wire_len: frame.len() as u32,
-            cap_len: frame.len() as u32,
-            payload_offset: off,
-            flags: 0,
-        },
+        header: header(flow_id, frame, off),
         frame,
         wall,
         ring: 0,
     });
 }
 
+/// The ring record header of a whole `frame` of `flow_id` (UDP payload at `off`).
+fn header(flow_id: u64, frame: &[u8], off: u16) -> RecordHeader {
+    RecordHeader {
+        flow_id,
+        ts_ns: 0,
+        generation: 0,
+        wire_len: frame.len() as u32,
+        cap_len: frame.len() as u32,
+        payload_offset: off,
+        flags: 0,
+    }
+}
+
 fn owned(flow_id: u64, wall: SystemTime, frame: &[u8], off: u16) -> OwnedPacket {
     OwnedPacket {
-        header: RecordHeader {
-            flow_id,
-            ts_ns: 0,
-            generation: 0,
-            wire_len: frame.len() as u32,
-            cap_len: frame.len() as u32,
-            payload_offset: off,
-            flags: 0,
-        },
+        header: header(flow_id, frame, off),
         wall,
         frame: frame.into(),
     }
