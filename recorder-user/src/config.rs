@@ -215,7 +215,10 @@ pub struct Config {
     pub retry_after_secs: u32,
     /// XDP attach mode.
     pub attach_mode: AttachMode,
-    /// What happens to captured packets: `pass` to the stack or `drop`.
+    /// What happens to captured packets after capture: `drop` (the default: no socket listens
+    /// on the recorder's media ports, so passing them up costs the kernel's UDP path per packet
+    /// and draws ICMP port-unreachable, which some SBCs answer by stopping their media) or
+    /// `pass` (the host also consumes them, e.g. a tap or another application on that port).
     pub flow_action: FlowAction,
     /// Only capture packets from the source the SDP names.
     pub pin_source: bool,
@@ -249,6 +252,12 @@ pub struct Config {
     /// Seconds between refreshes of a live recording's counters in its metadata.json (events
     /// rewrite it at once).
     pub metadata_interval_secs: u64,
+    /// Writer shards: packet-stage threads, each with its own file thread; recordings are
+    /// spread over them by id. 0: one per CPU.
+    pub writer_shards: usize,
+    /// Packets queued to one writer shard before the ring consumer stops draining (records
+    /// then wait in the rings; nothing is dropped in userspace).
+    pub writer_queue_packets: usize,
     /// bpffs directory holding the pinned XDP link, flow map and ring buffers (one
     /// subdirectory per kernel/user layout version). Give each daemon on a host its own.
     pub pin_dir: PathBuf,
@@ -287,7 +296,7 @@ impl Default for Config {
             min_session_expires: 90,
             retry_after_secs: 5,
             attach_mode: AttachMode::Auto,
-            flow_action: FlowAction::Pass,
+            flow_action: FlowAction::Drop,
             pin_source: false,
             require_siprec_tag: false,
             require_metadata: false,
@@ -302,6 +311,8 @@ impl Default for Config {
             metrics_listen: None,
             detach_on_exit: false,
             metadata_interval_secs: 30,
+            writer_shards: 0,
+            writer_queue_packets: 65536,
             pin_dir: PathBuf::from("/sys/fs/bpf/recorder"),
             config_file: None,
         }
@@ -389,6 +400,9 @@ impl Config {
         }
         if self.max_sessions == 0 {
             return Err(invalid("max_sessions", "must be at least 1"));
+        }
+        if self.writer_queue_packets == 0 {
+            return Err(invalid("writer_queue_packets", "must be at least 1"));
         }
         if self.metadata_interval_secs == 0 {
             return Err(invalid("metadata_interval_secs", "must be at least 1"));

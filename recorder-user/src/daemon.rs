@@ -474,6 +474,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .map(|h| Duration::from_secs(h * 3600));
     writer_config.retention_max_bytes = config.retention_max_bytes;
     writer_config.metadata_interval = Duration::from_secs(config.metadata_interval_secs);
+    if config.writer_shards > 0 {
+        writer_config.shards = config.writer_shards;
+    }
+    writer_config.queue_packets = config.writer_queue_packets;
     let (writer, sink) = match writer_handover {
         Some(h) => writer::start_resumed(writer_config, h),
         None => writer::start(writer_config),

@@ -225,16 +225,15 @@ impl Snapshot {
         out.single(
             "recorder_writer_queue_packets",
             "gauge",
-            "Packets waiting for the writer thread.",
+            "Packets waiting in the queues to the writer's shards.",
             &[],
             self.writer.queued_packets,
         );
         out.family(
             "recorder_writer_packets_dropped_total",
             "counter",
-            "Packets the writer could not store, by reason.",
+            "Packets the writer could not store, by reason (wav_write_failed: WAV chunks of up to 1 s).",
             [
-                ("queue_full", self.writer.queue_full),
                 ("pcap_write_failed", self.writer.pcap_write_failed),
                 ("wav_write_failed", self.writer.wav_write_failed),
                 ("unknown_flow", self.writer.unknown_flow),

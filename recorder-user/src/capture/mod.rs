@@ -45,6 +45,16 @@ pub trait PacketSink: Send + 'static {
     fn packet(&mut self, packet: &CapturedPacket<'_>);
     /// Called after each drained batch: a good moment to flush buffers.
     fn batch_end(&mut self) {}
+    /// False while the stages behind the sink are a bound behind: the consumer then stops
+    /// taking records (they wait in the rings, which count what they cannot hold) instead of
+    /// handing over packets that would have to be dropped.
+    fn has_room(&self) -> bool {
+        true
+    }
+    /// Notified when room may have come back (None: the consumer re-checks on its tick).
+    fn room(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
 }
 
 /// Converts the kernel's CLOCK_MONOTONIC stamps (`bpf_ktime_get_ns`) to wall-clock time.

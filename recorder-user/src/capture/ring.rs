@@ -5,6 +5,12 @@
 //! ring (a wake-up per record cost an IPI and a context switch each, a quarter of the receive
 //! path at high rates); below that, the tick drains, which bounds the delay of a quiet ring.
 //! Each wake-up drains every ring completely and hands the records on in kernel timestamp order.
+//!
+//! Back-pressure: records are handed to the sink only while it has room
+//! ([`PacketSink::has_room`]). The rest stay staged here, and the rings are not read again until
+//! they are handed on: the rings fill, and the XDP program counts what they cannot hold
+//! (`ring_full`, per CPU and per flow). Nothing is dropped in userspace. How long the sink kept
+//! the consumer waiting is counted ([`ConsumerStats`]): the longest stall sizes the rings.
 
 use std::{
     collections::VecDeque,
@@ -31,6 +37,11 @@ pub struct ConsumerStats {
     pub malformed: u64,
     /// Drain passes.
     pub wakeups: u64,
+    /// Times the sink had no room and records waited (staged here, then in the rings).
+    pub stalls: u64,
+    /// Total and longest time spent waiting for the sink, in microseconds.
+    pub stalled_us: u64,
+    pub longest_stall_us: u64,
 }
 
 /// Owns the rings and drains them into a sink.
@@ -43,8 +54,11 @@ pub struct RingConsumer {
     pub stats: ConsumerStats,
     /// Records of the current drain, copied out of the rings ...
     arena: Vec<u8>,
-    /// ... and per ring, their timestamps and places in `arena`, oldest first.
+    /// ... and per ring, their timestamps and places in `arena`, oldest first. Records the
+    /// sink had no room for stay here until the next drain.
     staged: Vec<VecDeque<(u64, Range<usize>)>>,
+    /// Since when the sink has had no room (None: it has).
+    stalled_since: Option<std::time::Instant>,
 }
 
 impl RingConsumer {
@@ -66,6 +80,7 @@ impl RingConsumer {
             epoll: Some(epoll),
             clock: MonoClock::now(),
             stats: ConsumerStats::default(),
+            stalled_since: None,
         })
     }
 
@@ -78,12 +93,48 @@ impl RingConsumer {
     /// after a restart, when the rings hold seconds of traffic. So the records are copied out
     /// (one memcpy: the sink copies them anyway) and merged by timestamp, which is monotonic
     /// within each ring.
+    ///
+    /// Records the sink has no room for stay staged, and the rings are read again only once
+    /// everything staged was handed on ([`Self::backlogged`] says whether some wait).
     pub fn drain(&mut self, sink: &mut dyn PacketSink) -> usize {
         self.stats.wakeups += 1;
-        self.arena.clear();
+        let mut n = self.deliver(sink);
+        if !self.backlogged() {
+            self.arena.clear();
+            self.read_rings();
+            n += self.deliver(sink);
+        }
+        self.stats.records += n as u64;
+        if n > 0 || self.backlogged() {
+            // Also when backlogged: what the sink holds must reach the stages it waits for.
+            sink.batch_end();
+        }
+        let now = std::time::Instant::now();
+        match (self.backlogged(), self.stalled_since) {
+            (true, None) => {
+                self.stats.stalls += 1;
+                self.stalled_since = Some(now);
+            }
+            (false, Some(since)) => {
+                let us = now.duration_since(since).as_micros() as u64;
+                self.stats.stalled_us += us;
+                self.stats.longest_stall_us = self.stats.longest_stall_us.max(us);
+                self.stalled_since = None;
+            }
+            _ => {}
+        }
+        n
+    }
+
+    /// Records staged that the sink had no room for yet.
+    pub fn backlogged(&self) -> bool {
+        self.staged.iter().any(|q| !q.is_empty())
+    }
+
+    /// Copies every ring's records into the arena (staged per ring, oldest first).
+    fn read_rings(&mut self) {
         for (index, ring) in self.rings.iter_mut().enumerate() {
             let staged = &mut self.staged[index];
-            staged.clear();
             while let Some(item) = ring.next() {
                 match parse_record(&item) {
                     Some((header, _)) => {
@@ -98,8 +149,12 @@ impl RingConsumer {
                 }
             }
         }
+    }
+
+    /// Hands staged records to the sink in timestamp order while it has room.
+    fn deliver(&mut self, sink: &mut dyn PacketSink) -> usize {
         let mut n = 0;
-        loop {
+        while sink.has_room() {
             // At most RING_COUNT heads: a linear scan beats a heap here.
             let next = self
                 .staged
@@ -117,10 +172,6 @@ impl RingConsumer {
                 ring: index,
             });
             n += 1;
-        }
-        self.stats.records += n as u64;
-        if n > 0 {
-            sink.batch_end();
         }
         n
     }
@@ -168,8 +219,16 @@ impl RingConsumer {
             }
         };
         let mut events_open = true;
+        let room = sink.room();
         loop {
+            let backlogged = self.backlogged();
+            let room = room.clone();
             let readable = async {
+                if backlogged {
+                    // The rings fill meanwhile; new data changes nothing until there is room.
+                    wait_for_room(room.as_deref(), tick).await;
+                    return Ok(None);
+                }
                 match &epoll {
                     Some(epoll) => epoll.readable().await.map(Some),
                     None => std::future::pending().await,
@@ -192,15 +251,15 @@ impl RingConsumer {
                 event = event => match event {
                     Some(event) => {
                         if drain_first(&event) {
-                            self.drain(sink);
+                            self.drain_fully(sink, tick).await;
                             tokio::time::sleep(EVENT_GRACE).await;
-                            self.drain(sink);
+                            self.drain_fully(sink, tick).await;
                         }
                         deliver(sink, event);
                         // Events queued meanwhile: the grace above covers them.
                         while let Ok(event) = events.try_recv() {
                             if drain_first(&event) {
-                                self.drain(sink);
+                                self.drain_fully(sink, tick).await;
                             }
                             deliver(sink, event);
                         }
@@ -225,11 +284,34 @@ impl RingConsumer {
         if let Some(epoll) = epoll {
             self.epoll = Some(epoll.into_inner());
         }
-        self.drain(sink);
+        self.drain_fully(sink, tick).await;
         while let Ok(event) = events.try_recv() {
             deliver(sink, event);
         }
         self
+    }
+
+    /// Drains until nothing is staged: waits for the sink's room as often as needed (an event
+    /// that must follow a call's last packets, or the end of capture).
+    pub async fn drain_fully(&mut self, sink: &mut dyn PacketSink, tick: Duration) {
+        let room = sink.room();
+        loop {
+            self.drain(sink);
+            if !self.backlogged() {
+                break;
+            }
+            wait_for_room(room.as_deref(), tick).await;
+        }
+    }
+}
+
+/// Until the sink signals room, at most `tick` (a lost signal costs a tick, never a hang).
+async fn wait_for_room(room: Option<&tokio::sync::Notify>, tick: Duration) {
+    match room {
+        Some(n) => {
+            let _ = tokio::time::timeout(tick, n.notified()).await;
+        }
+        None => tokio::time::sleep(tick).await,
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-use super::{dtmf::DtmfEvent, rtp::SsrcStats};
+use super::encode::{dtmf::DtmfEvent, rtp::SsrcStats};
 
 pub const METADATA_FILE: &str = "metadata.json";
 pub const PCAP_FILE: &str = "recording.pcap";

@@ -5,11 +5,12 @@ use std::{fs, path::Path, time::SystemTime};
 use tracing::{info, warn};
 
 use super::{
+    encode::{pcap, wav},
     metadata::{
         parse_rfc3339, rfc3339, RecordingMetadata, RecordingState, METADATA_FILE, PCAP_FILE,
         WAV_FILE,
     },
-    pcap, wav, WriterError,
+    WriterError,
 };
 
 /// Repairs every recording of `spool` whose metadata says `active`. Run before [`super::start`]

@@ -7,7 +7,7 @@ use std::{
     hash::{BuildHasherDefault, Hasher},
 };
 
-use super::recording::Recording;
+use super::encode::recording::Recording;
 
 /// Live recordings by slot, and the slot of each recording id.
 #[derive(Default)]

@@ -1,8 +1,10 @@
-//! One recording: its directory, files and counters. Driven by the writer thread only.
+//! One recording: its directory, buffers and counters. Driven by its shard's packet stage only;
+//! its files are written by the shard's file thread (see `fileio`).
 
 use std::{
     fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -11,15 +13,18 @@ use tracing::warn;
 
 use super::{
     dtmf::{self, DtmfEvent},
-    files::FileQueue,
     g711,
-    metadata::{
-        rfc3339, write_atomic, DropCounters, Interval, MetadataVersionMeta, ParticipantMeta,
-        RecordingMetadata, RecordingState, StreamMeta, WavMeta, METADATA_FILE, PCAP_FILE, WAV_FILE,
-    },
     pcap::{self, PcapWriter},
     rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
-    wav::WavWriter,
+    wav::{self, WavWriter},
+};
+use crate::writer::{
+    fileio::{FileQueue, IoCounters, Job, RecordingIo},
+    indexer::IndexQueue,
+    metadata::{
+        rfc3339, DropCounters, Interval, MetadataVersionMeta, ParticipantMeta, RecordingMetadata,
+        RecordingState, StreamMeta, WavMeta, METADATA_FILE, PCAP_FILE, WAV_FILE,
+    },
 };
 use crate::{
     capture::CapturedPacket,
@@ -166,15 +171,6 @@ impl Stream {
     }
 }
 
-/// Which file failed, for the caller's counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct WriteFailures {
-    pub pcap: bool,
-    pub wav: bool,
-    /// Bytes written to the files (pcap record, WAV samples), for the disk metrics.
-    pub bytes: u64,
-}
-
 pub(crate) struct Recording {
     pub dir: PathBuf,
     started: SystemTime,
@@ -188,10 +184,26 @@ pub(crate) struct Recording {
     pub urgent: bool,
     /// When the counters in `metadata.json` may be refreshed next (set by the writer).
     pub next_meta: Instant,
-    /// Where `metadata.json` replacements go (None: written here, synchronously).
-    pub files: Option<FileQueue>,
-    /// A disk error was already logged (log once, count always).
-    warned: bool,
+    /// When the buffers are handed to the file thread next, whether or not they are full (set
+    /// by the shard: spread over the flush interval).
+    pub next_flush: Instant,
+    /// Where the file work goes.
+    files: FileQueue,
+    /// What the file thread found (write failures).
+    io: Arc<RecordingIo>,
+    /// Write failures already reported in the metadata (new ones make it urgent).
+    failures_seen: u64,
+    /// Free space media writes leave on the filesystem.
+    floor: u64,
+    /// WAV frame of the newest arrival: frames [`wav::WINDOW_MS`] before it may go to the file.
+    newest: i64,
+    /// Packets stored, and how many there were at the last periodic flush: a recording idle
+    /// for a whole flush interval writes its WAV window too (once), so that its files hold all
+    /// its audio while it is on hold or silent.
+    stored: u64,
+    stored_at_flush: u64,
+    idle_written: bool,
+    id: Arc<str>,
 }
 
 /// What a handover carries of one active recording: enough to reopen its files and go on
@@ -208,6 +220,16 @@ pub(crate) struct RecordingHandover {
     pcap_len: Option<u64>,
     /// The WAV's layout and length in frames (the file was cut to it).
     wav: Option<WavHandover>,
+}
+
+impl RecordingHandover {
+    /// The flow ids its streams are routed by (RTP and RTCP).
+    pub(crate) fn flow_ids(&self) -> Vec<u64> {
+        self.streams
+            .iter()
+            .flat_map(|s| std::iter::once(s.info.flow_id).chain(s.info.rtcp_flow_id))
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -228,8 +250,12 @@ pub(crate) struct Start<'a> {
     pub host: &'a str,
     /// Free space media writes leave on the filesystem.
     pub floor: u64,
-    /// The writer's file thread (None: files are replaced from the calling thread).
+    /// The shard's file thread (None: file work runs on the calling thread).
     pub files: Option<FileQueue>,
+}
+
+fn queue_or_inline(files: Option<FileQueue>) -> FileQueue {
+    files.unwrap_or_else(|| FileQueue::inline(Arc::new(IoCounters::default())))
 }
 
 impl Recording {
@@ -259,9 +285,9 @@ impl Recording {
                 notes.push(not_decoded_note(&st.info));
             }
         }
-        let files = PcapWriter::create(&dir.join(PCAP_FILE), s.floor).and_then(|pcap| {
+        let files = PcapWriter::create(&dir.join(PCAP_FILE)).and_then(|pcap| {
             let channels = labels.len().max(1) as u16;
-            let wav = WavWriter::create(&dir.join(WAV_FILE), channels, WAV_RATE, s.floor)?;
+            let wav = WavWriter::create(&dir.join(WAV_FILE), channels, WAV_RATE)?;
             Ok((pcap, wav))
         });
         let (pcap, wav) = match files {
@@ -310,8 +336,16 @@ impl Recording {
             dirty: true,
             urgent: false,
             next_meta: Instant::now(),
-            files: s.files,
-            warned: false,
+            next_flush: Instant::now(),
+            files: queue_or_inline(s.files),
+            io: Arc::default(),
+            failures_seen: 0,
+            floor: s.floor,
+            newest: 0,
+            stored: 0,
+            stored_at_flush: 0,
+            idle_written: false,
+            id: Arc::from(s.id),
         };
         rec.set_ids(s.ids);
         rec.set_participants(s.participants);
@@ -323,10 +357,6 @@ impl Recording {
 
     pub(crate) fn id(&self) -> &str {
         &self.meta.id
-    }
-
-    pub(crate) fn drops(&mut self) -> &mut DropCounters {
-        &mut self.meta.dropped
     }
 
     /// Reception statistics per SSRC of each live (not removed) stream, by RTP flow id.
@@ -399,23 +429,14 @@ impl Recording {
     pub(crate) fn add_metadata_version(&mut self, m: &MetadataVersion) {
         let file = format!("metadata-{}.xml", m.version);
         let path = self.dir.join(&file);
-        // On the file thread when there is one: an fsync per new session on the writer thread
-        // held packet writing up (failures are counted there, in `metadata_write_failed`).
-        let queued = self.files.as_ref().is_some_and(|files| {
-            files.write(
-                path.clone(),
-                m.xml.clone().into_bytes(),
-                &self.meta.id,
-                true,
-            )
+        // On the file thread: an fsync per new session on the packet stage held packet writing
+        // up (failures are counted there, in `metadata_write_failed`).
+        self.files.submit(Job::Replace {
+            path,
+            bytes: m.xml.clone().into_bytes(),
+            id: self.id.clone(),
+            sync: true,
         });
-        if !queued {
-            if let Err(e) = write_atomic(&path, m.xml.as_bytes()) {
-                self.meta.dropped.metadata_write_failed += 1;
-                warn!(recording = %self.meta.id, error = %e, "cannot write {file}");
-                return;
-            }
-        }
         self.meta
             .metadata_versions
             .retain(|v| v.version != m.version);
@@ -476,30 +497,19 @@ impl Recording {
         self.dirty = true;
     }
 
-    /// Records one captured packet of stream `stream`.
-    pub(crate) fn packet(
-        &mut self,
-        stream: usize,
-        rtcp: bool,
-        p: &CapturedPacket<'_>,
-    ) -> WriteFailures {
-        let mut failed = WriteFailures::default();
+    /// Records one captured packet of stream `stream` (into memory: the pcap record and, for
+    /// decoded audio, its samples). Returns the bytes of its pcap record.
+    pub(crate) fn packet(&mut self, stream: usize, rtcp: bool, p: &CapturedPacket<'_>) -> usize {
         let Some(s) = self.streams.get_mut(stream) else {
-            return failed;
+            return 0;
         };
+        let mut stored = 0;
+        self.stored += 1;
         if let Some(pcap) = self.pcap.as_mut() {
-            if let Err(e) = pcap.write(p.wall, p.header.wire_len, p.frame) {
-                failed.pcap = true;
-                self.urgent |= self.meta.dropped.pcap_write_failed == 0;
-                self.meta.dropped.pcap_write_failed += 1;
-                if !self.warned {
-                    self.warned = true;
-                    warn!(recording = %self.meta.id, error = %e, "pcap write failed; dropping packets");
-                }
-                // Without the pcap record, it is not counted as recorded either.
-                return failed;
-            }
-            failed.bytes += (pcap::RECORD_HEADER_LEN + p.frame.len()) as u64;
+            let files = &self.files;
+            stored = pcap.push(stream, p.wall, p.header.wire_len, p.frame, || {
+                files.buffer(pcap::CHUNK + 2048)
+            });
         }
         let payload = p
             .frame
@@ -507,17 +517,17 @@ impl Recording {
             .unwrap_or(&[]);
         if rtcp {
             s.rtcp_packets += 1;
-            return failed;
+            return stored;
         }
         let h = match rtp::parse(payload) {
             Kind::Rtp(h) => h,
             Kind::Rtcp => {
                 s.rtcp_packets += 1;
-                return failed;
+                return stored;
             }
             Kind::Malformed => {
                 self.meta.dropped.malformed += 1;
-                return failed;
+                return stored;
             }
         };
         s.packets += 1;
@@ -561,20 +571,21 @@ impl Recording {
             } else {
                 self.meta.dropped.malformed += 1;
             }
-            return failed;
+            return stored;
         }
         let (Some(channel), Some(dec)) = (s.channel, s.decoder_for(h.payload_type)) else {
             self.meta.dropped.not_decoded += 1;
-            return failed;
+            return stored;
         };
         if s.paused_now {
             self.meta.dropped.while_paused += 1;
-            return failed;
+            return stored;
         }
         let Some(wav) = self.wav.as_mut() else {
-            return failed;
+            return stored;
         };
         let wall_pos = frames_between(self.started, p.wall, wav.rate());
+        self.newest = self.newest.max(wall_pos);
         let pos = s
             .aligner
             .position(&h, s.info.codec.clock_rate, wav.rate(), wall_pos);
@@ -587,31 +598,52 @@ impl Recording {
         let skip = (-pos).max(0) as usize;
         if skip >= samples || pos > MAX_WAV_SECONDS * wav.rate() as i64 {
             self.meta.dropped.out_of_range += 1;
-            return failed;
+            return stored;
         }
         let start = pos.max(0) as u64;
         let table = dec.table();
         let decoded = data[skip..].iter().map(|&b| table[usize::from(b)]);
-        match wav.write(channel, start, decoded) {
-            Ok(n) => {
-                failed.bytes += 2 * n as u64;
-                if n + skip < samples {
-                    self.meta.dropped.out_of_range += 1;
-                }
-            }
-            Err(e) => {
-                failed.wav = true;
-                self.urgent |= self.meta.dropped.wav_write_failed == 0;
-                self.meta.dropped.wav_write_failed += 1;
-                if !self.warned {
-                    self.warned = true;
-                    warn!(recording = %self.meta.id, error = %e, "wav write failed; dropping audio");
-                }
-            }
+        let n = wav.write(channel, start, decoded);
+        if n + skip < samples {
+            // Past the RIFF limit, or later than the window kept in memory.
+            self.meta.dropped.out_of_range += 1;
         }
-        failed
+        let rate = wav.rate() as i64;
+        let ripe = (self.newest - wav::WINDOW_MS as i64 * rate / 1000).max(0) as u64;
+        let chunk = wav::CHUNK_MS * rate as u64 / 1000;
+        let pcap_full = self
+            .pcap
+            .as_ref()
+            .is_some_and(|p| p.buffered() >= pcap::CHUNK);
+        if ripe >= wav.base() + chunk || pcap_full {
+            self.hand_over_media(false);
+        }
+        stored
     }
 
+    /// Hands the buffered pcap records and the WAV frames older than the window to the file
+    /// thread (with `all`: every frame in memory, which stays there too).
+    fn hand_over_media(&mut self, all: bool) {
+        let pcap = self.pcap.as_mut().and_then(PcapWriter::take_chunk);
+        let files = &self.files;
+        let wav = self.wav.as_mut().and_then(|w| {
+            let rate = w.rate() as i64;
+            let ripe = (self.newest - wav::WINDOW_MS as i64 * rate / 1000).max(0) as u64;
+            w.take_chunk(ripe, all, |n| files.buffer(n))
+        });
+        if pcap.is_some() || wav.is_some() {
+            self.files.submit(Job::Media {
+                id: self.id.clone(),
+                io: self.io.clone(),
+                pcap,
+                wav,
+                floor: self.floor,
+            });
+        }
+    }
+
+    /// The metadata's counters as the packet stage knows them (write failures not applied:
+    /// see [`apply_failures`]).
     fn refresh_meta(&mut self, now: SystemTime) {
         self.meta.streams = self.streams.iter().map(Stream::meta).collect();
         self.meta.wav.frames = self
@@ -621,64 +653,84 @@ impl Recording {
         self.meta.updated_at = rfc3339(now);
     }
 
-    /// Writes `metadata.json` (atomically), or queues it to the file thread. Failures are
-    /// counted (by the file thread in [`super::WriterStats::metadata_write_failed`]), the old
-    /// file stays.
-    pub(crate) fn write_metadata(&mut self, now: SystemTime) -> bool {
+    /// Writes `metadata.json` (atomically, through the file thread). Failures are counted (by
+    /// the file thread in [`crate::writer::WriterStats::metadata_write_failed`]), the old file
+    /// stays.
+    pub(crate) fn write_metadata(&mut self, now: SystemTime) {
         self.replace_metadata(now, true)
     }
 
-    /// Periodic counter refresh: like [`Self::write_metadata`], without an fsync when it goes
-    /// through the file thread (see [`super::files::FileQueue::write`]).
-    pub(crate) fn refresh_metadata(&mut self, now: SystemTime) -> bool {
+    /// Periodic counter refresh: like [`Self::write_metadata`], without an fsync.
+    pub(crate) fn refresh_metadata(&mut self, now: SystemTime) {
         self.replace_metadata(now, false)
     }
 
-    fn replace_metadata(&mut self, now: SystemTime, sync: bool) -> bool {
+    fn replace_metadata(&mut self, now: SystemTime, sync: bool) {
         self.refresh_meta(now);
-        if let Some(files) = &self.files {
-            if let Ok(bytes) = serde_json::to_vec_pretty(&self.meta) {
-                if files.write(self.dir.join(METADATA_FILE), bytes, &self.meta.id, sync) {
-                    self.dirty = false;
-                    self.urgent = false;
-                    return true;
-                }
-            }
-        }
-        match self.meta.write(&self.dir) {
-            Ok(()) => {
-                self.dirty = false;
-                self.urgent = false;
-                true
-            }
+        apply_failures(&mut self.meta, &self.io);
+        match serde_json::to_vec_pretty(&self.meta) {
+            Ok(bytes) => self.files.submit(Job::Replace {
+                path: self.dir.join(METADATA_FILE),
+                bytes,
+                id: self.id.clone(),
+                sync,
+            }),
             Err(e) => {
                 self.meta.dropped.metadata_write_failed += 1;
-                warn!(recording = %self.meta.id, error = %e, "cannot write metadata.json");
-                false
+                warn!(recording = %self.meta.id, error = %e, "cannot encode metadata.json");
             }
         }
+        self.dirty = false;
+        self.urgent = false;
     }
 
-    /// Flush: WAV header sizes, writeback of both files, metadata.
+    /// Flush: every buffered byte to the files, then the metadata.
     #[cfg(test)]
     pub(crate) fn flush(&mut self, now: SystemTime) {
-        self.flush_media();
+        self.sync_media();
         self.write_metadata(now);
     }
 
-    /// Periodic media flush (cheap: no syscall but `msync(MS_ASYNC)`): the WAV header's sizes
-    /// cover the frames written, writeback of both files starts.
+    /// Periodic media flush: what the buffers hold goes to the file thread (WAV frames older
+    /// than the window); new write failures make the metadata urgent.
     pub(crate) fn flush_media(&mut self) {
-        if let Some(w) = self.wav.as_mut() {
-            if let Err(e) = w.flush() {
-                warn!(recording = %self.meta.id, error = %e, "wav flush failed");
-            }
+        let idle = self.stored == self.stored_at_flush;
+        if !idle {
+            self.hand_over_media(false);
+            self.idle_written = false;
+        } else if !self.idle_written {
+            self.hand_over_media(true);
+            self.idle_written = true;
         }
-        if let Some(p) = self.pcap.as_ref() {
-            if let Err(e) = p.flush_async() {
-                warn!(recording = %self.meta.id, error = %e, "pcap flush failed");
-            }
+        self.stored_at_flush = self.stored;
+        let failures = self.io.pcap_failed_total() + self.io.wav_failed();
+        if failures > self.failures_seen {
+            self.urgent |= self.failures_seen == 0;
+            self.failures_seen = failures;
+            self.dirty = true;
         }
+    }
+
+    /// Everything recorded so far goes to the file thread (the WAV window too, kept in memory
+    /// for late packets): after the file thread's next barrier the files hold it all.
+    pub(crate) fn sync_media(&mut self) {
+        self.hand_over_media(true);
+    }
+
+    /// Hands every buffered byte to the file thread, then the job that cuts the WAV to
+    /// `frames` (silence up to there) with its final header and syncs both files.
+    fn close_files(&mut self) {
+        self.hand_over_media(true);
+        let wav = self.wav.take().map(|w| {
+            let (len, header) = w.final_len_and_header();
+            (w.path, len, header)
+        });
+        let pcap = self.pcap.take().map(|p| p.path);
+        self.files.submit(Job::Finish {
+            id: self.id.clone(),
+            pcap,
+            wav,
+        });
     }
 
     /// Ends the recording: the WAV covers the whole call (silence up to the end), files are cut
@@ -688,11 +740,12 @@ impl Recording {
         at: SystemTime,
         reason: &str,
         detail: Option<String>,
-    ) -> RecordingMetadata {
+        index: Option<IndexQueue>,
+    ) {
         for s in &mut self.streams {
             s.set_paused(false, at);
         }
-        if let Some(mut w) = self.wav.take() {
+        if let Some(w) = self.wav.as_mut() {
             let mut frames = frames_between(self.started, at, w.rate()).max(0);
             let max = MAX_WAV_SECONDS * w.rate() as i64;
             if frames > max {
@@ -702,65 +755,52 @@ impl Recording {
                     rfc3339(at)
                 ));
             }
-            if let Err(e) = w.extend_to(frames as u64) {
-                self.meta.dropped.wav_write_failed += 1;
-                warn!(recording = %self.meta.id, error = %e, "cannot extend wav to the call's end");
-            }
+            w.extend_to(frames as u64);
             self.meta.wav.frames = w.frames();
-            if let Err(e) = w.finish() {
-                warn!(recording = %self.meta.id, error = %e, "cannot finish wav");
-            }
         }
-        if let Some(p) = self.pcap.take() {
-            if let Err(e) = p.finish() {
-                warn!(recording = %self.meta.id, error = %e, "cannot finish pcap");
-            }
-        }
+        self.close_files();
+        self.refresh_meta(at);
         if !self.meta.media_received {
             self.meta.notes.push("no media arrived".to_string());
-        }
-        if self.meta.dropped.pcap_write_failed + self.meta.dropped.wav_write_failed > 0 {
-            self.meta
-                .notes
-                .push("some media was not written (disk full or write error)".to_string());
         }
         self.meta.state = RecordingState::Complete;
         self.meta.end_reason = Some(reason.to_string());
         self.meta.end_detail = detail;
         self.meta.ended_at = Some(rfc3339(at));
-        self.write_metadata(at);
-        self.meta.clone()
+        // The file thread writes the final metadata once the files are done (the failure
+        // counts of the last chunks known), then the index row: the packet stage never waits
+        // for these fsyncs.
+        self.files.submit(Job::Finalize {
+            dir: self.dir.clone(),
+            meta: Box::new(self.meta.clone()),
+            io: self.io.clone(),
+            index,
+        });
     }
 
     pub(crate) fn metadata(&self) -> &RecordingMetadata {
         &self.meta
     }
 
-    /// Stops writing without ending: the files are synced and cut to their length (valid for any
-    /// reader), `metadata.json` is written (still `active`), and what it takes to go on is
-    /// returned. A file that cannot be finished is logged; [`Self::resume`] then finds it
-    /// changed and the recording ends up `interrupted` (and repaired).
+    /// Stops writing without ending: the files are written, cut to their length and synced
+    /// (valid for any reader), `metadata.json` is written (still `active`), and what it takes
+    /// to go on is returned. A file that cannot be finished is logged; [`Self::resume`] then
+    /// finds it changed and the recording ends up `interrupted` (and repaired).
     pub(crate) fn handover(mut self, now: SystemTime) -> RecordingHandover {
-        let wav = self.wav.take().map(|w| {
-            let state = WavHandover {
-                channels: w.channels(),
-                rate: w.rate(),
-                frames: w.frames(),
-            };
-            self.meta.wav.frames = state.frames;
-            if let Err(e) = w.finish() {
-                warn!(recording = %self.meta.id, error = %e, "cannot finish wav for the handover");
-            }
-            state
+        let wav = self.wav.as_ref().map(|w| WavHandover {
+            channels: w.channels(),
+            rate: w.rate(),
+            frames: w.frames(),
         });
-        let pcap_len = self.pcap.take().map(|p| {
-            let len = p.len();
-            if let Err(e) = p.finish() {
-                warn!(recording = %self.meta.id, error = %e, "cannot finish pcap for the handover");
-            }
-            len
-        });
+        if let Some(w) = &wav {
+            self.meta.wav.frames = w.frames;
+        }
+        let pcap_path = self.pcap.as_ref().map(|p| p.path.clone());
+        self.close_files();
         self.write_metadata(now);
+        self.files.barrier();
+        // What the file holds (a chunk the disk refused is not in it).
+        let pcap_len = pcap_path.map(|p| fs::metadata(p).map_or(0, |m| m.len()));
         RecordingHandover {
             dir: self.dir,
             started: self.started,
@@ -773,9 +813,13 @@ impl Recording {
 
     /// Reopens the files of a handed-over recording and goes on after their last byte. Fails
     /// (leaving the files as they are) when a file is missing or not as the handover left it.
-    pub(crate) fn resume(h: RecordingHandover, floor: u64) -> io::Result<Self> {
+    pub(crate) fn resume(
+        h: RecordingHandover,
+        floor: u64,
+        files: Option<FileQueue>,
+    ) -> io::Result<Self> {
         let pcap = match h.pcap_len {
-            Some(len) => Some(PcapWriter::open(&h.dir.join(PCAP_FILE), len, floor)?),
+            Some(len) => Some(PcapWriter::open(&h.dir.join(PCAP_FILE), len)?),
             None => None,
         };
         let wav = match &h.wav {
@@ -784,10 +828,11 @@ impl Recording {
                 w.channels,
                 w.rate,
                 w.frames,
-                floor,
             )?),
             None => None,
         };
+        let id = Arc::from(h.meta.id.as_str());
+        let newest = wav.as_ref().map_or(0, |w| w.frames() as i64);
         Ok(Self {
             dir: h.dir,
             started: h.started,
@@ -798,10 +843,28 @@ impl Recording {
             dirty: true,
             urgent: false,
             next_meta: Instant::now(),
-            files: None,
-            warned: false,
+            next_flush: Instant::now(),
+            files: queue_or_inline(files),
+            io: Arc::default(),
+            failures_seen: 0,
+            floor,
+            newest,
+            stored: 0,
+            stored_at_flush: 0,
+            idle_written: false,
+            id,
         })
     }
+}
+
+/// Applies what the file thread found to the counters of `meta`: packets whose pcap record
+/// could not be written are not recorded.
+pub(crate) fn apply_failures(meta: &mut RecordingMetadata, io: &RecordingIo) {
+    for (i, s) in meta.streams.iter_mut().enumerate() {
+        s.packets = s.packets.saturating_sub(io.pcap_failed(i));
+    }
+    meta.dropped.pcap_write_failed = io.pcap_failed_total();
+    meta.dropped.wav_write_failed = io.wav_failed();
 }
 
 fn not_decoded_note(info: &StreamInfo) -> String {

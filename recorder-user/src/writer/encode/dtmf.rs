@@ -8,7 +8,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::{metadata::rfc3339, rtp::RtpHeader};
+use super::rtp::RtpHeader;
+use crate::writer::metadata::rfc3339;
 
 /// One telephone event of a stream, as listed in `metadata.json` (`streams[].dtmf`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

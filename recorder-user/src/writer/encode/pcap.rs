@@ -1,13 +1,14 @@
-//! Classic pcap (nanosecond timestamps, `LINKTYPE_ETHERNET`) written through an [`MmapFile`].
+//! Classic pcap (nanosecond timestamps, `LINKTYPE_ETHERNET`): records encoded into a buffer in
+//! memory, appended to the file by the file thread in chunks.
 
 use std::{
     fs::OpenOptions,
     io::{self, Read},
-    path::Path,
+    path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use super::mmapfile::MmapFile;
+use crate::writer::fileio::PcapChunk;
 
 /// Magic of nanosecond-resolution pcap files (host byte order).
 const MAGIC_NS: u32 = 0xa1b2_3c4d;
@@ -19,14 +20,21 @@ const LINKTYPE_ETHERNET: u32 = 1;
 pub(crate) const GLOBAL_HEADER_LEN: u64 = 24;
 pub(crate) const RECORD_HEADER_LEN: usize = 16;
 
+/// A pcap being recorded: the file holds the global header and every chunk handed to the file
+/// thread; records since then wait in `buf` (the packet stage never touches the file).
 pub(crate) struct PcapWriter {
-    out: MmapFile,
+    pub path: PathBuf,
+    buf: Vec<u8>,
+    /// Records in `buf` per stream (for the failure counts of a chunk not written).
+    per_stream: Vec<u32>,
 }
 
+/// Records are handed to the file thread in chunks of about this size.
+pub(crate) const CHUNK: usize = 32 * 1024;
+
 impl PcapWriter {
-    /// `floor`: see [`MmapFile::create`].
-    pub(crate) fn create(path: &Path, floor: u64) -> io::Result<Self> {
-        let mut out = MmapFile::create(path, floor)?;
+    /// Creates (or truncates) `path` with the global header.
+    pub(crate) fn create(path: &Path) -> io::Result<Self> {
         let mut h = [0u8; GLOBAL_HEADER_LEN as usize];
         h[0..4].copy_from_slice(&MAGIC_NS.to_le_bytes());
         h[4..6].copy_from_slice(&2u16.to_le_bytes());
@@ -34,61 +42,83 @@ impl PcapWriter {
         // thiszone and sigfigs stay 0.
         h[16..20].copy_from_slice(&SNAPLEN.to_le_bytes());
         h[20..24].copy_from_slice(&LINKTYPE_ETHERNET.to_le_bytes());
-        out.write_at(0, &h)?;
-        Ok(Self { out })
+        std::fs::write(path, h)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            buf: Vec::new(),
+            per_stream: Vec::new(),
+        })
     }
 
     /// Goes on appending to a pcap a handover finished at `len` bytes (checked: same length,
     /// our header).
-    pub(crate) fn open(path: &Path, len: u64, floor: u64) -> io::Result<Self> {
-        let out = MmapFile::open(path, len, floor)?;
-        let magic = out
-            .bytes()
-            .get(..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        if magic != Some(MAGIC_NS) {
+    pub(crate) fn open(path: &Path, len: u64) -> io::Result<Self> {
+        let mut f = OpenOptions::new().read(true).open(path)?;
+        let actual = f.metadata()?.len();
+        let mut magic = [0u8; 4];
+        if actual != len
+            || f.read_exact(&mut magic).is_err()
+            || u32::from_le_bytes(magic) != MAGIC_NS
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{} is not a pcap this writer made", path.display()),
+                format!(
+                    "{} is not the pcap this recording had ({actual} bytes, expected {len})",
+                    path.display()
+                ),
             ));
         }
-        Ok(Self { out })
+        Ok(Self {
+            path: path.to_path_buf(),
+            buf: Vec::new(),
+            per_stream: Vec::new(),
+        })
     }
 
-    /// Bytes written so far (the file's length once finished).
-    pub(crate) fn len(&self) -> u64 {
-        self.out.len()
+    /// Bytes waiting in memory.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
-    /// Appends one record. On error (disk full) the file is unchanged.
-    pub(crate) fn write(
+    /// Appends one record of stream `stream` to the buffer; returns its size in bytes.
+    pub(crate) fn push(
         &mut self,
+        stream: usize,
         wall: SystemTime,
         orig_len: u32,
         frame: &[u8],
-    ) -> io::Result<()> {
+        spare: impl FnOnce() -> Vec<u8>,
+    ) -> usize {
         let since = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut h = [0u8; RECORD_HEADER_LEN];
         h[0..4].copy_from_slice(&(since.as_secs() as u32).to_le_bytes());
         h[4..8].copy_from_slice(&since.subsec_nanos().to_le_bytes());
         h[8..12].copy_from_slice(&(frame.len() as u32).to_le_bytes());
         h[12..16].copy_from_slice(&orig_len.max(frame.len() as u32).to_le_bytes());
-        let at = self.out.len();
-        let body = at + RECORD_HEADER_LEN as u64;
-        self.out.reserve(body + frame.len() as u64)?;
-        // Body first, header last: a crash between the two leaves a zero header, which the
-        // repair pass reads as the end of the file instead of a record with a zeroed body.
-        self.out.write_at(body, frame)?;
-        self.out.write_at(at, &h)?;
-        Ok(())
+        if self.buf.capacity() == 0 {
+            self.buf = spare();
+        }
+        self.buf.extend_from_slice(&h);
+        self.buf.extend_from_slice(frame);
+        if self.per_stream.len() <= stream {
+            self.per_stream.resize(stream + 1, 0);
+        }
+        self.per_stream[stream] += 1;
+        RECORD_HEADER_LEN + frame.len()
     }
 
-    pub(crate) fn flush_async(&self) -> io::Result<()> {
-        self.out.flush_async()
-    }
-
-    pub(crate) fn finish(self) -> io::Result<()> {
-        self.out.finish()
+    /// The records buffered since the last chunk, to hand to the file thread.
+    pub(crate) fn take_chunk(&mut self) -> Option<PcapChunk> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let bytes = std::mem::take(&mut self.buf);
+        let per_stream = std::mem::take(&mut self.per_stream);
+        Some(PcapChunk {
+            path: self.path.clone(),
+            bytes,
+            per_stream,
+        })
     }
 }
 

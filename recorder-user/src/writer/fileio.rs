@@ -1,0 +1,439 @@
+//! File I/O: the only code of the writer that touches recording files after they are created.
+//!
+//! Each shard's packet stage fills per-recording buffers in memory (pcap records, decoded PCM)
+//! and hands full buffers to its file thread as [`Job`]s: appends to the pcap (`write(2)` on an
+//! `O_APPEND` descriptor), positional writes of WAV frames (`pwrite(2)`) with the header sizes,
+//! `metadata.json` and SIPREC XML replacements, and the final `set_len` + fsync of a recording.
+//! One FIFO per shard keeps the jobs of a recording in order.
+//!
+//! # Why write(2) from a thread, not a mapping
+//! The mapped files of the previous writer put page faults, ext4 `page_mkwrite` and journal
+//! waits on the packet thread: with thousands of recordings growing at once it stalled for
+//! long enough to overflow its queue. Here the packet thread never enters the kernel for a
+//! packet, and the file thread writes 0.5-1 s of a recording's media in one call (the per-file
+//! cost, open + write + close, decides at 20 000 live recordings, not the per-byte cost: see
+//! `bench_file_io` in the tests for mmap, write(2) and io_uring measured side by side).
+//!
+//! # Back-pressure
+//! Bytes queued to the file thread are bounded ([`FileQueue::new`]); a shard that would go past
+//! the bound waits. Its own queue then fills, the ring consumer stops draining, and the BPF rings
+//! are the only buffers that can overflow (counted per CPU and per flow by the XDP program).
+//!
+//! # Descriptors
+//! No descriptor stays open per recording: each job opens its file and closes it (10 000 live
+//! recordings would otherwise need 20 000 descriptors).
+//!
+//! # Disk full
+//! A media job that would leave less than the floor free fails with `ENOSPC` as a whole: its
+//! packets are counted (`pcap_write_failed` per stream, `wav_write_failed` per chunk), logged
+//! once per recording, and what the files hold stays whole (a failed append is cut back to the
+//! length before it; the WAV is positional, so a chunk not written reads as silence).
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Write},
+    os::{fd::AsRawFd, unix::fs::FileExt},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        mpsc, Arc, Condvar, Mutex,
+    },
+};
+
+use tracing::warn;
+
+use super::{
+    encode::recording::apply_failures,
+    indexer::{IndexJob, IndexQueue},
+    metadata::{replace_file, RecordingMetadata},
+};
+
+/// Counters of all file threads, shared with [`super::WriterStats`].
+#[derive(Default)]
+pub(crate) struct IoCounters {
+    pub pcap_write_failed: AtomicU64,
+    pub wav_write_failed: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub metadata_write_failed: AtomicU64,
+}
+
+/// What the file thread found writing one recording's media, read back by its packet stage
+/// for `metadata.json`.
+#[derive(Default)]
+pub(crate) struct RecordingIo {
+    /// Packets per stream whose pcap record was not written.
+    pcap_failed: Mutex<Vec<u64>>,
+    pcap_failed_total: AtomicU64,
+    /// WAV chunks not written.
+    wav_failed: AtomicU64,
+    /// A media write error was logged for this recording (log once, count always).
+    warned: AtomicBool,
+}
+
+impl RecordingIo {
+    pub(crate) fn pcap_failed_total(&self) -> u64 {
+        self.pcap_failed_total.load(Relaxed)
+    }
+
+    pub(crate) fn pcap_failed(&self, stream: usize) -> u64 {
+        self.pcap_failed
+            .lock()
+            .map(|v| v.get(stream).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn wav_failed(&self) -> u64 {
+        self.wav_failed.load(Relaxed)
+    }
+}
+
+/// Pcap records to append, with how many belong to each stream (for the failure counts).
+pub(crate) struct PcapChunk {
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+    pub per_stream: Vec<u32>,
+}
+
+/// WAV frames to write at `offset`, and the header covering the frames written so far.
+pub(crate) struct WavChunk {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+    pub header: [u8; 44],
+}
+
+pub(crate) enum Job {
+    Media {
+        id: Arc<str>,
+        io: Arc<RecordingIo>,
+        pcap: Option<PcapChunk>,
+        wav: Option<WavChunk>,
+        /// Free space the write must leave on the filesystem.
+        floor: u64,
+    },
+    /// Cuts the WAV to `wav_len` bytes with its final header, and syncs both files.
+    Finish {
+        id: Arc<str>,
+        pcap: Option<PathBuf>,
+        wav: Option<(PathBuf, u64, [u8; 44])>,
+    },
+    /// Replaces a small file atomically (fsync before the rename when `sync`).
+    Replace {
+        path: PathBuf,
+        bytes: Vec<u8>,
+        id: Arc<str>,
+        sync: bool,
+    },
+    /// Writes the final `metadata.json` of an ended recording (after its `Finish`), with the
+    /// failure counts of its last chunks, then its index row.
+    Finalize {
+        dir: PathBuf,
+        meta: Box<RecordingMetadata>,
+        io: Arc<RecordingIo>,
+        index: Option<IndexQueue>,
+    },
+    Barrier(mpsc::SyncSender<()>),
+    /// Holds the thread until the sender is dropped (tests of back-pressure).
+    Hold(mpsc::Receiver<()>),
+}
+
+impl Job {
+    /// Bytes this job holds in memory while queued.
+    fn weight(&self) -> usize {
+        match self {
+            Job::Media { pcap, wav, .. } => {
+                pcap.as_ref().map_or(0, |p| p.bytes.len())
+                    + wav.as_ref().map_or(0, |w| w.bytes.len())
+            }
+            Job::Replace { bytes, .. } => bytes.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Bytes queued to a file thread, and a condition to wait for room.
+#[derive(Default)]
+struct InFlight {
+    bytes: Mutex<usize>,
+    room: Condvar,
+}
+
+/// Where a shard queues its file work. Without a thread ([`FileQueue::inline`]: tests and
+/// single-shot tools), jobs run on the calling thread.
+#[derive(Clone)]
+pub(crate) struct FileQueue {
+    tx: Option<mpsc::Sender<Job>>,
+    inflight: Arc<InFlight>,
+    limit: usize,
+    counters: Arc<IoCounters>,
+    /// Emptied buffers handed back by the file thread for the packet stage to fill again.
+    pool: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// Buffers kept for reuse per shard.
+const POOL_MAX: usize = 256;
+
+impl FileQueue {
+    /// Spawns a file thread; at most `limit` bytes of jobs wait for it.
+    pub(crate) fn spawn(name: String, limit: usize, counters: Arc<IoCounters>) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let queue = Self {
+            tx: Some(tx),
+            inflight: Arc::default(),
+            limit: limit.max(1),
+            counters,
+            pool: Arc::default(),
+        };
+        let worker = queue.clone_without_sender();
+        std::thread::Builder::new().name(name).spawn(move || {
+            // Ends when every queue (clone) is dropped.
+            for job in rx {
+                let weight = job.weight();
+                worker.execute(job);
+                if weight > 0 {
+                    let mut b = worker
+                        .inflight
+                        .bytes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    *b = b.saturating_sub(weight);
+                    worker.inflight.room.notify_all();
+                }
+            }
+        })?;
+        Ok(queue)
+    }
+
+    /// A queue that runs every job on the calling thread.
+    pub(crate) fn inline(counters: Arc<IoCounters>) -> Self {
+        Self {
+            tx: None,
+            inflight: Arc::default(),
+            limit: usize::MAX,
+            counters,
+            pool: Arc::default(),
+        }
+    }
+
+    fn clone_without_sender(&self) -> Self {
+        Self {
+            tx: None,
+            inflight: self.inflight.clone(),
+            limit: self.limit,
+            counters: self.counters.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// A buffer to fill (from the pool when there is one).
+    pub(crate) fn buffer(&self, capacity: usize) -> Vec<u8> {
+        self.pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_else(|| Vec::with_capacity(capacity))
+    }
+
+    fn recycle(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        if let Ok(mut p) = self.pool.lock() {
+            if p.len() < POOL_MAX {
+                p.push(buf);
+            }
+        }
+    }
+
+    /// Queues a job; waits while the thread has `limit` bytes to write already. Runs it here
+    /// when there is no thread (or it is gone).
+    pub(crate) fn submit(&self, job: Job) {
+        let Some(tx) = &self.tx else {
+            self.execute(job);
+            return;
+        };
+        let weight = job.weight();
+        if weight > 0 {
+            let mut b = self
+                .inflight
+                .bytes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            while *b > 0 && *b + weight > self.limit {
+                b = self
+                    .inflight
+                    .room
+                    .wait(b)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            *b += weight;
+        }
+        if let Err(mpsc::SendError(job)) = tx.send(job) {
+            self.execute(job);
+        }
+    }
+
+    /// Returns once every job queued before is done.
+    pub(crate) fn barrier(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = mpsc::sync_channel(1);
+        if tx.send(Job::Barrier(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+
+    fn execute(&self, job: Job) {
+        match job {
+            Job::Media {
+                id,
+                io,
+                pcap,
+                wav,
+                floor,
+            } => {
+                if let Some(p) = pcap {
+                    match append(&p.path, &p.bytes, floor) {
+                        Ok(()) => {
+                            self.counters
+                                .bytes_written
+                                .fetch_add(p.bytes.len() as u64, Relaxed);
+                        }
+                        Err(e) => {
+                            let n: u64 = p.per_stream.iter().map(|&n| u64::from(n)).sum();
+                            if let Ok(mut failed) = io.pcap_failed.lock() {
+                                if failed.len() < p.per_stream.len() {
+                                    failed.resize(p.per_stream.len(), 0);
+                                }
+                                for (f, n) in failed.iter_mut().zip(&p.per_stream) {
+                                    *f += u64::from(*n);
+                                }
+                            }
+                            io.pcap_failed_total.fetch_add(n, Relaxed);
+                            self.counters.pcap_write_failed.fetch_add(n, Relaxed);
+                            if !io.warned.swap(true, Relaxed) {
+                                warn!(recording = %id, error = %e, "pcap write failed; dropping packets");
+                            }
+                        }
+                    }
+                    self.recycle(p.bytes);
+                }
+                if let Some(w) = wav {
+                    match write_wav(&w, floor) {
+                        Ok(()) => {
+                            self.counters
+                                .bytes_written
+                                .fetch_add(w.bytes.len() as u64, Relaxed);
+                        }
+                        Err(e) => {
+                            io.wav_failed.fetch_add(1, Relaxed);
+                            self.counters.wav_write_failed.fetch_add(1, Relaxed);
+                            if !io.warned.swap(true, Relaxed) {
+                                warn!(recording = %id, error = %e, "wav write failed; dropping audio");
+                            }
+                        }
+                    }
+                    self.recycle(w.bytes);
+                }
+            }
+            Job::Finish { id, pcap, wav } => {
+                if let Some((path, len, header)) = wav {
+                    let done = (|| {
+                        let f = OpenOptions::new().write(true).open(&path)?;
+                        f.set_len(len)?;
+                        f.write_all_at(&header, 0)?;
+                        f.sync_all()
+                    })();
+                    if let Err(e) = done {
+                        warn!(recording = %id, error = %e, "cannot finish wav");
+                    }
+                }
+                if let Some(path) = pcap {
+                    if let Err(e) = File::open(&path).and_then(|f| f.sync_all()) {
+                        warn!(recording = %id, error = %e, "cannot finish pcap");
+                    }
+                }
+            }
+            Job::Replace {
+                path,
+                bytes,
+                id,
+                sync,
+            } => {
+                if let Err(e) = replace_file(&path, &bytes, sync) {
+                    self.counters.metadata_write_failed.fetch_add(1, Relaxed);
+                    warn!(recording = %id, path = %path.display(), error = %e, "cannot write file");
+                }
+            }
+            Job::Finalize {
+                dir,
+                mut meta,
+                io,
+                index,
+            } => {
+                apply_failures(&mut meta, &io);
+                if meta.dropped.pcap_write_failed + meta.dropped.wav_write_failed > 0 {
+                    meta.notes
+                        .push("some media was not written (disk full or write error)".to_string());
+                }
+                if let Err(e) = meta.write(&dir) {
+                    self.counters.metadata_write_failed.fetch_add(1, Relaxed);
+                    warn!(recording = %meta.id, error = %e, "cannot write metadata.json");
+                }
+                if let Some(index) = index {
+                    index.send(IndexJob::Upsert(meta));
+                }
+            }
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
+            Job::Hold(release) => {
+                let _ = release.recv();
+            }
+        }
+    }
+
+    /// Holds this queue's thread until the returned sender is dropped: jobs queue up behind it
+    /// (tests of back-pressure: the packet stage must wait, never drop).
+    pub(crate) fn hold(&self) -> mpsc::Sender<()> {
+        let (release, held) = mpsc::channel();
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Job::Hold(held));
+        }
+        release
+    }
+}
+
+/// `ENOSPC` unless `len` bytes leave `floor` free on the filesystem of `file`.
+fn check_floor(file: &File, len: usize, floor: u64) -> io::Result<()> {
+    if floor == 0 {
+        return Ok(());
+    }
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `st` is a writable statvfs and the descriptor is open.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatvfs succeeded and filled `st`.
+    let st = unsafe { st.assume_init() };
+    if st.f_bavail * st.f_frsize < len as u64 + floor {
+        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    Ok(())
+}
+
+/// Appends `bytes` whole, or not at all: a short write (disk full) is cut back.
+fn append(path: &std::path::Path, bytes: &[u8], floor: u64) -> io::Result<()> {
+    let mut f = OpenOptions::new().append(true).open(path)?;
+    check_floor(&f, bytes.len(), floor)?;
+    let before = f.metadata()?.len();
+    if let Err(e) = f.write_all(bytes) {
+        let _ = f.set_len(before);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn write_wav(w: &WavChunk, floor: u64) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).open(&w.path)?;
+    check_floor(&f, w.bytes.len(), floor)?;
+    f.write_all_at(&w.bytes, w.offset)?;
+    f.write_all_at(&w.header, 0)
+}
