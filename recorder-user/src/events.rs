@@ -177,6 +177,10 @@ pub enum SessionEvent {
         id: RecordingId,
         at: SystemTime,
         reason: EndReason,
+        /// Per flow id, the records the XDP program could not put in a full ring (the kernel's
+        /// counters, read as the flows were removed; flows without drops are left out).
+        #[serde(default)]
+        ring_drops: Vec<(u64, u64)>,
     },
 }
 

@@ -330,6 +330,10 @@ impl FlowControl for BpfFlowTable {
     fn packets(&self, flow_id: u64) -> u64 {
         self.stats(flow_id).packets
     }
+
+    fn ring_drops(&self, flow_id: u64) -> u64 {
+        self.stats(flow_id).ring_drops
+    }
 }
 
 #[cfg(test)]

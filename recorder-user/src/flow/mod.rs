@@ -67,6 +67,11 @@ pub trait FlowControl: Send {
     fn packets(&self, _flow_id: u64) -> u64 {
         0
     }
+    /// Records of this flow id the XDP program could not put in a full ring (read before the
+    /// flow's last entry goes: its counters go with it).
+    fn ring_drops(&self, _flow_id: u64) -> u64 {
+        0
+    }
 }
 
 /// An in-memory flow table for tests of the signaling layer.

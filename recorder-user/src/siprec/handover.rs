@@ -278,6 +278,7 @@ impl<F: FlowControl> Recorder<F> {
                         id,
                         at: SystemTime::now(),
                         reason: EndReason::Error { detail },
+                        ring_drops: Vec::new(),
                     });
                 }
             }

@@ -1251,6 +1251,15 @@ impl<F: FlowControl> Recorder<F> {
         let Some(session) = self.sessions.remove(key) else {
             return;
         };
+        // Before the flows go: their kernel counters go with them.
+        let ring_drops: Vec<(u64, u64)> = session
+            .slots
+            .iter()
+            .flatten()
+            .flat_map(|info| std::iter::once(info.flow_id).chain(info.rtcp_flow_id))
+            .map(|flow| (flow, self.flows.ring_drops(flow)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
         for info in session.slots.iter().flatten() {
             self.close_stream(now, info, true);
         }
@@ -1283,6 +1292,7 @@ impl<F: FlowControl> Recorder<F> {
             id: session.id,
             at: SystemTime::now(),
             reason,
+            ring_drops,
         });
     }
 

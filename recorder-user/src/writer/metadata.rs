@@ -124,6 +124,9 @@ pub struct StreamMeta {
     /// RFC 4733 telephone events (DTMF) received on the stream, in arrival order.
     #[serde(default)]
     pub dtmf: Vec<DtmfEvent>,
+    /// Packets of this stream (RTP and RTCP) lost to a full ring buffer (known at the end).
+    #[serde(default)]
+    pub ring_drops: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,8 +156,11 @@ pub struct WavMeta {
 /// What was not recorded, and why.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropCounters {
-    /// Packets dropped before reaching the writer: its queue was full.
-    pub queue_full: u64,
+    /// Packets of the recording's flows the XDP program could not put in a full ring buffer
+    /// (the consumer was held up for longer than the rings cover). The only place packets may
+    /// be dropped before the files; per stream in `streams[].ring_drops`.
+    #[serde(default)]
+    pub ring_full: u64,
     /// Packets not written to the pcap: disk full (or another write error).
     pub pcap_write_failed: u64,
     /// Audio packets not written to the WAV: disk full (or another write error).

@@ -69,8 +69,17 @@ pub(crate) struct Shard {
     pub awaiting_link: std::collections::HashSet<String>,
     /// ... and those of them that ended meanwhile: finished when the answer comes, so that
     /// their final metadata and index row carry the link.
-    pub ended_unlinked: HashMap<String, (Recording, SystemTime, String, Option<String>)>,
+    pub ended_unlinked: HashMap<String, EndedUnlinked>,
 }
+
+/// An ended recording waiting for its link: (recording, end time, reason, detail, ring drops).
+pub(crate) type EndedUnlinked = (
+    Recording,
+    SystemTime,
+    String,
+    Option<String>,
+    Vec<(u64, u64)>,
+);
 
 /// Per-batch counts, added to the shared counters once per batch.
 #[derive(Default)]
@@ -139,11 +148,11 @@ impl Shard {
         }
         // Links not answered by now will not be: finish without them.
         self.awaiting_link.clear();
-        for (_, (rec, at, reason, detail)) in std::mem::take(&mut self.ended_unlinked) {
-            self.finish(rec, at, &reason, detail);
+        for (_, (rec, at, reason, detail, drops)) in std::mem::take(&mut self.ended_unlinked) {
+            self.finish(rec, at, &reason, detail, &drops);
         }
         for id in self.recordings.ids() {
-            self.end(&id, now, "shutdown", None);
+            self.end(&id, now, "shutdown", None, &[]);
         }
         self.files.barrier();
     }
@@ -170,11 +179,13 @@ impl Shard {
             Msg::Event(ev) => self.event(*ev),
             Msg::Linked(l) => {
                 self.awaiting_link.remove(&l.id);
-                if let Some((mut rec, at, reason, detail)) = self.ended_unlinked.remove(&l.id) {
+                if let Some((mut rec, at, reason, detail, drops)) =
+                    self.ended_unlinked.remove(&l.id)
+                {
                     if let Some((interaction, previous)) = l.link {
                         rec.link(interaction, previous);
                     }
-                    self.finish(rec, at, &reason, detail);
+                    self.finish(rec, at, &reason, detail, &drops);
                 } else if let (Some(rec), Some((interaction, previous))) =
                     (self.recordings.get_mut(&l.id), l.link)
                 {
@@ -360,13 +371,19 @@ impl Shard {
             }
             return;
         }
-        if let SessionEvent::Ended { at, reason, .. } = &ev {
+        if let SessionEvent::Ended {
+            at,
+            reason,
+            ring_drops,
+            ..
+        } = &ev
+        {
             let detail = match reason {
                 EndReason::Bye { reason } => reason.clone(),
                 EndReason::Error { detail } => Some(detail.clone()),
                 _ => None,
             };
-            if !self.end(&id, *at, reason.name(), detail) {
+            if !self.end(&id, *at, reason.name(), detail, ring_drops) {
                 self.shared.unknown_recording_events.fetch_add(1, Relaxed);
             }
             return;
@@ -451,23 +468,39 @@ impl Shard {
         }
     }
 
-    fn end(&mut self, id: &str, at: SystemTime, reason: &str, detail: Option<String>) -> bool {
+    fn end(
+        &mut self,
+        id: &str,
+        at: SystemTime,
+        reason: &str,
+        detail: Option<String>,
+        ring_drops: &[(u64, u64)],
+    ) -> bool {
         let Some((slot, rec)) = self.recordings.remove(id) else {
             return false;
         };
         self.unroute(slot);
         if self.awaiting_link.contains(id) {
-            self.ended_unlinked
-                .insert(id.to_string(), (rec, at, reason.to_string(), detail));
+            self.ended_unlinked.insert(
+                id.to_string(),
+                (rec, at, reason.to_string(), detail, ring_drops.to_vec()),
+            );
         } else {
-            self.finish(rec, at, reason, detail);
+            self.finish(rec, at, reason, detail, ring_drops);
         }
         true
     }
 
-    fn finish(&mut self, rec: Recording, at: SystemTime, reason: &str, detail: Option<String>) {
+    fn finish(
+        &mut self,
+        rec: Recording,
+        at: SystemTime,
+        reason: &str,
+        detail: Option<String>,
+        ring_drops: &[(u64, u64)],
+    ) {
         let id = rec.id().to_string();
-        rec.finish(at, reason, detail, self.index.clone());
+        rec.finish(at, reason, detail, ring_drops, self.index.clone());
         self.shared.active.fetch_sub(1, Relaxed);
         self.shared.completed.fetch_add(1, Relaxed);
         info!(recording = %id, reason, "recording ended");

@@ -82,6 +82,9 @@ struct Stream {
     paused_now: bool,
     added_at: SystemTime,
     removed_at: Option<SystemTime>,
+    /// Records lost to a full ring (from the kernel, at the end).
+    #[serde(default)]
+    ring_drops: u64,
 }
 
 impl Stream {
@@ -107,6 +110,7 @@ impl Stream {
             paused_now,
             added_at: at,
             removed_at: None,
+            ring_drops: 0,
         }
     }
 
@@ -167,6 +171,7 @@ impl Stream {
             added_at: rfc3339(self.added_at),
             removed_at: self.removed_at.map(rfc3339),
             dtmf: self.dtmf.clone(),
+            ring_drops: self.ring_drops,
         }
     }
 }
@@ -740,8 +745,25 @@ impl Recording {
         at: SystemTime,
         reason: &str,
         detail: Option<String>,
+        ring_drops: &[(u64, u64)],
         index: Option<IndexQueue>,
     ) {
+        for &(flow, n) in ring_drops {
+            if let Some(s) = self
+                .streams
+                .iter_mut()
+                .find(|s| s.info.flow_id == flow || s.info.rtcp_flow_id == Some(flow))
+            {
+                s.ring_drops += n;
+            }
+            self.meta.dropped.ring_full += n;
+        }
+        if self.meta.dropped.ring_full > 0 {
+            self.meta.notes.push(format!(
+                "{} packets were lost to a full ring buffer (the writer was held up longer than the rings cover)",
+                self.meta.dropped.ring_full
+            ));
+        }
         for s in &mut self.streams {
             s.set_paused(false, at);
         }
