@@ -318,6 +318,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     let flows = capture.take_flow_table()?;
     let consumer = RingConsumer::new(capture.take_rings()?)?;
+    let stalls = consumer.stall_stats();
     let counters: Arc<Counters> = Arc::new(capture.take_counters()?);
 
     let mut sockets = driver::bind(&config.sip_listen).context("binding SIP listen addresses")?;
@@ -566,6 +567,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                     counters: counters.clone(),
                     writer: writer.clone(),
                     started: std::time::Instant::now(),
+                    stalls: stalls.clone(),
                 },
                 shutdown.clone(),
             )

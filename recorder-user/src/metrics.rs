@@ -53,6 +53,8 @@ pub struct Sources {
     pub counters: Arc<Counters>,
     pub writer: Arc<WriterHandle>,
     pub started: Instant,
+    /// The ring consumer's back-pressure stalls.
+    pub stalls: Arc<crate::capture::ring::StallStats>,
 }
 
 /// Everything one scrape shows, gathered first and rendered after (so rendering is testable).
@@ -65,6 +67,8 @@ pub struct Snapshot {
     pub siprec: SiprecCounters,
     pub sip: SipCounters,
     pub writer: WriterStats,
+    /// Ring consumer stalls: count, total and longest (microseconds).
+    pub stalls: (u64, u64, u64),
 }
 
 impl Snapshot {
@@ -93,6 +97,15 @@ impl Snapshot {
             siprec,
             sip,
             writer: sources.writer.stats(),
+            stalls: {
+                use std::sync::atomic::Ordering::Relaxed;
+                let s = &sources.stalls;
+                (
+                    s.stalls.load(Relaxed),
+                    s.stalled_us.load(Relaxed),
+                    s.longest_stall_us.load(Relaxed),
+                )
+            },
         }
     }
 
@@ -221,6 +234,27 @@ impl Snapshot {
             "Records taken from the ring buffers and handed to the writer.",
             &[],
             self.writer.packets_in,
+        );
+        out.single(
+            "recorder_ring_consumer_stalls_total",
+            "counter",
+            "Times the writer had no room and records waited in the rings (back-pressure).",
+            &[],
+            self.stalls.0,
+        );
+        out.single(
+            "recorder_ring_consumer_stalled_microseconds_total",
+            "counter",
+            "Time the ring consumer waited for the writer.",
+            &[],
+            self.stalls.1,
+        );
+        out.single(
+            "recorder_ring_consumer_longest_stall_microseconds",
+            "gauge",
+            "Longest wait for the writer since start (size ring_bytes to cover it).",
+            &[],
+            self.stalls.2,
         );
         out.single(
             "recorder_writer_queue_packets",

@@ -44,6 +44,19 @@ pub struct ConsumerStats {
     pub longest_stall_us: u64,
 }
 
+/// Back-pressure stalls as the metrics read them while the consumer runs (see
+/// [`ConsumerStats`]).
+#[derive(Debug, Default)]
+pub struct StallStats {
+    pub stalls: std::sync::atomic::AtomicU64,
+    pub stalled_us: std::sync::atomic::AtomicU64,
+    pub longest_stall_us: std::sync::atomic::AtomicU64,
+}
+
+/// A stall longer than this is logged (at the default 8 MiB rings, 200 000 packets/s on one
+/// CPU fill a ring in about 160 ms).
+const STALL_LOG: Duration = Duration::from_millis(250);
+
 /// Owns the rings and drains them into a sink.
 pub struct RingConsumer {
     rings: Vec<RingBuf<MapData>>,
@@ -59,6 +72,7 @@ pub struct RingConsumer {
     staged: Vec<VecDeque<(u64, Range<usize>)>>,
     /// Since when the sink has had no room (None: it has).
     stalled_since: Option<std::time::Instant>,
+    shared: std::sync::Arc<StallStats>,
 }
 
 impl RingConsumer {
@@ -81,7 +95,13 @@ impl RingConsumer {
             clock: MonoClock::now(),
             stats: ConsumerStats::default(),
             stalled_since: None,
+            shared: Default::default(),
         })
+    }
+
+    /// The stall counters, readable while [`Self::run`] owns the consumer.
+    pub fn stall_stats(&self) -> std::sync::Arc<StallStats> {
+        self.shared.clone()
     }
 
     /// Drains every ring once into `sink`, in kernel timestamp order; returns the number of
@@ -116,10 +136,18 @@ impl RingConsumer {
                 self.stalled_since = Some(now);
             }
             (false, Some(since)) => {
-                let us = now.duration_since(since).as_micros() as u64;
+                let took = now.duration_since(since);
+                let us = took.as_micros() as u64;
                 self.stats.stalled_us += us;
                 self.stats.longest_stall_us = self.stats.longest_stall_us.max(us);
                 self.stalled_since = None;
+                use std::sync::atomic::Ordering::Relaxed;
+                self.shared.stalls.fetch_add(1, Relaxed);
+                self.shared.stalled_us.fetch_add(us, Relaxed);
+                self.shared.longest_stall_us.fetch_max(us, Relaxed);
+                if took >= STALL_LOG {
+                    warn!(ms = us / 1000, "the writer held the ring consumer up; records waited in the rings (ring_full counts what did not fit)");
+                }
             }
             _ => {}
         }

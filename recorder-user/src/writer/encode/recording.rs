@@ -671,6 +671,9 @@ impl Recording {
     }
 
     fn replace_metadata(&mut self, now: SystemTime, sync: bool) {
+        // The media it counts goes first (same FIFO): after a crash, the files hold at least
+        // what the last metadata.json says.
+        self.hand_over_media(true);
         self.refresh_meta(now);
         apply_failures(&mut self.meta, &self.io);
         match serde_json::to_vec_pretty(&self.meta) {
