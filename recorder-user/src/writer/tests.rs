@@ -1257,6 +1257,51 @@ fn abandoned_recording(spool: &Path, packets: u64, flush_after: u64) -> u64 {
 }
 
 #[test]
+fn audio_starting_late_holds_no_silence_in_memory() {
+    // First audio 10 s after the start (a late or held-up stream): the 10 s before it are a
+    // hole in the file, not 10 s of zeros per recording in memory (3 GB at 10 000 recordings).
+    let dir = TempDir::new("late");
+    let streams = two_streams();
+    let ids = CallIds::default();
+    let mut rec = Recording::create(
+        dir.path(),
+        Start {
+            id: "late",
+            at: t0(),
+            ids: &ids,
+            streams: &streams,
+            participants: &[],
+            metadata: None,
+            host: "h",
+            floor: 0,
+            files: None,
+        },
+    )
+    .unwrap();
+    let mut a = Sender::new(1, 40000, 0, 0xA, 1, 0);
+    for k in 0..100u64 {
+        let n = 80_000 + k * 160;
+        let (f, off) = a.frame(n, &noise);
+        rec.packet(
+            0,
+            false,
+            &owned(1, at_ms((n / 8) as i64), &f, off).as_captured(),
+        );
+        let held = rec.wav_window_frames();
+        assert!(held <= 8000 * 5 / 2, "packet {k}: {held} frames held");
+    }
+    rec.finish(at_ms(12_000), "bye", None, &[], None);
+    let (_, _, c) = read_wav(&dir.path().join("late").join(WAV_FILE));
+    assert_eq!(c[0].len(), 96_000, "the WAV spans the whole call");
+    assert!(
+        c[0][..80_000].iter().all(|&x| x == 0),
+        "silence before the audio"
+    );
+    let ul = |n: u64| g711::ulaw(encode::ulaw(noise(n)));
+    assert_eq!(measured_offset(&c[0], 80_100, 95_000, ul), Some(0));
+}
+
+#[test]
 fn tool_crash_repair_keeps_everything_and_marks_interrupted() {
     let dir = TempDir::new("crash");
     let bytes = abandoned_recording(dir.path(), 300, 100);

@@ -208,6 +208,10 @@ pub(crate) struct Recording {
     stored: u64,
     stored_at_flush: u64,
     idle_written: bool,
+    /// Size of the next chunk in 1/1024 of the usual: the first one is smaller by a fraction
+    /// that depends on the id, so that recordings started together (a bench, a failover) do
+    /// not all hand over their chunks in the same instant.
+    chunk_scale: u64,
     id: Arc<str>,
 }
 
@@ -350,6 +354,7 @@ impl Recording {
             stored: 0,
             stored_at_flush: 0,
             idle_written: false,
+            chunk_scale: first_chunk_scale(s.id),
             id: Arc::from(s.id),
         };
         rec.set_ids(s.ids);
@@ -591,6 +596,32 @@ impl Recording {
         };
         let wall_pos = frames_between(self.started, p.wall, wav.rate());
         self.newest = self.newest.max(wall_pos);
+        let rate = wav.rate() as i64;
+        let ripe = (self.newest - wav::WINDOW_MS as i64 * rate / 1000).max(0) as u64;
+        let chunk = wav::CHUNK_MS * rate as u64 / 1000 * self.chunk_scale / 1024;
+        let pcap_chunk = pcap::CHUNK as u64 * self.chunk_scale / 1024;
+        let pcap_full = self
+            .pcap
+            .as_ref()
+            .is_some_and(|p| p.buffered() as u64 >= pcap_chunk);
+        if ripe >= wav.base() + chunk || pcap_full {
+            // Before placing this packet: the window then starts at most WINDOW_MS before it
+            // (after a silence, the frames skipped stay a hole in the file, not zeros here).
+            MediaOut {
+                pcap: &mut self.pcap,
+                wav: &mut self.wav,
+                files: &self.files,
+                io: &self.io,
+                id: &self.id,
+                newest: self.newest,
+                floor: self.floor,
+            }
+            .hand_over(false);
+            self.chunk_scale = 1024;
+        }
+        let Some(wav) = self.wav.as_mut() else {
+            return stored;
+        };
         let pos = s
             .aligner
             .position(&h, s.info.codec.clock_rate, wav.rate(), wall_pos);
@@ -613,37 +644,25 @@ impl Recording {
             // Past the RIFF limit, or later than the window kept in memory.
             self.meta.dropped.out_of_range += 1;
         }
-        let rate = wav.rate() as i64;
-        let ripe = (self.newest - wav::WINDOW_MS as i64 * rate / 1000).max(0) as u64;
-        let chunk = wav::CHUNK_MS * rate as u64 / 1000;
-        let pcap_full = self
-            .pcap
-            .as_ref()
-            .is_some_and(|p| p.buffered() >= pcap::CHUNK);
-        if ripe >= wav.base() + chunk || pcap_full {
-            self.hand_over_media(false);
-        }
         stored
     }
 
     /// Hands the buffered pcap records and the WAV frames older than the window to the file
     /// thread (with `all`: every frame in memory, which stays there too).
     fn hand_over_media(&mut self, all: bool) {
-        let pcap = self.pcap.as_mut().and_then(PcapWriter::take_chunk);
-        let files = &self.files;
-        let wav = self.wav.as_mut().and_then(|w| {
-            let rate = w.rate() as i64;
-            let ripe = (self.newest - wav::WINDOW_MS as i64 * rate / 1000).max(0) as u64;
-            w.take_chunk(ripe, all, |n| files.buffer(n))
-        });
-        if pcap.is_some() || wav.is_some() {
-            self.files.submit(Job::Media {
-                id: self.id.clone(),
-                io: self.io.clone(),
-                pcap,
-                wav,
-                floor: self.floor,
-            });
+        self.media_out().hand_over(all);
+    }
+
+    /// The fields the hand-over uses (borrowed apart from the streams).
+    fn media_out(&mut self) -> MediaOut<'_> {
+        MediaOut {
+            pcap: &mut self.pcap,
+            wav: &mut self.wav,
+            files: &self.files,
+            io: &self.io,
+            id: &self.id,
+            newest: self.newest,
+            floor: self.floor,
         }
     }
 
@@ -803,6 +822,12 @@ impl Recording {
         });
     }
 
+    /// WAV frames held in memory (tests: silence is not held).
+    #[cfg(test)]
+    pub(crate) fn wav_window_frames(&self) -> u64 {
+        self.wav.as_ref().map_or(0, |w| w.window_frames())
+    }
+
     pub(crate) fn metadata(&self) -> &RecordingMetadata {
         &self.meta
     }
@@ -877,9 +902,53 @@ impl Recording {
             stored: 0,
             stored_at_flush: 0,
             idle_written: false,
+            chunk_scale: first_chunk_scale(&id),
             id,
         })
     }
+}
+
+/// A recording's buffers and where they go.
+struct MediaOut<'a> {
+    pcap: &'a mut Option<PcapWriter>,
+    wav: &'a mut Option<WavWriter>,
+    files: &'a FileQueue,
+    io: &'a Arc<RecordingIo>,
+    id: &'a Arc<str>,
+    newest: i64,
+    floor: u64,
+}
+
+impl MediaOut<'_> {
+    /// Hands the buffered pcap records and the WAV frames older than the window to the file
+    /// thread (with `all`: every frame in memory, which stays there too).
+    fn hand_over(self, all: bool) {
+        let pcap = self.pcap.as_mut().and_then(PcapWriter::take_chunk);
+        let files = self.files;
+        let newest = self.newest;
+        let wav = self.wav.as_mut().and_then(|w| {
+            let rate = w.rate() as i64;
+            let ripe = (newest - wav::WINDOW_MS as i64 * rate / 1000).max(0) as u64;
+            w.take_chunk(ripe, all, |n| files.buffer(n))
+        });
+        if pcap.is_some() || wav.is_some() {
+            files.submit(Job::Media {
+                id: self.id.clone(),
+                io: self.io.clone(),
+                pcap,
+                wav,
+                floor: self.floor,
+            });
+        }
+    }
+}
+
+/// 1/4 to 1 of a chunk, by a hash of the recording id.
+fn first_chunk_scale(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    256 + h.finish() % 769
 }
 
 /// Applies what the file thread found to the counters of `meta`: packets whose pcap record

@@ -169,10 +169,11 @@ impl WavWriter {
         let (write, forget) = if keep {
             (held, 0)
         } else {
-            let cut = cut.min(self.frames);
             if cut <= self.base {
                 return None;
             }
+            // Past what is held, the frames are silence: skipped (a hole reads as zeros), and
+            // the recording is that long at least.
             ((cut - self.base).min(held), cut - self.base)
         };
         let ch = self.channels as usize;
@@ -185,6 +186,7 @@ impl WavWriter {
         if forget > 0 {
             self.window.drain(..(forget.min(held) as usize) * ch);
             self.base += forget;
+            self.frames = self.frames.max(self.base);
         }
         if bytes.is_empty() {
             return None;
