@@ -170,6 +170,9 @@ pub(crate) struct FileQueue {
     pool: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
+/// Synced replacements committed together at most.
+const GROUP_MAX: usize = 512;
+
 /// Buffers kept for reuse per shard.
 const POOL_MAX: usize = 256;
 
@@ -187,9 +190,29 @@ impl FileQueue {
         let worker = queue.clone_without_sender();
         std::thread::Builder::new().name(name).spawn(move || {
             // Ends when every queue (clone) is dropped.
-            for job in rx {
-                let weight = job.weight();
-                worker.execute(job);
+            let mut next = None;
+            while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
+                let mut weight = job.weight();
+                if matches!(job, Job::Replace { sync: true, .. }) {
+                    // Group commit: the synced replacements waiting in a row share one sync.
+                    let mut group = vec![job];
+                    while group.len() < GROUP_MAX {
+                        match rx.try_recv() {
+                            Ok(j @ Job::Replace { sync: true, .. }) => {
+                                weight += j.weight();
+                                group.push(j);
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    worker.replace_group(group);
+                } else {
+                    worker.execute(job);
+                }
                 if weight > 0 {
                     let mut b = worker
                         .inflight
@@ -268,6 +291,63 @@ impl FileQueue {
         }
         if let Err(mpsc::SendError(job)) = tx.send(job) {
             self.execute(job);
+        }
+    }
+
+    /// Replaces files durably as a group: every temporary file written, one `syncfs(2)` (a
+    /// single journal commit where an fsync each cost one: thousands of new recordings' first
+    /// `metadata.json` held the file thread up for seconds), then every rename. A file whose
+    /// write fails keeps its previous version, as with one replacement.
+    fn replace_group(&self, group: Vec<Job>) {
+        if group.len() == 1 {
+            return group.into_iter().for_each(|j| self.execute(j));
+        }
+        // The same file twice (two events of a recording): the later version only.
+        let mut last = std::collections::HashMap::new();
+        for (i, job) in group.iter().enumerate() {
+            if let Job::Replace { path, .. } = job {
+                last.insert(path.clone(), i);
+            }
+        }
+        let mut written = Vec::with_capacity(group.len());
+        let mut sync_fd: Option<File> = None;
+        for (i, job) in group.into_iter().enumerate() {
+            if matches!(&job, Job::Replace { path, .. } if last.get(path) != Some(&i)) {
+                continue;
+            }
+            let Job::Replace {
+                path, bytes, id, ..
+            } = job
+            else {
+                continue;
+            };
+            let tmp = super::metadata::temp_path(&path);
+            match std::fs::write(&tmp, &bytes) {
+                Ok(()) => {
+                    if sync_fd.is_none() {
+                        sync_fd = File::open(&tmp).ok();
+                    }
+                    written.push((tmp, path, id));
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    self.counters.metadata_write_failed.fetch_add(1, Relaxed);
+                    warn!(recording = %id, path = %path.display(), error = %e, "cannot write file");
+                }
+            }
+        }
+        if let Some(fd) = &sync_fd {
+            // SAFETY: plain syscall on an open descriptor.
+            if unsafe { libc::syncfs(fd.as_raw_fd()) } != 0 {
+                warn!(error = %io::Error::last_os_error(), "syncfs failed; files replaced anyway");
+            }
+        }
+        for (tmp, path, id) in written {
+            if let Err(e) = std::fs::rename(&tmp, &path) {
+                let _ = std::fs::remove_file(&tmp);
+                self.counters.metadata_write_failed.fetch_add(1, Relaxed);
+                warn!(recording = %id, path = %path.display(), error = %e, "cannot write file");
+            }
         }
     }
 
@@ -436,4 +516,40 @@ fn write_wav(w: &WavChunk, floor: u64) -> io::Result<()> {
     check_floor(&f, w.bytes.len(), floor)?;
     f.write_all_at(&w.bytes, w.offset)?;
     f.write_all_at(&w.header, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synced_replacements_in_a_row_are_committed_together_last_version_wins() {
+        let dir = crate::writer::tests::TempDir::new("group");
+        let counters = Arc::new(IoCounters::default());
+        let q = FileQueue::spawn("t-files".into(), 1 << 20, counters.clone()).unwrap();
+        // Held: the 300 jobs queue up and are taken as groups.
+        let release = q.hold();
+        for round in 0..3 {
+            for i in 0..100 {
+                q.submit(Job::Replace {
+                    path: dir.path().join(format!("m{i}.json")),
+                    bytes: format!("{round}-{i}").into_bytes(),
+                    id: Arc::from("r"),
+                    sync: true,
+                });
+            }
+        }
+        drop(release);
+        q.barrier();
+        for i in 0..100 {
+            let got = std::fs::read_to_string(dir.path().join(format!("m{i}.json"))).unwrap();
+            assert_eq!(got, format!("2-{i}"));
+        }
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 100, "no temporary file left: {names:?}");
+        assert_eq!(counters.metadata_write_failed.load(Relaxed), 0);
+    }
 }

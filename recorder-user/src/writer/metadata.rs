@@ -197,12 +197,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     replace_file(path, bytes, true)
 }
 
+/// The temporary file a replacement of `path` is written to first.
+pub(crate) fn temp_path(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
 /// [`write_atomic`], with the fsync before the rename only when `sync`. Without it a crash may
 /// keep the previous version (the rename can reach the journal first; ext4 and XFS flush the
 /// data of a file renamed over another before that commit, so it is never a torn file there).
 pub(crate) fn replace_file(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let tmp = temp_path(path);
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
