@@ -6,17 +6,28 @@
 
 /// Bumped whenever a type or map in this file changes layout or meaning. Userspace pins maps in
 /// a directory named after it, so an incompatible layout is never silently reused.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Name of the XDP program in the object.
 pub const PROGRAM_NAME: &str = "recorder_xdp";
 
-/// Map names (must match the statics in `src/main.rs`).
+/// Map names (must match the statics in `src/xdp.rs`).
+///
+/// The flow table (see "Flow table" in `recorder-ebpf/README.md`): `FLOW_SLOTS` (array, one
+/// 8-byte word per (media address, port) of the configured range, holding a version index or
+/// 0), `FLOWS` (fallback hash for keys outside the range, [`FlowKey`] -> version index),
+/// `FLOW_VALUES` (array of [`FlowValue`] by version index), `FLOW_STATS` (per-CPU array of
+/// [`FlowStats`] by version index), `FLOW_CTL` (one [`FlowCtl`]).
+pub const MAP_FLOW_SLOTS: &str = "FLOW_SLOTS";
 pub const MAP_FLOWS: &str = "FLOWS";
+pub const MAP_FLOW_VALUES: &str = "FLOW_VALUES";
 pub const MAP_FLOW_STATS: &str = "FLOW_STATS";
+pub const MAP_FLOW_CTL: &str = "FLOW_CTL";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Name of the global holding the snap length (bytes of frame captured at most).
 pub const GLOBAL_SNAPLEN: &str = "SNAPLEN";
+/// Name of the global holding the [`FlowLayout`] of `FLOW_SLOTS`.
+pub const GLOBAL_FLOW_LAYOUT: &str = "FLOW_LAYOUT";
 
 /// Number of ring buffers. The XDP program writes to ring `cpu % RING_COUNT`, so on hosts with
 /// up to this many CPUs producers never share a ring (and its reservation spinlock).
@@ -31,8 +42,58 @@ pub const RING_NAMES: [&str; RING_COUNT] = [
 pub const DEFAULT_SNAPLEN: u32 = 1500;
 /// Largest snap length the program supports (size of its per-CPU scratch area).
 pub const MAX_SNAPLEN: u32 = 2048;
-/// Default capacity of the flow map (entries).
+/// Default capacity of the flow table (entries pinned at once).
 pub const DEFAULT_MAX_FLOWS: u32 = 65536;
+/// Media addresses `FLOW_SLOTS` has a block of ports for, at most.
+pub const MAX_FLOW_ADDRS: usize = 4;
+/// Largest `FLOW_SLOTS`: every port of every media address.
+pub const MAX_FLOW_SLOTS: u32 = MAX_FLOW_ADDRS as u32 * 65536;
+/// Version indices reserved beyond the capacity for versions waiting out an RCU grace period
+/// before reuse: `max(capacity / VERSION_SPARE_DIV, VERSION_SPARE_MIN)`.
+pub const VERSION_SPARE_DIV: u32 = 8;
+pub const VERSION_SPARE_MIN: u32 = 256;
+
+/// Entries of `FLOW_VALUES` and `FLOW_STATS` for a flow table of `max_flows` entries: index 0
+/// (never used: 0 means "no flow"), the capacity, and the spare versions.
+pub const fn flow_versions(max_flows: u32) -> u32 {
+    let spare = max_flows / VERSION_SPARE_DIV;
+    let spare = if spare < VERSION_SPARE_MIN {
+        VERSION_SPARE_MIN
+    } else {
+        spare
+    };
+    1 + max_flows + spare
+}
+
+/// Which destinations `FLOW_SLOTS` covers: `addr_count` media addresses, each with a block of
+/// `port_span` consecutive ports from `port_base`. The slot of (address `i`, port `p`) is
+/// `i * port_span + (p - port_base)`. Set once at load (global `FLOW_LAYOUT`, read-only for the
+/// program) and kept in `FLOW_CTL` so that a daemon adopting pinned maps indexes them alike.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowLayout {
+    /// Media addresses (v4-mapped for IPv4) as two native-endian words each, so the program
+    /// compares them with two 8-byte loads. Unused entries are zero.
+    pub addrs: [[u64; 2]; MAX_FLOW_ADDRS],
+    pub addr_count: u32,
+    pub port_base: u32,
+    /// Ports per address; 0: no array, every flow is in the `FLOWS` hash.
+    pub port_span: u32,
+    pub _pad: u32,
+}
+
+/// `FLOW_CTL`'s one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCtl {
+    /// The layout `FLOW_SLOTS` was created for (zero until userspace writes it after creating
+    /// the maps).
+    pub layout: FlowLayout,
+    /// Non-zero while the `FLOWS` hash holds an entry: a packet outside the array is looked up
+    /// there only then. One byte, so a concurrent update can never be read half-done.
+    pub fallback: u8,
+    pub _pad: [u8; 7],
+}
 
 /// Key of the flow map: the local (destination) address and UDP port of a pinned stream.
 #[repr(C)]
@@ -56,11 +117,14 @@ pub const SRC_MATCH_ADDR: u8 = 1;
 /// `FlowValue::src_match` bit: the source port must equal `remote_port`.
 pub const SRC_MATCH_PORT: u8 = 2;
 
-/// Value of the flow map.
+/// A version of a flow entry (`FLOW_VALUES[v]`). Written by userspace only while no slot or
+/// hash entry refers to `v` and no program run that could have read such a reference is still
+/// going (an RCU grace period has passed since the last one was removed): immutable while the
+/// program can see it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// Userspace's id of the stream; copied into every record and keys `FLOW_STATS`.
+    /// Userspace's id of the stream; copied into every record.
     pub flow_id: u64,
     /// Bumped by userspace on every rewrite of this flow (re-INVITE), copied into every record.
     pub generation: u32,
@@ -74,7 +138,8 @@ pub struct FlowValue {
     pub remote_addr: [u8; 16],
 }
 
-/// Per-flow counters (a per-CPU hash map keyed by `flow_id`; userspace sums the CPUs).
+/// Per-flow counters (`FLOW_STATS[v]`, per CPU, counted for version `v` of a flow; userspace
+/// sums the CPUs and the versions of a flow).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
@@ -158,6 +223,11 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
 const _: () = assert!(core::mem::size_of::<RecordHeader>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowLayout>() == 80);
+const _: () = assert!(core::mem::size_of::<FlowCtl>() == 88);
+// Userspace maps FLOW_VALUES and FLOW_SLOTS into memory: the kernel strides mmapable arrays by
+// the value size rounded up to 8 bytes.
+const _: () = assert!(core::mem::size_of::<FlowValue>() % 8 == 0);
 
 /// FNV-1a over `bytes`, folded into `hash` (usable in constants).
 const fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
@@ -181,6 +251,8 @@ pub const LAYOUT_HASH: u64 = {
         core::mem::size_of::<FlowValue>() as u32,
         core::mem::size_of::<FlowStats>() as u32,
         core::mem::size_of::<RecordHeader>() as u32,
+        core::mem::size_of::<FlowLayout>() as u32,
+        core::mem::size_of::<FlowCtl>() as u32,
         ABI_VERSION,
         RING_COUNT as u32,
         counter::COUNT,
@@ -195,10 +267,12 @@ pub const LAYOUT_HASH: u64 = {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are repr(C), made only of integers and byte arrays, with no implicit
+    // SAFETY: all six are repr(C), made only of integers and byte arrays, with no implicit
     // padding (sizes asserted above), so every bit pattern is valid.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::FlowStats {}
     unsafe impl aya::Pod for super::RecordHeader {}
+    unsafe impl aya::Pod for super::FlowLayout {}
+    unsafe impl aya::Pod for super::FlowCtl {}
 }

@@ -1,5 +1,5 @@
 //! The recorder's XDP program: parse Ethernet / VLAN / IPv4 / IPv6 / UDP, look the destination up
-//! in `FLOWS`, and copy matching frames (from the Ethernet header, cut to `SNAPLEN`) into the ring
+//! in the flow table (`FLOW_SLOTS` by port, else the `FLOWS` hash), and copy matching frames (from the Ethernet header, cut to `SNAPLEN`) into the ring
 //! buffer of the current CPU. Layout and measurements: see `recorder-ebpf/README.md`.
 //!
 //! Verifier rules followed throughout: every packet read goes through [`ptr_at`] (bounds-checked
@@ -19,19 +19,19 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         xdp_action::{XDP_DROP, XDP_PASS},
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_RB_RING_SIZE,
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
     },
     helpers::generated::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
     Global,
 };
 use recorder_ebpf::abi::{
-    counter, FlowKey, FlowStats, FlowValue, RecordHeader, ACTION_DROP, DEFAULT_MAX_FLOWS,
-    DEFAULT_SNAPLEN, MAX_SNAPLEN, RECORD_F_TRUNCATED, RECORD_HEADER_LEN, SRC_MATCH_ADDR,
-    SRC_MATCH_PORT,
+    counter, flow_versions, FlowCtl, FlowKey, FlowLayout, FlowStats, FlowValue, RecordHeader,
+    ACTION_DROP, DEFAULT_MAX_FLOWS, DEFAULT_SNAPLEN, MAX_FLOW_ADDRS, MAX_SNAPLEN,
+    RECORD_F_TRUNCATED, RECORD_HEADER_LEN, SRC_MATCH_ADDR, SRC_MATCH_PORT,
 };
 
 #[cfg(not(test))]
@@ -48,16 +48,56 @@ static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 #[unsafe(no_mangle)]
 static SNAPLEN: Global<u32> = Global::new(DEFAULT_SNAPLEN);
 
-/// No prealloc: values are freed through RCU, so a value read right after lookup is never an
-/// element already recycled by a concurrent userspace update (re-INVITE rewrites).
+/// Which destinations `FLOW_SLOTS` covers; overridden by userspace at load (read-only here).
+/// Not a `Global`: the program loads single fields of it, each with a volatile read (which is
+/// all `Global::load` does for the whole value).
+#[unsafe(no_mangle)]
+static FLOW_LAYOUT: FlowLayout = FlowLayout {
+    addrs: [[0; 2]; MAX_FLOW_ADDRS],
+    addr_count: 0,
+    port_base: 0,
+    port_span: 0,
+    _pad: 0,
+};
+
+// The flow table. How a torn read is ruled out (see "Flow table" in the README):
+//
+// * What the program reads of a flow is one version `v`: `FLOW_VALUES[v]` (and it counts into
+//   `FLOW_STATS[v]`). Userspace writes a version only while nothing refers to it and an RCU
+//   grace period has passed since the last reference went (membarrier(MEMBARRIER_CMD_GLOBAL)
+//   = synchronize_rcu; this program runs in an RCU read-side section, NAPI being softirq): no
+//   run of this program can be reading it then. Once published it never changes.
+// * The only thing that changes under a running program is which version a key refers to: a
+//   slot word (one aligned 8-byte word, stored by userspace in one instruction through its
+//   mmap of `FLOW_SLOTS`, read here with one 8-byte load), or a hash entry (the kernel swaps
+//   whole elements under RCU, no prealloc). Either way the program sees the old version or
+//   the new one, each complete: a packet is attributed to the flow and generation of the one it
+//   saw, and a key stays mapped throughout a rewrite (make before break), so none is lost.
+
+/// One word per (media address, port): 0 (no flow) or a version index. Mmapable: userspace
+/// stores words atomically; `bpf_map_update_elem` would memcpy them.
 #[map]
-static FLOWS: HashMap<FlowKey, FlowValue> =
+static FLOW_SLOTS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Fallback for destinations outside `FLOW_SLOTS`: key -> version index. No prealloc: an update
+/// swaps the whole element under RCU (a preallocated hash recycles elements at once).
+#[map]
+static FLOWS: HashMap<FlowKey, u32> =
     HashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_PREALLOC);
 
-/// No prealloc: a preallocated per-CPU hash costs max_entries * CPUs * 40 bytes up front.
+/// Flow values by version index (mmapable: userspace writes unpublished versions directly).
 #[map]
-static FLOW_STATS: PerCpuHashMap<u64, FlowStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_NO_PREALLOC);
+static FLOW_VALUES: Array<FlowValue> =
+    Array::with_max_entries(flow_versions(DEFAULT_MAX_FLOWS), BPF_F_MMAPABLE);
+
+/// Per-flow counters by version index, zeroed by userspace before a version is reused.
+#[map]
+static FLOW_STATS: PerCpuArray<FlowStats> =
+    PerCpuArray::with_max_entries(flow_versions(DEFAULT_MAX_FLOWS), 0);
+
+/// The fallback flag (and the layout, for userspace).
+#[map]
+static FLOW_CTL: Array<FlowCtl> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -296,30 +336,21 @@ fn parse_udp(ctx: &XdpContext, off: usize, src: [u8; 16], dst: [u8; 16]) -> Resu
 #[inline(always)]
 fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
     // Two 8-byte compares instead of a memcmp the BPF backend may not inline.
-    let (a0, a1) = a.split_at(8);
-    let (b0, b1) = b.split_at(8);
-    let word = |s: &[u8]| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(s);
-        u64::from_ne_bytes(w)
-    };
-    word(a0) == word(b0) && word(a1) == word(b1)
+    words(a) == words(b)
 }
 
 #[inline(always)]
 fn on_udp(ctx: &XdpContext, udp: &Udp) -> u32 {
-    let key = FlowKey {
-        addr: udp.dst,
-        port: udp.dport,
-        _pad: [0; 2],
+    let Some(version) = flow_version(udp) else {
+        return XDP_PASS;
     };
-    let flow = match FLOWS.get_ptr(key) {
-        // SAFETY: the map has no prealloc, so the element stays valid (RCU) while we copy it.
+    let flow = match FLOW_VALUES.get_ptr(version) {
+        // SAFETY: array element; immutable while any key refers to this version (see above).
         Some(p) => unsafe { core::ptr::read(p) },
         None => return XDP_PASS,
     };
     bump(counter::MATCHED);
-    let stats = flow_stats(flow.flow_id);
+    let stats = FLOW_STATS.get_ptr_mut(version);
 
     let addr_bad = flow.src_match & SRC_MATCH_ADDR != 0 && !eq16(&udp.src, &flow.remote_addr);
     let port_bad = flow.src_match & SRC_MATCH_PORT != 0 && udp.sport != flow.remote_port;
@@ -384,15 +415,63 @@ fn on_udp(ctx: &XdpContext, udp: &Udp) -> u32 {
     }
 }
 
-/// This CPU's stats slot for `flow_id`, created zeroed on first use.
+/// The version index the destination refers to, if any. A destination the array covers (one of
+/// the layout's addresses, a port in its span) is looked up there only; others in the `FLOWS`
+/// hash, and only while it holds an entry.
 #[inline(always)]
-fn flow_stats(flow_id: u64) -> Option<*mut FlowStats> {
-    if let Some(p) = FLOW_STATS.get_ptr_mut(flow_id) {
-        return Some(p);
+fn flow_version(udp: &Udp) -> Option<u32> {
+    let layout = &FLOW_LAYOUT;
+    // SAFETY: reads of a read-only global (volatile: its value is the one set at load, which
+    // the compiler must not fold to the initialiser).
+    let (span, base, count) = unsafe {
+        (
+            core::ptr::read_volatile(&layout.port_span),
+            core::ptr::read_volatile(&layout.port_base),
+            core::ptr::read_volatile(&layout.addr_count),
+        )
+    };
+    let off = u32::from(udp.dport).wrapping_sub(base);
+    if off < span {
+        let dst = words(&udp.dst);
+        // Constant bound; the verifier knows `count` (read-only map) and prunes the rest.
+        for i in 0..MAX_FLOW_ADDRS {
+            if i as u32 >= count {
+                break;
+            }
+            // SAFETY: as above (`i < MAX_FLOW_ADDRS`: no panic path).
+            let addr = unsafe { core::ptr::read_volatile(&layout.addrs[i]) };
+            if addr == dst {
+                let slot = FLOW_SLOTS.get_ptr((i as u32).wrapping_mul(span).wrapping_add(off))?;
+                // SAFETY: array element; one aligned 8-byte load (userspace stores it whole).
+                let word = unsafe { core::ptr::read_volatile(slot) };
+                return if word == 0 { None } else { Some(word as u32) };
+            }
+        }
     }
-    // Fails only if another CPU inserted it meanwhile (fine) or the map is full (stats lost).
-    let _ = FLOW_STATS.insert(flow_id, FlowStats::default(), u64::from(BPF_NOEXIST));
-    FLOW_STATS.get_ptr_mut(flow_id)
+    let ctl = FLOW_CTL.get_ptr(0)?;
+    // SAFETY: array element; a single byte.
+    if unsafe { core::ptr::read_volatile(&(*ctl).fallback) } == 0 {
+        return None;
+    }
+    let key = FlowKey {
+        addr: udp.dst,
+        port: udp.dport,
+        _pad: [0; 2],
+    };
+    // SAFETY: no-prealloc hash: the element stays valid (RCU) while we read it.
+    FLOWS.get_ptr(key).map(|p| unsafe { core::ptr::read(p) })
+}
+
+/// An address as two native-endian words, as `FlowLayout::addrs` stores it.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u64; 2] {
+    let (a0, a1) = a.split_at(8);
+    let word = |s: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(s);
+        u64::from_ne_bytes(w)
+    };
+    [word(a0), word(a1)]
 }
 
 enum EmitError {

@@ -280,6 +280,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         snaplen: config.snaplen,
         ring_bytes: config.ring_bytes,
         max_flows: config.max_flows,
+        // RTP/RTCP ports are all allocated from this range at this address: the program finds
+        // them by array index.
+        flow_addrs: vec![media_address],
+        flow_ports: Some((config.rtp_ports.lo, config.rtp_ports.hi)),
         attach_mode: config.attach_mode,
         pin_dir: Some(config.pin_dir.clone()),
         create_pins: true,

@@ -108,13 +108,21 @@ fn load(pair: &VethPair, config: &CaptureConfig) -> (Loaded, AttachedMode) {
     load_in_mode(pair, config, AttachMode::Auto)
 }
 
+/// The RTP port range of the tests' flow array (at the recorder's address).
+const PIN_PORTS: (u16, u16) = (43000, 47999);
+
 fn load_in_mode(
     pair: &VethPair,
     config: &CaptureConfig,
     mode: AttachMode,
 ) -> (Loaded, AttachedMode) {
+    let config = CaptureConfig {
+        flow_addrs: vec![pair.recorder_v4.into()],
+        flow_ports: config.flow_ports.or(Some(PIN_PORTS)),
+        ..config.clone()
+    };
     pair.in_recorder(|| {
-        let mut capture = Capture::load(config).expect("load XDP object");
+        let mut capture = Capture::load(&config).expect("load XDP object");
         let mode = capture.attach(&pair.recorder_if, mode).expect("attach XDP");
         let flows = capture.take_flow_table().unwrap();
         let consumer = RingConsumer::new(capture.take_rings().unwrap()).unwrap();
@@ -194,6 +202,7 @@ fn restart_with_pinned_objects_loses_no_packet() {
     assert!(!first.capture.adopted());
     assert!(first.capture.pinning());
     assert_eq!(first.flows.insert(spec).unwrap(), 1);
+    assert!(first.flows.in_array(local), "found by array index");
     const K: u64 = 200;
     send(&sender, local, 0..K);
     let records = first.drain_exactly(K as usize);
@@ -207,6 +216,10 @@ fn restart_with_pinned_objects_loses_no_packet() {
     for name in [
         format!("link-{}", pair.recorder_if),
         abi::MAP_FLOWS.into(),
+        abi::MAP_FLOW_SLOTS.into(),
+        abi::MAP_FLOW_VALUES.into(),
+        abi::MAP_FLOW_STATS.into(),
+        abi::MAP_FLOW_CTL.into(),
         abi::MAP_COUNTERS.into(),
         abi::RING_NAMES[0].into(),
     ] {
@@ -230,6 +243,7 @@ fn restart_with_pinned_objects_loses_no_packet() {
     assert_ne!(second_prog, first_prog, "program replaced in the link");
     assert!(second.capture.stale_links().is_empty());
     assert_eq!(second.flows.lookup(local), Some((spec, 1)));
+    assert!(second.flows.in_array(local), "the adopted array");
     assert_eq!(second.flows.max_flow_id(), Some(11));
     assert_eq!(second.flows.list().len(), 1);
     assert_eq!(
@@ -524,4 +538,62 @@ fn restart_while_traffic_flows_loses_nothing() {
     records.sort_by_key(|r| r.header.ts_ns);
     assert_seqs(&records, 0..sent, 1);
     second.capture.detach_and_unpin().unwrap();
+}
+
+#[test]
+fn adopted_array_keeps_its_layout_when_the_port_range_changes() {
+    let pair = VethPair::new("lay");
+    let pins = PinDir::new("layout");
+    let in_first: SocketAddr = (pair.recorder_v4, 43010).into();
+    let spec = FlowSpec {
+        flow_id: 11,
+        local: in_first,
+        remote: None,
+        action: FlowAction::Drop,
+    };
+    let (mut first, _) = load(&pair, &pins.config(true));
+    first.flows.insert(spec).unwrap();
+    let sender = pair.in_sender(|| UdpSocket::bind((pair.sender_v4, 0)).unwrap());
+    send(&sender, in_first, 0..30);
+    assert_seqs(&first.drain_exactly(30), 0..30, 1);
+    first.capture.release_pinned().unwrap();
+    drop((first.flows, first.consumer, first.counters));
+    send(&sender, in_first, 30..60);
+
+    // The next daemon is configured with another range: the pinned array keeps its layout (its
+    // slots are where the previous daemon put them), so the adopted flow is still found.
+    let moved = CaptureConfig {
+        flow_ports: Some((50000, 50999)),
+        ..pins.config(false)
+    };
+    let (mut second, _) = load(&pair, &moved);
+    assert!(second.capture.adopted());
+    assert_eq!(
+        second.capture.flow_layout().port_base,
+        u32::from(PIN_PORTS.0),
+        "pinned layout kept"
+    );
+    assert_eq!(second.flows.lookup(in_first), Some((spec, 1)));
+    assert!(second.flows.in_array(in_first));
+    assert_seqs(&second.drain_exactly(30), 30..60, 1);
+    // A flow of the new range is outside the adopted array: it goes to the fallback hash.
+    let in_new: SocketAddr = (pair.recorder_v4, 50010).into();
+    second
+        .flows
+        .insert(FlowSpec {
+            flow_id: 12,
+            local: in_new,
+            ..spec
+        })
+        .unwrap();
+    assert!(!second.flows.in_array(in_new));
+    send(&sender, in_new, 0..20);
+    let records = second.drain_exactly(20);
+    assert!(records.iter().all(|r| r.header.flow_id == 12));
+    send(&sender, in_first, 60..70);
+    assert_seqs(&second.drain_exactly(10), 60..70, 1);
+    assert_eq!(second.flows.stats(11).packets, 70);
+    assert_eq!(second.flows.stats(12).packets, 20);
+    second.capture.detach_and_unpin().unwrap();
+    assert!(!pins.0.exists());
 }

@@ -42,10 +42,19 @@ fn rig(tag: &str) -> Rig {
     rig_with(tag, &CaptureConfig::default())
 }
 
+/// The rig's RTP port range at the recorder's address (the flow array); other ports go to the
+/// fallback hash.
+const RIG_PORTS: (u16, u16) = (40000, 42999);
+
 fn rig_with(tag: &str, config: &CaptureConfig) -> Rig {
     let pair = VethPair::new(tag);
+    let config = CaptureConfig {
+        flow_addrs: vec![pair.recorder_v4.into()],
+        flow_ports: Some(RIG_PORTS),
+        ..config.clone()
+    };
     let (capture, flows, consumer, counters) = pair.in_recorder(|| {
-        let mut capture = Capture::load(config).expect("load XDP object");
+        let mut capture = Capture::load(&config).expect("load XDP object");
         let mode = capture
             .attach(&pair.recorder_if, AttachMode::Auto)
             .expect("attach XDP");
@@ -462,4 +471,250 @@ fn flow_counters_go_with_their_flows() {
         }
     }
     assert_eq!(rig.flows.stats_entries(), 0, "no counters left behind");
+}
+
+/// Waits until `flow_id`'s counters show `packets` (XDP runs in the receiver's NAPI, after
+/// `send_to` returned).
+fn wait_packets(rig: &Rig, flow_id: u64, packets: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.flows.stats(flow_id).packets < packets {
+        assert!(
+            Instant::now() < deadline,
+            "flow {flow_id}: {} of {packets} packets counted",
+            rig.flows.stats(flow_id).packets
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn array_flows_at_the_range_ends_and_a_fallback_flow_are_counted_apart() {
+    let mut rig = rig("arr");
+    let ip = rig.pair.recorder_v4;
+    let (lo, hi) = RIG_PORTS;
+    let outside = hi + 1000;
+    // (flow id, port, packets sent): both ends of the range, one inside, one outside (hash).
+    let flows: [(u64, u16, u64); 4] = [
+        (1, lo, 100),
+        (2, hi, 200),
+        (3, lo + 10, 300),
+        (4, outside, 400),
+    ];
+    for &(flow_id, port, _) in &flows {
+        rig.flows
+            .insert(FlowSpec {
+                flow_id,
+                local: (ip, port).into(),
+                remote: None,
+                action: FlowAction::Drop,
+            })
+            .unwrap();
+        assert_eq!(
+            rig.flows.in_array((ip, port).into()),
+            port != outside,
+            "port {port}"
+        );
+    }
+    let kernel: Vec<(SocketAddr, u64, u32)> = rig
+        .flows
+        .kernel_entries()
+        .into_iter()
+        .map(|(a, v)| (a, v.flow_id, v.generation))
+        .collect();
+    let mut want: Vec<(SocketAddr, u64, u32)> = flows
+        .iter()
+        .map(|&(id, port, _)| ((ip, port).into(), id, 1))
+        .collect();
+    want.sort();
+    assert_eq!(kernel, want, "the kernel's view, array and hash");
+
+    let sender = rig
+        .pair
+        .in_sender(|| UdpSocket::bind((rig.pair.sender_v4, 0)).unwrap());
+    // Unpinned: in the range (a free slot), just outside both ends, outside near the hash key.
+    let unpinned = [lo + 2, lo - 1, hi - 1, outside + 2];
+    for &(_, port, n) in &flows {
+        for seq in 0..n {
+            sender.send_to(&payload(seq, 1, 172), (ip, port)).unwrap();
+        }
+    }
+    for &port in &unpinned {
+        for seq in 0..50 {
+            sender.send_to(&payload(seq, 9, 172), (ip, port)).unwrap();
+        }
+    }
+    let mut sink = VecSink::default();
+    rig.drain_all(&mut sink);
+    let by = by_flow(&sink.records);
+    assert_eq!(by.len(), flows.len(), "records of pinned flows only");
+    for &(flow_id, port, n) in &flows {
+        let records = &by[&flow_id];
+        assert_eq!(
+            records.len() as u64,
+            n,
+            "flow {flow_id}: every packet, once"
+        );
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(seq_of(udp_payload(r)), i as u64, "flow {flow_id} in order");
+            assert_eq!(r.header.generation, 1);
+            assert_eq!(u16::from_be_bytes([r.frame[36], r.frame[37]]), port);
+        }
+        let stats = rig.flows.stats(flow_id);
+        assert_eq!(stats.packets, n, "flow {flow_id} counted alone");
+        let wire: u64 = records.iter().map(|r| u64::from(r.header.wire_len)).sum();
+        assert_eq!(stats.bytes, wire);
+        assert_eq!((stats.ring_drops, stats.wrong_source), (0, 0));
+    }
+    let total: u64 = flows.iter().map(|f| f.2).sum();
+    assert_eq!(rig.counter(counter::MATCHED), total);
+    assert_eq!(rig.counter(counter::CAPTURED), total);
+
+    // The hash's last entry goes: packets there are no longer looked up, the array's still are.
+    rig.flows.remove((ip, outside).into()).unwrap();
+    let matched = rig.counter(counter::MATCHED);
+    sender.send_to(&payload(0, 1, 172), (ip, outside)).unwrap();
+    sender.send_to(&payload(100, 1, 172), (ip, lo)).unwrap();
+    wait_packets(&rig, 1, 101);
+    assert_eq!(rig.counter(counter::MATCHED), matched + 1);
+}
+
+#[test]
+fn a_slot_reused_by_new_flows_starts_with_zeroed_counters() {
+    // A small table: its spare versions run out after a few hundred flows, so versions are
+    // reclaimed (grace period, counters zeroed) and reused while the slot keeps changing hands.
+    let config = CaptureConfig {
+        max_flows: 16,
+        ..CaptureConfig::default()
+    };
+    let mut rig = rig_with("reuse", &config);
+    let local: SocketAddr = (rig.pair.recorder_v4, RIG_PORTS.0 + 100).into();
+    assert!(rig.flows.in_array(local));
+    let sender = rig
+        .pair
+        .in_sender(|| UdpSocket::bind((rig.pair.sender_v4, 0)).unwrap());
+    let versions = abi::flow_versions(config.max_flows) as u64;
+    let rounds = 2 * versions + 10;
+    for flow_id in 1..=rounds {
+        let spec = FlowSpec {
+            flow_id,
+            local,
+            remote: None,
+            action: FlowAction::Drop,
+        };
+        rig.flows.insert(spec).unwrap();
+        assert_eq!(
+            rig.flows.stats(flow_id),
+            abi::FlowStats::default(),
+            "flow {flow_id} starts at zero"
+        );
+        // Flow k gets 1 + k % 3 packets, so leftovers of an earlier flow would show.
+        let n = 1 + flow_id % 3;
+        for seq in 0..n {
+            sender.send_to(&payload(seq, 1, 172), local).unwrap();
+        }
+        wait_packets(&rig, flow_id, n);
+        let stats = rig.flows.stats(flow_id);
+        assert_eq!((stats.packets, stats.bytes), (n, n * 214), "flow {flow_id}");
+        rig.flows.remove(local).unwrap();
+    }
+    assert!(
+        rig.flows.grace_periods() >= 1,
+        "versions were reclaimed and reused"
+    );
+    let mut sink = VecSink::default();
+    rig.drain_all(&mut sink);
+    let by = by_flow(&sink.records);
+    assert_eq!(
+        by.len() as u64,
+        rounds,
+        "every flow's records under its own id"
+    );
+    for (flow_id, records) in by {
+        assert_eq!(records.len() as u64, 1 + flow_id % 3, "flow {flow_id}");
+    }
+    assert_eq!(rig.flows.stats_entries(), 0);
+}
+
+#[test]
+fn same_port_rewrites_under_traffic_lose_nothing_and_order_generations() {
+    // Small table: versions are reclaimed and reused while traffic flows.
+    let config = CaptureConfig {
+        max_flows: 16,
+        ..CaptureConfig::default()
+    };
+    let mut rig = rig_with("same", &config);
+    let local: SocketAddr = (rig.pair.recorder_v4, RIG_PORTS.0 + 200).into();
+    let any = FlowSpec {
+        flow_id: 31,
+        local,
+        remote: None,
+        action: FlowAction::Drop,
+    };
+    // Both versions accept the sender: any source, or any port from its address.
+    let learned = FlowSpec {
+        remote: Some((rig.pair.sender_v4, 0).into()),
+        ..any
+    };
+    rig.flows.insert(any).unwrap();
+    let sender = rig
+        .pair
+        .in_sender(|| UdpSocket::bind((rig.pair.sender_v4, 0)).unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_flag = stop.clone();
+    let traffic = std::thread::spawn(move || {
+        let mut seq = 0u64;
+        while !stop_flag.load(std::sync::atomic::Ordering::Relaxed) {
+            sender.send_to(&payload(seq, 1, 172), local).unwrap();
+            seq += 1;
+            if seq % 16 == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        seq
+    });
+    // Rewrite until several grace periods went by (versions reused under traffic), capped.
+    let versions = u64::from(abi::flow_versions(config.max_flows));
+    let mut sink = VecSink::default();
+    let mut generation = 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (u64::from(generation) < 3 * versions || rig.counter(counter::CAPTURED) < 20_000)
+        && Instant::now() < deadline
+    {
+        let spec = if generation % 2 == 1 { learned } else { any };
+        generation = rig.flows.rewrite(local, spec).unwrap();
+        rig.consumer.drain(&mut sink);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = traffic.join().unwrap();
+    assert!(
+        rig.flows.grace_periods() >= 2,
+        "versions reused under traffic"
+    );
+    wait_packets(&rig, 31, sent);
+    rig.drain_all(&mut sink);
+
+    let records = &by_flow(&sink.records)[&31];
+    assert_eq!(records.len() as u64, sent, "every packet captured once");
+    let mut seen = vec![false; sent as usize];
+    let mut last_generation = 1;
+    for r in records {
+        let seq = seq_of(udp_payload(r));
+        assert!(!seen[seq as usize], "seq {seq} twice");
+        seen[seq as usize] = true;
+        // In time order the generations only go up, within what was written.
+        assert!(
+            r.header.generation >= last_generation && r.header.generation <= generation,
+            "seq {seq}: generation {} after {last_generation}",
+            r.header.generation
+        );
+        last_generation = r.header.generation;
+    }
+    assert!(last_generation > 1, "later packets carry later generations");
+    let stats = rig.flows.stats(31);
+    assert_eq!(
+        stats.packets, sent,
+        "counters follow the flow across every version"
+    );
+    assert_eq!((stats.wrong_source, stats.ring_drops), (0, 0));
+    assert_eq!(rig.counter(counter::WRONG_SOURCE), 0);
 }

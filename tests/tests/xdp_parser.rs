@@ -5,13 +5,13 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{TestRun as _, Xdp},
     Ebpf, EbpfLoader, TestRunOptions,
 };
 use recorder_ebpf::abi::{
-    self, counter, FlowKey, FlowStats, FlowValue, RecordHeader, ACTION_DROP, ACTION_PASS,
-    RECORD_F_TRUNCATED, RECORD_HEADER_LEN, SRC_MATCH_ADDR, SRC_MATCH_PORT,
+    self, counter, FlowCtl, FlowKey, FlowLayout, FlowStats, FlowValue, RecordHeader, ACTION_DROP,
+    ACTION_PASS, RECORD_F_TRUNCATED, RECORD_HEADER_LEN, SRC_MATCH_ADDR, SRC_MATCH_PORT,
 };
 use tests::packets::{
     arp_request, rtp, v4_mapped, Ext, Frame, Ip, Ipv4, Ipv6, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ,
@@ -35,6 +35,22 @@ const GENERATION: u32 = 7;
 struct Harness {
     ebpf: Ebpf,
     rings: Vec<RingBuf<MapData>>,
+    layout: FlowLayout,
+    /// (flow id, version) of every flow added, in order.
+    versions: Vec<(u64, u32)>,
+}
+
+/// The harness's flow array: LOCAL4 (v4-mapped) ports LPORT and LPORT + 1. LOCAL6 and other
+/// ports of LOCAL4 go to the fallback hash, so the tests cover both lookups.
+fn test_layout() -> FlowLayout {
+    let mut layout = FlowLayout {
+        addr_count: 1,
+        port_base: u32::from(LPORT),
+        port_span: 2,
+        ..FlowLayout::default()
+    };
+    layout.addrs[0] = recorder::capture::loader::addr_words(v4_mapped(LOCAL4));
+    layout
 }
 
 /// A record read back from a ring.
@@ -54,8 +70,18 @@ impl Harness {
     }
 
     fn load(obj: &[u8], snaplen: u32, ring_bytes: u32) -> Self {
+        Self::load_with_layout(obj, snaplen, ring_bytes, test_layout())
+    }
+
+    fn load_with_layout(obj: &[u8], snaplen: u32, ring_bytes: u32, layout: FlowLayout) -> Self {
         let mut loader = EbpfLoader::new();
-        loader.override_global(abi::GLOBAL_SNAPLEN, &snaplen, true);
+        loader
+            .override_global(abi::GLOBAL_SNAPLEN, &snaplen, true)
+            .override_global(abi::GLOBAL_FLOW_LAYOUT, &layout, true)
+            .map_max_entries(
+                abi::MAP_FLOW_SLOTS,
+                recorder::capture::loader::layout_slots(&layout),
+            );
         for name in abi::RING_NAMES {
             loader.map_max_entries(name, ring_bytes);
         }
@@ -70,18 +96,52 @@ impl Harness {
             .iter()
             .map(|n| RingBuf::try_from(ebpf.take_map(n).unwrap()).unwrap())
             .collect();
-        Self { ebpf, rings }
+        Self {
+            ebpf,
+            rings,
+            layout,
+            versions: Vec::new(),
+        }
     }
 
+    /// Pins `value` at (addr, port) the way `BpfFlowTable` does (without its concurrency
+    /// care: nothing runs meanwhile): a new version, then its index into the slot or the hash.
     fn add_flow(&mut self, addr: [u8; 16], port: u16, value: FlowValue) {
-        let mut flows: HashMap<_, FlowKey, FlowValue> =
-            HashMap::try_from(self.ebpf.map_mut(abi::MAP_FLOWS).unwrap()).unwrap();
-        let key = FlowKey {
-            addr,
-            port,
-            _pad: [0; 2],
-        };
-        flows.insert(key, value, 0).unwrap();
+        let version = self.versions.len() as u32 + 1;
+        self.versions.push((value.flow_id, version));
+        let mut values: Array<_, FlowValue> =
+            Array::try_from(self.ebpf.map_mut(abi::MAP_FLOW_VALUES).unwrap()).unwrap();
+        values.set(version, value, 0).unwrap();
+        let l = self.layout;
+        let off = u32::from(port).wrapping_sub(l.port_base);
+        let in_array = l.addr_count > 0
+            && off < l.port_span
+            && l.addrs[0] == recorder::capture::loader::addr_words(addr);
+        if in_array {
+            let mut slots: Array<_, u64> =
+                Array::try_from(self.ebpf.map_mut(abi::MAP_FLOW_SLOTS).unwrap()).unwrap();
+            slots.set(off, u64::from(version), 0).unwrap();
+        } else {
+            let mut ctl: Array<_, FlowCtl> =
+                Array::try_from(self.ebpf.map_mut(abi::MAP_FLOW_CTL).unwrap()).unwrap();
+            ctl.set(
+                0,
+                FlowCtl {
+                    fallback: 1,
+                    ..FlowCtl::default()
+                },
+                0,
+            )
+            .unwrap();
+            let mut flows: HashMap<_, FlowKey, u32> =
+                HashMap::try_from(self.ebpf.map_mut(abi::MAP_FLOWS).unwrap()).unwrap();
+            let key = FlowKey {
+                addr,
+                port,
+                _pad: [0; 2],
+            };
+            flows.insert(key, version, 0).unwrap();
+        }
     }
 
     /// The default flow: LOCAL4:LPORT, pass, any source.
@@ -139,18 +199,28 @@ impl Harness {
         );
     }
 
-    /// Per-flow stats summed over CPUs; `None` if the program never created the entry.
+    /// Per-flow stats summed over CPUs and the flow's versions; `None` if no such flow.
     fn stats(&self, flow_id: u64) -> Option<FlowStats> {
-        let map: PerCpuHashMap<_, u64, FlowStats> =
-            PerCpuHashMap::try_from(self.ebpf.map(abi::MAP_FLOW_STATS).unwrap()).unwrap();
-        let per_cpu = map.get(&flow_id, 0).ok()?;
-        Some(per_cpu.iter().fold(FlowStats::default(), |a, s| FlowStats {
-            packets: a.packets + s.packets,
-            bytes: a.bytes + s.bytes,
-            ring_drops: a.ring_drops + s.ring_drops,
-            truncated: a.truncated + s.truncated,
-            wrong_source: a.wrong_source + s.wrong_source,
-        }))
+        let map: PerCpuArray<_, FlowStats> =
+            PerCpuArray::try_from(self.ebpf.map(abi::MAP_FLOW_STATS).unwrap()).unwrap();
+        let mut found = None;
+        for &(id, version) in &self.versions {
+            if id != flow_id {
+                continue;
+            }
+            let per_cpu = map.get(&version, 0).unwrap();
+            let sum = per_cpu
+                .iter()
+                .fold(found.unwrap_or_default(), |a: FlowStats, s| FlowStats {
+                    packets: a.packets + s.packets,
+                    bytes: a.bytes + s.bytes,
+                    ring_drops: a.ring_drops + s.ring_drops,
+                    truncated: a.truncated + s.truncated,
+                    wrong_source: a.wrong_source + s.wrong_source,
+                });
+            found = Some(sum);
+        }
+        found
     }
 
     fn drain(&mut self) -> Vec<Record> {
@@ -768,10 +838,10 @@ fn tiny_ring_flood_drops_counted_exactly() {
 }
 
 #[test]
-fn flow_stats_entry_is_created_and_accumulates() {
+fn flow_stats_start_at_zero_and_accumulate() {
     let mut h = Harness::new();
     h.add_flow4();
-    assert!(h.stats(FLOW_ID).is_none());
+    assert_eq!(h.stats(FLOW_ID), Some(FlowStats::default()));
     let small = frame4().build();
     let big = Frame::udp4(REMOTE4, RPORT, LOCAL4, LPORT, &vec![1u8; 1358]).build();
     assert_eq!(big.len(), 1400);
@@ -912,12 +982,16 @@ fn bench_capture_cost() {
     use std::ops::ControlFlow;
     let obj = tests::ebpf_object();
     // (frame, repeat): repeat * record size fits the 32 MiB ring, nothing is dropped.
-    for (what, payload, repeat) in [
-        ("214-byte frame", 172usize, 100_000u32),
-        ("1400-byte frame", 1358, 15_000),
+    // The flow found by array index, then (empty layout) in the fallback hash, whose flag is
+    // then on: the unmatched packet pays a hash probe there, not with the array.
+    for (what, payload, repeat, layout) in [
+        ("array, 214-byte frame", 172usize, 100_000u32, test_layout()),
+        ("array, 1400-byte frame", 1358, 15_000, test_layout()),
+        ("hash, 214-byte frame", 172, 100_000, FlowLayout::default()),
+        ("hash, 1400-byte frame", 1358, 15_000, FlowLayout::default()),
     ] {
         let bytes = Frame::udp4(REMOTE4, RPORT, LOCAL4, LPORT, &vec![0xd5; payload]).build();
-        let mut h = Harness::load(&obj, abi::DEFAULT_SNAPLEN, 32 << 20);
+        let mut h = Harness::load_with_layout(&obj, abi::DEFAULT_SNAPLEN, 32 << 20, layout);
         let mut perf_bufs = Vec::new();
         if let Some(map) = h.ebpf.take_map("EVENTS") {
             let mut arr = aya::maps::PerfEventArray::try_from(map).unwrap();
@@ -1004,6 +1078,25 @@ fn maps_have_the_abi_shape() {
     let info = flows.info().unwrap();
     assert_eq!(info.max_entries(), abi::DEFAULT_MAX_FLOWS);
     assert_ne!(info.map_flags() & 1, 0, "FLOWS must be BPF_F_NO_PREALLOC");
+    assert_eq!(info.value_size(), 4, "FLOWS maps a key to a version index");
+    for name in [abi::MAP_FLOW_SLOTS, abi::MAP_FLOW_VALUES] {
+        let aya::maps::Map::Array(map) = h.ebpf.map(name).unwrap() else {
+            panic!("{name} is not an array");
+        };
+        let info = map.info().unwrap();
+        assert_ne!(
+            info.map_flags() & (1 << 10),
+            0,
+            "{name} must be BPF_F_MMAPABLE"
+        );
+    }
+    let aya::maps::Map::PerCpuArray(stats) = h.ebpf.map(abi::MAP_FLOW_STATS).unwrap() else {
+        panic!("FLOW_STATS is not a per-CPU array");
+    };
+    assert_eq!(
+        stats.info().unwrap().max_entries(),
+        abi::flow_versions(abi::DEFAULT_MAX_FLOWS)
+    );
     assert_eq!(h.rings.len(), abi::RING_COUNT);
 }
 

@@ -2,11 +2,12 @@
 
 use std::{
     fmt, io,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use aya::{
-    maps::{MapData, MapInfo, MapType, PerCpuArray, RingBuf},
+    maps::{Array, Map, MapData, MapInfo, MapType, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
@@ -62,8 +63,15 @@ pub struct CaptureConfig {
     pub snaplen: u32,
     /// Size of each CPU's ring buffer in bytes (rounded up to a power-of-two number of pages).
     pub ring_bytes: u32,
-    /// Capacity of the flow map.
+    /// Capacity of the flow table (entries pinned at once).
     pub max_flows: u32,
+    /// Media addresses whose ports `flow_ports` the program finds by array index (at most
+    /// `abi::MAX_FLOW_ADDRS`, usually the one `media_address`). Flows at other addresses or
+    /// ports go to the fallback hash.
+    pub flow_addrs: Vec<IpAddr>,
+    /// The port range (inclusive) the recorder allocates RTP/RTCP ports from; `None`: no
+    /// array, every flow in the hash.
+    pub flow_ports: Option<(u16, u16)>,
     pub attach_mode: AttachMode,
     /// Base directory (on bpffs) of pinned objects; they live in `<pin_dir>/<layout>/` (see
     /// [`layout_version`]). `None`: nothing is pinned or adopted.
@@ -79,6 +87,8 @@ impl Default for CaptureConfig {
             snaplen: abi::DEFAULT_SNAPLEN,
             ring_bytes: 8 << 20,
             max_flows: abi::DEFAULT_MAX_FLOWS,
+            flow_addrs: Vec::new(),
+            flow_ports: None,
             attach_mode: AttachMode::Auto,
             pin_dir: None,
             create_pins: false,
@@ -99,9 +109,74 @@ pub fn layout_version() -> String {
 /// Every pinned map: the object's maps that carry state across a restart (the scratch map and
 /// the read-only globals are recreated by each load).
 fn pinned_map_names() -> impl Iterator<Item = &'static str> {
-    [abi::MAP_FLOWS, abi::MAP_FLOW_STATS, abi::MAP_COUNTERS]
-        .into_iter()
-        .chain(abi::RING_NAMES)
+    [
+        abi::MAP_FLOWS,
+        abi::MAP_FLOW_SLOTS,
+        abi::MAP_FLOW_VALUES,
+        abi::MAP_FLOW_STATS,
+        abi::MAP_FLOW_CTL,
+        abi::MAP_COUNTERS,
+    ]
+    .into_iter()
+    .chain(abi::RING_NAMES)
+}
+
+/// The `FlowLayout` for `config`: its addresses (v4-mapped), each with a block of the port
+/// range.
+pub fn flow_layout(config: &CaptureConfig) -> Result<abi::FlowLayout, CaptureError> {
+    let bad = |why: String| Err(CaptureError::BadFlowLayout(why));
+    let mut layout = abi::FlowLayout::default();
+    let Some((lo, hi)) = config.flow_ports else {
+        return Ok(layout);
+    };
+    if lo > hi {
+        return bad(format!("port range {lo}-{hi} is empty"));
+    }
+    if config.flow_addrs.len() > abi::MAX_FLOW_ADDRS {
+        return bad(format!(
+            "{} media addresses, at most {}",
+            config.flow_addrs.len(),
+            abi::MAX_FLOW_ADDRS
+        ));
+    }
+    for (i, ip) in config.flow_addrs.iter().enumerate() {
+        if config.flow_addrs[..i].contains(ip) {
+            return bad(format!("media address {ip} given twice"));
+        }
+        layout.addrs[i] = addr_words(crate::flow::maps::mapped(*ip));
+    }
+    layout.addr_count = config.flow_addrs.len() as u32;
+    layout.port_base = u32::from(lo);
+    layout.port_span = u32::from(hi) - u32::from(lo) + 1;
+    if layout.addr_count == 0 {
+        layout.port_span = 0;
+    }
+    Ok(layout)
+}
+
+/// An address as `FlowLayout::addrs` stores it (two native-endian words, as the program loads
+/// them from the packet).
+pub fn addr_words(bytes: [u8; 16]) -> [u64; 2] {
+    let mut w = [[0u8; 8]; 2];
+    w[0].copy_from_slice(&bytes[..8]);
+    w[1].copy_from_slice(&bytes[8..]);
+    [u64::from_ne_bytes(w[0]), u64::from_ne_bytes(w[1])]
+}
+
+/// Slots of `FLOW_SLOTS` for a layout (at least one: a map cannot be empty).
+pub fn layout_slots(layout: &abi::FlowLayout) -> u32 {
+    (layout.addr_count * layout.port_span).max(1)
+}
+
+/// The layout kept in a pinned `FLOW_CTL` (zero if the map was never written).
+fn pinned_layout(path: &Path) -> Result<abi::FlowLayout, CaptureError> {
+    let bad = |e: aya::maps::MapError| CaptureError::IncompatiblePin {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let data = MapData::from_pin(path).map_err(bad)?;
+    let ctl: Array<MapData, abi::FlowCtl> = Array::try_from(Map::Array(data)).map_err(bad)?;
+    Ok(ctl.get(&0, 0).map_err(bad)?.layout)
 }
 
 /// Name of the link pin of an interface, inside the layout directory.
@@ -110,6 +185,8 @@ fn link_pin_name(interface: &str) -> String {
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Errors of the capture layer.
 #[derive(Debug, Error)]
@@ -118,6 +195,8 @@ pub enum CaptureError {
     ObjectMissing,
     #[error("snap length {0} is outside 1..={max}", max = abi::MAX_SNAPLEN)]
     BadSnaplen(u32),
+    #[error("flow table layout: {0}")]
+    BadFlowLayout(String),
     #[error("loading the XDP object failed: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("XDP program {name}: {source}")]
@@ -216,6 +295,8 @@ pub struct StaleLink {
 /// no link is pinned at all, e.g. attaching failed: nothing could capture, the pins go).
 pub struct Capture {
     ebpf: Ebpf,
+    /// The layout the program and `FLOW_SLOTS` were made for (the adopted one when adopted).
+    layout: abi::FlowLayout,
     links: Vec<Attachment>,
     pins: Option<Pins>,
     adopted: bool,
@@ -247,16 +328,37 @@ impl Capture {
             return Err(CaptureError::BadSnaplen(config.snaplen));
         }
         let cpus = possible_cpus()?;
+        let mut layout = flow_layout(config)?;
         let pins = match &config.pin_dir {
             Some(base) => Some(Pins::open(base, config.create_pins)?),
             None => None,
         };
+        // Adopted slots were laid out by the previous daemon: index them its way.
+        let ctl_pin = pins
+            .as_ref()
+            .filter(|p| p.pinning)
+            .map(|p| p.layout_dir.join(abi::MAP_FLOW_CTL))
+            .filter(|p| p.exists());
+        if let Some(path) = &ctl_pin {
+            let pinned = pinned_layout(path)?;
+            if pinned != abi::FlowLayout::default() && pinned != layout {
+                warn!(
+                    pinned = ?pinned,
+                    configured = ?layout,
+                    "pinned flow table has another layout (media addresses, RTP ports) than configured; keeping the pinned one (flows outside it go to the fallback hash; restart without pins to change it)"
+                );
+                layout = pinned;
+            }
+        }
         let mut loader = EbpfLoader::new();
         loader
             .override_global(abi::GLOBAL_SNAPLEN, &config.snaplen, true)
+            .override_global(abi::GLOBAL_FLOW_LAYOUT, &layout, true)
+            .map_max_entries(abi::MAP_FLOW_SLOTS, layout_slots(&layout))
             .map_max_entries(abi::MAP_FLOWS, config.max_flows)
-            // One counter entry per flow id, so as many as flows.
-            .map_max_entries(abi::MAP_FLOW_STATS, config.max_flows);
+            // One version per entry, plus versions waiting out a grace period before reuse.
+            .map_max_entries(abi::MAP_FLOW_VALUES, abi::flow_versions(config.max_flows))
+            .map_max_entries(abi::MAP_FLOW_STATS, abi::flow_versions(config.max_flows));
         for (i, name) in abi::RING_NAMES.iter().enumerate() {
             // Rings no CPU writes to get the minimum size (one page).
             let bytes = if i < cpus { config.ring_bytes } else { 4096 };
@@ -305,24 +407,31 @@ impl Capture {
             .load(object)
             .map_err(CaptureError::from)
             .and_then(|mut ebpf| load_program(&mut ebpf).map(|()| ebpf));
-        let ebpf = match loaded {
-            Ok(ebpf) => ebpf,
-            Err(error) => {
-                // Pins we just created would be adopted as empty maps next time: remove them.
-                // Adopted pins stay: the previous program still captures through them.
-                if let Some(pins) = pins.as_ref().filter(|p| p.pinning && !adopted) {
-                    let _ = remove_dir_all_if_exists(&pins.layout_dir);
+        let ebpf =
+            match loaded.and_then(|mut ebpf| write_flow_ctl(&mut ebpf, &layout).map(|()| ebpf)) {
+                Ok(ebpf) => ebpf,
+                Err(error) => {
+                    // Pins we just created would be adopted as empty maps next time: remove them.
+                    // Adopted pins stay: the previous program still captures through them.
+                    if let Some(pins) = pins.as_ref().filter(|p| p.pinning && !adopted) {
+                        let _ = remove_dir_all_if_exists(&pins.layout_dir);
+                    }
+                    return Err(error);
                 }
-                return Err(error);
-            }
-        };
+            };
         Ok(Self {
             ebpf,
+            layout,
             links: Vec::new(),
             pins,
             adopted,
             finished: false,
         })
+    }
+
+    /// The flow table layout in use (the adopted one when adopted).
+    pub fn flow_layout(&self) -> abi::FlowLayout {
+        self.layout
     }
 
     /// The maps were adopted from a previous daemon's pins.
@@ -610,12 +719,17 @@ impl Capture {
             .ok_or(CaptureError::MapMissing { name })
     }
 
-    /// Takes the flow map and the per-flow stats (once). When adopted, the table starts with
-    /// the flows the kernel map holds.
+    /// Takes the flow table's maps (once). When adopted, the table starts with the flows the
+    /// kernel maps hold.
     pub fn take_flow_table(&mut self) -> Result<BpfFlowTable, CaptureError> {
-        let flows = self.take(abi::MAP_FLOWS)?;
-        let stats = self.take(abi::MAP_FLOW_STATS)?;
-        BpfFlowTable::new(flows, stats)
+        let maps = crate::flow::maps::FlowMaps {
+            slots: self.take(abi::MAP_FLOW_SLOTS)?,
+            hash: self.take(abi::MAP_FLOWS)?,
+            values: self.take(abi::MAP_FLOW_VALUES)?,
+            stats: self.take(abi::MAP_FLOW_STATS)?,
+            ctl: self.take(abi::MAP_FLOW_CTL)?,
+        };
+        BpfFlowTable::new(maps, self.layout)
     }
 
     /// Takes the ring buffers of the CPUs that exist (once). Adopted rings resume at the
@@ -762,6 +876,27 @@ fn remove_dir_all_if_exists(dir: &Path) -> Result<(), CaptureError> {
     }
 }
 
+/// Records the layout in `FLOW_CTL` (fresh maps; an adopted one holds it already, the fallback
+/// flag is left as it is).
+fn write_flow_ctl(ebpf: &mut Ebpf, layout: &abi::FlowLayout) -> Result<(), CaptureError> {
+    let err = |source| CaptureError::Map {
+        name: abi::MAP_FLOW_CTL,
+        source,
+    };
+    let map = ebpf
+        .map_mut(abi::MAP_FLOW_CTL)
+        .ok_or(CaptureError::MapMissing {
+            name: abi::MAP_FLOW_CTL,
+        })?;
+    let mut ctl: Array<&mut MapData, abi::FlowCtl> = Array::try_from(map).map_err(err)?;
+    let mut value = ctl.get(&0, 0).map_err(err)?;
+    if value.layout != *layout {
+        value.layout = *layout;
+        ctl.set(0, value, 0).map_err(err)?;
+    }
+    Ok(())
+}
+
 /// Loads (verifies) the XDP program of a loaded object.
 fn load_program(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
     let program: &mut Xdp = ebpf
@@ -810,20 +945,27 @@ fn check_pinned_map(name: &str, path: &Path) -> Result<MapInfo, CaptureError> {
     };
     let info = MapInfo::from_pin(path).map_err(|e| bad(e.to_string()))?;
     let (ty, key, value) = match name {
-        abi::MAP_FLOWS => (
-            MapType::Hash,
-            size_of::<abi::FlowKey>(),
+        abi::MAP_FLOWS => (MapType::Hash, size_of::<abi::FlowKey>(), size_of::<u32>()),
+        abi::MAP_FLOW_SLOTS => (MapType::Array, size_of::<u32>(), size_of::<u64>()),
+        abi::MAP_FLOW_VALUES => (
+            MapType::Array,
+            size_of::<u32>(),
             size_of::<abi::FlowValue>(),
         ),
         abi::MAP_FLOW_STATS => (
-            MapType::PerCpuHash,
-            size_of::<u64>(),
+            MapType::PerCpuArray,
+            size_of::<u32>(),
             size_of::<abi::FlowStats>(),
         ),
+        abi::MAP_FLOW_CTL => (MapType::Array, size_of::<u32>(), size_of::<abi::FlowCtl>()),
         abi::MAP_COUNTERS => (MapType::PerCpuArray, size_of::<u32>(), size_of::<u64>()),
         _ => (MapType::RingBuf, 0, 0),
     };
     let actual_ty = info.map_type().map_err(|e| bad(e.to_string()))?;
+    let mmapable = matches!(name, abi::MAP_FLOW_SLOTS | abi::MAP_FLOW_VALUES);
+    if mmapable && info.map_flags() & BPF_F_MMAPABLE == 0 {
+        return Err(bad("not mmapable".into()));
+    }
     if actual_ty != ty || info.key_size() as usize != key || info.value_size() as usize != value {
         return Err(bad(format!(
             "{actual_ty:?} key {} value {}, expected {ty:?} key {key} value {value}",

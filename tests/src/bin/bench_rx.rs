@@ -119,6 +119,12 @@ fn recorder(
     let bytes = std::fs::read(object).with_context(|| format!("reading {object}"))?;
     let config = CaptureConfig {
         max_flows: (flows * 2).max(abi::DEFAULT_MAX_FLOWS),
+        // As the daemon: the flows' ports are the RTP port range at the media address.
+        flow_addrs: vec![IpAddr::V4(RECORDER_ADDR)],
+        flow_ports: Some((
+            base_port,
+            (u32::from(base_port) + 2 * flows).min(65535) as u16,
+        )),
         ..CaptureConfig::default()
     };
     let mut capture = Capture::load_object(&bytes, &config)?;
