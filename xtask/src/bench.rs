@@ -506,7 +506,25 @@ c32(0x5eed0001), fill(0xd5, 160) }}\n"
 /// NAPI on CPU 1.
 struct Net {
     _veth: VethNamespaces,
+    /// TX_RING size (KiB) flat-out trafgen runs use: None = trafgen's default (512 KiB). Set
+    /// smaller after a run failed to flush its ring (see [`Net::measure`]), for the rest.
+    tx_ring_kib: std::cell::Cell<Option<u32>>,
 }
+
+/// trafgen gave up on a flat-out run: a non-blocking flush of its TX_RING got EAGAIN.
+#[derive(Debug)]
+struct TxRingFailed(String);
+
+impl std::fmt::Display for TxRingFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "trafgen: {}", self.0)
+    }
+}
+
+impl std::error::Error for TxRingFailed {}
+
+/// TX_RING sizes (KiB) tried, in order, after trafgen's default ring failed to flush.
+const TX_RING_KIB: [u32; 4] = [256, 128, 64, 32];
 
 /// A sender and a receiver namespace joined by a veth pair (addresses /24, links and loopbacks
 /// up). Leftovers of an interrupted run are deleted first; both namespaces go on drop.
@@ -613,11 +631,75 @@ impl Net {
                 &format!("echo 1 > /sys/class/net/{IF_R}/threaded"),
             ],
         )?;
-        Ok(Net { _veth: veth })
+        Ok(Net {
+            _veth: veth,
+            tx_ring_kib: std::cell::Cell::new(None),
+        })
+    }
+
+    /// [`Net::measure_once`], retried for flat-out runs whose trafgen failed to flush its
+    /// TX_RING (`Flushing TX_RING failed: Resource temporarily unavailable`): with a receiver
+    /// attached, the frames of the default 512 KiB ring stay in flight long enough to exhaust
+    /// the packet socket's send buffer (wmem_default, which trafgen cannot raise inside a
+    /// network namespace), and trafgen treats the EAGAIN of its non-blocking flush as fatal.
+    /// Each retry is a fresh run (new receiver) with a smaller ring (`-S`), kept for the
+    /// following flat-out runs. What was done is in the sample (`detail.trafgen_tx_ring`).
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        &self,
+        c: Contender,
+        flows: u32,
+        rate: Option<u64>,
+        count: u64,
+        cfg: &Path,
+        out_dir: &Path,
+        rewrites: u32,
+        profile: Option<&Path>,
+        commands: &mut Vec<String>,
+    ) -> Result<Sample> {
+        let mut failures: Vec<String> = Vec::new();
+        loop {
+            let ring = self.tx_ring_kib.get();
+            match self.measure_once(
+                c, flows, rate, count, cfg, out_dir, rewrites, profile, commands,
+            ) {
+                Ok(mut s) => {
+                    if rate.is_none() {
+                        s.extra["trafgen_tx_ring"] = json!({
+                            "ring_kib": ring.map_or(json!("default (512)"), |k| json!(k)),
+                            "failed_before": failures,
+                        });
+                    }
+                    return Ok(s);
+                }
+                Err(e) => {
+                    let Some(tx) = e.downcast_ref::<TxRingFailed>() else {
+                        return Err(e);
+                    };
+                    let next = match ring {
+                        None => Some(TX_RING_KIB[0]),
+                        Some(k) => TX_RING_KIB.iter().copied().find(|&x| x < k),
+                    };
+                    let Some(next) = next else {
+                        return Err(e.context(format!(
+                            "trafgen TX_RING flush failed at every ring size tried ({})",
+                            failures.join("; ")
+                        )));
+                    };
+                    let label = ring.map_or("default ring".to_string(), |k| format!("{k} KiB"));
+                    eprintln!(
+                        "bench: {} flows={flows} flat out: {tx} with the {label}; retrying with -S {next}KiB",
+                        c.key()
+                    );
+                    failures.push(format!("{label}: {}", tx.0));
+                    self.tx_ring_kib.set(Some(next));
+                }
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn measure(
+    fn measure_once(
         &self,
         c: Contender,
         flows: u32,
@@ -697,6 +779,9 @@ impl Net {
         if let Some(r) = rate {
             targv.push("-b".into());
             targv.push(format!("{r}pps"));
+        } else if let Some(kib) = self.tx_ring_kib.get() {
+            targv.push("-S".into());
+            targv.push(format!("{kib}KiB"));
         }
         let cmdline = targv.join(" ");
         if !commands.contains(&cmdline) {
@@ -739,6 +824,14 @@ impl Net {
             .context("trafgen")?;
         let tg_secs = t0.elapsed().as_secs_f64();
         let tg_out = String::from_utf8_lossy(&tg.stdout);
+        let tg_err = String::from_utf8_lossy(&tg.stderr);
+        if let Some(l) = tg_out
+            .lines()
+            .chain(tg_err.lines())
+            .find(|l| l.contains("Flushing TX_RING failed"))
+        {
+            bail!(TxRingFailed(l.trim().to_string()));
+        }
         let offered = tg_out
             .lines()
             .find(|l| l.contains("packets outgoing"))
@@ -1164,6 +1257,41 @@ fn report(
         .offered
         .saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0));
     let sip_fig = |k: &str| sip.map_or(Value::Null, |s| s[k].clone());
+    // Flat-out runs whose trafgen had to be retried with a smaller TX_RING (see Net::measure).
+    let all_samples = || {
+        Contender::ALL
+            .iter()
+            .flat_map(|&c| get(c).iter().map(move |s| (c, s)))
+            .chain(std::iter::once((Contender::Recorder, rewrite)))
+    };
+    let tx_ring_retries: Vec<String> = all_samples()
+        .filter_map(|(c, s)| {
+            let t = &s.extra["trafgen_tx_ring"];
+            let failed = t["failed_before"].as_array().filter(|f| !f.is_empty())?;
+            Some(format!(
+                "{} flows={}: {} (then sent with -S {}KiB)",
+                c.key(),
+                s.flows,
+                failed
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                t["ring_kib"]
+            ))
+        })
+        .collect();
+    let tx_ring_sizes: Vec<String> = {
+        let mut v: Vec<String> = all_samples()
+            .filter_map(|(_, s)| {
+                let k = &s.extra["trafgen_tx_ring"]["ring_kib"];
+                (!k.is_null()).then(|| k.to_string().trim_matches('"').to_string())
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
     let doc = json!({
         "ceiling_ratio": ceil_ratio,
         "cpu_ratio_tcpdump": tcp_ratio,
@@ -1184,6 +1312,10 @@ fn report(
         "machine": machine,
         "commands": commands,
         "failed_runs": failures,
+        "trafgen_tx_ring": {
+            "ring_kib_used": tx_ring_sizes, "retried_runs": tx_ring_retries,
+            "note": "flat-out runs (TX_RING): a run whose trafgen failed with `Flushing TX_RING failed: Resource temporarily unavailable` is run again (fresh receiver) with a smaller ring (-S 256, 128, 64, 32 KiB), kept for the following flat-out runs",
+        },
     });
     std::fs::write(
         out_dir.join("report.json"),
@@ -1240,6 +1372,11 @@ fn report(
         rewrite.offered.saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0)),
         rewrite.extra["rewrites_done"], rewrite.offered, rewrite.flows,
         rate_label(rewrite.nominal_pps), rewrite.offered_pps)?;
+        if !tx_ring_sizes.is_empty() {
+            writeln!(md, "Flat-out runs (trafgen TX_RING, no `-b`) used ring sizes (KiB): {}. With a receiver attached, trafgen's default 512 KiB ring keeps more frames in flight than the packet socket's send buffer allows (wmem_default; trafgen cannot raise it inside a network namespace) and trafgen aborts on the EAGAIN of its non-blocking flush (`Flushing TX_RING failed: Resource temporarily unavailable`). Such a run is run again from scratch with a smaller ring (`-S`), which is then kept.{}\n",
+                tx_ring_sizes.join(", "),
+                if tx_ring_retries.is_empty() { " No run needed a retry.".to_string() } else { format!(" Retried: {}.", tx_ring_retries.join("; ")) })?;
+        }
         writeln!(md, "## Every run\n")?;
         writeln!(md, "| contender | flows | rate | offered | offered pps | rx at if | sender drops | written | lost | loss % | seq gaps (flows) | CPU1 s (whole CPU) | proc s | napi s | CPU s / Mpkt (proc+napi) | RSS KiB |")?;
         writeln!(
