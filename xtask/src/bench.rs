@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::{cargo, run as run_cmd, workspace_root};
 
+mod media;
 mod sip;
 
 /// One part of the bench, for `--only`.
@@ -26,6 +27,8 @@ mod sip;
 pub enum Part {
     Datapath,
     Sip,
+    /// SIPREC calls with RTP (SIPp + trafgen) against the release daemon.
+    Media,
 }
 
 const NS_S: &str = "rbench-s";
@@ -54,6 +57,17 @@ pub struct Select {
     /// Profile the recorder with perf also in `--quick` (a full run always does).
     #[arg(long)]
     profile: bool,
+    /// Media part: call counts to run, e.g. `--calls 1000,2000` (each one runs, whatever the
+    /// one before lost; without it the sweep stops at the first count with loss).
+    #[arg(long, value_delimiter = ',')]
+    calls: Option<Vec<u32>>,
+    /// Media part: seconds of RTP per call count (default 60; quick: 10).
+    #[arg(long)]
+    media_secs: Option<u32>,
+    /// Media part: port blocks the streams are split into (default 2); each block is sent by
+    /// 50 trafgen processes, one per 20 ms slot, and the blocks' slots are staggered.
+    #[arg(long)]
+    media_blocks: Option<u32>,
 }
 
 fn parse_rate(s: &str) -> Result<Option<u64>, String> {
@@ -151,17 +165,18 @@ pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
     let root = workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
-    build()?;
+    let wants = |p: Part| only.is_none_or(|o| o == p);
+    if wants(Part::Datapath) {
+        build()?;
+    }
     let started = Instant::now();
     let mut commands: Vec<String> = Vec::new();
-    let datapath = if only == Some(Part::Sip) {
-        None
-    } else {
+    let datapath = if wants(Part::Datapath) {
         Some(datapath(quick, select, &out_dir, &mut commands)?)
-    };
-    let sip = if only == Some(Part::Datapath) {
-        None
     } else {
+        None
+    };
+    let sip = if wants(Part::Sip) {
         let plan = if quick {
             sip::SipPlan::quick()
         } else {
@@ -173,15 +188,49 @@ pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
                 json!({ "error": format!("{e:#}") })
             }),
         )
+    } else {
+        None
+    };
+    let media = if wants(Part::Media) {
+        let plan = media::MediaPlan::new(quick, select);
+        Some(
+            media::run(&plan, &out_dir, &mut commands).unwrap_or_else(|e| {
+                eprintln!("bench: media part failed: {e:#}");
+                json!({ "error": format!("{e:#}") })
+            }),
+        )
+    } else {
+        None
     };
     report(
         &out_dir,
         quick,
         datapath.as_ref(),
         sip.as_ref(),
+        media.as_ref(),
         &commands,
         started.elapsed(),
-    )
+    )?;
+    // The quick run is a check: the media part must have recorded every packet.
+    if quick {
+        if let Some(m) = &media {
+            media::assert_zero_loss(m)?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the daemon under test, the release binary, so that a bench never measures a stale
+/// one (the eBPF object it embeds is built first by the caller).
+pub(crate) fn build_daemon() -> Result<()> {
+    run_cmd(cargo(None).args([
+        "build",
+        "--release",
+        "--package",
+        "recorder-user",
+        "--bin",
+        "recorder",
+    ]))
 }
 
 /// What the data-path part measured.
@@ -611,6 +660,24 @@ fn stat(ns: &str, dev: &str, what: &str) -> Result<u64> {
     .parse()?)
 }
 
+/// GRO on the receiver and no TSO on the sender make veth receive through NAPI for every
+/// receiver (not only under XDP); threaded NAPI then lets [`pin_napi`] pin it to CPU 1 and
+/// [`napi_cpu`] count its CPU. `[sender, receiver]` namespaces and interfaces.
+pub(crate) fn threaded_napi(namespaces: [&str; 2], interfaces: [&str; 2]) -> Result<()> {
+    let ([ns_s, ns_r], [if_s, if_r]) = (namespaces, interfaces);
+    in_ns(ns_r, &["ethtool", "-K", if_r, "gro", "on"])?;
+    in_ns(ns_s, &["ethtool", "-K", if_s, "tso", "off"])?;
+    in_ns(
+        ns_r,
+        &[
+            "sh",
+            "-c",
+            &format!("echo 1 > /sys/class/net/{if_r}/threaded"),
+        ],
+    )?;
+    Ok(())
+}
+
 impl Net {
     fn create() -> Result<Self> {
         let veth = VethNamespaces::create(
@@ -619,18 +686,7 @@ impl Net {
             ["10.231.0.1", "10.231.0.2"],
             Some(["02:00:00:00:00:01", "02:00:00:00:00:02"]),
         )?;
-        // GRO on the receiver and no TSO on the sender make veth receive through NAPI for every
-        // contender (not only under XDP); threaded NAPI then lets us pin it to CPU 1.
-        in_ns(NS_R, &["ethtool", "-K", IF_R, "gro", "on"])?;
-        in_ns(NS_S, &["ethtool", "-K", IF_S, "tso", "off"])?;
-        in_ns(
-            NS_R,
-            &[
-                "sh",
-                "-c",
-                &format!("echo 1 > /sys/class/net/{IF_R}/threaded"),
-            ],
-        )?;
+        threaded_napi([NS_S, NS_R], [IF_S, IF_R])?;
         Ok(Net {
             _veth: veth,
             tx_ring_kib: std::cell::Cell::new(None),
@@ -760,8 +816,8 @@ impl Net {
                 pcap.display().to_string(),
             ]),
         }
-        let mut rx = Receiver::start(&argv, c == Contender::Tcpdump)?;
-        let napi = pin_napi()?;
+        let mut rx = Receiver::start(NS_R, &argv, c == Contender::Tcpdump)?;
+        let napi = pin_napi(IF_R)?;
         let napi_before = napi_cpu(&napi);
 
         let rx0 = stat(NS_R, IF_R, "rx_packets")?;
@@ -901,12 +957,14 @@ struct Receiver {
     child: Child,
     stdout: Option<BufReader<ChildStdout>>,
     tcpdump: bool,
+    /// tcpdump's stderr after "listening" (its closing counts: captured, dropped by kernel).
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Receiver {
-    fn start(argv: &[String], tcpdump: bool) -> Result<Self> {
+    fn start(ns: &str, argv: &[String], tcpdump: bool) -> Result<Self> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", NS_R])
+            .args(["netns", "exec", ns])
             .args(argv)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -918,6 +976,7 @@ impl Receiver {
             .spawn()
             .with_context(|| format!("starting {argv:?}"))?;
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut stderr = None;
         if tcpdump {
             // tcpdump says "listening on ..." on stderr once its socket and filter are set.
             let mut err = BufReader::new(child.stderr.take().expect("piped"));
@@ -926,10 +985,11 @@ impl Receiver {
             if !line.contains("listening") {
                 bail!("tcpdump did not start: {line}");
             }
-            std::thread::spawn(move || {
+            stderr = Some(std::thread::spawn(move || {
                 let mut rest = String::new();
                 let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-            });
+                rest
+            }));
         } else {
             let mut line = String::new();
             stdout.read_line(&mut line)?;
@@ -942,10 +1002,12 @@ impl Receiver {
             child,
             stdout: Some(stdout),
             tcpdump,
+            stderr,
         })
     }
 
-    /// Stops the receiver; returns its JSON report, CPU seconds and peak RSS (KiB).
+    /// Stops the receiver; returns its JSON report (tcpdump: its closing counts), CPU seconds
+    /// and peak RSS (KiB).
     fn stop(&mut self) -> Result<(Value, f64, u64)> {
         let pid = self.child.id();
         if self.tcpdump {
@@ -953,7 +1015,27 @@ impl Receiver {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(pid as i32, libc::SIGINT) };
             self.child.wait()?;
-            return Ok((json!({}), cpu, rss));
+            let text = self
+                .stderr
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default();
+            // "N packets captured", "N packets received by filter", "N packets dropped by kernel"
+            let count = |what: &str| {
+                text.lines()
+                    .find(|l| l.contains(what))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+            };
+            return Ok((
+                json!({
+                    "captured": count("captured"),
+                    "received_by_filter": count("received by filter"),
+                    "dropped_by_kernel": count("dropped by kernel"),
+                }),
+                cpu,
+                rss,
+            ));
         }
         if let Some(mut stdin) = self.child.stdin.take() {
             let _ = stdin.write_all(b"stop\n");
@@ -1020,8 +1102,8 @@ fn cpu1_busy() -> Result<f64> {
     Ok((v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / clk_tck())
 }
 
-/// Pins the receive NAPI kthreads of `br0` to CPU 1; returns their pids.
-fn pin_napi() -> Result<Vec<u32>> {
+/// Pins the receive NAPI kthreads of `dev` to CPU 1; returns their pids.
+fn pin_napi(dev: &str) -> Result<Vec<u32>> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
@@ -1029,7 +1111,7 @@ fn pin_napi() -> Result<Vec<u32>> {
             continue;
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.starts_with(&format!("napi/{IF_R}-")) {
+        if comm.starts_with(&format!("napi/{dev}-")) {
             let _ = sh(&["taskset", "-p", "-c", "1", &pid.to_string()]);
             pids.push(pid);
         }
@@ -1169,6 +1251,7 @@ fn report(
     quick: bool,
     dp: Option<&Datapath>,
     sip: Option<&Value>,
+    media: Option<&Value>,
     commands: &[String],
     elapsed: Duration,
 ) -> Result<()> {
@@ -1301,7 +1384,10 @@ fn report(
         "rewrite_lost_in_xdp": has_dp.then_some(rewrite_in_xdp),
         "max_concurrent_sessions": sip_fig("max_concurrent_sessions"),
         "sessions_per_second": sip_fig("sessions_per_second"),
+        // Largest call count (2 PCMU streams each) recorded with nothing lost.
+        "calls_with_media_zero_loss": media.map_or(Value::Null, |m| m["zero_loss_calls"].clone()),
         "sip": sip,
+        "media": media,
         "datapath_sessions_held": held,
         "rewrite": has_dp.then(|| rewrite.to_json()),
         "profiles": has_dp.then_some(profiles),
@@ -1428,6 +1514,9 @@ fn report(
     }
     if let Some(sip) = sip {
         md.push_str(&sip::markdown(sip)?);
+    }
+    if let Some(media) = media {
+        md.push_str(&media::markdown(media)?);
     }
     if !failures.is_empty() {
         writeln!(md, "## Failed runs\n")?;

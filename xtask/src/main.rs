@@ -34,13 +34,14 @@ enum Cli {
     /// Lint: rustfmt check and clippy with warnings denied.
     Lint,
     /// Setup, build, then benchmark the data path against a no-op XDP ceiling, tcpdump and a
-    /// UDP-socket recorder, and SIPREC sessions (rate, held) with SIPp against the daemon
-    /// (writes target/bench/report.{md,json} and loss.png).
+    /// UDP-socket recorder, SIPREC sessions (rate, held) with SIPp against the daemon, and calls
+    /// with RTP (writes target/bench/report.{md,json} and loss.png).
     Bench {
         /// A short sweep (under two minutes) for checking a change.
         #[arg(long)]
         quick: bool,
-        /// Run only one part: `datapath` (trafgen contenders, rewrites) or `sip` (SIPp sessions).
+        /// Run only one part: `datapath` (trafgen contenders, rewrites), `sip` (SIPp sessions) or
+        /// `media` (SIPREC calls with RTP).
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
         #[command(flatten)]
