@@ -22,6 +22,8 @@ use crate::{cargo, run as run_cmd, workspace_root};
 mod media;
 mod sip;
 
+pub use media::check as media_check;
+
 /// One part of the bench, for `--only`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Part {

@@ -23,7 +23,8 @@ enum Cli {
     Build,
     /// Build only the eBPF object.
     BuildEbpf,
-    /// Setup if needed, build, then run every test, including the privileged ones.
+    /// Setup if needed, build, then run every test, including the privileged ones, and the
+    /// quick media bench (200 calls with RTP, zero loss asserted; skipped with test arguments).
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -60,7 +61,25 @@ fn main() -> Result<()> {
         Cli::Test { args } => {
             setup::setup()?;
             build_ebpf()?;
-            test(&args)
+            let tests = test(&args);
+            // The quick media bench (200 calls with RTP against the release daemon, zero loss
+            // asserted) after the cargo tests, whatever they gave, so that one run shows every
+            // problem. Skipped when the tests are narrowed by a filter.
+            if !args.is_empty() {
+                eprintln!("xtask test: test arguments given, skipping the media check");
+                return tests;
+            }
+            let media = bench::media_check();
+            match (tests, media) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), Ok(())) => Err(e),
+                (Ok(()), Err(e)) => {
+                    Err(e.context("media check (cargo xtask bench --quick --only media)"))
+                }
+                (Err(t), Err(m)) => {
+                    Err(t.context(format!("and the media check failed too: {m:#}")))
+                }
+            }
         }
         Cli::Demo => {
             setup::setup()?;

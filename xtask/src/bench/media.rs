@@ -91,6 +91,28 @@ impl MediaPlan {
     }
 }
 
+/// The quick media check `cargo xtask test` runs after the cargo tests (200 calls, 10 s of
+/// RTP): fails unless every packet was recorded. Its report goes to `target/bench-check/`.
+pub fn check() -> Result<()> {
+    let out = workspace_root().join("target/bench-check");
+    std::fs::create_dir_all(&out)?;
+    let started = Instant::now();
+    let plan = MediaPlan::new(true, &Select::default());
+    let mut commands = Vec::new();
+    let media = run(&plan, &out, &mut commands)?;
+    std::fs::write(
+        out.join("media.json"),
+        serde_json::to_string_pretty(&json!({ "media": media, "commands": commands }))?,
+    )?;
+    std::fs::write(out.join("media.md"), markdown(&media)?)?;
+    eprintln!(
+        "media check: {:.0} s, report in {}/media.md",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    assert_zero_loss(&media)
+}
+
 /// Fails unless every call count of the media part ran and lost nothing.
 pub fn assert_zero_loss(media: &Value) -> Result<()> {
     if let Some(e) = media["error"].as_str() {
