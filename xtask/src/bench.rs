@@ -19,13 +19,18 @@ use serde_json::{json, Value};
 
 use crate::{cargo, run as run_cmd, workspace_root};
 
+mod media;
 mod sip;
+
+pub use media::check as media_check;
 
 /// One part of the bench, for `--only`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Part {
     Datapath,
     Sip,
+    /// SIPREC calls with RTP (SIPp + trafgen) against the release daemon.
+    Media,
 }
 
 const NS_S: &str = "rbench-s";
@@ -54,6 +59,17 @@ pub struct Select {
     /// Profile the recorder with perf also in `--quick` (a full run always does).
     #[arg(long)]
     profile: bool,
+    /// Media part: call counts to run, e.g. `--calls 1000,2000` (each one runs, whatever the
+    /// one before lost; without it the sweep stops at the first count with loss).
+    #[arg(long, value_delimiter = ',')]
+    calls: Option<Vec<u32>>,
+    /// Media part: seconds of RTP per call count (default 60; quick: 10).
+    #[arg(long)]
+    media_secs: Option<u32>,
+    /// Media part: port blocks the streams are split into (default 2); each block is sent by
+    /// 50 trafgen processes, one per 20 ms slot, and the blocks' slots are staggered.
+    #[arg(long)]
+    media_blocks: Option<u32>,
 }
 
 fn parse_rate(s: &str) -> Result<Option<u64>, String> {
@@ -151,17 +167,18 @@ pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
     let root = workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
-    build()?;
+    let wants = |p: Part| only.is_none_or(|o| o == p);
+    if wants(Part::Datapath) {
+        build()?;
+    }
     let started = Instant::now();
     let mut commands: Vec<String> = Vec::new();
-    let datapath = if only == Some(Part::Sip) {
-        None
-    } else {
+    let datapath = if wants(Part::Datapath) {
         Some(datapath(quick, select, &out_dir, &mut commands)?)
-    };
-    let sip = if only == Some(Part::Datapath) {
-        None
     } else {
+        None
+    };
+    let sip = if wants(Part::Sip) {
         let plan = if quick {
             sip::SipPlan::quick()
         } else {
@@ -173,15 +190,49 @@ pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
                 json!({ "error": format!("{e:#}") })
             }),
         )
+    } else {
+        None
+    };
+    let media = if wants(Part::Media) {
+        let plan = media::MediaPlan::new(quick, select);
+        Some(
+            media::run(&plan, &out_dir, &mut commands).unwrap_or_else(|e| {
+                eprintln!("bench: media part failed: {e:#}");
+                json!({ "error": format!("{e:#}") })
+            }),
+        )
+    } else {
+        None
     };
     report(
         &out_dir,
         quick,
         datapath.as_ref(),
         sip.as_ref(),
+        media.as_ref(),
         &commands,
         started.elapsed(),
-    )
+    )?;
+    // The quick run is a check: the media part must have recorded every packet.
+    if quick {
+        if let Some(m) = &media {
+            media::assert_zero_loss(m)?;
+        }
+    }
+    Ok(())
+}
+
+/// Builds the daemon under test, the release binary, so that a bench never measures a stale
+/// one (the eBPF object it embeds is built first by the caller).
+pub(crate) fn build_daemon() -> Result<()> {
+    run_cmd(cargo(None).args([
+        "build",
+        "--release",
+        "--package",
+        "recorder-user",
+        "--bin",
+        "recorder",
+    ]))
 }
 
 /// What the data-path part measured.
@@ -506,7 +557,25 @@ c32(0x5eed0001), fill(0xd5, 160) }}\n"
 /// NAPI on CPU 1.
 struct Net {
     _veth: VethNamespaces,
+    /// TX_RING size (KiB) flat-out trafgen runs use: None = trafgen's default (512 KiB). Set
+    /// smaller after a run failed to flush its ring (see [`Net::measure`]), for the rest.
+    tx_ring_kib: std::cell::Cell<Option<u32>>,
 }
+
+/// trafgen gave up on a flat-out run: a non-blocking flush of its TX_RING got EAGAIN.
+#[derive(Debug)]
+struct TxRingFailed(String);
+
+impl std::fmt::Display for TxRingFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "trafgen: {}", self.0)
+    }
+}
+
+impl std::error::Error for TxRingFailed {}
+
+/// TX_RING sizes (KiB) tried, in order, after trafgen's default ring failed to flush.
+const TX_RING_KIB: [u32; 4] = [256, 128, 64, 32];
 
 /// A sender and a receiver namespace joined by a veth pair (addresses /24, links and loopbacks
 /// up). Leftovers of an interrupted run are deleted first; both namespaces go on drop.
@@ -593,6 +662,24 @@ fn stat(ns: &str, dev: &str, what: &str) -> Result<u64> {
     .parse()?)
 }
 
+/// GRO on the receiver and no TSO on the sender make veth receive through NAPI for every
+/// receiver (not only under XDP); threaded NAPI then lets [`pin_napi`] pin it to CPU 1 and
+/// [`napi_cpu`] count its CPU. `[sender, receiver]` namespaces and interfaces.
+pub(crate) fn threaded_napi(namespaces: [&str; 2], interfaces: [&str; 2]) -> Result<()> {
+    let ([ns_s, ns_r], [if_s, if_r]) = (namespaces, interfaces);
+    in_ns(ns_r, &["ethtool", "-K", if_r, "gro", "on"])?;
+    in_ns(ns_s, &["ethtool", "-K", if_s, "tso", "off"])?;
+    in_ns(
+        ns_r,
+        &[
+            "sh",
+            "-c",
+            &format!("echo 1 > /sys/class/net/{if_r}/threaded"),
+        ],
+    )?;
+    Ok(())
+}
+
 impl Net {
     fn create() -> Result<Self> {
         let veth = VethNamespaces::create(
@@ -601,23 +688,76 @@ impl Net {
             ["10.231.0.1", "10.231.0.2"],
             Some(["02:00:00:00:00:01", "02:00:00:00:00:02"]),
         )?;
-        // GRO on the receiver and no TSO on the sender make veth receive through NAPI for every
-        // contender (not only under XDP); threaded NAPI then lets us pin it to CPU 1.
-        in_ns(NS_R, &["ethtool", "-K", IF_R, "gro", "on"])?;
-        in_ns(NS_S, &["ethtool", "-K", IF_S, "tso", "off"])?;
-        in_ns(
-            NS_R,
-            &[
-                "sh",
-                "-c",
-                &format!("echo 1 > /sys/class/net/{IF_R}/threaded"),
-            ],
-        )?;
-        Ok(Net { _veth: veth })
+        threaded_napi([NS_S, NS_R], [IF_S, IF_R])?;
+        Ok(Net {
+            _veth: veth,
+            tx_ring_kib: std::cell::Cell::new(None),
+        })
+    }
+
+    /// [`Net::measure_once`], retried for flat-out runs whose trafgen failed to flush its
+    /// TX_RING (`Flushing TX_RING failed: Resource temporarily unavailable`): with a receiver
+    /// attached, the frames of the default 512 KiB ring stay in flight long enough to exhaust
+    /// the packet socket's send buffer (wmem_default, which trafgen cannot raise inside a
+    /// network namespace), and trafgen treats the EAGAIN of its non-blocking flush as fatal.
+    /// Each retry is a fresh run (new receiver) with a smaller ring (`-S`), kept for the
+    /// following flat-out runs. What was done is in the sample (`detail.trafgen_tx_ring`).
+    #[allow(clippy::too_many_arguments)]
+    fn measure(
+        &self,
+        c: Contender,
+        flows: u32,
+        rate: Option<u64>,
+        count: u64,
+        cfg: &Path,
+        out_dir: &Path,
+        rewrites: u32,
+        profile: Option<&Path>,
+        commands: &mut Vec<String>,
+    ) -> Result<Sample> {
+        let mut failures: Vec<String> = Vec::new();
+        loop {
+            let ring = self.tx_ring_kib.get();
+            match self.measure_once(
+                c, flows, rate, count, cfg, out_dir, rewrites, profile, commands,
+            ) {
+                Ok(mut s) => {
+                    if rate.is_none() {
+                        s.extra["trafgen_tx_ring"] = json!({
+                            "ring_kib": ring.map_or(json!("default (512)"), |k| json!(k)),
+                            "failed_before": failures,
+                        });
+                    }
+                    return Ok(s);
+                }
+                Err(e) => {
+                    let Some(tx) = e.downcast_ref::<TxRingFailed>() else {
+                        return Err(e);
+                    };
+                    let next = match ring {
+                        None => Some(TX_RING_KIB[0]),
+                        Some(k) => TX_RING_KIB.iter().copied().find(|&x| x < k),
+                    };
+                    let Some(next) = next else {
+                        return Err(e.context(format!(
+                            "trafgen TX_RING flush failed at every ring size tried ({})",
+                            failures.join("; ")
+                        )));
+                    };
+                    let label = ring.map_or("default ring".to_string(), |k| format!("{k} KiB"));
+                    eprintln!(
+                        "bench: {} flows={flows} flat out: {tx} with the {label}; retrying with -S {next}KiB",
+                        c.key()
+                    );
+                    failures.push(format!("{label}: {}", tx.0));
+                    self.tx_ring_kib.set(Some(next));
+                }
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn measure(
+    fn measure_once(
         &self,
         c: Contender,
         flows: u32,
@@ -678,8 +818,8 @@ impl Net {
                 pcap.display().to_string(),
             ]),
         }
-        let mut rx = Receiver::start(&argv, c == Contender::Tcpdump)?;
-        let napi = pin_napi()?;
+        let mut rx = Receiver::start(NS_R, &argv, c == Contender::Tcpdump)?;
+        let napi = pin_napi(IF_R)?;
         let napi_before = napi_cpu(&napi);
 
         let rx0 = stat(NS_R, IF_R, "rx_packets")?;
@@ -697,6 +837,9 @@ impl Net {
         if let Some(r) = rate {
             targv.push("-b".into());
             targv.push(format!("{r}pps"));
+        } else if let Some(kib) = self.tx_ring_kib.get() {
+            targv.push("-S".into());
+            targv.push(format!("{kib}KiB"));
         }
         let cmdline = targv.join(" ");
         if !commands.contains(&cmdline) {
@@ -739,6 +882,14 @@ impl Net {
             .context("trafgen")?;
         let tg_secs = t0.elapsed().as_secs_f64();
         let tg_out = String::from_utf8_lossy(&tg.stdout);
+        let tg_err = String::from_utf8_lossy(&tg.stderr);
+        if let Some(l) = tg_out
+            .lines()
+            .chain(tg_err.lines())
+            .find(|l| l.contains("Flushing TX_RING failed"))
+        {
+            bail!(TxRingFailed(l.trim().to_string()));
+        }
         let offered = tg_out
             .lines()
             .find(|l| l.contains("packets outgoing"))
@@ -808,12 +959,14 @@ struct Receiver {
     child: Child,
     stdout: Option<BufReader<ChildStdout>>,
     tcpdump: bool,
+    /// tcpdump's stderr after "listening" (its closing counts: captured, dropped by kernel).
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Receiver {
-    fn start(argv: &[String], tcpdump: bool) -> Result<Self> {
+    fn start(ns: &str, argv: &[String], tcpdump: bool) -> Result<Self> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", NS_R])
+            .args(["netns", "exec", ns])
             .args(argv)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -825,6 +978,7 @@ impl Receiver {
             .spawn()
             .with_context(|| format!("starting {argv:?}"))?;
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut stderr = None;
         if tcpdump {
             // tcpdump says "listening on ..." on stderr once its socket and filter are set.
             let mut err = BufReader::new(child.stderr.take().expect("piped"));
@@ -833,10 +987,11 @@ impl Receiver {
             if !line.contains("listening") {
                 bail!("tcpdump did not start: {line}");
             }
-            std::thread::spawn(move || {
+            stderr = Some(std::thread::spawn(move || {
                 let mut rest = String::new();
                 let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-            });
+                rest
+            }));
         } else {
             let mut line = String::new();
             stdout.read_line(&mut line)?;
@@ -849,10 +1004,12 @@ impl Receiver {
             child,
             stdout: Some(stdout),
             tcpdump,
+            stderr,
         })
     }
 
-    /// Stops the receiver; returns its JSON report, CPU seconds and peak RSS (KiB).
+    /// Stops the receiver; returns its JSON report (tcpdump: its closing counts), CPU seconds
+    /// and peak RSS (KiB).
     fn stop(&mut self) -> Result<(Value, f64, u64)> {
         let pid = self.child.id();
         if self.tcpdump {
@@ -860,7 +1017,27 @@ impl Receiver {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(pid as i32, libc::SIGINT) };
             self.child.wait()?;
-            return Ok((json!({}), cpu, rss));
+            let text = self
+                .stderr
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default();
+            // "N packets captured", "N packets received by filter", "N packets dropped by kernel"
+            let count = |what: &str| {
+                text.lines()
+                    .find(|l| l.contains(what))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|n| n.parse::<u64>().ok())
+            };
+            return Ok((
+                json!({
+                    "captured": count("captured"),
+                    "received_by_filter": count("received by filter"),
+                    "dropped_by_kernel": count("dropped by kernel"),
+                }),
+                cpu,
+                rss,
+            ));
         }
         if let Some(mut stdin) = self.child.stdin.take() {
             let _ = stdin.write_all(b"stop\n");
@@ -927,8 +1104,8 @@ fn cpu1_busy() -> Result<f64> {
     Ok((v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / clk_tck())
 }
 
-/// Pins the receive NAPI kthreads of `br0` to CPU 1; returns their pids.
-fn pin_napi() -> Result<Vec<u32>> {
+/// Pins the receive NAPI kthreads of `dev` to CPU 1; returns their pids.
+fn pin_napi(dev: &str) -> Result<Vec<u32>> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
@@ -936,7 +1113,7 @@ fn pin_napi() -> Result<Vec<u32>> {
             continue;
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.starts_with(&format!("napi/{IF_R}-")) {
+        if comm.starts_with(&format!("napi/{dev}-")) {
             let _ = sh(&["taskset", "-p", "-c", "1", &pid.to_string()]);
             pids.push(pid);
         }
@@ -1076,6 +1253,7 @@ fn report(
     quick: bool,
     dp: Option<&Datapath>,
     sip: Option<&Value>,
+    media: Option<&Value>,
     commands: &[String],
     elapsed: Duration,
 ) -> Result<()> {
@@ -1164,6 +1342,41 @@ fn report(
         .offered
         .saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0));
     let sip_fig = |k: &str| sip.map_or(Value::Null, |s| s[k].clone());
+    // Flat-out runs whose trafgen had to be retried with a smaller TX_RING (see Net::measure).
+    let all_samples = || {
+        Contender::ALL
+            .iter()
+            .flat_map(|&c| get(c).iter().map(move |s| (c, s)))
+            .chain(std::iter::once((Contender::Recorder, rewrite)))
+    };
+    let tx_ring_retries: Vec<String> = all_samples()
+        .filter_map(|(c, s)| {
+            let t = &s.extra["trafgen_tx_ring"];
+            let failed = t["failed_before"].as_array().filter(|f| !f.is_empty())?;
+            Some(format!(
+                "{} flows={}: {} (then sent with -S {}KiB)",
+                c.key(),
+                s.flows,
+                failed
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                t["ring_kib"]
+            ))
+        })
+        .collect();
+    let tx_ring_sizes: Vec<String> = {
+        let mut v: Vec<String> = all_samples()
+            .filter_map(|(_, s)| {
+                let k = &s.extra["trafgen_tx_ring"]["ring_kib"];
+                (!k.is_null()).then(|| k.to_string().trim_matches('"').to_string())
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
     let doc = json!({
         "ceiling_ratio": ceil_ratio,
         "cpu_ratio_tcpdump": tcp_ratio,
@@ -1173,7 +1386,10 @@ fn report(
         "rewrite_lost_in_xdp": has_dp.then_some(rewrite_in_xdp),
         "max_concurrent_sessions": sip_fig("max_concurrent_sessions"),
         "sessions_per_second": sip_fig("sessions_per_second"),
+        // Largest call count (2 PCMU streams each) recorded with nothing lost.
+        "calls_with_media_zero_loss": media.map_or(Value::Null, |m| m["zero_loss_calls"].clone()),
         "sip": sip,
+        "media": media,
         "datapath_sessions_held": held,
         "rewrite": has_dp.then(|| rewrite.to_json()),
         "profiles": has_dp.then_some(profiles),
@@ -1184,6 +1400,10 @@ fn report(
         "machine": machine,
         "commands": commands,
         "failed_runs": failures,
+        "trafgen_tx_ring": {
+            "ring_kib_used": tx_ring_sizes, "retried_runs": tx_ring_retries,
+            "note": "flat-out runs (TX_RING): a run whose trafgen failed with `Flushing TX_RING failed: Resource temporarily unavailable` is run again (fresh receiver) with a smaller ring (-S 256, 128, 64, 32 KiB), kept for the following flat-out runs",
+        },
     });
     std::fs::write(
         out_dir.join("report.json"),
@@ -1240,6 +1460,11 @@ fn report(
         rewrite.offered.saturating_sub(rewrite.extra["xdp"]["captured"].as_u64().unwrap_or(0)),
         rewrite.extra["rewrites_done"], rewrite.offered, rewrite.flows,
         rate_label(rewrite.nominal_pps), rewrite.offered_pps)?;
+        if !tx_ring_sizes.is_empty() {
+            writeln!(md, "Flat-out runs (trafgen TX_RING, no `-b`) used ring sizes (KiB): {}. With a receiver attached, trafgen's default 512 KiB ring keeps more frames in flight than the packet socket's send buffer allows (wmem_default; trafgen cannot raise it inside a network namespace) and trafgen aborts on the EAGAIN of its non-blocking flush (`Flushing TX_RING failed: Resource temporarily unavailable`). Such a run is run again from scratch with a smaller ring (`-S`), which is then kept.{}\n",
+                tx_ring_sizes.join(", "),
+                if tx_ring_retries.is_empty() { " No run needed a retry.".to_string() } else { format!(" Retried: {}.", tx_ring_retries.join("; ")) })?;
+        }
         writeln!(md, "## Every run\n")?;
         writeln!(md, "| contender | flows | rate | offered | offered pps | rx at if | sender drops | written | lost | loss % | seq gaps (flows) | CPU1 s (whole CPU) | proc s | napi s | CPU s / Mpkt (proc+napi) | RSS KiB |")?;
         writeln!(
@@ -1291,6 +1516,9 @@ fn report(
     }
     if let Some(sip) = sip {
         md.push_str(&sip::markdown(sip)?);
+    }
+    if let Some(media) = media {
+        md.push_str(&media::markdown(media)?);
     }
     if !failures.is_empty() {
         writeln!(md, "## Failed runs\n")?;

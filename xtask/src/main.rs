@@ -23,7 +23,8 @@ enum Cli {
     Build,
     /// Build only the eBPF object.
     BuildEbpf,
-    /// Setup if needed, build, then run every test, including the privileged ones.
+    /// Setup if needed, build, then run every test, including the privileged ones, and the
+    /// quick media bench (200 calls with RTP, zero loss asserted; skipped with test arguments).
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -34,13 +35,14 @@ enum Cli {
     /// Lint: rustfmt check and clippy with warnings denied.
     Lint,
     /// Setup, build, then benchmark the data path against a no-op XDP ceiling, tcpdump and a
-    /// UDP-socket recorder, and SIPREC sessions (rate, held) with SIPp against the daemon
-    /// (writes target/bench/report.{md,json} and loss.png).
+    /// UDP-socket recorder, SIPREC sessions (rate, held) with SIPp against the daemon, and calls
+    /// with RTP (writes target/bench/report.{md,json} and loss.png).
     Bench {
         /// A short sweep (under two minutes) for checking a change.
         #[arg(long)]
         quick: bool,
-        /// Run only one part: `datapath` (trafgen contenders, rewrites) or `sip` (SIPp sessions).
+        /// Run only one part: `datapath` (trafgen contenders, rewrites), `sip` (SIPp sessions) or
+        /// `media` (SIPREC calls with RTP).
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
         #[command(flatten)]
@@ -59,7 +61,25 @@ fn main() -> Result<()> {
         Cli::Test { args } => {
             setup::setup()?;
             build_ebpf()?;
-            test(&args)
+            let tests = test(&args);
+            // The quick media bench (200 calls with RTP against the release daemon, zero loss
+            // asserted) after the cargo tests, whatever they gave, so that one run shows every
+            // problem. Skipped when the tests are narrowed by a filter.
+            if !args.is_empty() {
+                eprintln!("xtask test: test arguments given, skipping the media check");
+                return tests;
+            }
+            let media = bench::media_check();
+            match (tests, media) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), Ok(())) => Err(e),
+                (Ok(()), Err(e)) => {
+                    Err(e.context("media check (cargo xtask bench --quick --only media)"))
+                }
+                (Err(t), Err(m)) => {
+                    Err(t.context(format!("and the media check failed too: {m:#}")))
+                }
+            }
         }
         Cli::Demo => {
             setup::setup()?;

@@ -26,12 +26,12 @@ use serde_json::{json, Value};
 use super::{proc_cpu, sh, VethNamespaces};
 use crate::workspace_root;
 
-const NS_S: &str = "rbench-sip-s";
-const NS_R: &str = "rbench-sip-r";
-const IF_S: &str = "bss0";
-const IF_R: &str = "bsr0";
-const IP_S: &str = "10.232.0.1";
-const IP_R: &str = "10.232.0.2";
+pub(super) const NS_S: &str = "rbench-sip-s";
+pub(super) const NS_R: &str = "rbench-sip-r";
+pub(super) const IF_S: &str = "bss0";
+pub(super) const IF_R: &str = "bsr0";
+pub(super) const IP_S: &str = "10.232.0.1";
+pub(super) const IP_R: &str = "10.232.0.2";
 
 /// What one SIP bench run does.
 pub struct SipPlan {
@@ -79,16 +79,7 @@ impl SipPlan {
 
 /// Runs both SIP phases; returns the report's `sip` section.
 pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
-    // The daemon under test is the release binary: build it, so that the bench never measures
-    // a stale one.
-    crate::run(crate::cargo(None).args([
-        "build",
-        "--release",
-        "--package",
-        "recorder-user",
-        "--bin",
-        "recorder",
-    ]))?;
+    super::build_daemon()?;
     let dir = out_dir.join("sip");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -454,18 +445,18 @@ fn nofile_soft(line: Option<&str>) -> Option<u64> {
 }
 
 /// Follows the daemon's log, counting warnings and errors as they are written.
-struct LogWatch {
+pub(super) struct LogWatch {
     path: PathBuf,
-    offset: u64,
-    warnings: u64,
+    pub(super) offset: u64,
+    pub(super) warnings: u64,
     /// The first distinct warning lines (ANSI colours stripped).
-    first: Vec<String>,
+    pub(super) first: Vec<String>,
     /// Warning count per message, numbers masked.
     by_kind: std::collections::BTreeMap<String, u64>,
 }
 
 impl LogWatch {
-    fn new(path: &Path) -> Self {
+    pub(super) fn new(path: &Path) -> Self {
         Self {
             path: path.to_path_buf(),
             offset: 0,
@@ -477,7 +468,7 @@ impl LogWatch {
 
     /// Reads what was appended (at most 4 MiB a call: a daemon spinning on an error can write
     /// tens of MB a second); returns the new warnings.
-    fn poll(&mut self) -> u64 {
+    pub(super) fn poll(&mut self) -> u64 {
         use std::io::{Read, Seek, SeekFrom};
         let Ok(mut f) = std::fs::File::open(&self.path) else {
             return 0;
@@ -517,7 +508,7 @@ impl LogWatch {
         new
     }
 
-    fn kinds(&self) -> Value {
+    pub(super) fn kinds(&self) -> Value {
         json!(self.by_kind)
     }
 }
@@ -545,18 +536,18 @@ fn recorder_bin() -> PathBuf {
 
 /// Counters read from the daemon at one moment.
 #[derive(Clone, Debug, Default)]
-struct Snapshot {
-    sessions_active: u64,
-    sessions_started: u64,
-    sessions_ended: u64,
-    rejections: Value,
+pub(super) struct Snapshot {
+    pub(super) sessions_active: u64,
+    pub(super) sessions_started: u64,
+    pub(super) sessions_ended: u64,
+    pub(super) rejections: Value,
     /// The SIP endpoint's counters (its 503s for overload are not SIPREC rejections).
-    endpoint: Value,
-    spool_recordings: u64,
+    pub(super) endpoint: Value,
+    pub(super) spool_recordings: u64,
     /// None when the daemon did not answer the index query in time.
-    index_recordings: Option<u64>,
-    rss_kib: u64,
-    cpu_s: f64,
+    pub(super) index_recordings: Option<u64>,
+    pub(super) rss_kib: u64,
+    pub(super) cpu_s: f64,
 }
 
 /// A bpffs mount for the daemon's pins: `ip netns exec` remounts /sys, which hides
@@ -583,11 +574,11 @@ fn bench_bpffs() -> Result<PathBuf> {
 }
 
 /// `recorder run` in the receiver namespace, pinned to CPU 1.
-struct Daemon {
+pub(super) struct Daemon {
     child: Option<Child>,
     control: PathBuf,
-    spool: PathBuf,
-    log: PathBuf,
+    pub(super) spool: PathBuf,
+    pub(super) log: PathBuf,
     /// The daemon's bpffs pins: a daemon that did not stop cleanly leaves its XDP link pinned
     /// there, attached to the bench interface, and the next daemon could not attach.
     pins: PathBuf,
@@ -595,6 +586,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, tag: &str, cooldown_secs: u32, max_sessions: u32) -> Result<Self> {
+        Self::start_with(dir, tag, cooldown_secs, max_sessions, "")
+    }
+
+    /// Like [`Daemon::start`], with `extra` TOML lines appended to its configuration.
+    pub(super) fn start_with(
+        dir: &Path,
+        tag: &str,
+        cooldown_secs: u32,
+        max_sessions: u32,
+        extra: &str,
+    ) -> Result<Self> {
         let spool = dir.join("spool").join(tag);
         let _ = std::fs::remove_dir_all(&spool);
         std::fs::create_dir_all(&spool)?;
@@ -610,7 +612,7 @@ impl Daemon {
                 "interfaces = [\"{IF_R}\"]\nsip_listen = [\"{IP_R}:5060\"]\nmedia_address = \"{IP_R}\"\n\
 rtp_ports = \"10000-64999\"\nport_cooldown_secs = {cooldown_secs}\nspool = \"{}\"\n\
 max_flows = 65536\nmax_sessions = {max_sessions}\nidle_timeout_secs = 7200\n\
-control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir = \"{}\"\n",
+control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir = \"{}\"\n{extra}",
                 spool.display(),
                 control.display(),
                 pins.display(),
@@ -649,7 +651,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
         }
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub(super) fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
@@ -657,7 +659,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn ctl(&self, what: &str) -> Result<Value> {
+    pub(super) fn ctl(&self, what: &str) -> Result<Value> {
         let out = Command::new(recorder_bin())
             .args([what, "--json", "--socket"])
             .arg(&self.control)
@@ -671,13 +673,13 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    fn flows(&self) -> Result<Value> {
+    pub(super) fn flows(&self) -> Result<Value> {
         self.ctl("flows")
     }
 
     /// The daemon's counters; `files` also counts recordings in the spool and the index (slow
     /// with thousands of recordings, so not while ramping up held sessions).
-    fn snapshot(&self, files: bool) -> Result<Snapshot> {
+    pub(super) fn snapshot(&self, files: bool) -> Result<Snapshot> {
         let st = self.ctl("status")?;
         let siprec = &st["sip"]["siprec"];
         let ended = siprec["sessions_ended"]
@@ -710,7 +712,13 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
 
     /// Waits until `ended` sessions have ended and the spool and the index hold `spool` and
     /// `index` recordings, or nothing moved for `idle`; returns the last snapshot either way.
-    fn settle(&self, ended: u64, spool: u64, index: u64, idle: Duration) -> Result<Snapshot> {
+    pub(super) fn settle(
+        &self,
+        ended: u64,
+        spool: u64,
+        index: u64,
+        idle: Duration,
+    ) -> Result<Snapshot> {
         let mut last = (0, 0, None);
         let mut moved = Instant::now();
         let mut good: Option<Snapshot> = None;
@@ -841,7 +849,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
     }
 
     /// SIGTERM and wait (ending thousands of recordings takes a while); SIGKILL after 120 s.
-    fn stop(&mut self) -> Result<()> {
+    pub(super) fn stop(&mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -869,7 +877,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
 }
 
 impl Daemon {
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -884,7 +892,7 @@ impl Drop for Daemon {
     }
 }
 
-fn spool_recordings(spool: &Path) -> u64 {
+pub(super) fn spool_recordings(spool: &Path) -> u64 {
     std::fs::read_dir(spool).map_or(0, |rd| {
         rd.filter_map(|e| e.ok())
             .filter(|e| e.path().join("metadata.json").exists())
@@ -909,21 +917,21 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 /// SIPp's counters from its statistics CSV.
 #[derive(Clone, Debug, Default)]
-struct SippStats {
-    successful: u64,
-    failed: u64,
-    current: u64,
-    retransmissions: u64,
+pub(super) struct SippStats {
+    pub(super) successful: u64,
+    pub(super) failed: u64,
+    pub(super) current: u64,
+    pub(super) retransmissions: u64,
 }
 
-struct Sipp {
-    child: Child,
+pub(super) struct Sipp {
+    pub(super) child: Child,
     stat: PathBuf,
     errors: PathBuf,
 }
 
 impl Sipp {
-    fn start(
+    pub(super) fn start(
         dir: &Path,
         stat: &Path,
         extra: &[String],
@@ -987,7 +995,7 @@ impl Sipp {
     }
 
     /// The last line of the statistics CSV (SIPp writes one every `-fd` seconds and at exit).
-    fn last_stats(&self) -> Option<SippStats> {
+    pub(super) fn last_stats(&self) -> Option<SippStats> {
         let text = std::fs::read_to_string(&self.stat).ok()?;
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let header: Vec<&str> = lines.next()?.split(';').collect();
@@ -1008,13 +1016,13 @@ impl Sipp {
         })
     }
 
-    fn final_stats(&self) -> Result<SippStats> {
+    pub(super) fn final_stats(&self) -> Result<SippStats> {
         self.last_stats()
             .with_context(|| format!("no SIPp statistics in {}", self.stat.display()))
     }
 
     /// The first lines of SIPp's error log.
-    fn errors(&self) -> Vec<String> {
+    pub(super) fn errors(&self) -> Vec<String> {
         std::fs::read_to_string(&self.errors)
             .unwrap_or_default()
             .lines()
@@ -1024,12 +1032,12 @@ impl Sipp {
             .collect()
     }
 
-    fn signal(&self, signal: i32) {
+    pub(super) fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child (`ip netns exec` and taskset exec SIPp).
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
