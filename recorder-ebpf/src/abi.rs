@@ -227,7 +227,7 @@ const _: () = assert!(core::mem::size_of::<FlowLayout>() == 80);
 const _: () = assert!(core::mem::size_of::<FlowCtl>() == 88);
 // Userspace maps FLOW_VALUES and FLOW_SLOTS into memory: the kernel strides mmapable arrays by
 // the value size rounded up to 8 bytes.
-const _: () = assert!(core::mem::size_of::<FlowValue>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<FlowValue>().is_multiple_of(8));
 
 /// FNV-1a over `bytes`, folded into `hash` (usable in constants).
 const fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {

@@ -666,7 +666,7 @@ fn same_port_rewrites_under_traffic_lose_nothing_and_order_generations() {
         while !stop_flag.load(std::sync::atomic::Ordering::Relaxed) {
             sender.send_to(&payload(seq, 1, 172), local).unwrap();
             seq += 1;
-            if seq % 16 == 0 {
+            if seq.is_multiple_of(16) {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
