@@ -843,7 +843,7 @@ struct Recorded {
     /// Packets in the pcaps not to a stream of their recording.
     stray: u64,
     metadata_lost: u64,
-    metadata_queue_full: u64,
+    metadata_ring_full: u64,
     wav_checked: u64,
     /// Recordings whose WAV frames differ from the call's duration by more than 20 ms, or
     /// from metadata.json's count.
@@ -865,7 +865,7 @@ fn read_recordings(spool: &Path) -> Result<Recorded> {
         streams: HashMap::new(),
         stray: 0,
         metadata_lost: 0,
-        metadata_queue_full: 0,
+        metadata_ring_full: 0,
         wav_checked: 0,
         wav_bad_frames: Vec::new(),
         wav_bad_audio: 0,
@@ -899,7 +899,7 @@ fn read_recording(d: &Path, id: &str, r: &mut Recorded) -> Result<()> {
     if meta["state"] != "complete" && r.incomplete.len() < 10 {
         r.incomplete.push(format!("{id}: {}", meta["state"]));
     }
-    r.metadata_queue_full += meta["dropped"]["queue_full"].as_u64().unwrap_or(0);
+    r.metadata_ring_full += meta["dropped"]["ring_full"].as_u64().unwrap_or(0);
     // port -> WAV channel
     let mut channel_of: HashMap<u16, Option<u64>> = HashMap::new();
     for s in meta["streams"].as_array().into_iter().flatten() {
@@ -1415,9 +1415,9 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
         failed.push(format!("reading recordings: {:?}", rec.errors));
     }
     let ring_full = xdp["ring_full"].as_u64().unwrap_or(0);
-    let queue_full = writer["queue_full"].as_u64().unwrap_or(0);
+    let write_failed = writer["pcap_write_failed"].as_u64().unwrap_or(0);
     let has_loss =
-        lost > 0 || dups > 0 || ring_full > 0 || queue_full > 0 || written != sent_answered;
+        lost > 0 || dups > 0 || ring_full > 0 || write_failed > 0 || written != sent_answered;
     let zero_loss = failed.is_empty() && !has_loss;
     let result = if !failed.is_empty() {
         format!("FAILED RUN: {}", failed.join("; "))
@@ -1430,7 +1430,7 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
         "zero loss".to_string()
     };
     eprintln!(
-        "bench: media calls={n} streams={} sent={sent_answered} (trafgen {tg_packets}, wall max {max_wall:.2} s) xdp matched={} captured={} ring_full={ring_full} writer queue_full={queue_full} written={written} lost={lost} gaps={gaps} dups={dups} reordered={reordered} tcpdump={td_packets:?} peak10ms={peak:.0?} mean={mean:.0?} cpu={cpu_us:.2?} us/pkt wav_bad_frames={} wav_bad_audio={}: {result}",
+        "bench: media calls={n} streams={} sent={sent_answered} (trafgen {tg_packets}, wall max {max_wall:.2} s) xdp matched={} captured={} ring_full={ring_full} writer write_failed={write_failed} written={written} lost={lost} gaps={gaps} dups={dups} reordered={reordered} tcpdump={td_packets:?} peak10ms={peak:.0?} mean={mean:.0?} cpu={cpu_us:.2?} us/pkt wav_bad_frames={} wav_bad_audio={}: {result}",
         ports.len(),
         xdp["matched"],
         xdp["captured"],
@@ -1478,7 +1478,7 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
             "streams_with_loss": streams_lossy, "seq_gaps": gaps, "gap_events": gap_events,
             "duplicates": dups, "reordered": reordered, "wrong_ssrc": wrong_ssrc,
             "stray_packets": rec.stray, "unknown_streams": unknown_streams,
-            "metadata_lost": rec.metadata_lost, "metadata_queue_full": rec.metadata_queue_full,
+            "metadata_lost": rec.metadata_lost, "metadata_ring_full": rec.metadata_ring_full,
             "incomplete": rec.incomplete, "errors": rec.errors,
         },
         "wav": {
@@ -1548,7 +1548,7 @@ pub fn markdown(media: &Value) -> Result<String> {
         n(&media["traffic_secs"]),
         n(&media["blocks"])
     )?;
-    writeln!(md, "| calls | streams | sent (answered ports) | trafgen longest s | arrivals: 10 ms peak / mean pps (nominal) | rx at if | XDP matched | captured | ring full | writer queue full | in pcaps | lost | loss % | streams with loss | seq gaps | dups | reordered | WAV frames off (of) | WAV audio off | tcpdump captured | daemon CPU µs/pkt (proc+napi) | tcpdump CPU µs/pkt | result |")?;
+    writeln!(md, "| calls | streams | sent (answered ports) | trafgen longest s | arrivals: 10 ms peak / mean pps (nominal) | rx at if | XDP matched | captured | ring full | writer write failed | in pcaps | lost | loss % | streams with loss | seq gaps | dups | reordered | WAV frames off (of) | WAV audio off | tcpdump captured | daemon CPU µs/pkt (proc+napi) | tcpdump CPU µs/pkt | result |")?;
     writeln!(
         md,
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -1579,7 +1579,7 @@ pub fn markdown(media: &Value) -> Result<String> {
             n(&r["receiver"]["xdp"]["matched"]),
             n(&r["receiver"]["xdp"]["captured"]),
             n(&r["receiver"]["xdp"]["ring_full"]),
-            n(&r["receiver"]["writer"]["queue_full"]),
+            n(&r["receiver"]["writer"]["pcap_write_failed"]),
             n(&rec["written_packets"]),
             n(&rec["lost"]),
             rec["loss_pct"].as_f64().map_or("n/a".into(), |v| format!("{v:.3}")),
