@@ -607,16 +607,7 @@ impl Recording {
         if ripe >= wav.base() + chunk || pcap_full {
             // Before placing this packet: the window then starts at most WINDOW_MS before it
             // (after a silence, the frames skipped stay a hole in the file, not zeros here).
-            MediaOut {
-                pcap: &mut self.pcap,
-                wav: &mut self.wav,
-                files: &self.files,
-                io: &self.io,
-                id: &self.id,
-                newest: self.newest,
-                floor: self.floor,
-            }
-            .hand_over(false);
+            media_out!(self).hand_over(false);
             self.chunk_scale = 1024;
         }
         let Some(wav) = self.wav.as_mut() else {
@@ -650,20 +641,7 @@ impl Recording {
     /// Hands the buffered pcap records and the WAV frames older than the window to the file
     /// thread (with `all`: every frame in memory, which stays there too).
     fn hand_over_media(&mut self, all: bool) {
-        self.media_out().hand_over(all);
-    }
-
-    /// The fields the hand-over uses (borrowed apart from the streams).
-    fn media_out(&mut self) -> MediaOut<'_> {
-        MediaOut {
-            pcap: &mut self.pcap,
-            wav: &mut self.wav,
-            files: &self.files,
-            io: &self.io,
-            id: &self.id,
-            newest: self.newest,
-            floor: self.floor,
-        }
+        media_out!(self).hand_over(all);
     }
 
     /// The metadata's counters as the packet stage knows them (write failures not applied:
@@ -907,6 +885,23 @@ impl Recording {
         })
     }
 }
+
+/// The fields of a recording the hand-over uses, borrowed field by field (so that `packet`
+/// can hand over while it holds one of the streams).
+macro_rules! media_out {
+    ($rec:expr) => {
+        MediaOut {
+            pcap: &mut $rec.pcap,
+            wav: &mut $rec.wav,
+            files: &$rec.files,
+            io: &$rec.io,
+            id: &$rec.id,
+            newest: $rec.newest,
+            floor: $rec.floor,
+        }
+    };
+}
+use media_out;
 
 /// A recording's buffers and where they go.
 struct MediaOut<'a> {
