@@ -30,7 +30,7 @@
 //! length before it; the WAV is positional, so a chunk not written reads as silence).
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::{self, File, OpenOptions},
     io::{self, Write},
     os::{fd::AsRawFd, unix::fs::FileExt},
     path::PathBuf,
@@ -45,7 +45,7 @@ use tracing::warn;
 use super::{
     encode::recording::apply_failures,
     indexer::{IndexJob, IndexQueue},
-    metadata::{replace_file, RecordingMetadata},
+    metadata::{replace_file, RecordingMetadata, PCAP_FILE, WAV_FILE},
 };
 
 /// Counters of all file threads, shared with [`super::WriterStats`].
@@ -55,6 +55,8 @@ pub(crate) struct IoCounters {
     pub wav_write_failed: AtomicU64,
     pub bytes_written: AtomicU64,
     pub metadata_write_failed: AtomicU64,
+    /// Recordings whose directory or files could not be made ([`Job::Create`]).
+    pub start_failed: AtomicU64,
 }
 
 /// What the file thread found writing one recording's media, read back by its packet stage
@@ -68,9 +70,29 @@ pub(crate) struct RecordingIo {
     wav_failed: AtomicU64,
     /// A media write error was logged for this recording (log once, count always).
     warned: AtomicBool,
+    /// [`Job::Create`] failed: the recording has no files, and none of its jobs may touch
+    /// the directory (it may be an earlier recording's).
+    create_failed: AtomicBool,
 }
 
 impl RecordingIo {
+    pub(crate) fn create_failed(&self) -> bool {
+        self.create_failed.load(Relaxed)
+    }
+
+    fn count_pcap_failed(&self, per_stream: &[u32]) {
+        if let Ok(mut failed) = self.pcap_failed.lock() {
+            if failed.len() < per_stream.len() {
+                failed.resize(per_stream.len(), 0);
+            }
+            for (f, n) in failed.iter_mut().zip(per_stream) {
+                *f += u64::from(*n);
+            }
+        }
+        let n: u64 = per_stream.iter().map(|&n| u64::from(n)).sum();
+        self.pcap_failed_total.fetch_add(n, Relaxed);
+    }
+
     pub(crate) fn pcap_failed_total(&self) -> u64 {
         self.pcap_failed_total.load(Relaxed)
     }
@@ -103,6 +125,15 @@ pub(crate) struct WavChunk {
 }
 
 pub(crate) enum Job {
+    /// Makes a new recording's directory (never an existing one: an earlier recording's files
+    /// are never reused) with its pcap and WAV headers.
+    Create {
+        id: Arc<str>,
+        io: Arc<RecordingIo>,
+        dir: PathBuf,
+        pcap_header: [u8; 24],
+        wav_header: [u8; 44],
+    },
     Media {
         id: Arc<str>,
         io: Arc<RecordingIo>,
@@ -114,6 +145,7 @@ pub(crate) enum Job {
     /// Cuts the WAV to `wav_len` bytes with its final header, and syncs both files.
     Finish {
         id: Arc<str>,
+        io: Arc<RecordingIo>,
         pcap: Option<PathBuf>,
         wav: Option<(PathBuf, u64, [u8; 44])>,
     },
@@ -123,6 +155,8 @@ pub(crate) enum Job {
         bytes: Vec<u8>,
         id: Arc<str>,
         sync: bool,
+        /// The recording the file belongs to (skipped when its directory was not created).
+        io: Option<Arc<RecordingIo>>,
     },
     /// Writes the final `metadata.json` of an ended recording (after its `Finish`), with the
     /// failure counts of its last chunks, then its index row.
@@ -316,11 +350,19 @@ impl FileQueue {
                 continue;
             }
             let Job::Replace {
-                path, bytes, id, ..
+                path,
+                bytes,
+                id,
+                io,
+                ..
             } = job
             else {
                 continue;
             };
+            if io.is_some_and(|io| io.create_failed()) {
+                self.counters.metadata_write_failed.fetch_add(1, Relaxed);
+                continue;
+            }
             let tmp = super::metadata::temp_path(&path);
             match std::fs::write(&tmp, &bytes) {
                 Ok(()) => {
@@ -362,6 +404,44 @@ impl FileQueue {
 
     fn execute(&self, job: Job) {
         match job {
+            Job::Create {
+                id,
+                io,
+                dir,
+                pcap_header,
+                wav_header,
+            } => {
+                if let Err(e) = create_recording(&dir, &pcap_header, &wav_header) {
+                    io.create_failed.store(true, Relaxed);
+                    self.counters.start_failed.fetch_add(1, Relaxed);
+                    warn!(recording = %id, dir = %dir.display(), error = %e, "cannot create recording; its media is counted as not written");
+                }
+            }
+            Job::Media { io, pcap, wav, .. } if io.create_failed() => {
+                if let Some(p) = pcap {
+                    let n: u64 = p.per_stream.iter().map(|&n| u64::from(n)).sum();
+                    io.count_pcap_failed(&p.per_stream);
+                    self.counters.pcap_write_failed.fetch_add(n, Relaxed);
+                    self.recycle(p.bytes);
+                }
+                if let Some(w) = wav {
+                    io.wav_failed.fetch_add(1, Relaxed);
+                    self.counters.wav_write_failed.fetch_add(1, Relaxed);
+                    self.recycle(w.bytes);
+                }
+            }
+            Job::Finish { io, .. } if io.create_failed() => {}
+            Job::Replace { io: Some(io), .. } if io.create_failed() => {
+                self.counters.metadata_write_failed.fetch_add(1, Relaxed);
+            }
+            Job::Finalize {
+                io, meta, index, ..
+            } if io.create_failed() => {
+                // Nothing on disk: the row the start put in the index goes too.
+                if let Some(index) = index {
+                    index.send(IndexJob::Remove(meta.id.clone()));
+                }
+            }
             Job::Media {
                 id,
                 io,
@@ -378,15 +458,7 @@ impl FileQueue {
                         }
                         Err(e) => {
                             let n: u64 = p.per_stream.iter().map(|&n| u64::from(n)).sum();
-                            if let Ok(mut failed) = io.pcap_failed.lock() {
-                                if failed.len() < p.per_stream.len() {
-                                    failed.resize(p.per_stream.len(), 0);
-                                }
-                                for (f, n) in failed.iter_mut().zip(&p.per_stream) {
-                                    *f += u64::from(*n);
-                                }
-                            }
-                            io.pcap_failed_total.fetch_add(n, Relaxed);
+                            io.count_pcap_failed(&p.per_stream);
                             self.counters.pcap_write_failed.fetch_add(n, Relaxed);
                             if !io.warned.swap(true, Relaxed) {
                                 warn!(recording = %id, error = %e, "pcap write failed; dropping packets");
@@ -413,7 +485,7 @@ impl FileQueue {
                     self.recycle(w.bytes);
                 }
             }
-            Job::Finish { id, pcap, wav } => {
+            Job::Finish { id, pcap, wav, .. } => {
                 if let Some((path, len, header)) = wav {
                     let done = (|| {
                         let f = OpenOptions::new().write(true).open(&path)?;
@@ -436,6 +508,7 @@ impl FileQueue {
                 bytes,
                 id,
                 sync,
+                ..
             } => {
                 if let Err(e) = replace_file(&path, &bytes, sync) {
                     self.counters.metadata_write_failed.fetch_add(1, Relaxed);
@@ -479,6 +552,26 @@ impl FileQueue {
         }
         release
     }
+}
+
+/// Makes `dir` (an error if it exists) with the pcap and WAV holding their headers; on an error
+/// nothing of it is left.
+fn create_recording(dir: &std::path::Path, pcap: &[u8], wav: &[u8]) -> io::Result<()> {
+    fs::create_dir(dir)?;
+    let made = (|| {
+        let new = |name: &str| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dir.join(name))
+        };
+        new(PCAP_FILE)?.write_all(pcap)?;
+        new(WAV_FILE)?.write_all(wav)
+    })();
+    if made.is_err() {
+        let _ = fs::remove_dir_all(dir);
+    }
+    made
 }
 
 /// `ENOSPC` unless `len` bytes leave `floor` free on the filesystem of `file`.
@@ -536,6 +629,7 @@ mod tests {
                     bytes: format!("{round}-{i}").into_bytes(),
                     id: Arc::from("r"),
                     sync: true,
+                    io: None,
                 });
             }
         }

@@ -774,7 +774,7 @@ impl WriterHandle {
             unknown_flow: s.unknown_flow.load(Relaxed),
             pcap_write_failed: s.io.pcap_write_failed.load(Relaxed),
             wav_write_failed: s.io.wav_write_failed.load(Relaxed),
-            start_failed: s.start_failed.load(Relaxed),
+            start_failed: s.start_failed.load(Relaxed) + s.io.start_failed.load(Relaxed),
             unknown_recording_events: s.unknown_recording_events.load(Relaxed),
             index_errors: s.index_errors.load(Relaxed),
             active_recordings: s.active.load(Relaxed),

@@ -1630,6 +1630,50 @@ fn bad_recording_id_is_refused_not_a_panic() {
 // Disk full
 
 /// A tmpfs mounted on a temp dir, unmounted on drop (also when the test panics).
+/// The directory is made by the file thread, off the packet stage: when it cannot be made (here:
+/// it exists, an earlier recording's), nothing of the earlier one is touched, and the new one's
+/// packets are counted as not written, its index row removed at its end.
+#[test]
+fn a_recording_whose_directory_cannot_be_made_touches_nothing_and_is_counted() {
+    let dir = TempDir::new("mkdir");
+    let spool = dir.path().join("spool");
+    let earlier = spool.join("r1");
+    std::fs::create_dir_all(&earlier).unwrap();
+    std::fs::write(earlier.join(PCAP_FILE), b"earlier pcap").unwrap();
+    std::fs::write(earlier.join(METADATA_FILE), b"earlier metadata").unwrap();
+    let mut c = WriterConfig::new(spool.clone());
+    c.index = Some(dir.path().join("index.db"));
+    c.min_free_bytes = 0;
+    c.media_floor_bytes = 0;
+    let (h, mut sink) = start(c).unwrap();
+    h.event(started("r1", two_streams(), "U9"));
+    let mut a = Sender::new(1, 40000, 0, 0xA, 1, 0);
+    for k in 0..50 {
+        a.send(&mut sink, k * 160, 0, &noise);
+    }
+    drop(sink);
+    h.event(ended("r1", 1000));
+    h.sync();
+    let st = h.stats();
+    assert_eq!(
+        (st.start_failed, st.pcap_write_failed, st.unknown_flow),
+        (1, 50, 0)
+    );
+    assert!(st.metadata_write_failed >= 1, "{st:?}");
+    assert_eq!(
+        std::fs::read(earlier.join(PCAP_FILE)).unwrap(),
+        b"earlier pcap"
+    );
+    assert_eq!(
+        std::fs::read(earlier.join(METADATA_FILE)).unwrap(),
+        b"earlier metadata"
+    );
+    assert!(!earlier.join(WAV_FILE).exists());
+    let mut index = crate::index::Index::open(&dir.path().join("index.db"), &spool).unwrap();
+    assert!(index.by_call_uuid("U9").unwrap().is_empty());
+    h.shutdown();
+}
+
 struct Tmpfs(TempDir);
 
 impl Tmpfs {

@@ -29,25 +29,32 @@ pub(crate) struct PcapWriter {
     per_stream: Vec<u32>,
 }
 
+/// The file's global header.
+pub(crate) fn global_header() -> [u8; GLOBAL_HEADER_LEN as usize] {
+    let mut h = [0u8; GLOBAL_HEADER_LEN as usize];
+    h[0..4].copy_from_slice(&MAGIC_NS.to_le_bytes());
+    h[4..6].copy_from_slice(&2u16.to_le_bytes());
+    h[6..8].copy_from_slice(&4u16.to_le_bytes());
+    // thiszone and sigfigs stay 0.
+    h[16..20].copy_from_slice(&SNAPLEN.to_le_bytes());
+    h[20..24].copy_from_slice(&LINKTYPE_ETHERNET.to_le_bytes());
+    h
+}
+
 /// Records are handed to the file thread in chunks of about this size.
 pub(crate) const CHUNK: usize = 32 * 1024;
 
 impl PcapWriter {
-    /// Creates (or truncates) `path` with the global header.
-    pub(crate) fn create(path: &Path) -> io::Result<Self> {
-        let mut h = [0u8; GLOBAL_HEADER_LEN as usize];
-        h[0..4].copy_from_slice(&MAGIC_NS.to_le_bytes());
-        h[4..6].copy_from_slice(&2u16.to_le_bytes());
-        h[6..8].copy_from_slice(&4u16.to_le_bytes());
-        // thiszone and sigfigs stay 0.
-        h[16..20].copy_from_slice(&SNAPLEN.to_le_bytes());
-        h[20..24].copy_from_slice(&LINKTYPE_ETHERNET.to_le_bytes());
-        std::fs::write(path, h)?;
-        Ok(Self {
+    /// A pcap to be created at `path` by the file thread ([`Job::Create`] writes
+    /// [`global_header`]); nothing touches the filesystem here.
+    ///
+    /// [`Job::Create`]: crate::writer::fileio::Job::Create
+    pub(crate) fn new(path: &Path) -> Self {
+        Self {
             path: path.to_path_buf(),
             buf: Vec::new(),
             per_stream: Vec::new(),
-        })
+        }
     }
 
     /// Goes on appending to a pcap a handover finished at `len` bytes (checked: same length,

@@ -276,8 +276,6 @@ impl Recording {
             ));
         }
         let dir = spool.join(s.id);
-        // Never reuse (and truncate) the files of an earlier recording with the same id.
-        fs::create_dir(&dir)?;
         // One channel per audio stream, in stream order.
         let mut labels = Vec::new();
         let mut streams = Vec::new();
@@ -294,19 +292,20 @@ impl Recording {
                 notes.push(not_decoded_note(&st.info));
             }
         }
-        let files = PcapWriter::create(&dir.join(PCAP_FILE)).and_then(|pcap| {
-            let channels = labels.len().max(1) as u16;
-            let wav = WavWriter::create(&dir.join(WAV_FILE), channels, WAV_RATE)?;
-            Ok((pcap, wav))
+        let pcap = PcapWriter::new(&dir.join(PCAP_FILE));
+        let wav = WavWriter::new(&dir.join(WAV_FILE), labels.len().max(1) as u16, WAV_RATE);
+        let files = queue_or_inline(s.files);
+        let io = Arc::<RecordingIo>::default();
+        // The directory and the files' headers are made by the file thread, ahead of every
+        // other job of this recording: the packet stage (and the SIP driver behind it) never
+        // waits for the filesystem.
+        files.submit(Job::Create {
+            id: Arc::from(s.id),
+            io: io.clone(),
+            dir: dir.clone(),
+            pcap_header: pcap::global_header(),
+            wav_header: wav.empty_header(),
         });
-        let (pcap, wav) = match files {
-            Ok(f) => f,
-            Err(e) => {
-                // The directory is ours (created above): leave no half-made recording behind.
-                let _ = fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
         let now = rfc3339(s.at);
         let mut rec = Self {
             meta: RecordingMetadata {
@@ -346,8 +345,8 @@ impl Recording {
             urgent: false,
             next_meta: Instant::now(),
             next_flush: Instant::now(),
-            files: queue_or_inline(s.files),
-            io: Arc::default(),
+            files,
+            io,
             failures_seen: 0,
             floor: s.floor,
             newest: 0,
@@ -446,6 +445,7 @@ impl Recording {
             bytes: m.xml.clone().into_bytes(),
             id: self.id.clone(),
             sync: true,
+            io: Some(self.io.clone()),
         });
         self.meta
             .metadata_versions
@@ -679,6 +679,7 @@ impl Recording {
                 bytes,
                 id: self.id.clone(),
                 sync,
+                io: Some(self.io.clone()),
             }),
             Err(e) => {
                 self.meta.dropped.metadata_write_failed += 1;
@@ -733,6 +734,7 @@ impl Recording {
         let pcap = self.pcap.take().map(|p| p.path);
         self.files.submit(Job::Finish {
             id: self.id.clone(),
+            io: self.io.clone(),
             pcap,
             wav,
         });

@@ -38,18 +38,22 @@ pub(crate) struct WavWriter {
 }
 
 impl WavWriter {
-    /// Creates (or truncates) `path` with an empty WAV's header.
-    pub(crate) fn create(path: &Path, channels: u16, rate: u32) -> io::Result<Self> {
-        let channels = channels.max(1);
-        std::fs::write(path, header(channels, rate, 0))?;
-        Ok(Self {
+    /// A WAV to be created at `path` by the file thread (with [`WavWriter::empty_header`]);
+    /// nothing touches the filesystem here.
+    pub(crate) fn new(path: &Path, channels: u16, rate: u32) -> Self {
+        Self {
             path: path.to_path_buf(),
-            channels,
+            channels: channels.max(1),
             rate,
             base: 0,
             window: Vec::new(),
             frames: 0,
-        })
+        }
+    }
+
+    /// The header of the WAV before any frame.
+    pub(crate) fn empty_header(&self) -> [u8; HEADER_LEN as usize] {
+        header(self.channels, self.rate, 0)
     }
 
     /// Goes on writing a WAV a handover finished with `frames` frames (checked: length and
