@@ -558,7 +558,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             carried_on,
             detach_on_exit: detach_on_exit.clone(),
         },
-    );
+    )
+    .with_consumer_stalls(stalls.clone());
     let control_task = control::serve(control_state, shutdown.clone())
         .await
         .context("starting the control socket")?;

@@ -19,7 +19,10 @@ use tracing::{debug, info, warn};
 
 use super::{Request, Response};
 use crate::{
-    capture::loader::{AttachedMode, Counters},
+    capture::{
+        loader::{AttachedMode, Counters},
+        ring::StallStats,
+    },
     config::Config,
     daemon::{query, DaemonRecorder, DriverCommand},
     flow::FlowAction,
@@ -37,6 +40,8 @@ pub struct ControlState {
     attachments: Vec<(String, AttachedMode)>,
     started: Instant,
     restart: RestartInfo,
+    /// The ring consumer's waits for the writer (sizing `ring_bytes`).
+    stalls: Arc<StallStats>,
 }
 
 /// How this daemon's capture survives a restart, for `status`.
@@ -69,7 +74,14 @@ impl ControlState {
             attachments,
             started: Instant::now(),
             restart,
+            stalls: Arc::default(),
         }
+    }
+
+    /// Reports the ring consumer's back-pressure stalls in `status`.
+    pub fn with_consumer_stalls(mut self, stalls: Arc<StallStats>) -> Self {
+        self.stalls = stalls;
+        self
     }
 }
 
@@ -286,6 +298,11 @@ async fn status(state: &ControlState) -> Response {
         })).collect::<Vec<_>>(),
         "xdp": counters,
         "writer": state.writer.stats(),
+        "ring_consumer": {
+            "stalls": state.stalls.stalls.load(std::sync::atomic::Ordering::Relaxed),
+            "stalled_us": state.stalls.stalled_us.load(std::sync::atomic::Ordering::Relaxed),
+            "longest_stall_us": state.stalls.longest_stall_us.load(std::sync::atomic::Ordering::Relaxed),
+        },
         "sip": sip,
         "spool": spool_usage(&state.config.spool),
         "restart": {
