@@ -59,6 +59,9 @@ pub struct Select {
     /// Profile the recorder with perf also in `--quick` (a full run always does).
     #[arg(long)]
     profile: bool,
+    /// SIP part: only these session rates (calls/s), e.g. `--sip-rates 800`, and no hold phase.
+    #[arg(long, value_delimiter = ',')]
+    sip_rates: Option<Vec<u32>>,
     /// Media part: call counts to run, e.g. `--calls 1000,2000` (each one runs, whatever the
     /// one before lost; without it the sweep stops at the first count with loss).
     #[arg(long, value_delimiter = ',')]
@@ -179,11 +182,15 @@ pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
         None
     };
     let sip = if wants(Part::Sip) {
-        let plan = if quick {
+        let mut plan = if quick {
             sip::SipPlan::quick()
         } else {
             sip::SipPlan::full()
         };
+        if let Some(rates) = &select.sip_rates {
+            plan.rates.clone_from(rates);
+            plan.hold = false;
+        }
         Some(
             sip::run(&plan, &out_dir, &mut commands).unwrap_or_else(|e| {
                 eprintln!("bench: SIP part failed: {e:#}");

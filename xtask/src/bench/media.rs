@@ -186,7 +186,7 @@ pub fn run(plan: &MediaPlan, out_dir: &Path, commands: &mut Vec<String>) -> Resu
             "RTP: 214-byte frames (PCMU, 160 payload bytes), 50 packets/s per stream, sequence +1, timestamp +160 and one SSRC (0x5eed0000 + port) per stream. One trafgen template per process; the UDP and RTP headers are written through a second ipv4() header (trafgen has no RTP header and applies counters to header fields only; see xtask/src/bench/media.rs).",
             "Pacing: each port block is sent by 50 trafgen processes (-b <streams>pps: one packet per stream per second, sent at once), started 20 ms apart, the blocks staggered; every stream gets a packet every 20 ms.",
             "Loss = packets trafgen sent to answered ports that are not in the recordings' pcaps (per stream, by RTP sequence number); a trafgen process that overran its nominal time by more than 1 s fails the run (veth pushes back on the sender instead of dropping).",
-            "Daemon CPU per packet = daemon process + bsr0 NAPI thread CPU over the traffic window / packets received on bsr0; the NAPI thread also carries tcpdump's AF_PACKET delivery and the kernel's UDP path for the passed packets (flow_action = pass, so that tcpdump sees them).",
+            "Daemon CPU per packet = daemon process + bsr0 NAPI thread CPU over the traffic window / packets received on bsr0; the daemon drops the media in XDP (flow_action = drop, the default), so tcpdump's baseline is the same trafgen configuration sent again after the daemon stopped.",
         ],
     }))
 }
@@ -668,6 +668,30 @@ impl Sampler {
     }
 }
 
+/// Waits until the receiver's interface counter stops moving; returns it.
+fn rx_quiet() -> Result<u64> {
+    let mut last = stat(NS_R, IF_R, "rx_packets")?;
+    loop {
+        std::thread::sleep(Duration::from_millis(300)); // sampling a kernel counter
+        let now = stat(NS_R, IF_R, "rx_packets")?;
+        if now == last {
+            return Ok(last);
+        }
+        last = now;
+    }
+}
+
+/// Packets trafgen sent to answered ports (a filler port's packets do not count).
+fn answered_sent(sent: &[Sent], blocks: &[Block], secs: u32) -> u64 {
+    let all: u64 = sent.iter().filter_map(|s| s.packets).sum();
+    let filler: u64 = sent
+        .iter()
+        .filter(|s| blocks[s.block].filler && s.packets == Some(s.expected))
+        .map(|_| u64::from(secs))
+        .sum();
+    all.saturating_sub(filler)
+}
+
 /// Free bytes on the file system holding `dir`.
 fn free_bytes(dir: &Path) -> Option<u64> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
@@ -836,7 +860,6 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
     if !commands.contains(&shown) {
         commands.push(shown);
     }
-    let mut tcpdump = Receiver::start(NS_R, &td_argv, true)?;
     let status0 = daemon.ctl("status")?;
     let rx0 = stat(NS_R, IF_R, "rx_packets")?;
     let txd0 = stat(NS_S, IF_S, "tx_dropped")?;
@@ -846,15 +869,7 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
     let sampler = Sampler::start(sipp.child.id(), pid, napi.clone());
     let (sent, span_s) = send(&blocks, secs, &tg_dir, commands)?;
     // Quiet: the interface counter stops moving, then the writer has taken what XDP captured.
-    let mut last = stat(NS_R, IF_R, "rx_packets")?;
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = stat(NS_R, IF_R, "rx_packets")?;
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    let last = rx_quiet()?;
     let drain_t0 = Instant::now();
     let mut last_in = None;
     let status1 = loop {
@@ -873,7 +888,6 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
     let cpu1_s = cpu1_busy()? - cpu1_0;
     let rx_if = last - rx0;
     let tx_dropped = stat(NS_S, IF_S, "tx_dropped")? - txd0;
-    let (td_counts, td_cpu, _) = tcpdump.stop()?;
     let xdp = delta(&status0["xdp"], &status1["xdp"]);
     let writer = delta(&status0["writer"], &status1["writer"]);
 
@@ -921,8 +935,24 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
     let finish_s = finish_t0.elapsed().as_secs_f64();
     log.poll();
     let rec = read_recordings(&daemon.spool)?;
-    let baseline = read_baseline(&td_pcap);
     let stopped = daemon.stop();
+
+    // 5. The baseline: the same trafgen configuration sent again, to tcpdump alone. The daemon
+    // drops the media it records in XDP (`flow_action = drop`), ahead of AF_PACKET's taps, so
+    // tcpdump cannot watch the daemon's own run.
+    let xdp_left = Command::new("ip")
+        .args(["-n", NS_R, "link", "show", IF_R])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("xdp"))
+        .unwrap_or(false);
+    if xdp_left {
+        bail!("the daemon left its XDP program on {IF_R}: the tcpdump baseline would see nothing");
+    }
+    let mut tcpdump = Receiver::start(NS_R, &td_argv, true)?;
+    let (td_sent, _) = send(&blocks, secs, &tg_dir, commands)?;
+    rx_quiet()?;
+    let (td_counts, td_cpu, _) = tcpdump.stop()?;
+    let baseline = read_baseline(&td_pcap);
     if std::env::var_os("BENCH_MEDIA_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&daemon.spool);
         let _ = std::fs::remove_file(&td_pcap);
@@ -939,6 +969,7 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
         .map(|_| u64::from(secs))
         .sum();
     let sent_answered = tg_packets.saturating_sub(filler_packets);
+    let td_sent_answered = answered_sent(&td_sent, &blocks, secs);
     let per_stream_expected = u64::from(PACKETS_PER_SEC * secs);
     let tg_errors: Vec<String> = sent
         .iter()
@@ -1086,7 +1117,7 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
             "errors": tg_errors,
         },
         "arrivals": {
-            "source": "tcpdump timestamps on bsr0, 10 ms bins",
+            "source": "tcpdump timestamps on bsr0 in the baseline run (the same trafgen configuration, sent again), 10 ms bins; interface_counters: the daemon's run",
             "interface_counters": counters,
             "peak_10ms_pps": peak, "p99_10ms_pps": p99, "mean_pps": mean, "span_s": td_span,
             "nominal_pps": u64::from(n) * 2 * u64::from(PACKETS_PER_SEC),
@@ -1123,7 +1154,8 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
         },
         "baseline_tcpdump": {
             "packets": td_packets, "to_answered_ports": td_answered,
-            "lost": td_answered.map(|a| sent_answered.saturating_sub(a)),
+            "sent_to_answered_ports": td_sent_answered,
+            "lost": td_answered.map(|a| td_sent_answered.saturating_sub(a)),
             "counts": td_counts, "cpu_s": td_cpu, "cpu_us_per_packet": td_cpu_us,
             "error": baseline.as_ref().err().map(|e| format!("{e:#}")),
         },

@@ -49,6 +49,8 @@ pub struct SipPlan {
     /// for what grows with the sessions held (RTCP reports, the writer's per-recording work)
     /// and for retransmissions, so that calls do not time out while the daemon catches up.
     pub ramp_cpu_share: f64,
+    /// Run the hold phase after the sweep.
+    pub hold: bool,
 }
 
 impl SipPlan {
@@ -60,6 +62,7 @@ impl SipPlan {
             target_sessions: 500,
             max_ramp_rate: 200,
             ramp_cpu_share: 0.5,
+            hold: true,
         }
     }
 
@@ -73,6 +76,7 @@ impl SipPlan {
             target_sessions: 10_000,
             max_ramp_rate: 500,
             ramp_cpu_share: 0.5,
+            hold: true,
         }
     }
 }
@@ -102,9 +106,10 @@ pub fn run(plan: &SipPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result
         .find_map(|r| r["daemon_cpu_ms_per_session"].as_f64());
     let (ramp_rate, ramp_reason) = ramp_rate(plan, best.map(|b| b as u32), cpu_ms);
     eprintln!("bench: sip hold ramp {ramp_rate} calls/s: {ramp_reason}");
-    let mut held = match hold(plan, ramp_rate, &dir, commands) {
-        Ok(v) => v,
-        Err(e) => {
+    let mut held = match plan.hold.then(|| hold(plan, ramp_rate, &dir, commands)) {
+        None => json!({ "skipped": "--sip-rates given" }),
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
             eprintln!("bench: sip hold phase failed: {e:#}");
             json!({ "error": format!("{e:#}") })
         }
