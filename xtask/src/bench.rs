@@ -59,6 +59,9 @@ pub struct Select {
     /// Profile the recorder with perf also in `--quick` (a full run always does).
     #[arg(long)]
     profile: bool,
+    /// Profile at this offered rate (packets/s) instead of trafgen flat out.
+    #[arg(long)]
+    profile_rate: Option<u64>,
     /// SIP part: only these session rates (calls/s), e.g. `--sip-rates 800`, and no hold phase.
     #[arg(long, value_delimiter = ',')]
     sip_rates: Option<Vec<u32>>,
@@ -368,7 +371,7 @@ fn datapath(
     let mut profiles = Vec::new();
     if (!quick || select.profile) && contenders.contains(&Contender::Recorder) {
         for &flows in &plan.flows {
-            match profile_run(&net, &plan, flows, &out_dir, commands) {
+            match profile_run(&net, &plan, flows, select.profile_rate, &out_dir, commands) {
                 Ok(p) => profiles.push(p),
                 Err(e) => failures.push(format!("profile flows={flows}: {e:#}")),
             }
@@ -390,22 +393,45 @@ fn profile_run(
     net: &Net,
     plan: &Plan,
     flows: u32,
+    rate: Option<u64>,
     out_dir: &Path,
     commands: &mut Vec<String>,
 ) -> Result<Value> {
     let cfg = out_dir.join(format!("rtp-{flows}.cfg"));
     let data = out_dir.join(format!("perf-recorder-{flows}.data"));
+    let count = rate.map_or(plan.max_packets, |r| {
+        (r * plan.secs_per_run).clamp(plan.min_packets, plan.max_packets)
+    });
     let s = net.measure(
         Contender::Recorder,
         flows,
-        None,
-        plan.max_packets,
+        rate,
+        count,
         &cfg,
         out_dir,
         0,
         Some(&data),
         commands,
     )?;
+    let (threads, symbols) = perf_summary(&data)?;
+    eprintln!(
+        "bench: profile flows={flows}: {} pps, threads {threads:?}",
+        s.offered_pps.round()
+    );
+    Ok(json!({
+        "flows": flows, "nominal_pps": rate, "offered_pps": s.offered_pps.round(), "lost": s.lost,
+        "perf_data": data.display().to_string(),
+        "threads_pct": threads.iter().map(|(n, p)| json!({ "thread": n, "pct": p })).collect::<Vec<_>>(),
+        "top_symbols": symbols,
+    }))
+}
+
+/// Per-thread shares of the samples, and the hottest symbols as JSON.
+pub(crate) type PerfSummary = (Vec<(String, f64)>, Vec<Value>);
+
+/// Thread shares (names without their ids) and the 25 hottest (thread, symbol) pairs of a
+/// `perf record` file.
+pub(crate) fn perf_summary(data: &Path) -> Result<PerfSummary> {
     let report = |sort: &str| -> Result<Vec<(f64, String)>> {
         let out = Command::new("perf")
             .args([
@@ -418,7 +444,7 @@ fn profile_run(
                 sort,
                 "-i",
             ])
-            .arg(&data)
+            .arg(data)
             .output()
             .context("perf report")?;
         Ok(String::from_utf8_lossy(&out.stdout)
@@ -453,16 +479,7 @@ fn profile_run(
         .take(25)
         .map(|(pct, what)| json!({ "pct": pct, "comm_symbol": what }))
         .collect();
-    eprintln!(
-        "bench: profile flows={flows}: {} pps, threads {threads:?}",
-        s.offered_pps.round()
-    );
-    Ok(json!({
-        "flows": flows, "offered_pps": s.offered_pps.round(), "lost": s.lost,
-        "perf_data": data.display().to_string(),
-        "threads_pct": threads.iter().map(|(n, p)| json!({ "thread": n, "pct": p })).collect::<Vec<_>>(),
-        "top_symbols": symbols,
-    }))
+    Ok((threads, symbols))
 }
 
 /// The recorder at full rate while [`REWRITES`] flow rewrites happen. "Full rate" is the highest

@@ -284,11 +284,15 @@ impl FileQueue {
 
     /// A buffer to fill (from the pool when there is one).
     pub(crate) fn buffer(&self, capacity: usize) -> Vec<u8> {
-        self.pool
+        let mut buf = self
+            .pool
             .lock()
             .ok()
             .and_then(|mut p| p.pop())
-            .unwrap_or_else(|| Vec::with_capacity(capacity))
+            .unwrap_or_default();
+        // Pooled buffers come in both sizes (pcap and WAV chunks): grow once, not by doubling.
+        buf.reserve(capacity);
+        buf
     }
 
     fn recycle(&self, mut buf: Vec<u8>) {

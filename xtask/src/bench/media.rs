@@ -73,6 +73,8 @@ pub struct MediaPlan {
     /// slots staggered by 20 ms / blocks.
     pub blocks: u32,
     pub ramp_rate: u32,
+    /// `perf record -C 1` during each run's traffic (`--profile`).
+    pub profile: bool,
 }
 
 impl MediaPlan {
@@ -88,6 +90,7 @@ impl MediaPlan {
             secs: select.media_secs.unwrap_or(secs).max(1),
             blocks: select.media_blocks.unwrap_or(2).clamp(1, 8),
             ramp_rate: RAMP_RATE,
+            profile: select.profile,
         }
     }
 }
@@ -867,9 +870,49 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
     let dcpu0 = proc_cpu(pid).unwrap_or(0.0);
     let napi0 = napi_cpu(&napi);
     let sampler = Sampler::start(sipp.child.id(), pid, napi.clone());
+    let perf_data = dir.join(format!("perf-media-{n}.data"));
+    let perf = if plan.profile {
+        let cmd = format!(
+            "taskset -c 0 perf record -F 999 -C 1 -g -o {}",
+            perf_data.display()
+        );
+        if !commands.contains(&cmd) {
+            commands.push(cmd);
+        }
+        Some(
+            Command::new("taskset")
+                .args([
+                    "-c", "0", "perf", "record", "-F", "999", "-C", "1", "-g", "-o",
+                ])
+                .arg(&perf_data)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("perf record")?,
+        )
+    } else {
+        None
+    };
     let (sent, span_s) = send(&blocks, secs, &tg_dir, commands)?;
     // Quiet: the interface counter stops moving, then the writer has taken what XDP captured.
     let last = rx_quiet()?;
+    let profile = match perf {
+        Some(mut child) => {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+            match super::perf_summary(&perf_data) {
+                Ok((threads, symbols)) => json!({
+                    "perf_data": perf_data.display().to_string(),
+                    "threads_pct": threads.iter().map(|(n, p)| json!({ "thread": n, "pct": p })).collect::<Vec<_>>(),
+                    "top_symbols": symbols,
+                }),
+                Err(e) => json!({ "error": format!("{e:#}") }),
+            }
+        }
+        None => Value::Null,
+    };
     let drain_t0 = Instant::now();
     let mut last_in = None;
     let status1 = loop {
@@ -1173,6 +1216,7 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
             "recordings_finished": finished, "recordings_finished_after_s": finish_s,
             "settle": settled.map_or_else(|e| format!("{e:#}"), |s| format!("{} ended, {} in the spool, index {:?}", s.sessions_ended, s.spool_recordings, s.index_recordings)),
         },
+        "profile": profile,
         "daemon_warnings": log.warnings, "daemon_warning_kinds": log.kinds(),
         "daemon_log_first_warnings": log.first,
         "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
@@ -1284,6 +1328,36 @@ pub fn markdown(media: &Value) -> Result<String> {
             n(&r["calls_end"]["sipp_failed"]),
             n(&r["daemon_warnings"]),
         )?;
+        let p = &r["profile"];
+        if p["top_symbols"].is_array() {
+            let threads: Vec<String> = p["threads_pct"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .take(6)
+                .map(|t| {
+                    format!(
+                        "{} {:.1} %",
+                        n(&t["thread"]),
+                        t["pct"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect();
+            writeln!(
+                md,
+                "  * profile of CPU 1 during the traffic (`{}`): {}; hottest:",
+                n(&p["perf_data"]),
+                threads.join(", ")
+            )?;
+            for sym in p["top_symbols"].as_array().into_iter().flatten().take(15) {
+                writeln!(
+                    md,
+                    "    * {:.2} % {}",
+                    sym["pct"].as_f64().unwrap_or(0.0),
+                    n(&sym["comm_symbol"])
+                )?;
+            }
+        }
     }
     for note in media["notes"].as_array().into_iter().flatten() {
         writeln!(md, "\n{}", note.as_str().unwrap_or(""))?;
