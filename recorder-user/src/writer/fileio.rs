@@ -20,8 +20,11 @@
 //! are the only buffers that can overflow (counted per CPU and per flow by the XDP program).
 //!
 //! # Descriptors
-//! No descriptor stays open per recording: each job opens its file and closes it (10 000 live
-//! recordings would otherwise need 20 000 descriptors).
+//! A file thread keeps the descriptors of its live recordings' files open between chunks
+//! ([`OpenFiles`]), up to a share of the process's descriptor limit: with thousands of live
+//! recordings, opening each file per chunk (path walk, inode and dentry lookups) cost the file
+//! thread more than writing the chunk. Past the share a file is opened and closed per job; a
+//! file leaves the set when its recording finishes.
 //!
 //! # Disk full
 //! A media job that would leave less than the floor free fails with `ENOSPC` as a whole: its
@@ -30,10 +33,11 @@
 //! length before it; the WAV is positional, so a chunk not written reads as silence).
 
 use std::{
+    collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{self, Write},
     os::{fd::AsRawFd, unix::fs::FileExt},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         mpsc, Arc, Condvar, Mutex,
@@ -192,6 +196,64 @@ struct InFlight {
     room: Condvar,
 }
 
+/// Descriptors a file thread keeps open, by path: taken on first use while there is room, kept
+/// until the recording finishes. No eviction: the chunks of thousands of recordings come round
+/// robin, where a least-recently-used set smaller than the recordings would hit nothing.
+#[derive(Default)]
+pub(crate) struct OpenFiles {
+    files: HashMap<PathBuf, File>,
+    capacity: usize,
+}
+
+impl OpenFiles {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Self {
+            files: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Runs `f` on `path` opened for writing (kept open when there is room).
+    fn with<T>(&mut self, path: &Path, f: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
+        if let Some(file) = self.files.get(path) {
+            return f(file);
+        }
+        let file = OpenOptions::new().write(true).open(path)?;
+        let out = f(&file);
+        if self.files.len() < self.capacity {
+            self.files.insert(path.to_path_buf(), file);
+        }
+        out
+    }
+
+    /// Adds a file just created (when there is room).
+    fn keep(&mut self, path: PathBuf, file: File) {
+        if self.files.len() < self.capacity {
+            self.files.insert(path, file);
+        }
+    }
+
+    /// Takes `path` out of the set: the open descriptor, if it was kept.
+    fn take(&mut self, path: &Path) -> Option<File> {
+        self.files.remove(path)
+    }
+}
+
+/// Descriptors the file threads together keep open at most: a quarter of the soft limit (the
+/// rest is for SIP connections, sockets and the files opened per job past the share).
+pub(crate) fn open_files_share(threads: usize) -> usize {
+    // SAFETY: getrlimit writes the struct it is given.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    let soft = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    (soft / 4 / threads.max(1)).min(MAX_OPEN_FILES)
+}
+
+/// Descriptors one file thread keeps open at most, whatever the limit.
+const MAX_OPEN_FILES: usize = 1 << 16;
+
 /// Where a shard queues its file work. Without a thread ([`FileQueue::inline`]: tests and
 /// single-shot tools), jobs run on the calling thread.
 #[derive(Clone)]
@@ -202,6 +264,8 @@ pub(crate) struct FileQueue {
     counters: Arc<IoCounters>,
     /// Emptied buffers handed back by the file thread for the packet stage to fill again.
     pool: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// The file thread's open descriptors (used by that thread only; inline: none kept).
+    open: Arc<Mutex<OpenFiles>>,
 }
 
 /// Synced replacements committed together at most.
@@ -212,7 +276,13 @@ const POOL_MAX: usize = 256;
 
 impl FileQueue {
     /// Spawns a file thread; at most `limit` bytes of jobs wait for it.
-    pub(crate) fn spawn(name: String, limit: usize, counters: Arc<IoCounters>) -> io::Result<Self> {
+    /// It keeps up to `open_files` descriptors open ([`OpenFiles`]).
+    pub(crate) fn spawn(
+        name: String,
+        limit: usize,
+        open_files: usize,
+        counters: Arc<IoCounters>,
+    ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let queue = Self {
             tx: Some(tx),
@@ -220,6 +290,7 @@ impl FileQueue {
             limit: limit.max(1),
             counters,
             pool: Arc::default(),
+            open: Arc::new(Mutex::new(OpenFiles::with_capacity(open_files))),
         };
         let worker = queue.clone_without_sender();
         std::thread::Builder::new().name(name).spawn(move || {
@@ -269,6 +340,7 @@ impl FileQueue {
             limit: usize::MAX,
             counters,
             pool: Arc::default(),
+            open: Arc::default(),
         }
     }
 
@@ -279,6 +351,7 @@ impl FileQueue {
             limit: self.limit,
             counters: self.counters.clone(),
             pool: self.pool.clone(),
+            open: self.open.clone(),
         }
     }
 
@@ -407,6 +480,8 @@ impl FileQueue {
     }
 
     fn execute(&self, job: Job) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let open = &mut *open;
         match job {
             Job::Create {
                 id,
@@ -415,7 +490,7 @@ impl FileQueue {
                 pcap_header,
                 wav_header,
             } => {
-                if let Err(e) = create_recording(&dir, &pcap_header, &wav_header) {
+                if let Err(e) = create_recording(&dir, &pcap_header, &wav_header, open) {
                     io.create_failed.store(true, Relaxed);
                     self.counters.start_failed.fetch_add(1, Relaxed);
                     warn!(recording = %id, dir = %dir.display(), error = %e, "cannot create recording; its media is counted as not written");
@@ -454,7 +529,7 @@ impl FileQueue {
                 floor,
             } => {
                 if let Some(p) = pcap {
-                    match append(&p.path, &p.bytes, floor) {
+                    match open.with(&p.path, |f| append(f, &p.bytes, floor)) {
                         Ok(()) => {
                             self.counters
                                 .bytes_written
@@ -472,7 +547,7 @@ impl FileQueue {
                     self.recycle(p.bytes);
                 }
                 if let Some(w) = wav {
-                    match write_wav(&w, floor) {
+                    match open.with(&w.path, |f| write_wav(f, &w, floor)) {
                         Ok(()) => {
                             self.counters
                                 .bytes_written
@@ -492,7 +567,10 @@ impl FileQueue {
             Job::Finish { id, pcap, wav, .. } => {
                 if let Some((path, len, header)) = wav {
                     let done = (|| {
-                        let f = OpenOptions::new().write(true).open(&path)?;
+                        let f = match open.take(&path) {
+                            Some(f) => f,
+                            None => OpenOptions::new().write(true).open(&path)?,
+                        };
                         f.set_len(len)?;
                         f.write_all_at(&header, 0)?;
                         f.sync_all()
@@ -502,7 +580,8 @@ impl FileQueue {
                     }
                 }
                 if let Some(path) = pcap {
-                    if let Err(e) = File::open(&path).and_then(|f| f.sync_all()) {
+                    let f = open.take(&path).map_or_else(|| File::open(&path), Ok);
+                    if let Err(e) = f.and_then(|f| f.sync_all()) {
                         warn!(recording = %id, error = %e, "cannot finish pcap");
                     }
                 }
@@ -558,24 +637,34 @@ impl FileQueue {
     }
 }
 
-/// Makes `dir` (an error if it exists) with the pcap and WAV holding their headers; on an error
-/// nothing of it is left.
-fn create_recording(dir: &std::path::Path, pcap: &[u8], wav: &[u8]) -> io::Result<()> {
+/// Makes `dir` (an error if it exists) with the pcap and WAV holding their headers, kept open
+/// in `open`; on an error nothing of it is left.
+fn create_recording(dir: &Path, pcap: &[u8], wav: &[u8], open: &mut OpenFiles) -> io::Result<()> {
     fs::create_dir(dir)?;
     let made = (|| {
-        let new = |name: &str| {
-            OpenOptions::new()
+        let new = |name: &str, header: &[u8]| -> io::Result<(PathBuf, File)> {
+            let path = dir.join(name);
+            let mut f = OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(dir.join(name))
+                .open(&path)?;
+            f.write_all(header)?;
+            Ok((path, f))
         };
-        new(PCAP_FILE)?.write_all(pcap)?;
-        new(WAV_FILE)?.write_all(wav)
+        Ok([new(PCAP_FILE, pcap)?, new(WAV_FILE, wav)?])
     })();
-    if made.is_err() {
-        let _ = fs::remove_dir_all(dir);
+    match made {
+        Ok(files) => {
+            for (path, f) in files {
+                open.keep(path, f);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(dir);
+            Err(e)
+        }
     }
-    made
 }
 
 /// `ENOSPC` unless `len` bytes leave `floor` free on the filesystem of `file`.
@@ -597,20 +686,18 @@ fn check_floor(file: &File, len: usize, floor: u64) -> io::Result<()> {
 }
 
 /// Appends `bytes` whole, or not at all: a short write (disk full) is cut back.
-fn append(path: &std::path::Path, bytes: &[u8], floor: u64) -> io::Result<()> {
-    let mut f = OpenOptions::new().append(true).open(path)?;
-    check_floor(&f, bytes.len(), floor)?;
+fn append(f: &File, bytes: &[u8], floor: u64) -> io::Result<()> {
+    check_floor(f, bytes.len(), floor)?;
     let before = f.metadata()?.len();
-    if let Err(e) = f.write_all(bytes) {
+    if let Err(e) = f.write_all_at(bytes, before) {
         let _ = f.set_len(before);
         return Err(e);
     }
     Ok(())
 }
 
-fn write_wav(w: &WavChunk, floor: u64) -> io::Result<()> {
-    let f = OpenOptions::new().write(true).open(&w.path)?;
-    check_floor(&f, w.bytes.len(), floor)?;
+fn write_wav(f: &File, w: &WavChunk, floor: u64) -> io::Result<()> {
+    check_floor(f, w.bytes.len(), floor)?;
     f.write_all_at(&w.bytes, w.offset)?;
     f.write_all_at(&w.header, 0)
 }
@@ -623,7 +710,7 @@ mod tests {
     fn synced_replacements_in_a_row_are_committed_together_last_version_wins() {
         let dir = crate::writer::tests::TempDir::new("group");
         let counters = Arc::new(IoCounters::default());
-        let q = FileQueue::spawn("t-files".into(), 1 << 20, counters.clone()).unwrap();
+        let q = FileQueue::spawn("t-files".into(), 1 << 20, 0, counters.clone()).unwrap();
         // Held: the 300 jobs queue up and are taken as groups.
         let release = q.hold();
         for round in 0..3 {

@@ -586,10 +586,12 @@ fn start_inner(
     }
     let mut shards = Vec::with_capacity(n);
     let mut own = Vec::with_capacity(n);
+    let open_files = fileio::open_files_share(n);
     for (i, recordings) in resumed.into_iter().enumerate() {
         let files = FileQueue::spawn(
             format!("rec-files-{i}"),
             config.file_queue_bytes,
+            open_files,
             shared.io.clone(),
         )
         .map_err(io_error("spawn file thread", &config.spool))?;

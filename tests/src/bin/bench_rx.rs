@@ -109,7 +109,8 @@ fn recorder(
     base_port: u16,
     rewrites: u32,
 ) -> Result<()> {
-    // The writer keeps a pcap and a WAV open per recording (the daemon needs the same headroom).
+    // The writer keeps a pcap and a WAV open per recording up to a quarter of the limit (the
+    // daemon raises its own limit to the hard one).
     let lim = libc::rlimit {
         rlim_cur: 4 * flows as u64 + 1024,
         rlim_max: 4 * flows as u64 + 1024,

@@ -15,6 +15,7 @@
 
 use std::{
     fmt::Write as _,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -27,6 +28,8 @@ use super::{proc_cpu, sh, VethNamespaces};
 use crate::workspace_root;
 
 pub(super) const NS_S: &str = "rbench-sip-s";
+/// The daemon's descriptor limit, as the packaged unit's `LimitNOFILE`.
+const NOFILE: libc::rlim_t = 1 << 20;
 pub(super) const NS_R: &str = "rbench-sip-r";
 pub(super) const IF_S: &str = "bss0";
 pub(super) const IF_R: &str = "bsr0";
@@ -624,16 +627,28 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
             ),
         )?;
         let logf = std::fs::File::create(&log)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", NS_R, "taskset", "-c", "1"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", NS_R, "taskset", "-c", "1"])
             .arg(recorder_bin())
             .arg("run")
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::from(logf.try_clone()?))
-            .stderr(Stdio::from(logf))
-            .spawn()
-            .context("starting recorder")?;
+            .stderr(Stdio::from(logf));
+        // SAFETY: only setrlimit between fork and exec (async-signal-safe).
+        unsafe {
+            cmd.pre_exec(|| {
+                // As packaging/recorder.service (LimitNOFILE): the file threads keep the live
+                // recordings' files open within a quarter of it.
+                let lim = libc::rlimit {
+                    rlim_cur: NOFILE,
+                    rlim_max: NOFILE,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().context("starting recorder")?;
         let mut d = Self {
             child: Some(child),
             control,
