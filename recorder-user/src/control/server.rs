@@ -226,6 +226,7 @@ fn sessions(app: &DaemonRecorder) -> serde_json::Result<Value> {
                 .unwrap_or_default()
                 .as_secs();
             let mut v = serde_json::to_value(&summary)?;
+            crate::media::redact_keys(&mut v);
             if let Value::Object(map) = &mut v {
                 map.insert("packets".into(), json!(packets));
                 map.insert("bytes".into(), json!(bytes));

@@ -84,6 +84,7 @@ fn stream(index: usize, label: &str, flow_id: u64, codec: &str, pt: u8, port: u1
         telephone_event_pt: Some(101),
         paused: false,
         srtp: false,
+        sdes: None,
     }
 }
 
@@ -1185,15 +1186,15 @@ fn tool_recording_without_rtp_gets_its_files() {
 }
 
 #[test]
-fn non_g711_streams_are_kept_in_pcap_and_said_so() {
-    let dir = TempDir::new("opus");
+fn undecodable_streams_are_kept_in_pcap_and_said_so() {
+    let dir = TempDir::new("amr");
     let (h, mut sink) = start_writer(dir.path());
     let mut s = two_streams();
     s[1].codec = Codec {
         payload_type: 111,
-        name: "opus".into(),
-        clock_rate: 48000,
-        channels: 2,
+        name: "AMR".into(),
+        clock_rate: 8000,
+        channels: 1,
         fmtp: None,
     };
     h.event(started("r1", s, "u"));
@@ -1208,7 +1209,7 @@ fn non_g711_streams_are_kept_in_pcap_and_said_so() {
     assert!(m
         .notes
         .iter()
-        .any(|n| n.contains("opus") && n.contains("pcap only")));
+        .any(|n| n.contains("AMR") && n.contains("pcap only")));
     h.shutdown();
 }
 

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::{
     dtmf::{self, DtmfEvent},
-    g711,
+    media::{StreamMedia, Unprotected},
     pcap::{self, PcapWriter},
     rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
     wav::{self, WavWriter},
@@ -29,42 +29,14 @@ use crate::writer::{
 use crate::{
     capture::CapturedPacket,
     events::{CallIds, MetadataVersion, Participant, StreamInfo},
+    media::codec::Kind as CodecKind,
 };
 
-/// Sample rate of the WAV: G.711 is the only codec decoded.
+/// Sample rate of the WAV when no stream is decoded.
 pub(crate) const WAV_RATE: u32 = 8000;
 /// Longest WAV written (24 h): guards against a wall clock step turning into gigabytes of
 /// silence. Audio past it stays in the pcap (counted as `out_of_range`).
 const MAX_WAV_SECONDS: i64 = 24 * 3600;
-
-/// Codec of a payload type the WAV can take.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Decoder {
-    Pcmu,
-    Pcma,
-}
-
-impl Decoder {
-    /// Called per packet: compares in place (no uppercased copy).
-    fn for_name(name: &str) -> Option<Self> {
-        if name.eq_ignore_ascii_case("PCMU") {
-            Some(Decoder::Pcmu)
-        } else if name.eq_ignore_ascii_case("PCMA") {
-            Some(Decoder::Pcma)
-        } else {
-            None
-        }
-    }
-
-    /// Byte-to-sample table: the WAV writer decodes while it interleaves (no intermediate
-    /// buffer per packet).
-    fn table(self) -> &'static [i16; 256] {
-        match self {
-            Decoder::Pcmu => &g711::ULAW,
-            Decoder::Pcma => &g711::ALAW,
-        }
-    }
-}
 
 /// Serialized whole in a handover (`ssrcs` with their internal loss and jitter state).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -85,6 +57,9 @@ struct Stream {
     /// Records lost to a full ring (from the kernel, at the end).
     #[serde(default)]
     ring_drops: u64,
+    /// SRTP, decoders and their counters.
+    #[serde(default)]
+    media: StreamMedia,
 }
 
 impl Stream {
@@ -111,28 +86,27 @@ impl Stream {
             added_at: at,
             removed_at: None,
             ring_drops: 0,
+            media: StreamMedia::default(),
         }
     }
 
-    fn decoder(&self) -> Option<Decoder> {
-        if self.info.srtp || self.info.media != "audio" {
+    /// The codec of the negotiated payload type, when the WAV can take it (SRTP only with the
+    /// client's key).
+    fn decoder(&self) -> Option<CodecKind> {
+        if (self.info.srtp && self.info.sdes.is_none()) || self.info.media != "audio" {
             return None;
         }
-        Decoder::for_name(&self.info.codec.name)
+        CodecKind::for_codec(&self.info.codec)
     }
 
-    /// Decoder for one packet's payload type (static PCMU/PCMA types are honoured even when
-    /// the answer chose the other, as some clients switch).
-    fn decoder_for(&self, pt: u8) -> Option<Decoder> {
+    /// Codec of one packet's payload type: the negotiated one, or a static type (some clients
+    /// switch between PCMU, PCMA and G.722 without a new offer).
+    fn decoder_for(&self, pt: u8) -> Option<CodecKind> {
         let negotiated = self.decoder()?;
         if pt == self.info.codec.payload_type {
             return Some(negotiated);
         }
-        match pt {
-            0 => Some(Decoder::Pcmu),
-            8 => Some(Decoder::Pcma),
-            _ => None,
-        }
+        CodecKind::for_static_pt(pt)
     }
 
     fn set_paused(&mut self, paused: bool, at: SystemTime) {
@@ -172,6 +146,7 @@ impl Stream {
             removed_at: self.removed_at.map(rfc3339),
             dtmf: self.dtmf.clone(),
             ring_drops: self.ring_drops,
+            decode: self.media.stats.clone(),
         }
     }
 }
@@ -294,9 +269,16 @@ impl Recording {
                 notes.push(not_decoded_note(&st.info));
             }
         }
+        // The widest stream sets the WAV's rate; the others are resampled to it.
+        let rate = streams
+            .iter()
+            .filter(|st| st.channel.is_some())
+            .filter_map(|st| st.decoder().map(CodecKind::sample_rate))
+            .max()
+            .unwrap_or(WAV_RATE);
         let files = PcapWriter::create(&dir.join(PCAP_FILE)).and_then(|pcap| {
             let channels = labels.len().max(1) as u16;
-            let wav = WavWriter::create(&dir.join(WAV_FILE), channels, WAV_RATE)?;
+            let wav = WavWriter::create(&dir.join(WAV_FILE), channels, rate)?;
             Ok((pcap, wav))
         });
         let (pcap, wav) = match files {
@@ -330,7 +312,7 @@ impl Recording {
                 streams: Vec::new(),
                 metadata_versions: Vec::new(),
                 wav: WavMeta {
-                    sample_rate: WAV_RATE,
+                    sample_rate: rate,
                     channels: labels,
                     frames: 0,
                 },
@@ -476,6 +458,14 @@ impl Recording {
                     let was_decoded = s.decoder().is_some();
                     s.removed_at = None;
                     s.info = info.clone();
+                    // A re-INVITE may bring a new key (a transfer to a new leg).
+                    if s.media.set_key(info).is_err() {
+                        self.meta.notes.push(format!(
+                            "stream {:?}: the new SRTP key of {} cannot be used",
+                            info.label,
+                            rfc3339(at)
+                        ));
+                    }
                     s.set_paused(info.paused, at);
                     if s.channel.is_some() && was_decoded && s.decoder().is_none() {
                         self.meta.notes.push(not_decoded_note(info));
@@ -521,28 +511,48 @@ impl Recording {
                 files.buffer(pcap::CHUNK + 2048)
             });
         }
-        let payload = p
+        let received = p
             .frame
             .get(p.header.payload_offset as usize..)
             .unwrap_or(&[]);
-        if rtcp {
-            s.rtcp_packets += 1;
+        let kind = if rtcp {
+            Kind::Rtcp
+        } else {
+            rtp::parse(received)
+        };
+        if let Kind::Malformed = kind {
+            self.meta.dropped.malformed += 1;
             return stored;
         }
-        let h = match rtp::parse(payload) {
-            Kind::Rtp(h) => h,
-            Kind::Rtcp => {
-                s.rtcp_packets += 1;
+        let is_rtcp = matches!(kind, Kind::Rtcp);
+        if is_rtcp {
+            s.rtcp_packets += 1;
+        } else {
+            s.packets += 1;
+            s.bytes += p.header.wire_len as u64;
+            self.meta.media_received = true;
+        }
+        // SRTP: what fails authentication stays in the pcap as received and goes no further.
+        let plain;
+        let payload = match s.media.unprotect(&s.info, received, is_rtcp) {
+            Unprotected::Clear => received,
+            Unprotected::Plain(p) => {
+                plain = p;
+                &plain[..]
+            }
+            Unprotected::Rejected => {
+                self.dirty = true;
                 return stored;
             }
+        };
+        let h = match rtp::parse(payload) {
+            Kind::Rtp(h) if !is_rtcp => h,
             Kind::Malformed => {
                 self.meta.dropped.malformed += 1;
                 return stored;
             }
+            _ => return stored,
         };
-        s.packets += 1;
-        s.bytes += p.header.wire_len as u64;
-        self.meta.media_received = true;
         let idx = match s.ssrcs.iter().position(|x| x.ssrc == h.ssrc) {
             Some(i) => i,
             None => {
@@ -619,20 +629,23 @@ impl Recording {
         let data = payload
             .get(h.payload_offset..h.payload_offset + h.payload_len)
             .unwrap_or(&[]);
-        // G.711: one sample per byte.
-        let samples = data.len();
-        // Audio before the start of the recording is cut (packets racing the 200 OK).
-        let skip = (-pos).max(0) as usize;
-        if skip >= samples || pos > MAX_WAV_SECONDS * wav.rate() as i64 {
-            self.meta.dropped.out_of_range += 1;
-            return stored;
-        }
-        let start = pos.max(0) as u64;
-        let table = dec.table();
-        let decoded = data[skip..].iter().map(|&b| table[usize::from(b)]);
-        let n = wav.write(channel, start, decoded);
-        if n + skip < samples {
-            // Past the RIFF limit, or later than the window kept in memory.
+        let rate = wav.rate();
+        let mut out_of_range = false;
+        // Audio before the start of the recording is cut (packets racing the 200 OK), so is
+        // audio past the RIFF limit or before the window kept in memory.
+        let mut place = |pos: i64, samples: &[i16]| {
+            let skip = (-pos).max(0) as usize;
+            if skip >= samples.len() || pos > MAX_WAV_SECONDS * rate as i64 {
+                out_of_range = true;
+                return;
+            }
+            let n = wav.write(channel, pos.max(0) as u64, samples[skip..].iter().copied());
+            if n + skip < samples.len() {
+                out_of_range = true;
+            }
+        };
+        s.media.decode(dec, &h, data, pos, rate, &mut place);
+        if out_of_range {
             self.meta.dropped.out_of_range += 1;
         }
         stored
