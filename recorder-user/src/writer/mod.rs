@@ -268,6 +268,8 @@ pub struct WriterStats {
     pub write_latency: LatencyHistogram,
     /// `metadata.json` replacements that failed (the previous file stays).
     pub metadata_write_failed: u64,
+    /// SRTP/SRTCP packets that failed authentication (kept in the pcap, never decoded).
+    pub srtp_auth_failed: u64,
 }
 
 /// Upper bounds (microseconds) of the write-latency buckets.
@@ -338,6 +340,7 @@ pub(crate) struct Shared {
     pub max_flow: AtomicU64,
     pub write_latency: LatencyCells,
     pub io: Arc<IoCounters>,
+    pub srtp_auth_failed: AtomicU64,
     /// Emptied batches handed back by the shards for the sink to fill again (their buffers stay
     /// allocated: no malloc/free of a quarter megabyte per batch).
     spare_batches: Mutex<Vec<PacketBatch>>,
@@ -788,6 +791,7 @@ impl WriterHandle {
             bytes_written: s.io.bytes_written.load(Relaxed),
             write_latency: s.write_latency.snapshot(),
             metadata_write_failed: s.io.metadata_write_failed.load(Relaxed),
+            srtp_auth_failed: s.srtp_auth_failed.load(Relaxed),
         }
     }
 

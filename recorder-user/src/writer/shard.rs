@@ -86,6 +86,7 @@ pub(crate) type EndedUnlinked = (
 struct Tally {
     stored: u64,
     unknown_flow: u64,
+    srtp_auth_failed: u64,
 }
 
 impl Shard {
@@ -173,6 +174,11 @@ impl Shard {
                     self.shared
                         .unknown_flow
                         .fetch_add(tally.unknown_flow, Relaxed);
+                }
+                if tally.srtp_auth_failed > 0 {
+                    self.shared
+                        .srtp_auth_failed
+                        .fetch_add(tally.srtp_auth_failed, Relaxed);
                 }
                 self.shared.recycle(batch);
             }
@@ -314,6 +320,7 @@ impl Shard {
             self.own.note_sender_report(p);
         }
         rec.packet(stream, rtcp, p);
+        tally.srtp_auth_failed += std::mem::take(&mut rec.srtp_auth_failed);
         rec.dirty = true;
         tally.stored += 1;
     }

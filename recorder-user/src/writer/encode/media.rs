@@ -42,8 +42,10 @@ pub(crate) enum Unprotected {
     /// Not SRTP: the packet as received.
     Clear,
     Plain(Vec<u8>),
-    /// Counted; the packet goes no further than the pcap.
-    Rejected,
+    /// Counted; the packet goes no further than the pcap. `auth`: it failed authentication.
+    Rejected {
+        auth: bool,
+    },
 }
 
 /// Longest gap (in packets) concealed; longer ones stay silent.
@@ -110,25 +112,25 @@ impl StreamMedia {
         }
         if !self.srtp.is_keyed() && self.set_key(info).is_err() {
             self.stats.decrypt_errors += 1;
-            return Unprotected::Rejected;
+            return Unprotected::Rejected { auth: false };
         }
         match self.srtp.unprotect(payload, rtcp) {
             Ok(plain) => Unprotected::Plain(plain),
             Err(SrtpFail::Auth) if rtcp => {
                 self.stats.rtcp_auth_failures += 1;
-                Unprotected::Rejected
+                Unprotected::Rejected { auth: true }
             }
             Err(SrtpFail::Auth) => {
                 self.stats.auth_failures += 1;
-                Unprotected::Rejected
+                Unprotected::Rejected { auth: true }
             }
             Err(SrtpFail::Replay) => {
                 self.stats.replayed += 1;
-                Unprotected::Rejected
+                Unprotected::Rejected { auth: false }
             }
             Err(SrtpFail::Invalid(_)) => {
                 self.stats.decrypt_errors += 1;
-                Unprotected::Rejected
+                Unprotected::Rejected { auth: false }
             }
         }
     }

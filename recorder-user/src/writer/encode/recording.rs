@@ -188,6 +188,8 @@ pub(crate) struct Recording {
     /// not all hand over their chunks in the same instant.
     chunk_scale: u64,
     id: Arc<str>,
+    /// SRTP authentication failures not yet added to the writer's counters (by the shard).
+    pub srtp_auth_failed: u64,
 }
 
 /// What a handover carries of one active recording: enough to reopen its files and go on
@@ -338,6 +340,7 @@ impl Recording {
             idle_written: false,
             chunk_scale: first_chunk_scale(s.id),
             id: Arc::from(s.id),
+            srtp_auth_failed: 0,
         };
         rec.set_ids(s.ids);
         rec.set_participants(s.participants);
@@ -540,7 +543,8 @@ impl Recording {
                 plain = p;
                 &plain[..]
             }
-            Unprotected::Rejected => {
+            Unprotected::Rejected { auth } => {
+                self.srtp_auth_failed += u64::from(auth);
                 self.dirty = true;
                 return stored;
             }
@@ -895,6 +899,7 @@ impl Recording {
             idle_written: false,
             chunk_scale: first_chunk_scale(&id),
             id,
+            srtp_auth_failed: 0,
         })
     }
 }

@@ -1,0 +1,473 @@
+//! SRTP and codecs end to end: ffmpeg (its own RTP packetizers, SRTP implementation and
+//! encoders) sends one tone per stream into a SIPREC session to the real daemon; the WAV must
+//! hold each tone on its stream's channel, at the right time, at the widest stream's rate.
+
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::Path,
+    process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tests::{
+    client::{siprec_body, SipClient},
+    daemon::{Daemon, DaemonOptions},
+    net::VethPair,
+};
+
+/// Seconds of tone each sender sends.
+const TONE_SECS: f64 = 3.0;
+const CUSTOMER_TONE: f64 = 440.0;
+const AGENT_TONE: f64 = 1000.0;
+
+/// How one stream is offered and sent.
+#[derive(Clone)]
+struct Media {
+    label: &'static str,
+    /// Where the sender sends from (the m-line port).
+    port: u16,
+    pt: u8,
+    /// `a=rtpmap` value.
+    rtpmap: &'static str,
+    /// ffmpeg encoder and its input sample rate and channels.
+    encoder: &'static str,
+    rate: u32,
+    channels: u8,
+    /// SDES suite and base64 key+salt, for RTP/SAVP.
+    srtp: Option<(&'static str, String)>,
+    freq: f64,
+}
+
+fn key(n: usize, seed: u8) -> String {
+    let bytes: Vec<u8> = (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    recorder::media::sdes::base64_encode(&bytes)
+}
+
+fn pcmu(label: &'static str, port: u16, freq: f64) -> Media {
+    Media {
+        label,
+        port,
+        pt: 0,
+        rtpmap: "PCMU/8000",
+        encoder: "pcm_mulaw",
+        rate: 8000,
+        channels: 1,
+        srtp: None,
+        freq,
+    }
+}
+
+fn g722(label: &'static str, port: u16, freq: f64) -> Media {
+    Media {
+        pt: 9,
+        rtpmap: "G722/8000",
+        encoder: "g722",
+        rate: 16000,
+        ..pcmu(label, port, freq)
+    }
+}
+
+fn opus(label: &'static str, port: u16, freq: f64) -> Media {
+    Media {
+        pt: 111,
+        rtpmap: "opus/48000/2",
+        encoder: "libopus",
+        rate: 48000,
+        channels: 2,
+        ..pcmu(label, port, freq)
+    }
+}
+
+fn srtp(m: Media, suite: &'static str, seed: u8) -> Media {
+    Media {
+        srtp: Some((suite, key(30, seed))),
+        ..m
+    }
+}
+
+fn offer(ip: IpAddr, media: &[Media]) -> String {
+    let mut sdp = format!("v=0\r\no=SRC 800100 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n");
+    for m in media {
+        let proto = if m.srtp.is_some() {
+            "RTP/SAVP"
+        } else {
+            "RTP/AVP"
+        };
+        sdp.push_str(&format!(
+            "m=audio {} {proto} {}\r\na=rtpmap:{} {}\r\na=ptime:20\r\na=label:{}\r\na=sendonly\r\n",
+            m.port, m.pt, m.pt, m.rtpmap, m.label
+        ));
+        if let Some((suite, key)) = &m.srtp {
+            sdp.push_str(&format!("a=crypto:1 {suite} inline:{key}\r\n"));
+        }
+    }
+    sdp
+}
+
+/// ffmpeg sending `m`'s tone from the sender namespace to `dest`, paced in real time.
+fn ffmpeg(pair: &VethPair, m: &Media, dest: SocketAddr, from_port: u16) -> Child {
+    let frame = m.rate / 50;
+    let source = format!(
+        "sine=frequency={}:sample_rate={}:samples_per_frame={frame}:duration={TONE_SECS}",
+        m.freq, m.rate
+    );
+    let mut cmd = VethPair::command(&pair.sender_ns, "ffmpeg");
+    cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", &source])
+        .args(["-ac", &m.channels.to_string(), "-c:a", m.encoder])
+        .args(["-f", "rtp", "-payload_type", &m.pt.to_string()]);
+    let scheme = match &m.srtp {
+        Some((suite, key)) => {
+            cmd.args(["-srtp_out_suite", suite, "-srtp_out_params", key]);
+            "srtp"
+        }
+        None => "rtp",
+    };
+    cmd.arg(format!(
+        "{scheme}://{dest}?localrtpport={from_port}&localrtcpport={}&pkt_size=1400",
+        from_port + 1
+    ))
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    cmd.spawn().expect("ffmpeg (apt-get install ffmpeg)")
+}
+
+fn wait_ok(child: Child) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ffmpeg failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Call {
+    pair: VethPair,
+    daemon: Daemon,
+    client: SipClient,
+}
+
+impl Call {
+    fn new(tag: &str) -> Self {
+        let pair = VethPair::new(tag);
+        let daemon = Daemon::start(&pair, DaemonOptions::default());
+        let client = pair.in_sender(|| SipClient::udp(IpAddr::V4(pair.sender_v4), daemon.sip));
+        Call {
+            pair,
+            daemon,
+            client,
+        }
+    }
+
+    /// INVITE with `media`; returns our answer's ports and body.
+    fn invite(&mut self, media: &[Media]) -> (Vec<u16>, String) {
+        let sdp = offer(IpAddr::V4(self.pair.sender_v4), media);
+        let (ctype, body) = siprec_body(&sdp, None);
+        let reply = self.client.invite(Some((&ctype, &body)), &[]);
+        assert_eq!(reply.status, 200, "{}", reply.raw);
+        let ports = reply.answer_ports();
+        assert_eq!(ports.len(), media.len());
+        (ports, reply.body())
+    }
+
+    fn dest(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.pair.recorder_v4), port)
+    }
+
+    fn bye(&mut self) -> (std::path::PathBuf, Value) {
+        assert_eq!(self.client.bye(&[]).status, 200);
+        self.daemon.metadata_for(&self.client.call_id, true)
+    }
+}
+
+/// A decoded WAV: its rate and one Vec per channel.
+struct Wav {
+    rate: u32,
+    channels: Vec<Vec<i16>>,
+}
+
+fn read_wav(path: &Path) -> Wav {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!((&bytes[0..4], &bytes[8..12]), (&b"RIFF"[..], &b"WAVE"[..]));
+    let (mut pos, mut channels, mut rate, mut data) = (12, 0usize, 0u32, &[][..]);
+    while pos + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        let body = pos + 8;
+        match &bytes[pos..pos + 4] {
+            b"fmt " => {
+                channels = u16::from_le_bytes([bytes[body + 2], bytes[body + 3]]) as usize;
+                rate = u32::from_le_bytes(bytes[body + 4..body + 8].try_into().unwrap());
+            }
+            b"data" => {
+                data = &bytes[body..(body + len).min(bytes.len())];
+                break;
+            }
+            _ => {}
+        }
+        pos = body + len + (len & 1);
+    }
+    let mut out = vec![Vec::new(); channels];
+    for (i, s) in data.chunks_exact(2).enumerate() {
+        out[i % channels].push(i16::from_le_bytes([s[0], s[1]]));
+    }
+    Wav {
+        rate,
+        channels: out,
+    }
+}
+
+/// Share of a window's energy at `freq` (Goertzel; 1.0 for a pure tone).
+fn tone_share(w: &[i16], freq: f64, rate: u32) -> f64 {
+    let coeff = 2.0 * (2.0 * std::f64::consts::PI * freq / f64::from(rate)).cos();
+    let (mut s1, mut s2, mut energy) = (0.0f64, 0.0f64, 0.0f64);
+    for &x in w {
+        let x = f64::from(x);
+        energy += x * x;
+        let s = x + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s;
+    }
+    if energy < 1e3 * w.len() as f64 {
+        return 0.0;
+    }
+    2.0 * (s1 * s1 + s2 * s2 - coeff * s1 * s2) / (energy * w.len() as f64)
+}
+
+/// Seconds of `ch` (20 ms windows) that carry `freq`, and when the first such window starts.
+fn tone_span(ch: &[i16], rate: u32, freq: f64) -> (f64, Option<f64>) {
+    let n = rate as usize / 50;
+    let hits: Vec<usize> = ch
+        .chunks_exact(n)
+        .enumerate()
+        .filter(|(_, w)| tone_share(w, freq, rate) > 0.8)
+        .map(|(i, _)| i)
+        .collect();
+    (
+        hits.len() as f64 * 0.02,
+        hits.first().map(|&i| i as f64 * 0.02),
+    )
+}
+
+fn stream<'a>(meta: &'a Value, label: &str) -> &'a Value {
+    meta["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["label"] == label)
+        .unwrap_or_else(|| panic!("stream {label} in {meta}"))
+}
+
+/// One call: every stream of `media` sends its tone at once; checks the WAV's rate, length,
+/// and each tone on its own channel (not on the others), from when it was sent.
+fn record_call(tag: &str, media: &[Media], wav_rate: u32) -> (Value, Wav) {
+    let mut call = Call::new(tag);
+    let (ports, answer) = call.invite(media);
+    let answered = Instant::now();
+    for m in media.iter().filter(|m| m.srtp.is_some()) {
+        let suite = m.srtp.as_ref().unwrap().0;
+        assert!(
+            answer.contains(&format!("a=crypto:1 {suite} inline:")),
+            "{answer}"
+        );
+        assert!(!answer.contains(&m.srtp.as_ref().unwrap().1), "our own key");
+    }
+    let senders: Vec<Child> = media
+        .iter()
+        .zip(&ports)
+        .map(|(m, &p)| ffmpeg(&call.pair, m, call.dest(p), m.port))
+        .collect();
+    senders.into_iter().for_each(wait_ok);
+    let elapsed = answered.elapsed().as_secs_f64();
+    let (dir, meta) = call.bye();
+    let wav = read_wav(&dir.join("recording.wav"));
+    assert_eq!(wav.rate, wav_rate);
+    assert_eq!(meta["wav"]["sample_rate"], wav_rate);
+    assert_eq!(wav.channels.len(), media.len());
+    let secs = wav.channels[0].len() as f64 / f64::from(wav.rate);
+    assert!(
+        secs >= TONE_SECS && secs <= elapsed + 1.0,
+        "WAV of {secs} s for a call of {elapsed} s"
+    );
+    for (i, m) in media.iter().enumerate() {
+        let (len, first) = tone_span(&wav.channels[i], wav.rate, m.freq);
+        assert!(
+            len >= TONE_SECS - 0.2,
+            "channel {i} ({}) holds {len} s of its {} Hz tone",
+            m.encoder,
+            m.freq
+        );
+        // ffmpeg starts within a second of the answer; its tone starts then, not before.
+        let first = first.unwrap();
+        assert!(first < 1.5, "tone on channel {i} starts at {first} s");
+        for (j, other) in media.iter().enumerate().filter(|(j, _)| *j != i) {
+            let (leak, _) = tone_span(&wav.channels[j], wav.rate, m.freq);
+            assert!(
+                leak < 0.1 || other.freq == m.freq,
+                "{} Hz on channel {j} too",
+                m.freq
+            );
+        }
+        let s = stream(&meta, m.label);
+        assert_eq!(s["decoded"], true, "{s}");
+        assert!(s["decoded_packets"].as_u64().unwrap() >= 145, "{s}");
+        assert_eq!(s["auth_failures"], 0, "{s}");
+        assert_eq!(s["decode_errors"], 0, "{s}");
+        assert_eq!(
+            s["srtp_suite"],
+            m.srtp
+                .as_ref()
+                .map_or(Value::Null, |(suite, _)| (*suite).into())
+        );
+    }
+    // The keys are the client's secrets: never in what the recorder writes beside the audio.
+    let text = std::fs::read_to_string(dir.join("metadata.json")).unwrap();
+    let log = call.daemon.log_text();
+    for (_, key) in media.iter().filter_map(|m| m.srtp.as_ref()) {
+        assert!(!text.contains(key.as_str()), "key in metadata.json");
+        assert!(!log.contains(key.as_str()), "key in the log");
+    }
+    (meta, wav)
+}
+
+#[test]
+fn srtp_aes_cm_128_hmac_sha1_80_pcmu() {
+    let media = [
+        srtp(
+            pcmu("1", 31000, CUSTOMER_TONE),
+            "AES_CM_128_HMAC_SHA1_80",
+            1,
+        ),
+        srtp(pcmu("2", 31002, AGENT_TONE), "AES_CM_128_HMAC_SHA1_80", 2),
+    ];
+    record_call("s80", &media, 8000);
+}
+
+#[test]
+fn srtp_aes_cm_128_hmac_sha1_32_pcmu() {
+    let media = [
+        srtp(
+            pcmu("1", 31000, CUSTOMER_TONE),
+            "AES_CM_128_HMAC_SHA1_32",
+            3,
+        ),
+        pcmu("2", 31002, AGENT_TONE),
+    ];
+    record_call("s32", &media, 8000);
+}
+
+#[test]
+fn pcmu_plain() {
+    let media = [
+        pcmu("1", 31000, CUSTOMER_TONE),
+        pcmu("2", 31002, AGENT_TONE),
+    ];
+    record_call("pcmu", &media, 8000);
+}
+
+#[test]
+fn g722_is_decoded_at_16k() {
+    let media = [
+        g722("1", 31000, CUSTOMER_TONE),
+        g722("2", 31002, AGENT_TONE),
+    ];
+    let (meta, _) = record_call("g722", &media, 16000);
+    assert_eq!(stream(&meta, "1")["sample_rate"], 16000);
+    assert_eq!(stream(&meta, "1")["clock_rate"], 8000);
+}
+
+#[test]
+fn opus_is_decoded_at_48k() {
+    let media = [
+        srtp(
+            opus("1", 31000, CUSTOMER_TONE),
+            "AES_CM_128_HMAC_SHA1_80",
+            4,
+        ),
+        opus("2", 31002, AGENT_TONE),
+    ];
+    let (meta, _) = record_call("opus", &media, 48000);
+    assert_eq!(stream(&meta, "2")["sample_rate"], 48000);
+}
+
+#[test]
+fn mixed_call_customer_g722_agent_pcmu_resampled() {
+    let media = [
+        g722("1", 31000, CUSTOMER_TONE),
+        pcmu("2", 31002, AGENT_TONE),
+    ];
+    let (meta, _) = record_call("mix", &media, 16000);
+    assert_eq!(stream(&meta, "2")["sample_rate"], 8000);
+}
+
+/// A relay in the sender namespace between ffmpeg and the recorder that flips one bit in
+/// every 10th packet's payload; the rest go through untouched, from the offered port.
+#[test]
+fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
+    let m = srtp(
+        pcmu("1", 31000, CUSTOMER_TONE),
+        "AES_CM_128_HMAC_SHA1_80",
+        5,
+    );
+    let mut call = Call::new("tamp");
+    let (ports, _) = call.invite(std::slice::from_ref(&m));
+    let relay_in = call
+        .pair
+        .in_sender(|| UdpSocket::bind((call.pair.sender_v4, 0)).unwrap());
+    let relay_out = call
+        .pair
+        .in_sender(|| UdpSocket::bind((call.pair.sender_v4, m.port)).unwrap());
+    relay_in
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let (done, tampered, forwarded) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let dest = call.dest(ports[0]);
+    let relay_addr = relay_in.local_addr().unwrap();
+    let relay = {
+        let (done, tampered, forwarded) = (done.clone(), tampered.clone(), forwarded.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            // Drains what is queued after ffmpeg ended before it stops.
+            loop {
+                let n = match relay_in.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) if done.load(Ordering::Acquire) => break,
+                    Err(_) => continue,
+                };
+                let i = forwarded.fetch_add(1, Ordering::Relaxed);
+                if i % 10 == 5 {
+                    buf[20] ^= 0x04;
+                    tampered.fetch_add(1, Ordering::Relaxed);
+                }
+                relay_out.send_to(&buf[..n], dest).unwrap();
+            }
+        })
+    };
+    wait_ok(ffmpeg(&call.pair, &m, relay_addr, 32000));
+    done.store(true, Ordering::Release);
+    relay.join().unwrap();
+    let (dir, meta) = call.bye();
+    let s = stream(&meta, "1");
+    let (tampered, forwarded) = (
+        tampered.load(Ordering::Relaxed),
+        forwarded.load(Ordering::Relaxed),
+    );
+    assert!(tampered >= 14, "{tampered} of {forwarded}");
+    assert_eq!(s["auth_failures"], tampered, "{s}");
+    assert_eq!(s["decoded_packets"], forwarded - tampered, "{s}");
+    assert_eq!(s["packets"], forwarded, "every packet is in the pcap: {s}");
+    let wav = read_wav(&dir.join("recording.wav"));
+    let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
+    assert!(len >= TONE_SECS * 0.85, "{len} s of tone");
+}
