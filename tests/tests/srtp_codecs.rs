@@ -471,3 +471,236 @@ fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
     let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
     assert!(len >= TONE_SECS * 0.85, "{len} s of tone");
 }
+
+/// libsrtp (Debian's, through `python3-pylibsrtp`) as an independent SRTP sender: each line on
+/// its stdin is `<profile> <key hex> <plain RTP hex>`, protected with that key's session (one
+/// per key, kept: its packet index goes on) and sent from `from` to `dest`.
+const PY_SRTP: &str = r#"
+import socket, sys
+from pylibsrtp import Policy, Session
+src, dst = sys.argv[1].rsplit(":", 1), sys.argv[2].rsplit(":", 1)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((src[0], int(src[1])))
+sessions = {}
+for line in sys.stdin:
+    profile, key, packet = line.split()
+    if (profile, key) not in sessions:
+        policy = Policy(key=bytes.fromhex(key), ssrc_type=Policy.SSRC_ANY_OUTBOUND,
+                        srtp_profile=getattr(Policy, "SRTP_PROFILE_" + profile))
+        sessions[(profile, key)] = Session(policy=policy)
+    sock.sendto(sessions[(profile, key)].protect(bytes.fromhex(packet)), (dst[0], int(dst[1])))
+"#;
+
+struct LibSrtp {
+    child: Child,
+    stdin: std::process::ChildStdin,
+}
+
+impl LibSrtp {
+    fn start(pair: &VethPair, from: SocketAddr, dest: SocketAddr) -> Self {
+        let mut child = VethPair::command(&pair.sender_ns, "/usr/bin/python3")
+            .args(["-c", PY_SRTP, &from.to_string(), &dest.to_string()])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python3 (apt-get install python3-pylibsrtp)");
+        let stdin = child.stdin.take().unwrap();
+        Self { child, stdin }
+    }
+
+    fn send(&mut self, profile: &str, key: &[u8], packet: &[u8]) {
+        use std::io::Write;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        writeln!(self.stdin, "{profile} {} {}", hex(key), hex(packet)).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn finish(self) {
+        drop(self.stdin);
+        wait_ok(self.child);
+    }
+}
+
+fn key_bytes(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// PCMU tone packets of one SSRC, starting at sequence number `seq`.
+struct PcmuSource {
+    rtp: tests::rtp::RtpStream,
+}
+
+impl PcmuSource {
+    fn new(ssrc: u32, seq: u16) -> Self {
+        // The socket is python's; this one only numbers and fills the packets.
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut rtp = tests::rtp::RtpStream::new(socket, "127.0.0.1:9".parse().unwrap(), ssrc, 0);
+        rtp.seq = seq;
+        Self { rtp }
+    }
+
+    fn next(&mut self, freq: f64) -> Vec<u8> {
+        let samples = tests::rtp::tone(freq, 8000.0, self.rtp.sample, 160);
+        self.rtp.sample += 160;
+        let payload = tests::rtp::encode(0, &samples);
+        self.rtp.packet(&payload)
+    }
+}
+
+/// Paces `n` packets at 20 ms (real-time media, not synchronisation), from `start`.
+fn pace(start: Instant, n: u32) {
+    let due = start + Duration::from_millis(20 * u64::from(n));
+    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+        thread::sleep(wait);
+    }
+}
+
+fn offer_srtp_pcmu(label: &'static str, port: u16, suite: &'static str, key: &[u8]) -> Media {
+    Media {
+        srtp: Some((suite, recorder::media::sdes::base64_encode(key))),
+        ..pcmu(label, port, CUSTOMER_TONE)
+    }
+}
+
+/// GCM suites (RFC 7714) from libsrtp, with the sequence number wrapping after 35 packets:
+/// the rollover counter must follow or every packet after the wrap fails authentication.
+#[test]
+fn gcm_suites_from_libsrtp_across_the_sequence_wrap() {
+    for (profile, suite, len) in [
+        ("AEAD_AES_128_GCM", "AEAD_AES_128_GCM", 28),
+        ("AEAD_AES_256_GCM", "AEAD_AES_256_GCM", 44),
+    ] {
+        let key = key_bytes(len, 7);
+        let m = offer_srtp_pcmu("1", 31000, suite, &key);
+        let mut call = Call::new("gcm");
+        let (ports, answer) = call.invite(std::slice::from_ref(&m));
+        assert!(
+            answer.contains(&format!("a=crypto:1 {suite} inline:")),
+            "{answer}"
+        );
+        let from = SocketAddr::new(IpAddr::V4(call.pair.sender_v4), m.port);
+        let mut tx = LibSrtp::start(&call.pair, from, call.dest(ports[0]));
+        let mut src = PcmuSource::new(0x5eed, 65_500);
+        let start = Instant::now();
+        for n in 0..150 {
+            pace(start, n);
+            tx.send(profile, &key, &src.next(CUSTOMER_TONE));
+        }
+        tx.finish();
+        let (dir, meta) = call.bye();
+        let s = stream(&meta, "1");
+        assert_eq!(s["srtp_suite"], suite);
+        assert_eq!(
+            (s["decoded_packets"].as_u64(), s["auth_failures"].as_u64()),
+            (Some(150), Some(0)),
+            "{s}"
+        );
+        let wav = read_wav(&dir.join("recording.wav"));
+        let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
+        assert!(len >= 2.9, "{suite}: {len} s of tone");
+    }
+}
+
+/// A re-INVITE with a new key mid-call (a transfer): the audio goes on on the same channel,
+/// and packets the client sent with the old key before it switched, arriving late, are kept.
+#[test]
+fn reinvite_with_a_new_key_loses_no_audio() {
+    let (old, new) = (key_bytes(30, 11), key_bytes(30, 12));
+    let profile = "AES128_CM_SHA1_80";
+    let suite = "AES_CM_128_HMAC_SHA1_80";
+    let m = offer_srtp_pcmu("1", 31000, suite, &old);
+    let mut call = Call::new("rkey");
+    let (ports, _) = call.invite(std::slice::from_ref(&m));
+    let from = SocketAddr::new(IpAddr::V4(call.pair.sender_v4), m.port);
+    let mut tx = LibSrtp::start(&call.pair, from, call.dest(ports[0]));
+    let mut src = PcmuSource::new(0xabc, 1000);
+    let start = Instant::now();
+    for n in 0..100 {
+        pace(start, n);
+        tx.send(profile, &old, &src.next(CUSTOMER_TONE));
+    }
+    // Two packets the client protected with the old key just before the switch, held up.
+    let late = [src.next(CUSTOMER_TONE), src.next(CUSTOMER_TONE)];
+    let m2 = offer_srtp_pcmu("1", 31000, suite, &new);
+    let sdp = offer(IpAddr::V4(call.pair.sender_v4), &[m2]).replace(" 1 IN IP4", " 2 IN IP4");
+    let (ctype, body) = siprec_body(&sdp, None);
+    let reply = call.client.invite(Some((&ctype, &body)), &[]);
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    assert_eq!(reply.answer_ports(), ports);
+    let restart = Instant::now();
+    for n in 0..100 {
+        pace(restart, n);
+        tx.send(profile, &new, &src.next(CUSTOMER_TONE));
+        if n == 2 {
+            for p in &late {
+                tx.send(profile, &old, p);
+            }
+        }
+    }
+    tx.finish();
+    let (dir, meta) = call.bye();
+    let s = stream(&meta, "1");
+    assert_eq!(
+        (s["decoded_packets"].as_u64(), s["auth_failures"].as_u64()),
+        (Some(202), Some(0)),
+        "{s}"
+    );
+    let wav = read_wav(&dir.join("recording.wav"));
+    let (len, first) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
+    let first = first.unwrap();
+    // 202 packets of tone with no gap but the re-INVITE's round trip.
+    assert!(len >= 4.0, "{len} s of tone");
+    let end = first + len;
+    let silent: usize = wav.channels[0][(first * 8000.0) as usize..(end * 8000.0) as usize]
+        .chunks_exact(160)
+        .filter(|w| tone_share(w, CUSTOMER_TONE, 8000) < 0.8)
+        .count();
+    assert!(
+        silent <= 10,
+        "{silent} windows without the tone in the call"
+    );
+}
+
+/// G.729 from bcg729's encoder (Debian libbcg729), two 10 ms frames per packet.
+#[test]
+fn g729_from_bcg729_is_decoded() {
+    use recorder::media::g729::{Encoder, FRAME_SAMPLES};
+    let m = Media {
+        pt: 18,
+        rtpmap: "G729/8000",
+        ..pcmu("1", 31000, CUSTOMER_TONE)
+    };
+    let mut call = Call::new("g729");
+    let (ports, _) = call.invite(std::slice::from_ref(&m));
+    let socket = call
+        .pair
+        .in_sender(|| UdpSocket::bind((call.pair.sender_v4, m.port)).unwrap());
+    let mut rtp = tests::rtp::RtpStream::new(socket, call.dest(ports[0]), 0x729, 18);
+    let mut enc = Encoder::new(false).unwrap();
+    let start = Instant::now();
+    for n in 0..150 {
+        pace(start, n);
+        let samples = tests::rtp::tone(CUSTOMER_TONE, 8000.0, u64::from(n) * 160, 160);
+        let mut payload = Vec::new();
+        for f in samples.chunks_exact(FRAME_SAMPLES) {
+            payload.extend(enc.encode(f.try_into().unwrap()));
+        }
+        // 20 bytes advance the timestamp by 160 (the helper counts one per byte: G.711).
+        let p = rtp.packet(&payload);
+        rtp.timestamp = rtp.timestamp.wrapping_add(140);
+        rtp.socket.send_to(&p, rtp.dest).unwrap();
+    }
+    let (dir, meta) = call.bye();
+    let s = stream(&meta, "1");
+    assert_eq!(
+        (s["codec"].as_str(), s["decoded_packets"].as_u64()),
+        (Some("G729"), Some(150)),
+        "{s}"
+    );
+    let wav = read_wav(&dir.join("recording.wav"));
+    assert_eq!(wav.rate, 8000);
+    let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
+    assert!(len >= 2.8, "{len} s of tone");
+}

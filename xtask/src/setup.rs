@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "libbcg729-dev",
     // The independent RTP/SRTP sender of the SRTP and codec tests.
     "ffmpeg",
+    // libsrtp as a second independent SRTP sender (GCM suites, rollover counter).
+    "python3-pylibsrtp",
     "tshark",
     "tcpdump",
     "bpftool",

@@ -1084,6 +1084,17 @@ impl<F: FlowControl> Recorder<F> {
                         toggles.push((info.label.clone(), paused));
                         changed = true;
                     }
+                    // A new SDES key (a transfer to a new leg): the writer decrypts with it
+                    // from now on, and with the old one what is still in flight.
+                    let sdes = stream
+                        .is_srtp()
+                        .then(|| crate::media::sdes::choose(&stream.crypto))
+                        .flatten();
+                    if sdes != info.sdes {
+                        info.srtp = !stream.crypto.is_empty();
+                        info.sdes = sdes;
+                        changed = true;
+                    }
                     *slot = Some(info);
                 }
                 (Some(info), _, _) => {
