@@ -5,7 +5,7 @@
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -157,8 +157,12 @@ struct Call {
 
 impl Call {
     fn new(tag: &str) -> Self {
+        Self::with_options(tag, DaemonOptions::default())
+    }
+
+    fn with_options(tag: &str, options: DaemonOptions) -> Self {
         let pair = VethPair::new(tag);
-        let daemon = Daemon::start(&pair, DaemonOptions::default());
+        let daemon = Daemon::start(&pair, options);
         let client = pair.in_sender(|| SipClient::udp(IpAddr::V4(pair.sender_v4), daemon.sip));
         Call {
             pair,
@@ -703,4 +707,80 @@ fn g729_from_bcg729_is_decoded() {
     assert_eq!(wav.rate, 8000);
     let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
     assert!(len >= 2.8, "{len} s of tone");
+}
+
+fn ulaw_to_linear(u: u8) -> i16 {
+    let u = !u;
+    let t = ((i32::from(u & 0x0f) << 3) + 0x84) << ((u & 0x70) >> 4);
+    (if u & 0x80 != 0 { 0x84 - t } else { t - 0x84 }) as i16
+}
+
+/// With `pcap_srtp = "decrypted"` the pcap holds plain RTP that tshark reads and plays: no
+/// auth tag, valid lengths, and the tone in its payloads.
+#[test]
+fn decrypted_pcap_holds_plain_rtp() {
+    let dir = tests::daemon::scratch_dir("pcapsrtp");
+    let config = dir.join("recorder.toml");
+    std::fs::write(&config, "pcap_srtp = \"decrypted\"\n").unwrap();
+    let options = DaemonOptions {
+        extra: vec!["--config".into(), config.display().to_string()],
+        ..DaemonOptions::default()
+    };
+    let m = srtp(
+        pcmu("1", 31000, CUSTOMER_TONE),
+        "AES_CM_128_HMAC_SHA1_32",
+        9,
+    );
+    let mut call = Call::with_options("pdec", options);
+    let (ports, _) = call.invite(std::slice::from_ref(&m));
+    wait_ok(ffmpeg(&call.pair, &m, call.dest(ports[0]), m.port));
+    let (rec, meta) = call.bye();
+    assert_eq!(stream(&meta, "1")["auth_failures"], 0);
+    let out = Command::new("tshark")
+        .args(["-r"])
+        .arg(rec.join("recording.pcap"))
+        .args([
+            "-o",
+            "rtp.heuristic_rtp:TRUE",
+            "-o",
+            "ip.check_checksum:TRUE",
+        ])
+        .args(["-Y", "rtp", "-T", "fields"])
+        .args([
+            "-e",
+            "udp.length",
+            "-e",
+            "ip.checksum.status",
+            "-e",
+            "rtp.payload",
+        ])
+        .output()
+        .expect("tshark");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut samples = Vec::new();
+    let mut packets = 0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        // 8 (UDP) + 12 (RTP) + 160 (20 ms of PCMU): the 4-byte tag is gone.
+        assert_eq!(f[0], "180", "{line}");
+        assert_eq!(f[1], "1", "IPv4 checksum verified good: {line}");
+        let hex = f[2].replace(':', "");
+        let payload: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        samples.extend(payload.into_iter().map(ulaw_to_linear));
+        packets += 1;
+    }
+    assert!(packets >= 145, "{packets} RTP packets in the pcap");
+    let (len, _) = tone_span(&samples, 8000, CUSTOMER_TONE);
+    assert!(
+        len >= TONE_SECS - 0.2,
+        "{len} s of tone in the pcap's payloads"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

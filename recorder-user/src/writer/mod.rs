@@ -163,6 +163,8 @@ pub struct WriterConfig {
     /// this in the spool, so that files can still be finished and metadata written on a full
     /// disk. Capped at half of `min_free_bytes` (new sessions are refused before media stops).
     pub media_floor_bytes: u64,
+    /// What the pcap holds of SRTP streams (see [`encode::media::PcapSrtp`]).
+    pub pcap_srtp: encode::media::PcapSrtp,
 }
 
 impl WriterConfig {
@@ -184,6 +186,7 @@ impl WriterConfig {
             index_url: None,
             host: hostname(),
             media_floor_bytes: 16 * 1024 * 1024,
+            pcap_srtp: encode::media::PcapSrtp::Received,
         }
     }
 }

@@ -223,6 +223,7 @@ impl Shard {
             let (dir, mut meta) = (state.dir.clone(), state.meta.clone());
             match Recording::resume(state, floor, Some(self.files.clone())) {
                 Ok(mut rec) => {
+                    rec.pcap_srtp = self.config.pcap_srtp;
                     self.schedule(&mut rec);
                     rec.write_metadata(SystemTime::now());
                     self.index_update(rec.metadata());
@@ -361,6 +362,7 @@ impl Shard {
             };
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {
+                    rec.pcap_srtp = self.config.pcap_srtp;
                     self.schedule(&mut rec);
                     rec.write_metadata(*at);
                     self.index_link(rec.metadata());

@@ -37,6 +37,83 @@ pub struct MediaStats {
     pub concealed_frames: u64,
 }
 
+/// What the pcap holds of SRTP streams: the packets as received (default: the evidence as it
+/// was on the wire, playable only with the keys), or decrypted RTP/RTCP (Wireshark and tshark
+/// play it; the pcap then holds the conversation in the clear, like the WAV). Packets that
+/// fail authentication are kept as received either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PcapSrtp {
+    #[default]
+    Received,
+    Decrypted,
+}
+
+/// `frame` (Ethernet, optional VLAN tags, IPv4 or IPv6, UDP) with its UDP payload replaced by
+/// `plain` (shorter: tag and MKI gone), its length fields adjusted and its checksums made
+/// valid. `None` when the frame is not of that shape (it is then stored as received).
+pub(crate) fn decrypted_frame(
+    frame: &[u8],
+    payload_offset: usize,
+    plain: &[u8],
+) -> Option<Vec<u8>> {
+    let udp = payload_offset.checked_sub(8)?;
+    let mut l3 = 14;
+    let mut ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    while matches!(ethertype, 0x8100 | 0x88a8) {
+        ethertype = u16::from_be_bytes([*frame.get(l3 + 2)?, *frame.get(l3 + 3)?]);
+        l3 += 4;
+    }
+    let cut = frame.len().checked_sub(payload_offset + plain.len())?;
+    let mut out = Vec::with_capacity(payload_offset + plain.len());
+    out.extend_from_slice(frame.get(..payload_offset)?);
+    out.extend_from_slice(plain);
+    let sub = |b: &mut [u8]| {
+        let v = u16::from_be_bytes([b[0], b[1]]).checked_sub(cut as u16)?;
+        b.copy_from_slice(&v.to_be_bytes());
+        Some(())
+    };
+    sub(out.get_mut(udp + 4..udp + 6)?)?;
+    out[udp + 6..udp + 8].fill(0);
+    match ethertype {
+        0x0800 => {
+            let ihl = usize::from(out.get(l3)? & 0x0f) * 4;
+            sub(out.get_mut(l3 + 2..l3 + 4)?)?;
+            out[l3 + 10..l3 + 12].fill(0);
+            let sum = checksum(&[out.get(l3..l3 + ihl)?]);
+            out[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+            // UDP checksum 0: none (RFC 768), valid for IPv4.
+        }
+        0x86dd => {
+            sub(out.get_mut(l3 + 4..l3 + 6)?)?;
+            // IPv6 requires it: pseudo-header (addresses, length, next header 17) + UDP.
+            let len = (out.len() - udp) as u32;
+            let pseudo = [len.to_be_bytes(), 17u32.to_be_bytes()].concat();
+            let sum = checksum(&[out.get(l3 + 8..l3 + 40)?, &pseudo, &out[udp..]]);
+            let sum = if sum == 0 { 0xffff } else { sum };
+            out[udp + 6..udp + 8].copy_from_slice(&sum.to_be_bytes());
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
+/// The Internet checksum (RFC 1071) of the concatenated parts (each of even length but the
+/// last).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for part in parts {
+        for pair in part.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// What decryption made of a packet.
 pub(crate) enum Unprotected {
     /// Not SRTP: the packet as received.
@@ -219,5 +296,61 @@ impl StreamMedia {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(v6: bool, vlan: bool, payload: &[u8]) -> (Vec<u8>, usize) {
+        let mut f = vec![0u8; 12];
+        if vlan {
+            f.extend([0x81, 0x00, 0x00, 0x05]);
+        }
+        let udp_len = (8 + payload.len()) as u16;
+        if v6 {
+            f.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+            f.extend(udp_len.to_be_bytes());
+            f.extend([17, 64]);
+            f.extend((0..32).map(|i| i as u8));
+        } else {
+            f.extend([0x08, 0x00, 0x45, 0]);
+            f.extend((20 + udp_len).to_be_bytes());
+            f.extend([0, 0, 0x40, 0, 64, 17, 0xde, 0xad, 10, 0, 0, 1, 10, 0, 0, 2]);
+        }
+        f.extend([0x79, 0x18, 0x75, 0x30]);
+        f.extend(udp_len.to_be_bytes());
+        f.extend([0xbe, 0xef]);
+        let off = f.len();
+        f.extend_from_slice(payload);
+        (f, off)
+    }
+
+    #[test]
+    fn decrypted_frames_have_their_lengths_and_checksums_right() {
+        let srtp: Vec<u8> = (0..182).map(|i| i as u8).collect();
+        let plain = &srtp[..172];
+        for (v6, vlan) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (f, off) = frame(v6, vlan, &srtp);
+            let out = decrypted_frame(&f, off, plain).unwrap();
+            assert_eq!(out.len(), f.len() - 10);
+            assert_eq!(&out[off..], plain);
+            let l3 = if vlan { 18 } else { 14 };
+            let udp = off - 8;
+            assert_eq!(u16::from_be_bytes([out[udp + 4], out[udp + 5]]), 180);
+            if v6 {
+                assert_eq!(u16::from_be_bytes([out[l3 + 4], out[l3 + 5]]), 180);
+                let pseudo = [180u32.to_be_bytes(), 17u32.to_be_bytes()].concat();
+                assert_eq!(checksum(&[&out[l3 + 8..l3 + 40], &pseudo, &out[udp..]]), 0);
+            } else {
+                assert_eq!(u16::from_be_bytes([out[l3 + 2], out[l3 + 3]]), 200);
+                assert_eq!(checksum(&[&out[l3..l3 + 20]]), 0, "header checksum valid");
+                assert_eq!(out[udp + 6..udp + 8], [0, 0]);
+            }
+        }
+        let (mut f, off) = frame(false, false, &srtp);
+        f[12] = 0x88; // not IP
+        assert!(decrypted_frame(&f, off, plain).is_none());
     }
 }

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::{
     dtmf::{self, DtmfEvent},
-    media::{StreamMedia, Unprotected},
+    media::{decrypted_frame, PcapSrtp, StreamMedia, Unprotected},
     pcap::{self, PcapWriter},
     rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
     wav::{self, WavWriter},
@@ -190,6 +190,8 @@ pub(crate) struct Recording {
     id: Arc<str>,
     /// SRTP authentication failures not yet added to the writer's counters (by the shard).
     pub srtp_auth_failed: u64,
+    /// What the pcap holds of SRTP streams (set by the shard from its configuration).
+    pub pcap_srtp: PcapSrtp,
 }
 
 /// What a handover carries of one active recording: enough to reopen its files and go on
@@ -341,6 +343,7 @@ impl Recording {
             chunk_scale: first_chunk_scale(s.id),
             id: Arc::from(s.id),
             srtp_auth_failed: 0,
+            pcap_srtp: PcapSrtp::default(),
         };
         rec.set_ids(s.ids);
         rec.set_participants(s.participants);
@@ -506,14 +509,7 @@ impl Recording {
         let Some(s) = self.streams.get_mut(stream) else {
             return 0;
         };
-        let mut stored = 0;
         self.stored += 1;
-        if let Some(pcap) = self.pcap.as_mut() {
-            let files = &self.files;
-            stored = pcap.push(stream, p.wall, p.header.wire_len, p.frame, || {
-                files.buffer(pcap::CHUNK + 2048)
-            });
-        }
         let received = p
             .frame
             .get(p.header.payload_offset as usize..)
@@ -523,11 +519,37 @@ impl Recording {
         } else {
             rtp::parse(received)
         };
+        let is_rtcp = matches!(kind, Kind::Rtcp);
+        let unprotected = match kind {
+            Kind::Malformed => Unprotected::Clear,
+            _ => s.media.unprotect(&s.info, received, is_rtcp),
+        };
+        // The pcap holds what was received, or with `pcap_srtp = "decrypted"` the plain
+        // RTP/RTCP of what authenticated (the rest as received).
+        let rebuilt = match (&unprotected, self.pcap_srtp) {
+            (Unprotected::Plain(plain), PcapSrtp::Decrypted) => {
+                decrypted_frame(p.frame, p.header.payload_offset as usize, plain)
+            }
+            _ => None,
+        };
+        let (frame, wire_len) = match &rebuilt {
+            Some(f) => {
+                let cut = p.frame.len() - f.len();
+                (&f[..], p.header.wire_len - cut as u32)
+            }
+            None => (p.frame, p.header.wire_len),
+        };
+        let mut stored = 0;
+        if let Some(pcap) = self.pcap.as_mut() {
+            let files = &self.files;
+            stored = pcap.push(stream, p.wall, wire_len, frame, || {
+                files.buffer(pcap::CHUNK + 2048)
+            });
+        }
         if let Kind::Malformed = kind {
             self.meta.dropped.malformed += 1;
             return stored;
         }
-        let is_rtcp = matches!(kind, Kind::Rtcp);
         if is_rtcp {
             s.rtcp_packets += 1;
         } else {
@@ -535,16 +557,12 @@ impl Recording {
             s.bytes += p.header.wire_len as u64;
             self.meta.media_received = true;
         }
-        // SRTP: what fails authentication stays in the pcap as received and goes no further.
-        let plain;
-        let payload = match s.media.unprotect(&s.info, received, is_rtcp) {
+        // SRTP: what fails authentication goes no further than the pcap.
+        let payload = match &unprotected {
             Unprotected::Clear => received,
-            Unprotected::Plain(p) => {
-                plain = p;
-                &plain[..]
-            }
+            Unprotected::Plain(plain) => &plain[..],
             Unprotected::Rejected { auth } => {
-                self.srtp_auth_failed += u64::from(auth);
+                self.srtp_auth_failed += u64::from(*auth);
                 self.dirty = true;
                 return stored;
             }
@@ -900,6 +918,7 @@ impl Recording {
             chunk_scale: first_chunk_scale(&id),
             id,
             srtp_auth_failed: 0,
+            pcap_srtp: PcapSrtp::default(),
         })
     }
 }
