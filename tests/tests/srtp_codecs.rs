@@ -461,6 +461,42 @@ fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
     wait_ok(ffmpeg(&call.pair, &m, relay_addr, 32000));
     done.store(true, Ordering::Release);
     relay.join().unwrap();
+    let tampered_now = tampered.load(Ordering::Relaxed);
+    // `recorder sessions` shows them while the call is up (the writer republishes its
+    // per-stream counters every 250 ms: polled until they arrive, bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new(tests::daemon::recorder_bin())
+            .args(["sessions", "--json", "--socket"])
+            .arg(&call.daemon.control)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if v[0]["auth_failures"] == tampered_now {
+            let text = format!("{v}");
+            assert!(
+                !text.contains(m.srtp.as_ref().unwrap().1.as_str()),
+                "key in {text}"
+            );
+            assert!(
+                text.contains("\"srtp_suite\":\"AES_CM_128_HMAC_SHA1_80\""),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "auth failures never shown: {v}");
+        thread::sleep(Duration::from_millis(50)); // polling the writer's republish
+    }
+    let table = Command::new(tests::daemon::recorder_bin())
+        .args(["sessions", "--socket"])
+        .arg(&call.daemon.control)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.lines().next().unwrap().contains("AUTH FAIL"),
+        "{table}"
+    );
     let (dir, meta) = call.bye();
     let s = stream(&meta, "1");
     let (tampered, forwarded) = (

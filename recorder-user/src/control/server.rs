@@ -256,8 +256,16 @@ fn add_loss(writer: &WriterHandle, sessions: &mut Value) {
             .flat_map(|flow_id| writer.reception(flow_id))
             .map(|ssrc| ssrc.lost)
             .sum();
+        let auth_failures: u64 = session["streams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|stream| stream["flow_id"].as_u64())
+            .map(|flow_id| writer.auth_failures(flow_id))
+            .sum();
         if let Value::Object(map) = session {
             map.insert("lost".into(), json!(lost));
+            map.insert("auth_failures".into(), json!(auth_failures));
         }
     }
 }

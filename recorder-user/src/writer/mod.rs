@@ -376,6 +376,8 @@ impl Shared {
 pub(crate) struct ShardShared {
     /// Reception statistics per live RTP flow id, republished every [`RECEPTION_INTERVAL`].
     pub reception: Mutex<HashMap<u64, Vec<SsrcStats>>>,
+    /// SRTP/SRTCP authentication failures per live RTP flow id (same schedule).
+    pub auth_failures: Mutex<HashMap<u64, u64>>,
     /// The last sender report per RTCP flow id and sender SSRC: (middle 32 bits of its NTP
     /// timestamp, capture time), for the LSR/DLSR of our receiver reports.
     pub sender_reports: Mutex<HashMap<u64, SenderReports>>,
@@ -412,6 +414,14 @@ type SenderReports = HashMap<u32, (u32, SystemTime)>;
 pub struct ReceptionReader(Arc<Vec<Arc<ShardShared>>>);
 
 impl ReceptionReader {
+    /// SRTP/SRTCP packets of the stream with RTP flow `flow_id` that failed authentication.
+    pub fn auth_failures(&self, flow_id: u64) -> u64 {
+        self.0
+            .iter()
+            .find_map(|s| s.auth_failures.lock().ok()?.get(&flow_id).copied())
+            .unwrap_or(0)
+    }
+
     /// The last sender report of each SSRC on the RTCP flow `rtcp_flow_id`: (SSRC, middle 32
     /// bits of its NTP timestamp, when it was captured).
     pub fn sender_reports(&self, rtcp_flow_id: u64) -> Vec<(u32, u32, SystemTime)> {
@@ -802,6 +812,11 @@ impl WriterHandle {
     /// (empty for an unknown or ended flow). At most [`RECEPTION_INTERVAL`] old.
     pub fn reception(&self, flow_id: u64) -> Vec<SsrcStats> {
         self.reception.reception(flow_id)
+    }
+
+    /// See [`ReceptionReader::auth_failures`].
+    pub fn auth_failures(&self, flow_id: u64) -> u64 {
+        self.reception.auth_failures(flow_id)
     }
 
     /// A cheap handle for reading [`WriterHandle::reception`] from another task.

@@ -268,6 +268,14 @@ impl Shard {
         if let Ok(mut m) = self.own.reception.lock() {
             *m = fresh;
         }
+        let auth: HashMap<u64, u64> = self
+            .recordings
+            .values()
+            .flat_map(|r| r.auth_failures())
+            .collect();
+        if let Ok(mut m) = self.own.auth_failures.lock() {
+            *m = auth;
+        }
     }
 
     /// Holds a packet whose flow is newer than every routed one (its event is on the way).

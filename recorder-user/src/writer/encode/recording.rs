@@ -365,6 +365,17 @@ impl Recording {
             .map(|s| (s.info.flow_id, s.ssrcs.as_slice()))
     }
 
+    /// SRTP/SRTCP authentication failures of each live stream, by RTP flow id.
+    pub(crate) fn auth_failures(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.streams
+            .iter()
+            .filter(|s| s.removed_at.is_none())
+            .map(|s| {
+                let m = &s.media.stats;
+                (s.info.flow_id, m.auth_failures + m.rtcp_auth_failures)
+            })
+    }
+
     /// Flow ids routed to this recording: (flow id, stream index, is RTCP).
     pub(crate) fn flows(&self) -> Vec<(u64, usize, bool)> {
         let mut out = Vec::new();
