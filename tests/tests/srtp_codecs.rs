@@ -820,3 +820,61 @@ fn decrypted_pcap_holds_plain_rtp() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A re-INVITE switching the customer from PCMU to G.722 mid-call: the WAV keeps its 8 kHz
+/// layout and timeline, G.722 is resampled into it, and the tone goes on on the same channel.
+#[test]
+fn reinvite_switching_pcmu_to_g722_keeps_the_timeline() {
+    let first = pcmu("1", 31000, CUSTOMER_TONE);
+    let mut call = Call::new("swch");
+    let (ports, _) = call.invite(std::slice::from_ref(&first));
+    let answered = Instant::now();
+    wait_ok(ffmpeg(&call.pair, &first, call.dest(ports[0]), first.port));
+    let switched_at = answered.elapsed().as_secs_f64();
+    let second = g722("1", 31000, CUSTOMER_TONE);
+    let sdp = offer(
+        IpAddr::V4(call.pair.sender_v4),
+        std::slice::from_ref(&second),
+    )
+    .replace(" 1 IN IP4", " 2 IN IP4");
+    let (ctype, body) = siprec_body(&sdp, None);
+    let reply = call.client.invite(Some((&ctype, &body)), &[]);
+    assert_eq!(reply.status, 200, "{}", reply.raw);
+    assert!(
+        reply.body().contains("a=rtpmap:9 G722/8000"),
+        "{}",
+        reply.body()
+    );
+    wait_ok(ffmpeg(
+        &call.pair,
+        &second,
+        call.dest(ports[0]),
+        second.port,
+    ));
+    let elapsed = answered.elapsed().as_secs_f64();
+    let (dir, meta) = call.bye();
+    let wav = read_wav(&dir.join("recording.wav"));
+    assert_eq!(wav.rate, 8000);
+    let ch = &wav.channels[0];
+    let secs = ch.len() as f64 / 8000.0;
+    assert!(
+        secs >= 2.0 * TONE_SECS && secs <= elapsed + 1.0,
+        "{secs} s WAV"
+    );
+    let at = (switched_at * 8000.0) as usize;
+    let (before, _) = tone_span(&ch[..at], 8000, CUSTOMER_TONE);
+    let (after, first_after) = tone_span(&ch[at..], 8000, CUSTOMER_TONE);
+    assert!(before >= TONE_SECS - 0.2, "{before} s of PCMU tone");
+    assert!(after >= TONE_SECS - 0.2, "{after} s of G.722 tone");
+    assert!(
+        first_after.unwrap() < 1.0,
+        "G.722 tone starts {first_after:?} s after the switch"
+    );
+    let s = stream(&meta, "1");
+    assert_eq!(
+        (s["codec"].as_str(), s["sample_rate"].as_u64()),
+        (Some("G722"), Some(16000))
+    );
+    assert!(s["decoded_packets"].as_u64().unwrap() >= 290, "{s}");
+    assert_eq!(s["decode_errors"], 0);
+}
