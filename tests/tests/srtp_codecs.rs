@@ -415,8 +415,107 @@ fn mixed_call_customer_g722_agent_pcmu_resampled() {
     assert_eq!(stream(&meta, "2")["sample_rate"], 8000);
 }
 
-/// A relay in the sender namespace between ffmpeg and the recorder that flips one bit in
-/// every 10th packet's payload; the rest go through untouched, from the offered port.
+/// What a [`Relay`] does to every 10th packet (the 6th, 16th, ...).
+#[derive(Clone, Copy, PartialEq)]
+enum Mangle {
+    /// Flips a payload bit.
+    Flip,
+    /// Does not forward it.
+    Drop,
+}
+
+/// A relay in the sender namespace between ffmpeg and the recorder: forwards from the offered
+/// port, mangling every 10th packet.
+struct Relay {
+    addr: SocketAddr,
+    done: Arc<AtomicBool>,
+    mangled: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(call: &Call, from_port: u16, dest: SocketAddr, mangle: Mangle) -> Self {
+        let pair = &call.pair;
+        let input = pair.in_sender(|| UdpSocket::bind((pair.sender_v4, 0)).unwrap());
+        let output = pair.in_sender(|| UdpSocket::bind((pair.sender_v4, from_port)).unwrap());
+        input
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = input.local_addr().unwrap();
+        let (done, mangled, received) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let thread = {
+            let (done, mangled, received) = (done.clone(), mangled.clone(), received.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                // Drains what is queued after the sender ended before it stops.
+                loop {
+                    let n = match input.recv(&mut buf) {
+                        Ok(n) => n,
+                        Err(_) if done.load(Ordering::Acquire) => break,
+                        Err(_) => continue,
+                    };
+                    if received.fetch_add(1, Ordering::Relaxed) % 10 == 5 {
+                        mangled.fetch_add(1, Ordering::Relaxed);
+                        if mangle == Mangle::Drop {
+                            continue;
+                        }
+                        buf[20] ^= 0x04;
+                    }
+                    output.send_to(&buf[..n], dest).unwrap();
+                }
+            })
+        };
+        Relay {
+            addr,
+            done,
+            mangled,
+            received,
+            thread,
+        }
+    }
+
+    /// (packets mangled, packets received) once the sender is done.
+    fn finish(self) -> (u64, u64) {
+        self.done.store(true, Ordering::Release);
+        self.thread.join().unwrap();
+        (
+            self.mangled.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Opus loss concealment: every 10th packet is lost on the way; libopus' PLC fills each gap.
+#[test]
+fn lost_opus_packets_are_concealed() {
+    let m = opus("1", 31000, CUSTOMER_TONE);
+    let mut call = Call::new("plc");
+    let (ports, _) = call.invite(std::slice::from_ref(&m));
+    let relay = Relay::start(&call, m.port, call.dest(ports[0]), Mangle::Drop);
+    wait_ok(ffmpeg(&call.pair, &m, relay.addr, 32000));
+    let (dropped, received) = relay.finish();
+    let (dir, meta) = call.bye();
+    let s = stream(&meta, "1");
+    assert!(dropped >= 14, "{dropped} of {received}");
+    assert_eq!(s["concealed_frames"], dropped, "{s}");
+    assert_eq!(s["decoded_packets"], received - dropped, "{s}");
+    assert_eq!(s["lost"], dropped, "{s}");
+    let wav = read_wav(&dir.join("recording.wav"));
+    // Concealment continues the tone: far more of it than the forwarded packets alone hold.
+    let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
+    let bare = (received - 2 * dropped) as f64 * 0.02;
+    assert!(
+        len > bare + 0.2,
+        "{len} s of tone, {bare} s without concealment"
+    );
+}
+
+/// SRTP through a relay that flips one bit in every 10th packet.
 #[test]
 fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
     let m = srtp(
@@ -426,46 +525,10 @@ fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
     );
     let mut call = Call::new("tamp");
     let (ports, _) = call.invite(std::slice::from_ref(&m));
-    let relay_in = call
-        .pair
-        .in_sender(|| UdpSocket::bind((call.pair.sender_v4, 0)).unwrap());
-    let relay_out = call
-        .pair
-        .in_sender(|| UdpSocket::bind((call.pair.sender_v4, m.port)).unwrap());
-    relay_in
-        .set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let (done, tampered, forwarded) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let dest = call.dest(ports[0]);
-    let relay_addr = relay_in.local_addr().unwrap();
-    let relay = {
-        let (done, tampered, forwarded) = (done.clone(), tampered.clone(), forwarded.clone());
-        thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            // Drains what is queued after ffmpeg ended before it stops.
-            loop {
-                let n = match relay_in.recv(&mut buf) {
-                    Ok(n) => n,
-                    Err(_) if done.load(Ordering::Acquire) => break,
-                    Err(_) => continue,
-                };
-                let i = forwarded.fetch_add(1, Ordering::Relaxed);
-                if i % 10 == 5 {
-                    buf[20] ^= 0x04;
-                    tampered.fetch_add(1, Ordering::Relaxed);
-                }
-                relay_out.send_to(&buf[..n], dest).unwrap();
-            }
-        })
-    };
-    wait_ok(ffmpeg(&call.pair, &m, relay_addr, 32000));
-    done.store(true, Ordering::Release);
-    relay.join().unwrap();
-    let tampered_now = tampered.load(Ordering::Relaxed);
+    let relay = Relay::start(&call, m.port, call.dest(ports[0]), Mangle::Flip);
+    wait_ok(ffmpeg(&call.pair, &m, relay.addr, 32000));
+    let (tampered, forwarded) = relay.finish();
+    let tampered_now = tampered;
     // `recorder sessions` shows them while the call is up (the writer republishes its
     // per-stream counters every 250 ms: polled until they arrive, bounded).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -503,10 +566,6 @@ fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
     );
     let (dir, meta) = call.bye();
     let s = stream(&meta, "1");
-    let (tampered, forwarded) = (
-        tampered.load(Ordering::Relaxed),
-        forwarded.load(Ordering::Relaxed),
-    );
     assert!(tampered >= 14, "{tampered} of {forwarded}");
     assert_eq!(s["auth_failures"], tampered, "{s}");
     assert_eq!(s["decoded_packets"], forwarded - tampered, "{s}");
