@@ -594,8 +594,10 @@ sessions = {}
 for line in sys.stdin:
     profile, key, packet = line.split()
     if (profile, key) not in sessions:
+        # A name, or libsrtp's srtp_profile_t number for those pylibsrtp does not name.
+        number = int(profile) if profile.isdigit() else getattr(Policy, "SRTP_PROFILE_" + profile)
         policy = Policy(key=bytes.fromhex(key), ssrc_type=Policy.SSRC_ANY_OUTBOUND,
-                        srtp_profile=getattr(Policy, "SRTP_PROFILE_" + profile))
+                        srtp_profile=number)
         sessions[(profile, key)] = Session(policy=policy)
     sock.sendto(sessions[(profile, key)].protect(bytes.fromhex(packet)), (dst[0], int(dst[1])))
 "#;
@@ -946,4 +948,47 @@ fn reinvite_switching_pcmu_to_g722_keeps_the_timeline() {
     );
     assert!(s["decoded_packets"].as_u64().unwrap() >= 290, "{s}");
     assert_eq!(s["decode_errors"], 0);
+}
+
+/// UNENCRYPTED_SRTP and UNENCRYPTED_SRTCP (RFC 4568 §6.3.2): libsrtp's null-cipher
+/// HMAC-SHA1-80 profile (srtp_profile_null_sha1_80 = 5) sends the audio in the clear but
+/// authenticated; the recorder checks the tag, and our answer repeats the parameters.
+#[test]
+fn unencrypted_srtp_session_parameters() {
+    let key = key_bytes(30, 21);
+    let mut m = offer_srtp_pcmu("1", 31000, "AES_CM_128_HMAC_SHA1_80", &key);
+    m.srtp = m
+        .srtp
+        .map(|(suite, k)| (suite, format!("{k} UNENCRYPTED_SRTP UNENCRYPTED_SRTCP")));
+    let mut call = Call::new("unen");
+    let (ports, answer) = call.invite(std::slice::from_ref(&m));
+    assert!(
+        answer.contains(" UNENCRYPTED_SRTP UNENCRYPTED_SRTCP\r\n"),
+        "{answer}"
+    );
+    let from = SocketAddr::new(IpAddr::V4(call.pair.sender_v4), m.port);
+    let mut tx = LibSrtp::start(&call.pair, from, call.dest(ports[0]));
+    let mut src = PcmuSource::new(0x77, 100);
+    let start = Instant::now();
+    for n in 0..100 {
+        pace(start, n);
+        let mut p = src.next(CUSTOMER_TONE);
+        if n == 40 {
+            // Forged in the clear without the key: the tag cannot match.
+            tx.send("5", &key_bytes(30, 99), &p);
+            p = src.next(CUSTOMER_TONE);
+        }
+        tx.send("5", &key, &p);
+    }
+    tx.finish();
+    let (dir, meta) = call.bye();
+    let s = stream(&meta, "1");
+    assert_eq!(
+        (s["decoded_packets"].as_u64(), s["auth_failures"].as_u64()),
+        (Some(100), Some(1)),
+        "{s}"
+    );
+    let wav = read_wav(&dir.join("recording.wav"));
+    let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
+    assert!(len >= 1.85, "{len} s of tone");
 }

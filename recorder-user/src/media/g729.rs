@@ -168,4 +168,32 @@ mod tests {
         assert_eq!(out.len(), 8160);
         assert_eq!(dec.decode(&[0; 7], &mut out), Err(G729Error::Length(7)));
     }
+
+    #[test]
+    fn annex_b_sid_frames_decode_to_comfort_noise() {
+        // With VAD, bcg729 sends silence as 2-byte SID frames (or nothing while it holds).
+        let mut enc = Encoder::new(true).unwrap();
+        let mut dec = Decoder::new().unwrap();
+        let quiet: Vec<i16> = (0..8000).map(|i| ((i * 7919) % 61) as i16 - 30).collect();
+        let (mut sid, mut out) = (0, Vec::new());
+        for f in quiet.chunks_exact(FRAME_SAMPLES) {
+            let bits = enc.encode(f.try_into().unwrap());
+            match bits.len() {
+                SID_BYTES => {
+                    sid += 1;
+                    // A voice frame followed by a SID frame in one payload (RFC 3551 §4.5.6).
+                    let mut payload = vec![0u8; FRAME_BYTES];
+                    payload.extend(&bits);
+                    dec.decode(&payload, &mut out).unwrap();
+                }
+                FRAME_BYTES => dec.decode(&bits, &mut out).unwrap(),
+                n => assert_eq!(n, 0),
+            }
+        }
+        assert!(sid > 0, "no SID frame for silence");
+        assert_eq!(out.len() % (2 * FRAME_SAMPLES), 0);
+        // Comfort noise is quiet, not silence and not a burst.
+        let tail = &out[out.len() - 2 * FRAME_SAMPLES..];
+        assert!(tail.iter().all(|s| s.abs() < 2000), "{tail:?}");
+    }
 }
