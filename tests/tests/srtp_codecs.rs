@@ -992,3 +992,64 @@ fn unencrypted_srtp_session_parameters() {
     let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
     assert!(len >= 1.85, "{len} s of tone");
 }
+
+/// A restart mid-call (`--detach-on-exit`, then a new daemon adopts capture and session) on an
+/// SRTP stream whose sequence number wraps while the first daemon still runs: the new daemon
+/// decrypts with the key and rollover counter the handover carried.
+#[test]
+fn srtp_across_a_restart_and_the_sequence_wrap() {
+    let key = key_bytes(30, 33);
+    let m = offer_srtp_pcmu("1", 31000, "AES_CM_128_HMAC_SHA1_80", &key);
+    let options = DaemonOptions {
+        extra: vec!["--detach-on-exit".into()],
+        ..DaemonOptions::default()
+    };
+    let mut call = Call::with_options("srst", options);
+    let (ports, _) = call.invite(std::slice::from_ref(&m));
+    let from = SocketAddr::new(IpAddr::V4(call.pair.sender_v4), m.port);
+    let tx = LibSrtp::start(&call.pair, from, call.dest(ports[0]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (progress_tx, progress) = std::sync::mpsc::channel::<u32>();
+    let sending = {
+        let (stop, key) = (stop.clone(), key.clone());
+        thread::spawn(move || {
+            let mut tx = tx;
+            let mut src = PcmuSource::new(0x5e55, 65_500);
+            let start = Instant::now();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                pace(start, n);
+                tx.send("AES128_CM_SHA1_80", &key, &src.next(CUSTOMER_TONE));
+                n += 1;
+                let _ = progress_tx.send(n);
+            }
+            tx.finish();
+            n
+        })
+    };
+    let wait = |sent: u32| while progress.recv().unwrap() < sent {};
+    wait(60); // wrapped after 36
+    assert_eq!(call.daemon.stop(), Some(0), "{}", call.daemon.log_text());
+    wait(110); // only the kernel holds these
+    call.daemon.args.retain(|a| a != "--detach-on-exit");
+    call.daemon.spawn(&call.pair);
+    let log = call.daemon.log_text();
+    assert!(log.contains("adopted the pinned capture"), "{log}");
+    wait(170);
+    stop.store(true, Ordering::Relaxed);
+    let sent = sending.join().unwrap();
+    let (dir, meta) = call.bye();
+    assert_eq!(call.daemon.recordings().len(), 1, "one recording across the restart");
+    let s = stream(&meta, "1");
+    assert_eq!(
+        (s["decoded_packets"].as_u64(), s["auth_failures"].as_u64()),
+        (Some(u64::from(sent)), Some(0)),
+        "{s}"
+    );
+    let wav = read_wav(&dir.join("recording.wav"));
+    let (len, _) = tone_span(&wav.channels[0], wav.rate, CUSTOMER_TONE);
+    assert!(
+        len >= f64::from(sent) * 0.02 - 0.2,
+        "{len} s of tone for {sent} packets"
+    );
+}
