@@ -587,6 +587,14 @@ fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
 const PY_SRTP: &str = r#"
 import socket, sys
 from pylibsrtp import Policy, Session
+from pylibsrtp._binding import ffi
+
+def aes256(policy, rtp_tag):
+    # RFC 6188 suites have no libsrtp profile: set its srtp_crypto_policy_t fields (cipher,
+    # key+salt length, auth, auth key length, tag length, services) to SRTP_AES_ICM_256.
+    for crypto, tag in ((policy._policy.rtp, rtp_tag), (policy._policy.rtcp, 10)):
+        f = ffi.cast("int *", ffi.addressof(crypto))
+        f[0], f[1], f[4] = 5, 46, tag
 src, dst = sys.argv[1].rsplit(":", 1), sys.argv[2].rsplit(":", 1)
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.bind((src[0], int(src[1])))
@@ -595,9 +603,13 @@ for line in sys.stdin:
     profile, key, packet = line.split()
     if (profile, key) not in sessions:
         # A name, or libsrtp's srtp_profile_t number for those pylibsrtp does not name.
-        number = int(profile) if profile.isdigit() else getattr(Policy, "SRTP_PROFILE_" + profile)
+        wide = profile.startswith("AES256_CM_SHA1_")
+        name = "AES128_CM_SHA1_80" if wide else profile
+        number = int(name) if name.isdigit() else getattr(Policy, "SRTP_PROFILE_" + name)
         policy = Policy(key=bytes.fromhex(key), ssrc_type=Policy.SSRC_ANY_OUTBOUND,
                         srtp_profile=number)
+        if wide:
+            aes256(policy, 10 if profile.endswith("_80") else 4)
         sessions[(profile, key)] = Session(policy=policy)
     sock.sendto(sessions[(profile, key)].protect(bytes.fromhex(packet)), (dst[0], int(dst[1])))
 "#;
@@ -675,13 +687,16 @@ fn offer_srtp_pcmu(label: &'static str, port: u16, suite: &'static str, key: &[u
     }
 }
 
-/// GCM suites (RFC 7714) from libsrtp, with the sequence number wrapping after 35 packets:
-/// the rollover counter must follow or every packet after the wrap fails authentication.
+/// GCM suites (RFC 7714) and AES-256 counter mode suites (RFC 6188) from libsrtp, with the
+/// sequence number wrapping after 35 packets: the rollover counter must follow or every
+/// packet after the wrap fails authentication.
 #[test]
-fn gcm_suites_from_libsrtp_across_the_sequence_wrap() {
+fn gcm_and_aes_256_suites_from_libsrtp_across_the_sequence_wrap() {
     for (profile, suite, len) in [
         ("AEAD_AES_128_GCM", "AEAD_AES_128_GCM", 28),
         ("AEAD_AES_256_GCM", "AEAD_AES_256_GCM", 44),
+        ("AES256_CM_SHA1_80", "AES_256_CM_HMAC_SHA1_80", 46),
+        ("AES256_CM_SHA1_32", "AES_256_CM_HMAC_SHA1_32", 46),
     ] {
         let key = key_bytes(len, 7);
         let m = offer_srtp_pcmu("1", 31000, suite, &key);
@@ -1039,7 +1054,11 @@ fn srtp_across_a_restart_and_the_sequence_wrap() {
     stop.store(true, Ordering::Relaxed);
     let sent = sending.join().unwrap();
     let (dir, meta) = call.bye();
-    assert_eq!(call.daemon.recordings().len(), 1, "one recording across the restart");
+    assert_eq!(
+        call.daemon.recordings().len(),
+        1,
+        "one recording across the restart"
+    );
     let s = stream(&meta, "1");
     assert_eq!(
         (s["decoded_packets"].as_u64(), s["auth_failures"].as_u64()),
