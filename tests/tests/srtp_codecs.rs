@@ -523,7 +523,13 @@ fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
         "AES_CM_128_HMAC_SHA1_80",
         5,
     );
-    let mut call = Call::new("tamp");
+    let metrics = SocketAddr::new(IpAddr::V4("10.231.0.2".parse().unwrap()), 9464);
+    let options = DaemonOptions {
+        extra: vec!["--metrics-listen".into(), metrics.to_string()],
+        ..DaemonOptions::default()
+    };
+    let mut call = Call::with_options("tamp", options);
+    assert_eq!(IpAddr::V4(call.pair.recorder_v4), metrics.ip());
     let (ports, _) = call.invite(std::slice::from_ref(&m));
     let relay = Relay::start(&call, m.port, call.dest(ports[0]), Mangle::Flip);
     wait_ok(ffmpeg(&call.pair, &m, relay.addr, 32000));
@@ -553,6 +559,20 @@ fn tampered_srtp_packets_are_auth_failures_and_the_tone_survives() {
         }
         assert!(Instant::now() < deadline, "auth failures never shown: {v}");
         thread::sleep(Duration::from_millis(50)); // polling the writer's republish
+    }
+    let line = format!("recorder_srtp_auth_failures_total {tampered_now}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = scrape(&call.pair, metrics);
+        assert!(
+            !body.contains(m.srtp.as_ref().unwrap().1.as_str()),
+            "key in the metrics"
+        );
+        if body.lines().any(|l| l == line) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {line:?} in\n{body}");
+        thread::sleep(Duration::from_millis(50)); // polling the writer's counters
     }
     let table = Command::new(tests::daemon::recorder_bin())
         .args(["sessions", "--socket"])
@@ -1071,4 +1091,25 @@ fn srtp_across_a_restart_and_the_sequence_wrap() {
         len >= f64::from(sent) * 0.02 - 0.2,
         "{len} s of tone for {sent} packets"
     );
+}
+
+/// The body of `GET /metrics` from the sender namespace.
+fn scrape(pair: &VethPair, addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let raw = pair.in_sender(|| {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .expect("connect to the metrics endpoint");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: recorder\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).expect("read the response");
+        raw
+    });
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
 }

@@ -370,6 +370,41 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_key_past_its_lifetime_decrypts_no_more() {
+        let c = SdesCrypto::parse(&format!(
+            "1 AES_CM_128_HMAC_SHA1_80 inline:{}|2^4",
+            base64_encode(&[5u8; 30])
+        ))
+        .unwrap();
+        let mut tx = sender(&c);
+        let mut rx = SrtpRx::default();
+        rx.set_key(&c).unwrap();
+        let mut results = Vec::new();
+        for seq in 0..20u16 {
+            // The sender's own count stops it too: only what it protected is offered.
+            let Ok(p) = tx.rtp_protect(rtp(seq, 0, 8, &[0; 4])) else {
+                break;
+            };
+            results.push(rx.unprotect(&p, false).is_ok());
+        }
+        assert!(results.len() >= 15, "{results:?}");
+        assert!(results[..15].iter().all(|&ok| ok), "{results:?}");
+        // 2^4 packets per key: the 17th (if the sender made one) is refused.
+        assert!(results.iter().skip(16).all(|&ok| !ok), "{results:?}");
+        let late = {
+            let mut other = sender(&crypto("AES_CM_128_HMAC_SHA1_80", &[5u8; 30], ""));
+            for seq in 0..17u16 {
+                let _ = other.rtp_protect(rtp(seq, 0, 8, &[0; 4]));
+            }
+            other.rtp_protect(rtp(17, 0, 8, &[0; 4])).unwrap()
+        };
+        assert!(matches!(
+            rx.unprotect(&late, false),
+            Err(SrtpFail::Invalid(_))
+        ));
+    }
+
+    #[test]
     fn session_params_and_mki_and_rtcp() {
         let key = [4u8; 30];
         for extra in [
