@@ -234,6 +234,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// Whatever a payload holds, a decoder returns samples or an error, never panics; and
+    /// concealment after garbage stays bounded.
+    #[test]
+    fn garbage_payloads_are_errors_not_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for kind in [
+            Kind::Pcmu,
+            Kind::Pcma,
+            Kind::G722,
+            Kind::Opus { channels: 1 },
+            Kind::Opus { channels: 2 },
+            Kind::G729,
+        ] {
+            let mut dec = Decoder::new(kind).unwrap();
+            let mut out = Vec::new();
+            for len in 0..400 {
+                let junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                out.clear();
+                let _ = dec.decode(&junk, &mut out);
+                let _ = dec.conceal(&mut out);
+                assert!(out.len() <= 2 * OPUS_MAX_FRAME + 8 * len, "{kind:?} {len}");
+            }
+        }
+    }
+
     #[test]
     fn kinds_from_names_and_static_types() {
         assert_eq!(Kind::for_codec(&codec("g722", 8000, 1)), Some(Kind::G722));

@@ -369,6 +369,44 @@ pub(crate) mod tests {
         assert_eq!(rx.suite(), Some(Suite::AesCm128HmacSha1_80));
     }
 
+    /// The packet stage must never panic on what the network sends: garbage, truncated and
+    /// bit-flipped packets of every length, RTP and RTCP, under every suite (with MKI too).
+    #[test]
+    fn garbage_and_truncated_packets_are_errors_not_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for suite in Suite::ALL {
+            let (k, s) = suite.key_salt_len();
+            let key = base64_encode(&vec![3u8; k + s]);
+            for extra in ["", "|2:1"] {
+                let c =
+                    SdesCrypto::parse(&format!("1 {} inline:{key}{extra}", suite.name())).unwrap();
+                let mut tx = sender(&c);
+                let mut rx = SrtpRx::default();
+                rx.set_key(&c).unwrap();
+                let good = if extra.is_empty() {
+                    tx.rtp_protect(rtp(1, 0, 9, &[1; 40])).unwrap()
+                } else {
+                    tx.rtp_protect_mki(rtp(1, 0, 9, &[1; 40]), &Some(vec![2]))
+                        .unwrap()
+                };
+                for len in 0..good.len() + 4 {
+                    let mut junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                    if len > 0 {
+                        junk[0] = 0x80 | (junk[0] & 0x3f);
+                    }
+                    for rtcp in [false, true] {
+                        assert!(rx.unprotect(&junk, rtcp).is_err());
+                        assert!(
+                            rx.unprotect(&good[..len.min(good.len())], rtcp).is_err()
+                                || len >= good.len()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_key_past_its_lifetime_decrypts_no_more() {
         let c = SdesCrypto::parse(&format!(

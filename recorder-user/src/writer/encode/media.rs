@@ -75,6 +75,15 @@ pub(crate) fn decrypted_frame(
     };
     sub(out.get_mut(udp + 4..udp + 6)?)?;
     out[udp + 6..udp + 8].fill(0);
+    // The headers must end where the capture says the UDP header starts.
+    let l3_len = match ethertype {
+        0x0800 => usize::from(frame.get(l3)? & 0x0f) * 4,
+        0x86dd => 40,
+        _ => return None,
+    };
+    if l3 + l3_len > udp || l3_len < 20 {
+        return None;
+    }
     match ethertype {
         0x0800 => {
             let ihl = usize::from(out.get(l3)? & 0x0f) * 4;
@@ -352,5 +361,12 @@ mod tests {
         let (mut f, off) = frame(false, false, &srtp);
         f[12] = 0x88; // not IP
         assert!(decrypted_frame(&f, off, plain).is_none());
+        // A UDP offset inside the IP header (never from the XDP parser): refused, no panic.
+        let (f, _) = frame(true, false, &srtp);
+        assert!(decrypted_frame(&f, 30, &srtp[..10]).is_none());
+        for off in 0..f.len() {
+            let _ = decrypted_frame(&f, off, &[]);
+            let _ = decrypted_frame(&f[..off], off.saturating_sub(3), &[1, 2]);
+        }
     }
 }
