@@ -2559,3 +2559,70 @@ fn g722_sets_the_wav_rate_and_pcmu_is_resampled() {
     }
     h.shutdown();
 }
+
+/// A re-INVITE moving an Opus stream to another dynamic payload type: packets still sent with
+/// the old type after it are decoded as before, and the timeline goes on.
+#[test]
+fn dynamic_payload_type_change_keeps_decoding_both_types() {
+    use audiopus::{coder::Encoder, Application, Channels, SampleRate};
+    let dir = TempDir::new("dynpt");
+    let (h, mut sink) = start_writer(dir.path());
+    let opus = |pt: u8| Codec {
+        payload_type: pt,
+        name: "opus".into(),
+        clock_rate: 48000,
+        channels: 2,
+        fmtp: None,
+    };
+    let mut info = stream(0, "caller", 1, "opus", 111, 40000);
+    info.codec = opus(111);
+    h.event(started("d1", vec![info.clone()], "u"));
+    let enc = Encoder::new(SampleRate::Hz48000, Channels::Mono, Application::Voip).unwrap();
+    let mut buf = [0u8; 1500];
+    let mut send = |sink: &mut WriterSink, k: u32, pt: u8| {
+        let pcm: Vec<i16> = (0..960)
+            .map(|i| {
+                let t = f64::from(k * 960 + i) / 48000.0;
+                (8000.0 * (2.0 * std::f64::consts::PI * 500.0 * t).sin()) as i16
+            })
+            .collect();
+        let n = enc.encode(&pcm, &mut buf[..]).unwrap();
+        let (f, off) = udp_frame(40000, &rtp(pt, k as u16, k * 960, 0xD, &buf[..n]));
+        feed(sink, 1, at_ms(i64::from(k) * 20), &f, off);
+    };
+    for k in 0..50 {
+        send(&mut sink, k, 111);
+    }
+    info.codec = opus(96);
+    h.event(SessionEvent::MediaChanged {
+        id: "d1".into(),
+        at: at_ms(1000),
+        streams: vec![info],
+    });
+    for k in 50..52 {
+        send(&mut sink, k, 111); // sent before the client switched
+    }
+    for k in 52..100 {
+        send(&mut sink, k, 96);
+    }
+    h.event(ended("d1", 2000));
+    h.sync();
+    let rec = dir.path().join("d1");
+    let m = RecordingMetadata::read(&rec).unwrap();
+    assert_eq!(
+        (m.streams[0].decode.decoded_packets, m.dropped.not_decoded),
+        (100, 0)
+    );
+    assert_eq!(m.streams[0].payload_type, 96);
+    let (_, rate, c) = read_wav(&rec.join(WAV_FILE));
+    assert_eq!((rate, c[0].len()), (48000, 96000));
+    // goertzel() assumes 8 kHz: at 48 kHz, 500 Hz sits where 500/6 Hz does.
+    for w in 1..99 {
+        let x = &c[0][w * 960..(w + 1) * 960];
+        assert!(
+            goertzel(x, 500.0 / 6.0) > rms(x).powi(2) / 4.0 * 0.8,
+            "window {w} lacks the tone"
+        );
+    }
+    h.shutdown();
+}

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rtp::RtpHeader;
 use crate::{
-    events::StreamInfo,
+    events::{Codec, StreamInfo},
     media::{
         codec::{Decoder, Kind},
         resample::Resampler,
@@ -144,6 +144,9 @@ pub(crate) struct StreamMedia {
     srtp: SrtpRx,
     #[serde(default)]
     pub stats: MediaStats,
+    /// Codecs negotiated before a re-INVITE changed the payload type, by payload type.
+    #[serde(default)]
+    earlier: Vec<Codec>,
     #[serde(skip)]
     decoders: Vec<(u8, Decoder)>,
     #[serde(skip)]
@@ -161,6 +164,7 @@ impl Clone for StreamMedia {
         Self {
             srtp: self.srtp.clone(),
             stats: self.stats.clone(),
+            earlier: self.earlier.clone(),
             ..Default::default()
         }
     }
@@ -184,6 +188,21 @@ impl StreamMedia {
         self.srtp.set_key(c)?;
         self.stats.srtp_suite = Some(c.suite.name().to_string());
         Ok(())
+    }
+
+    /// Keeps decoding `codec`'s payload type after a re-INVITE moved the stream to another
+    /// one (a dynamic type is then no longer in the stream's info).
+    pub(crate) fn remember_codec(&mut self, codec: &Codec) {
+        self.earlier
+            .retain(|c| c.payload_type != codec.payload_type);
+        self.earlier.push(codec.clone());
+    }
+
+    pub(crate) fn earlier_codec(&self, pt: u8) -> Option<Kind> {
+        self.earlier
+            .iter()
+            .find(|c| c.payload_type == pt)
+            .and_then(Kind::for_codec)
     }
 
     /// Decrypts and authenticates an SRTP or SRTCP packet (the UDP payload).
@@ -235,15 +254,18 @@ impl StreamMedia {
     ) -> bool {
         let rate = kind.sample_rate();
         self.stats.sample_rate = Some(rate);
+        let pt = h.payload_type;
         let idx = match self
             .decoders
             .iter()
-            .position(|(pt, _)| *pt == h.payload_type)
+            .position(|(p, d)| *p == pt && d.kind() == kind)
         {
             Some(i) => i,
             None => match Decoder::new(kind) {
                 Ok(d) => {
-                    self.decoders.push((h.payload_type, d));
+                    // A payload type given to another codec: the old decoder goes.
+                    self.decoders.retain(|(p, _)| *p != pt);
+                    self.decoders.push((pt, d));
                     self.decoders.len() - 1
                 }
                 Err(_) => {

@@ -106,7 +106,9 @@ impl Stream {
         if pt == self.info.codec.payload_type {
             return Some(negotiated);
         }
-        CodecKind::for_static_pt(pt)
+        self.media
+            .earlier_codec(pt)
+            .or_else(|| CodecKind::for_static_pt(pt))
     }
 
     fn set_paused(&mut self, paused: bool, at: SystemTime) {
@@ -474,6 +476,10 @@ impl Recording {
                     let s = &mut self.streams[i];
                     let was_decoded = s.decoder().is_some();
                     s.removed_at = None;
+                    if s.info.codec.payload_type != info.codec.payload_type {
+                        // Packets sent before the switch still arrive with the old type.
+                        s.media.remember_codec(&s.info.codec);
+                    }
                     s.info = info.clone();
                     // A re-INVITE may bring a new key (a transfer to a new leg).
                     if s.media.set_key(info).is_err() {
