@@ -59,6 +59,16 @@ impl Kind {
         }
     }
 
+    /// The byte-to-sample table of G.711: the writer decodes these while it interleaves (no
+    /// intermediate buffer per packet).
+    pub fn g711_table(self) -> Option<&'static [i16; 256]> {
+        match self {
+            Kind::Pcmu => Some(&crate::writer::encode::g711::ULAW),
+            Kind::Pcma => Some(&crate::writer::encode::g711::ALAW),
+            _ => None,
+        }
+    }
+
     /// Rate of the decoded audio. G.722 is 16 kHz audio although its RTP clock says 8000
     /// (RFC 3551 §4.5.2); Opus always decodes at 48 kHz here (RFC 7587 §4.1).
     pub fn sample_rate(self) -> u32 {

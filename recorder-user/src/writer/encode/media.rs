@@ -134,6 +134,22 @@ pub(crate) enum Unprotected {
     },
 }
 
+/// Decoded audio handed to the WAV: samples, or G.711 bytes with their table (decoded as they
+/// are interleaved).
+pub(crate) enum Samples<'a> {
+    Pcm(&'a [i16]),
+    G711(&'a [u8], &'static [i16; 256]),
+}
+
+impl Samples<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Samples::Pcm(s) => s.len(),
+            Samples::G711(b, _) => b.len(),
+        }
+    }
+}
+
 /// Longest gap (in packets) concealed; longer ones stay silent.
 const MAX_CONCEAL: u16 = 5;
 
@@ -250,10 +266,20 @@ impl StreamMedia {
         data: &[u8],
         pos: i64,
         wav_rate: u32,
-        mut place: impl FnMut(i64, &[i16]),
+        mut place: impl FnMut(i64, Samples<'_>),
     ) -> bool {
         let rate = kind.sample_rate();
         self.stats.sample_rate = Some(rate);
+        if let (Some(table), true) = (kind.g711_table(), rate == wav_rate) {
+            // G.711 has no concealment and needs no state: straight into the WAV.
+            if data.is_empty() {
+                self.stats.decode_errors += 1;
+                return false;
+            }
+            self.stats.decoded_packets += 1;
+            place(pos, Samples::G711(data, table));
+            return true;
+        }
         let pt = h.payload_type;
         let idx = match self
             .decoders
@@ -305,7 +331,7 @@ impl StreamMedia {
         }
         let start = pos - (concealed as i64 * i64::from(wav_rate) / i64::from(rate));
         if rate == wav_rate {
-            place(start, &self.samples);
+            place(start, Samples::Pcm(&self.samples));
             return true;
         }
         if self
@@ -322,7 +348,9 @@ impl StreamMedia {
             }
         }
         if let Some(r) = self.resampler.as_mut() {
-            if r.push(start, &self.samples, place).is_err() {
+            if r.push(start, &self.samples, |p, s| place(p, Samples::Pcm(s)))
+                .is_err()
+            {
                 self.stats.decode_errors += 1;
             }
         }

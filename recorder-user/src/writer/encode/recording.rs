@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::{
     dtmf::{self, DtmfEvent},
-    media::{decrypted_frame, PcapSrtp, StreamMedia, Unprotected},
+    media::{decrypted_frame, PcapSrtp, Samples, StreamMedia, Unprotected},
     pcap::{self, PcapWriter},
     rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
     wav::{self, WavWriter},
@@ -672,14 +672,20 @@ impl Recording {
         let mut out_of_range = false;
         // Audio before the start of the recording is cut (packets racing the 200 OK), so is
         // audio past the RIFF limit or before the window kept in memory.
-        let mut place = |pos: i64, samples: &[i16]| {
-            let skip = (-pos).max(0) as usize;
-            if skip >= samples.len() || pos > MAX_WAV_SECONDS * rate as i64 {
+        let mut place = |pos: i64, samples: Samples<'_>| {
+            let (len, skip) = (samples.len(), (-pos).max(0) as usize);
+            if skip >= len || pos > MAX_WAV_SECONDS * rate as i64 {
                 out_of_range = true;
                 return;
             }
-            let n = wav.write(channel, pos.max(0) as u64, samples[skip..].iter().copied());
-            if n + skip < samples.len() {
+            let start = pos.max(0) as u64;
+            let n = match samples {
+                Samples::Pcm(s) => wav.write(channel, start, s[skip..].iter().copied()),
+                Samples::G711(b, t) => {
+                    wav.write(channel, start, b[skip..].iter().map(|&x| t[usize::from(x)]))
+                }
+            };
+            if n + skip < len {
                 out_of_range = true;
             }
         };
