@@ -1065,6 +1065,20 @@ fn srtp_across_a_restart_and_the_sequence_wrap() {
     let wait = |sent: u32| while progress.recv().unwrap() < sent {};
     wait(60); // wrapped after 36
     assert_eq!(call.daemon.stop(), Some(0), "{}", call.daemon.log_text());
+    // The handover carries the key to the next daemon: only there, readable by us alone.
+    let handover = call.daemon.spool.join(".handover.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&handover).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "{}", handover.display());
+    let b64 = recorder::media::sdes::base64_encode(&key);
+    assert!(std::fs::read_to_string(&handover).unwrap().contains(&b64));
+    for file in ["metadata.json"] {
+        let (dir, _) = call.daemon.metadata_for(&call.client.call_id, false);
+        assert!(!std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .contains(&b64));
+    }
     wait(110); // only the kernel holds these
     call.daemon.args.retain(|a| a != "--detach-on-exit");
     call.daemon.spawn(&call.pair);
