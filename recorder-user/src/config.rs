@@ -258,6 +258,8 @@ pub struct Config {
     /// Packets queued to one writer shard before the ring consumer stops draining (records
     /// then wait in the rings; nothing is dropped in userspace).
     pub writer_queue_packets: usize,
+    /// What the pcap holds of SRTP streams: `received` (as on the wire) or `decrypted`.
+    pub pcap_srtp: crate::writer::encode::media::PcapSrtp,
     /// bpffs directory holding the pinned XDP link, flow map and ring buffers (one
     /// subdirectory per kernel/user layout version). Give each daemon on a host its own.
     pub pin_dir: PathBuf,
@@ -313,6 +315,7 @@ impl Default for Config {
             metadata_interval_secs: 30,
             writer_shards: 0,
             writer_queue_packets: 65536,
+            pcap_srtp: Default::default(),
             pin_dir: PathBuf::from("/sys/fs/bpf/recorder"),
             config_file: None,
         }

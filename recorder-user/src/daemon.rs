@@ -483,6 +483,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         writer_config.shards = config.writer_shards;
     }
     writer_config.queue_packets = config.writer_queue_packets;
+    writer_config.pcap_srtp = config.pcap_srtp;
     let (writer, sink) = match writer_handover {
         Some(h) => writer::start_resumed(writer_config, h),
         None => writer::start(writer_config),

@@ -41,6 +41,10 @@ pub struct StreamInfo {
     pub paused: bool,
     /// `a=crypto` was offered (SRTP); the payload cannot be decoded without keys.
     pub srtp: bool,
+    /// The offered SDES line the recorder decrypts with (RTP/SAVP). Holds the client's key:
+    /// its `Debug` is redacted; only the handover file stores it.
+    #[serde(default)]
+    pub sdes: Option<crate::media::sdes::SdesCrypto>,
 }
 
 /// A codec from an `a=rtpmap` (or a static payload type).

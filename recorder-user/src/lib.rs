@@ -25,6 +25,7 @@ pub mod events;
 pub mod flow;
 pub mod handover;
 pub mod index;
+pub mod media;
 pub mod metrics;
 pub mod reload;
 pub mod rtcp;

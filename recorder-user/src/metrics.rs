@@ -275,6 +275,13 @@ impl Snapshot {
             .into_iter()
             .map(|(r, n)| (vec![("reason", r.to_string())], n)),
         );
+        out.single(
+            "recorder_srtp_auth_failures_total",
+            "counter",
+            "SRTP and SRTCP packets that failed authentication (kept in the pcap, never decoded).",
+            &[],
+            self.writer.srtp_auth_failed,
+        );
         out.family(
             "recorder_writer_errors_total",
             "counter",

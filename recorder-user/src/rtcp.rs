@@ -277,8 +277,13 @@ pub async fn run(
     }
 }
 
-/// Our RTCP port and the client's RTCP address, if the stream has both.
+/// Our RTCP port and the client's RTCP address, if the stream has both. None for SRTP
+/// streams: the client authenticates RTCP there (SRTCP), and a plain report would only count
+/// as a failure on its side.
 fn target(info: &StreamInfo) -> Option<(u16, SocketAddr)> {
+    if info.srtp {
+        return None;
+    }
     Some((info.rtcp_port?, info.rtcp_remote?))
 }
 
@@ -321,6 +326,38 @@ mod tests {
             blocks,
             String::from_utf8(s[10..10 + n].to_vec()).unwrap(),
         )
+    }
+
+    #[test]
+    fn srtp_streams_get_no_plain_receiver_reports() {
+        let mut info = StreamInfo {
+            index: 0,
+            label: "1".into(),
+            media: "audio".into(),
+            flow_id: 1,
+            rtcp_flow_id: Some(2),
+            local_port: 30000,
+            rtcp_port: Some(30001),
+            remote: None,
+            rtcp_remote: Some("192.0.2.1:31001".parse().unwrap()),
+            codec: crate::events::Codec {
+                payload_type: 0,
+                name: "PCMU".into(),
+                clock_rate: 8000,
+                channels: 1,
+                fmtp: None,
+            },
+            telephone_event_pt: None,
+            paused: false,
+            srtp: false,
+            sdes: None,
+        };
+        assert_eq!(
+            target(&info),
+            Some((30001, "192.0.2.1:31001".parse().unwrap()))
+        );
+        info.srtp = true;
+        assert_eq!(target(&info), None);
     }
 
     #[test]

@@ -42,6 +42,7 @@ fn stream(index: usize, flow_id: u64, port: u16) -> StreamInfo {
         },
         telephone_event_pt: None,
         srtp: false,
+        sdes: None,
         paused: false,
     }
 }

@@ -24,6 +24,14 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "netsniff-ng",
     "sip-tester",
+    // Codecs the writer decodes into the WAV: Opus (found through pkg-config) and G.729.
+    "pkg-config",
+    "libopus-dev",
+    "libbcg729-dev",
+    // The independent RTP/SRTP sender of the SRTP and codec tests.
+    "ffmpeg",
+    // libsrtp as a second independent SRTP sender (GCM suites, rollover counter).
+    "python3-pylibsrtp",
     "tshark",
     "tcpdump",
     "bpftool",

@@ -238,6 +238,7 @@ fn sessions(app: &DaemonRecorder) -> serde_json::Result<Value> {
                 .unwrap_or_default()
                 .as_secs();
             let mut v = serde_json::to_value(&summary)?;
+            crate::media::redact_keys(&mut v);
             if let Value::Object(map) = &mut v {
                 map.insert("packets".into(), json!(packets));
                 map.insert("bytes".into(), json!(bytes));
@@ -267,8 +268,16 @@ fn add_loss(writer: &WriterHandle, sessions: &mut Value) {
             .flat_map(|flow_id| writer.reception(flow_id))
             .map(|ssrc| ssrc.lost)
             .sum();
+        let auth_failures: u64 = session["streams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|stream| stream["flow_id"].as_u64())
+            .map(|flow_id| writer.auth_failures(flow_id))
+            .sum();
         if let Value::Object(map) = session {
             map.insert("lost".into(), json!(lost));
+            map.insert("auth_failures".into(), json!(auth_failures));
         }
     }
 }

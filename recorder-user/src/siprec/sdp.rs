@@ -16,7 +16,7 @@ use sdp_rs::lines::{self, Attribute};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::events::Codec;
+use crate::{events::Codec, media::sdes};
 
 /// Most m-lines accepted in one offer; SIPREC uses 1-4.
 pub const MAX_STREAMS: usize = 64;
@@ -162,9 +162,7 @@ impl OfferStream {
             "RTP/AVP" | "RTP/AVPF" | "RTP/SAVP" | "RTP/SAVPF"
         ) {
             Some("unsupported transport")
-        } else if proto.starts_with("RTP/SAVP")
-            && !self.crypto.iter().any(|c| supported_suite(c).is_some())
-        {
+        } else if proto.starts_with("RTP/SAVP") && sdes::choose(&self.crypto).is_none() {
             Some("SRTP without usable SDES keys")
         } else if choose_codec(self).is_none() {
             Some("no codec offered")
@@ -208,43 +206,11 @@ pub fn choose_codec(stream: &OfferStream) -> Option<Codec> {
         .cloned()
 }
 
-/// SDES suites we can answer (RFC 4568 §6.2); both use a 30-byte key+salt.
-fn supported_suite(crypto: &str) -> Option<(&str, &str)> {
-    let mut fields = crypto.split_whitespace();
-    let tag = fields.next()?;
-    let suite = fields.next()?;
-    ["AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32"]
-        .iter()
-        .any(|s| suite.eq_ignore_ascii_case(s))
-        .then_some((tag, suite))
-}
-
-/// Our `a=crypto` value answering the first offered line with a supported suite, same tag and
-/// suite, keyed with `key_salt` (30 random bytes from the caller). `None` if none fits.
-pub fn answer_crypto(offered: &[String], key_salt: &[u8; 30]) -> Option<String> {
-    let (tag, suite) = offered.iter().find_map(|c| supported_suite(c))?;
-    Some(format!("{tag} {suite} inline:{}", base64(key_salt)))
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+/// Our `a=crypto` value for an SRTP stream: the offered line we decrypt with (the strongest
+/// usable suite, see [`sdes::choose`]) answered with its tag and suite and a key of ours.
+/// `None` if no offered line is usable.
+pub fn answer_crypto(offered: &[String]) -> Option<String> {
+    sdes::choose(offered).map(|c| sdes::answer(&c))
 }
 
 /// Parses an offer; see the module docs for what is tolerated.
@@ -885,11 +851,14 @@ m=audio 6002 RTP/SAVP 8\r\na=label:2\r\na=sendonly\r\n";
             offer.streams[1].rejection(),
             Some("SRTP without usable SDES keys")
         );
-        let ours = answer_crypto(&s.crypto, &[0u8; 30]).unwrap();
-        assert_eq!(
-            ours,
-            "1 AES_CM_128_HMAC_SHA1_80 inline:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        let ours = answer_crypto(&s.crypto).unwrap();
+        assert!(
+            ours.starts_with("1 AES_CM_128_HMAC_SHA1_80 inline:"),
+            "{ours}"
         );
+        // Our own key (we never send), not the client's.
+        assert!(!ours.contains("WVNfX19zZW1jdGwgKCkgewkyMjA7fQp9CnVubGVz"));
+        assert_eq!(ours.len(), "1 AES_CM_128_HMAC_SHA1_80 inline:".len() + 40);
         let mut answer = accept(&offer, 0, 40000);
         if let StreamAnswer::Accept { crypto, .. } = &mut answer {
             *crypto = Some(ours.clone());
@@ -909,7 +878,7 @@ m=audio 6002 RTP/SAVP 8\r\na=label:2\r\na=sendonly\r\n";
             ("foo", "Zm9v"),
             ("foobar", "Zm9vYmFy"),
         ] {
-            assert_eq!(base64(input.as_bytes()), expected);
+            assert_eq!(sdes::base64_encode(input.as_bytes()), expected);
         }
     }
 

@@ -777,6 +777,10 @@ impl<F: FlowControl> Recorder<F> {
             telephone_event_pt: stream.telephone_event.as_ref().map(|c| c.payload_type),
             paused: stream_paused(stream),
             srtp: !stream.crypto.is_empty(),
+            sdes: stream
+                .is_srtp()
+                .then(|| crate::media::sdes::choose(&stream.crypto))
+                .flatten(),
         };
         let rtp_spec = self.spec(port, remote);
         info.flow_id = rtp_spec.flow_id;
@@ -1078,6 +1082,17 @@ impl<F: FlowControl> Recorder<F> {
                     if paused != info.paused {
                         info.paused = paused;
                         toggles.push((info.label.clone(), paused));
+                        changed = true;
+                    }
+                    // A new SDES key (a transfer to a new leg): the writer decrypts with it
+                    // from now on, and with the old one what is still in flight.
+                    let sdes = stream
+                        .is_srtp()
+                        .then(|| crate::media::sdes::choose(&stream.crypto))
+                        .flatten();
+                    if sdes != info.sdes {
+                        info.srtp = !stream.crypto.is_empty();
+                        info.sdes = sdes;
                         changed = true;
                     }
                     *slot = Some(info);
@@ -1881,12 +1896,20 @@ fn answers_for(offer: &Offer, slots: &[Slot], previous: &[StreamAnswer]) -> Vec<
         .enumerate()
         .map(|(i, stream)| match slots.get(i).and_then(Option::as_ref) {
             Some(info) => {
-                let crypto = stream.is_srtp().then(|| match previous.get(i) {
-                    Some(StreamAnswer::Accept {
-                        crypto: Some(c), ..
-                    }) => Some(c.clone()),
-                    _ => answer_crypto(&stream.crypto, &rand::random::<[u8; 30]>()),
-                });
+                // Our previous answer stands while it answers the same offered tag and suite.
+                let crypto = stream
+                    .is_srtp()
+                    .then(|| match (previous.get(i), &info.sdes) {
+                        (
+                            Some(StreamAnswer::Accept {
+                                crypto: Some(c), ..
+                            }),
+                            Some(chosen),
+                        ) if c.starts_with(&format!("{} {} ", chosen.tag, chosen.suite.name())) => {
+                            Some(c.clone())
+                        }
+                        _ => answer_crypto(&stream.crypto),
+                    });
                 StreamAnswer::Accept {
                     port: info.local_port,
                     rtcp_port: info.rtcp_port,

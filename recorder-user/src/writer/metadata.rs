@@ -106,7 +106,7 @@ pub struct StreamMeta {
     pub rtcp_port: Option<u16>,
     /// WAV channel (0 = left), if the stream has one.
     pub channel: Option<u16>,
-    /// Its audio is decoded into the WAV (PCMU/PCMA, not SRTP).
+    /// Its audio is decoded into the WAV (PCMU, PCMA, G.722, Opus, G.729; SRTP with its key).
     pub decoded: bool,
     pub srtp: bool,
     /// RTP packets written to the pcap.
@@ -127,6 +127,9 @@ pub struct StreamMeta {
     /// Packets of this stream (RTP and RTCP) lost to a full ring buffer (known at the end).
     #[serde(default)]
     pub ring_drops: u64,
+    /// Codec rate, SRTP suite, decode and authentication counters.
+    #[serde(flatten)]
+    pub decode: super::encode::media::MediaStats,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -163,6 +163,8 @@ pub struct WriterConfig {
     /// this in the spool, so that files can still be finished and metadata written on a full
     /// disk. Capped at half of `min_free_bytes` (new sessions are refused before media stops).
     pub media_floor_bytes: u64,
+    /// What the pcap holds of SRTP streams (see [`encode::media::PcapSrtp`]).
+    pub pcap_srtp: encode::media::PcapSrtp,
 }
 
 impl WriterConfig {
@@ -184,6 +186,7 @@ impl WriterConfig {
             index_url: None,
             host: hostname(),
             media_floor_bytes: 16 * 1024 * 1024,
+            pcap_srtp: encode::media::PcapSrtp::Received,
         }
     }
 }
@@ -268,6 +271,8 @@ pub struct WriterStats {
     pub write_latency: LatencyHistogram,
     /// `metadata.json` replacements that failed (the previous file stays).
     pub metadata_write_failed: u64,
+    /// SRTP/SRTCP packets that failed authentication (kept in the pcap, never decoded).
+    pub srtp_auth_failed: u64,
 }
 
 /// Upper bounds (microseconds) of the write-latency buckets.
@@ -338,6 +343,7 @@ pub(crate) struct Shared {
     pub max_flow: AtomicU64,
     pub write_latency: LatencyCells,
     pub io: Arc<IoCounters>,
+    pub srtp_auth_failed: AtomicU64,
     /// Emptied batches handed back by the shards for the sink to fill again (their buffers stay
     /// allocated: no malloc/free of a quarter megabyte per batch).
     spare_batches: Mutex<Vec<PacketBatch>>,
@@ -370,6 +376,8 @@ impl Shared {
 pub(crate) struct ShardShared {
     /// Reception statistics per live RTP flow id, republished every [`RECEPTION_INTERVAL`].
     pub reception: Mutex<HashMap<u64, Vec<SsrcStats>>>,
+    /// SRTP/SRTCP authentication failures per live RTP flow id (same schedule).
+    pub auth_failures: Mutex<HashMap<u64, u64>>,
     /// The last sender report per RTCP flow id and sender SSRC: (middle 32 bits of its NTP
     /// timestamp, capture time), for the LSR/DLSR of our receiver reports.
     pub sender_reports: Mutex<HashMap<u64, SenderReports>>,
@@ -406,6 +414,14 @@ type SenderReports = HashMap<u32, (u32, SystemTime)>;
 pub struct ReceptionReader(Arc<Vec<Arc<ShardShared>>>);
 
 impl ReceptionReader {
+    /// SRTP/SRTCP packets of the stream with RTP flow `flow_id` that failed authentication.
+    pub fn auth_failures(&self, flow_id: u64) -> u64 {
+        self.0
+            .iter()
+            .find_map(|s| s.auth_failures.lock().ok()?.get(&flow_id).copied())
+            .unwrap_or(0)
+    }
+
     /// The last sender report of each SSRC on the RTCP flow `rtcp_flow_id`: (SSRC, middle 32
     /// bits of its NTP timestamp, when it was captured).
     pub fn sender_reports(&self, rtcp_flow_id: u64) -> Vec<(u32, u32, SystemTime)> {
@@ -790,6 +806,7 @@ impl WriterHandle {
             bytes_written: s.io.bytes_written.load(Relaxed),
             write_latency: s.write_latency.snapshot(),
             metadata_write_failed: s.io.metadata_write_failed.load(Relaxed),
+            srtp_auth_failed: s.srtp_auth_failed.load(Relaxed),
         }
     }
 
@@ -797,6 +814,11 @@ impl WriterHandle {
     /// (empty for an unknown or ended flow). At most [`RECEPTION_INTERVAL`] old.
     pub fn reception(&self, flow_id: u64) -> Vec<SsrcStats> {
         self.reception.reception(flow_id)
+    }
+
+    /// See [`ReceptionReader::auth_failures`].
+    pub fn auth_failures(&self, flow_id: u64) -> u64 {
+        self.reception.auth_failures(flow_id)
     }
 
     /// A cheap handle for reading [`WriterHandle::reception`] from another task.

@@ -86,6 +86,7 @@ pub(crate) type EndedUnlinked = (
 struct Tally {
     stored: u64,
     unknown_flow: u64,
+    srtp_auth_failed: u64,
 }
 
 impl Shard {
@@ -174,6 +175,11 @@ impl Shard {
                         .unknown_flow
                         .fetch_add(tally.unknown_flow, Relaxed);
                 }
+                if tally.srtp_auth_failed > 0 {
+                    self.shared
+                        .srtp_auth_failed
+                        .fetch_add(tally.srtp_auth_failed, Relaxed);
+                }
                 self.shared.recycle(batch);
             }
             Msg::Event(ev) => self.event(*ev),
@@ -217,6 +223,7 @@ impl Shard {
             let (dir, mut meta) = (state.dir.clone(), state.meta.clone());
             match Recording::resume(state, floor, Some(self.files.clone())) {
                 Ok(mut rec) => {
+                    rec.pcap_srtp = self.config.pcap_srtp;
                     self.schedule(&mut rec);
                     rec.write_metadata(SystemTime::now());
                     self.index_update(rec.metadata());
@@ -260,6 +267,14 @@ impl Shard {
             .collect();
         if let Ok(mut m) = self.own.reception.lock() {
             *m = fresh;
+        }
+        let auth: HashMap<u64, u64> = self
+            .recordings
+            .values()
+            .flat_map(|r| r.auth_failures())
+            .collect();
+        if let Ok(mut m) = self.own.auth_failures.lock() {
+            *m = auth;
         }
     }
 
@@ -314,6 +329,7 @@ impl Shard {
             self.own.note_sender_report(p);
         }
         rec.packet(stream, rtcp, p);
+        tally.srtp_auth_failed += std::mem::take(&mut rec.srtp_auth_failed);
         rec.dirty = true;
         tally.stored += 1;
     }
@@ -354,6 +370,7 @@ impl Shard {
             };
             match Recording::create(&self.config.spool, start) {
                 Ok(mut rec) => {
+                    rec.pcap_srtp = self.config.pcap_srtp;
                     self.schedule(&mut rec);
                     rec.write_metadata(*at);
                     self.index_link(rec.metadata());

@@ -173,6 +173,7 @@ fn recorder(
                     telephone_event_pt: None,
                     paused: false,
                     srtp: false,
+                    sdes: None,
                 })
             })
             .collect::<Result<_>>()?;

@@ -3,6 +3,7 @@
 
 pub mod dtmf;
 pub(crate) mod g711;
+pub mod media;
 pub(crate) mod pcap;
 pub(crate) mod recording;
 pub mod rtp;

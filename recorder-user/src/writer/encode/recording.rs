@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::{
     dtmf::{self, DtmfEvent},
-    g711,
+    media::{decrypted_frame, PcapSrtp, Samples, StreamMedia, Unprotected},
     pcap::{self, PcapWriter},
     rtp::{self, full_ssrcs, Aligner, Kind, SsrcStats},
     wav::{self, WavWriter},
@@ -29,42 +29,14 @@ use crate::writer::{
 use crate::{
     capture::CapturedPacket,
     events::{CallIds, MetadataVersion, Participant, StreamInfo},
+    media::codec::Kind as CodecKind,
 };
 
-/// Sample rate of the WAV: G.711 is the only codec decoded.
+/// Sample rate of the WAV when no stream is decoded.
 pub(crate) const WAV_RATE: u32 = 8000;
 /// Longest WAV written (24 h): guards against a wall clock step turning into gigabytes of
 /// silence. Audio past it stays in the pcap (counted as `out_of_range`).
 const MAX_WAV_SECONDS: i64 = 24 * 3600;
-
-/// Codec of a payload type the WAV can take.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Decoder {
-    Pcmu,
-    Pcma,
-}
-
-impl Decoder {
-    /// Called per packet: compares in place (no uppercased copy).
-    fn for_name(name: &str) -> Option<Self> {
-        if name.eq_ignore_ascii_case("PCMU") {
-            Some(Decoder::Pcmu)
-        } else if name.eq_ignore_ascii_case("PCMA") {
-            Some(Decoder::Pcma)
-        } else {
-            None
-        }
-    }
-
-    /// Byte-to-sample table: the WAV writer decodes while it interleaves (no intermediate
-    /// buffer per packet).
-    fn table(self) -> &'static [i16; 256] {
-        match self {
-            Decoder::Pcmu => &g711::ULAW,
-            Decoder::Pcma => &g711::ALAW,
-        }
-    }
-}
 
 /// Serialized whole in a handover (`ssrcs` with their internal loss and jitter state).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -85,6 +57,9 @@ struct Stream {
     /// Records lost to a full ring (from the kernel, at the end).
     #[serde(default)]
     ring_drops: u64,
+    /// SRTP, decoders and their counters.
+    #[serde(default)]
+    media: StreamMedia,
 }
 
 impl Stream {
@@ -111,28 +86,29 @@ impl Stream {
             added_at: at,
             removed_at: None,
             ring_drops: 0,
+            media: StreamMedia::default(),
         }
     }
 
-    fn decoder(&self) -> Option<Decoder> {
-        if self.info.srtp || self.info.media != "audio" {
+    /// The codec of the negotiated payload type, when the WAV can take it (SRTP only with the
+    /// client's key).
+    fn decoder(&self) -> Option<CodecKind> {
+        if (self.info.srtp && self.info.sdes.is_none()) || self.info.media != "audio" {
             return None;
         }
-        Decoder::for_name(&self.info.codec.name)
+        CodecKind::for_codec(&self.info.codec)
     }
 
-    /// Decoder for one packet's payload type (static PCMU/PCMA types are honoured even when
-    /// the answer chose the other, as some clients switch).
-    fn decoder_for(&self, pt: u8) -> Option<Decoder> {
+    /// Codec of one packet's payload type: the negotiated one, or a static type (some clients
+    /// switch between PCMU, PCMA and G.722 without a new offer).
+    fn decoder_for(&self, pt: u8) -> Option<CodecKind> {
         let negotiated = self.decoder()?;
         if pt == self.info.codec.payload_type {
             return Some(negotiated);
         }
-        match pt {
-            0 => Some(Decoder::Pcmu),
-            8 => Some(Decoder::Pcma),
-            _ => None,
-        }
+        self.media
+            .earlier_codec(pt)
+            .or_else(|| CodecKind::for_static_pt(pt))
     }
 
     fn set_paused(&mut self, paused: bool, at: SystemTime) {
@@ -172,6 +148,7 @@ impl Stream {
             removed_at: self.removed_at.map(rfc3339),
             dtmf: self.dtmf.clone(),
             ring_drops: self.ring_drops,
+            decode: self.media.stats.clone(),
         }
     }
 }
@@ -213,6 +190,10 @@ pub(crate) struct Recording {
     /// not all hand over their chunks in the same instant.
     chunk_scale: u64,
     id: Arc<str>,
+    /// SRTP authentication failures not yet added to the writer's counters (by the shard).
+    pub srtp_auth_failed: u64,
+    /// What the pcap holds of SRTP streams (set by the shard from its configuration).
+    pub pcap_srtp: PcapSrtp,
 }
 
 /// What a handover carries of one active recording: enough to reopen its files and go on
@@ -292,8 +273,15 @@ impl Recording {
                 notes.push(not_decoded_note(&st.info));
             }
         }
+        // The widest stream sets the WAV's rate; the others are resampled to it.
+        let rate = streams
+            .iter()
+            .filter(|st| st.channel.is_some())
+            .filter_map(|st| st.decoder().map(CodecKind::sample_rate))
+            .max()
+            .unwrap_or(WAV_RATE);
         let pcap = PcapWriter::new(&dir.join(PCAP_FILE));
-        let wav = WavWriter::new(&dir.join(WAV_FILE), labels.len().max(1) as u16, WAV_RATE);
+        let wav = WavWriter::new(&dir.join(WAV_FILE), labels.len().max(1) as u16, rate);
         let files = queue_or_inline(s.files);
         let io = Arc::<RecordingIo>::default();
         // The directory and the files' headers are made by the file thread, ahead of every
@@ -329,7 +317,7 @@ impl Recording {
                 streams: Vec::new(),
                 metadata_versions: Vec::new(),
                 wav: WavMeta {
-                    sample_rate: WAV_RATE,
+                    sample_rate: rate,
                     channels: labels,
                     frames: 0,
                 },
@@ -355,6 +343,8 @@ impl Recording {
             idle_written: false,
             chunk_scale: first_chunk_scale(s.id),
             id: Arc::from(s.id),
+            srtp_auth_failed: 0,
+            pcap_srtp: PcapSrtp::default(),
         };
         rec.set_ids(s.ids);
         rec.set_participants(s.participants);
@@ -374,6 +364,17 @@ impl Recording {
             .iter()
             .filter(|s| s.removed_at.is_none())
             .map(|s| (s.info.flow_id, s.ssrcs.as_slice()))
+    }
+
+    /// SRTP/SRTCP authentication failures of each live stream, by RTP flow id.
+    pub(crate) fn auth_failures(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.streams
+            .iter()
+            .filter(|s| s.removed_at.is_none())
+            .map(|s| {
+                let m = &s.media.stats;
+                (s.info.flow_id, m.auth_failures + m.rtcp_auth_failures)
+            })
     }
 
     /// Flow ids routed to this recording: (flow id, stream index, is RTCP).
@@ -475,7 +476,19 @@ impl Recording {
                     let s = &mut self.streams[i];
                     let was_decoded = s.decoder().is_some();
                     s.removed_at = None;
+                    if s.info.codec.payload_type != info.codec.payload_type {
+                        // Packets sent before the switch still arrive with the old type.
+                        s.media.remember_codec(&s.info.codec);
+                    }
                     s.info = info.clone();
+                    // A re-INVITE may bring a new key (a transfer to a new leg).
+                    if s.media.set_key(info).is_err() {
+                        self.meta.notes.push(format!(
+                            "stream {:?}: the new SRTP key of {} cannot be used",
+                            info.label,
+                            rfc3339(at)
+                        ));
+                    }
                     s.set_paused(info.paused, at);
                     if s.channel.is_some() && was_decoded && s.decoder().is_none() {
                         self.meta.notes.push(not_decoded_note(info));
@@ -513,36 +526,72 @@ impl Recording {
         let Some(s) = self.streams.get_mut(stream) else {
             return 0;
         };
-        let mut stored = 0;
         self.stored += 1;
-        if let Some(pcap) = self.pcap.as_mut() {
-            let files = &self.files;
-            stored = pcap.push(stream, p.wall, p.header.wire_len, p.frame, || {
-                files.buffer(pcap::CHUNK + 2048)
-            });
-        }
-        let payload = p
+        let received = p
             .frame
             .get(p.header.payload_offset as usize..)
             .unwrap_or(&[]);
-        if rtcp {
-            s.rtcp_packets += 1;
+        let kind = if rtcp {
+            Kind::Rtcp
+        } else {
+            rtp::parse(received)
+        };
+        let is_rtcp = matches!(kind, Kind::Rtcp);
+        let unprotected = match kind {
+            Kind::Malformed => Unprotected::Clear,
+            _ => s.media.unprotect(&s.info, received, is_rtcp),
+        };
+        // The pcap holds what was received, or with `pcap_srtp = "decrypted"` the plain
+        // RTP/RTCP of what authenticated (the rest as received).
+        let rebuilt = match (&unprotected, self.pcap_srtp) {
+            (Unprotected::Plain(plain), PcapSrtp::Decrypted) => {
+                decrypted_frame(p.frame, p.header.payload_offset as usize, plain)
+            }
+            _ => None,
+        };
+        let (frame, wire_len) = match &rebuilt {
+            Some(f) => {
+                let cut = p.frame.len() - f.len();
+                (&f[..], p.header.wire_len - cut as u32)
+            }
+            None => (p.frame, p.header.wire_len),
+        };
+        let mut stored = 0;
+        if let Some(pcap) = self.pcap.as_mut() {
+            let files = &self.files;
+            stored = pcap.push(stream, p.wall, wire_len, frame, || {
+                files.buffer(pcap::CHUNK + 2048)
+            });
+        }
+        if let Kind::Malformed = kind {
+            self.meta.dropped.malformed += 1;
             return stored;
         }
-        let h = match rtp::parse(payload) {
-            Kind::Rtp(h) => h,
-            Kind::Rtcp => {
-                s.rtcp_packets += 1;
+        if is_rtcp {
+            s.rtcp_packets += 1;
+        } else {
+            s.packets += 1;
+            s.bytes += p.header.wire_len as u64;
+            self.meta.media_received = true;
+        }
+        // SRTP: what fails authentication goes no further than the pcap.
+        let payload = match &unprotected {
+            Unprotected::Clear => received,
+            Unprotected::Plain(plain) => &plain[..],
+            Unprotected::Rejected { auth } => {
+                self.srtp_auth_failed += u64::from(*auth);
+                self.dirty = true;
                 return stored;
             }
+        };
+        let h = match rtp::parse(payload) {
+            Kind::Rtp(h) if !is_rtcp => h,
             Kind::Malformed => {
                 self.meta.dropped.malformed += 1;
                 return stored;
             }
+            _ => return stored,
         };
-        s.packets += 1;
-        s.bytes += p.header.wire_len as u64;
-        self.meta.media_received = true;
         let idx = match s.ssrcs.iter().position(|x| x.ssrc == h.ssrc) {
             Some(i) => i,
             None => {
@@ -619,20 +668,29 @@ impl Recording {
         let data = payload
             .get(h.payload_offset..h.payload_offset + h.payload_len)
             .unwrap_or(&[]);
-        // G.711: one sample per byte.
-        let samples = data.len();
-        // Audio before the start of the recording is cut (packets racing the 200 OK).
-        let skip = (-pos).max(0) as usize;
-        if skip >= samples || pos > MAX_WAV_SECONDS * wav.rate() as i64 {
-            self.meta.dropped.out_of_range += 1;
-            return stored;
-        }
-        let start = pos.max(0) as u64;
-        let table = dec.table();
-        let decoded = data[skip..].iter().map(|&b| table[usize::from(b)]);
-        let n = wav.write(channel, start, decoded);
-        if n + skip < samples {
-            // Past the RIFF limit, or later than the window kept in memory.
+        let rate = wav.rate();
+        let mut out_of_range = false;
+        // Audio before the start of the recording is cut (packets racing the 200 OK), so is
+        // audio past the RIFF limit or before the window kept in memory.
+        let mut place = |pos: i64, samples: Samples<'_>| {
+            let (len, skip) = (samples.len(), (-pos).max(0) as usize);
+            if skip >= len || pos > MAX_WAV_SECONDS * rate as i64 {
+                out_of_range = true;
+                return;
+            }
+            let start = pos.max(0) as u64;
+            let n = match samples {
+                Samples::Pcm(s) => wav.write(channel, start, s[skip..].iter().copied()),
+                Samples::G711(b, t) => {
+                    wav.write(channel, start, b[skip..].iter().map(|&x| t[usize::from(x)]))
+                }
+            };
+            if n + skip < len {
+                out_of_range = true;
+            }
+        };
+        s.media.decode(dec, &h, data, pos, rate, &mut place);
+        if out_of_range {
             self.meta.dropped.out_of_range += 1;
         }
         stored
@@ -884,6 +942,8 @@ impl Recording {
             idle_written: false,
             chunk_scale: first_chunk_scale(&id),
             id,
+            srtp_auth_failed: 0,
+            pcap_srtp: PcapSrtp::default(),
         })
     }
 }
