@@ -266,6 +266,8 @@ pub(crate) struct FileQueue {
     pool: Arc<Mutex<Vec<Vec<u8>>>>,
     /// The file thread's open descriptors (used by that thread only; inline: none kept).
     open: Arc<Mutex<OpenFiles>>,
+    /// Where the file thread hands recordings' endings (inline: run at once).
+    endings: Arc<Endings>,
 }
 
 /// Synced replacements committed together at most.
@@ -288,6 +290,7 @@ impl FileQueue {
             tx: Some(tx),
             inflight: Arc::default(),
             limit: limit.max(1),
+            endings: Endings::spawn(&name, counters.clone())?,
             counters,
             pool: Arc::default(),
             open: Arc::new(Mutex::new(OpenFiles::with_capacity(open_files))),
@@ -315,6 +318,33 @@ impl FileQueue {
                         }
                     }
                     worker.replace_group(group);
+                } else if matches!(&job, Job::Finish { io, .. } if !io.create_failed()) {
+                    let Job::Finish { id, pcap, wav, .. } = job else {
+                        unreachable!("matched above")
+                    };
+                    let mut ending = {
+                        let mut open = worker.open.lock().unwrap_or_else(|e| e.into_inner());
+                        Ending::new(id.clone(), pcap, wav, &mut open)
+                    };
+                    // An ended recording's Finalize is queued right behind its Finish.
+                    match rx.recv_timeout(FINALIZE_WAIT) {
+                        Ok(Job::Finalize {
+                            dir,
+                            meta,
+                            io,
+                            index,
+                        }) if meta.id.as_str() == &*id && !io.create_failed() => {
+                            ending.finalize = Some(Finalize {
+                                dir,
+                                meta,
+                                io,
+                                index,
+                            });
+                        }
+                        Ok(other) => next = Some(other),
+                        Err(_) => {}
+                    }
+                    worker.endings.hand(ending, &worker.counters);
                 } else {
                     worker.execute(job);
                 }
@@ -328,6 +358,7 @@ impl FileQueue {
                     worker.inflight.room.notify_all();
                 }
             }
+            worker.endings.close();
         })?;
         Ok(queue)
     }
@@ -341,6 +372,7 @@ impl FileQueue {
             counters,
             pool: Arc::default(),
             open: Arc::default(),
+            endings: Endings::inline(),
         }
     }
 
@@ -352,6 +384,7 @@ impl FileQueue {
             counters: self.counters.clone(),
             pool: self.pool.clone(),
             open: self.open.clone(),
+            endings: self.endings.clone(),
         }
     }
 
@@ -565,26 +598,7 @@ impl FileQueue {
                 }
             }
             Job::Finish { id, pcap, wav, .. } => {
-                if let Some((path, len, header)) = wav {
-                    let done = (|| {
-                        let f = match open.take(&path) {
-                            Some(f) => f,
-                            None => OpenOptions::new().write(true).open(&path)?,
-                        };
-                        f.set_len(len)?;
-                        f.write_all_at(&header, 0)?;
-                        f.sync_all()
-                    })();
-                    if let Err(e) = done {
-                        warn!(recording = %id, error = %e, "cannot finish wav");
-                    }
-                }
-                if let Some(path) = pcap {
-                    let f = open.take(&path).map_or_else(|| File::open(&path), Ok);
-                    if let Err(e) = f.and_then(|f| f.sync_all()) {
-                        warn!(recording = %id, error = %e, "cannot finish pcap");
-                    }
-                }
+                Ending::new(id, pcap, wav, open).run(&self.counters)
             }
             Job::Replace {
                 path,
@@ -600,24 +614,13 @@ impl FileQueue {
             }
             Job::Finalize {
                 dir,
-                mut meta,
+                meta,
                 io,
                 index,
-            } => {
-                apply_failures(&mut meta, &io);
-                if meta.dropped.pcap_write_failed + meta.dropped.wav_write_failed > 0 {
-                    meta.notes
-                        .push("some media was not written (disk full or write error)".to_string());
-                }
-                if let Err(e) = meta.write(&dir) {
-                    self.counters.metadata_write_failed.fetch_add(1, Relaxed);
-                    warn!(recording = %meta.id, error = %e, "cannot write metadata.json");
-                }
-                if let Some(index) = index {
-                    index.send(IndexJob::Upsert(meta));
-                }
-            }
+            } => finalize(dir, meta, &io, index, &self.counters),
             Job::Barrier(done) => {
+                // Endings handed to the sync threads are part of what came before.
+                self.endings.wait_idle();
                 let _ = done.send(());
             }
             Job::Hold(release) => {
@@ -634,6 +637,178 @@ impl FileQueue {
             let _ = tx.send(Job::Hold(held));
         }
         release
+    }
+}
+
+/// Writes the final `metadata.json` of an ended recording with the failure counts of its last
+/// chunks, then sends its index row.
+fn finalize(
+    dir: PathBuf,
+    mut meta: Box<RecordingMetadata>,
+    io: &RecordingIo,
+    index: Option<IndexQueue>,
+    counters: &IoCounters,
+) {
+    apply_failures(&mut meta, io);
+    if meta.dropped.pcap_write_failed + meta.dropped.wav_write_failed > 0 {
+        meta.notes
+            .push("some media was not written (disk full or write error)".to_string());
+    }
+    if let Err(e) = meta.write(&dir) {
+        counters.metadata_write_failed.fetch_add(1, Relaxed);
+        warn!(recording = %meta.id, error = %e, "cannot write metadata.json");
+    }
+    if let Some(index) = index {
+        index.send(IndexJob::Upsert(meta));
+    }
+}
+
+/// The last file work of a recording ([`Job::Finish`], and the [`Job::Finalize`] queued right
+/// behind it): the WAV cut to its length with its final header, both files synced, then the
+/// final `metadata.json` and the index row. It waits on the disk (three fsyncs), so the file
+/// thread hands it to its sync threads ([`Endings`]): hundreds of calls ending per second then
+/// have their fsyncs in flight together, sharing journal commits, while the file thread goes
+/// on writing the live recordings' media.
+struct Ending {
+    id: Arc<str>,
+    wav: Option<(PathBuf, u64, [u8; 44], Option<File>)>,
+    pcap: Option<(PathBuf, Option<File>)>,
+    finalize: Option<Finalize>,
+}
+
+/// The fields of a [`Job::Finalize`].
+struct Finalize {
+    dir: PathBuf,
+    meta: Box<RecordingMetadata>,
+    io: Arc<RecordingIo>,
+    index: Option<IndexQueue>,
+}
+
+impl Ending {
+    /// Takes the recording's files out of `open` (the descriptors go with the ending).
+    fn new(
+        id: Arc<str>,
+        pcap: Option<PathBuf>,
+        wav: Option<(PathBuf, u64, [u8; 44])>,
+        open: &mut OpenFiles,
+    ) -> Self {
+        Self {
+            id,
+            wav: wav.map(|(path, len, header)| {
+                let f = open.take(&path);
+                (path, len, header, f)
+            }),
+            pcap: pcap.map(|path| {
+                let f = open.take(&path);
+                (path, f)
+            }),
+            finalize: None,
+        }
+    }
+
+    fn run(self, counters: &IoCounters) {
+        let id = self.id;
+        if let Some((path, len, header, f)) = self.wav {
+            let done = (|| {
+                let f = match f {
+                    Some(f) => f,
+                    None => OpenOptions::new().write(true).open(&path)?,
+                };
+                f.set_len(len)?;
+                f.write_all_at(&header, 0)?;
+                f.sync_all()
+            })();
+            if let Err(e) = done {
+                warn!(recording = %id, error = %e, "cannot finish wav");
+            }
+        }
+        if let Some((path, f)) = self.pcap {
+            let f = f.map_or_else(|| File::open(&path), Ok);
+            if let Err(e) = f.and_then(|f| f.sync_all()) {
+                warn!(recording = %id, error = %e, "cannot finish pcap");
+            }
+        }
+        if let Some(f) = self.finalize {
+            finalize(f.dir, f.meta, &f.io, f.index, counters);
+        }
+    }
+}
+
+/// Sync threads of one file thread, and how many endings they hold.
+pub(crate) struct Endings {
+    tx: Mutex<Option<mpsc::Sender<Ending>>>,
+    pending: Mutex<usize>,
+    idle: Condvar,
+}
+
+/// How long the file thread waits for the Finalize behind a Finish (queued by the same call).
+const FINALIZE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Endings in flight per file thread: fsyncs wait on the disk, not the CPU.
+const SYNC_THREADS: usize = 4;
+
+impl Endings {
+    /// Without threads: endings run where they are handed in.
+    fn inline() -> Arc<Self> {
+        Arc::new(Self {
+            tx: Mutex::new(None),
+            pending: Mutex::new(0),
+            idle: Condvar::new(),
+        })
+    }
+
+    fn spawn(name: &str, counters: Arc<IoCounters>) -> io::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::channel::<Ending>();
+        let this = Arc::new(Self {
+            tx: Mutex::new(Some(tx)),
+            pending: Mutex::new(0),
+            idle: Condvar::new(),
+        });
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..SYNC_THREADS {
+            let (rx, this, counters) = (rx.clone(), Arc::downgrade(&this), counters.clone());
+            std::thread::Builder::new()
+                .name(format!("{name}-sync{i}"))
+                .spawn(move || loop {
+                    let next = rx.lock().map(|r| r.recv());
+                    let Ok(Ok(ending)) = next else { return };
+                    ending.run(&counters);
+                    let Some(this) = this.upgrade() else { return };
+                    let mut n = this.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    *n -= 1;
+                    if *n == 0 {
+                        this.idle.notify_all();
+                    }
+                })?;
+        }
+        Ok(this)
+    }
+
+    fn hand(&self, ending: Ending, counters: &IoCounters) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = tx.as_ref() else {
+            drop(tx);
+            return ending.run(counters);
+        };
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        if let Err(mpsc::SendError(ending)) = tx.send(ending) {
+            *self.pending.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            ending.run(counters);
+        }
+    }
+
+    /// Returns once every ending handed in has run.
+    fn wait_idle(&self) {
+        let mut n = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lets the sync threads end once the endings queued are done, and waits for them.
+    fn close(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.wait_idle();
     }
 }
 
