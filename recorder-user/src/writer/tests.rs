@@ -1751,9 +1751,10 @@ fn tmpfs_disk_full_refuses_new_sessions_and_corrupts_nothing() {
 // Measurement
 
 /// The per-file cost at many live recordings: 20 000 files, each getting 32 KiB chunks round
-/// robin (what the file threads do: open, append, close) against the same data through one
-/// mapping per file grown by `fallocate` (the previous writer: stores into the mapping, page
-/// faults and writeback instead of syscalls). Run with
+/// robin: opened, appended and closed per chunk (the file threads before); kept open with one
+/// `pwrite` per chunk (the file threads now); kept open with io_uring writes, 64 per
+/// submission; and one mapping per file grown by `fallocate` (the writer before the file
+/// threads: stores into the mapping, page faults and writeback instead of syscalls). Run with
 /// `cargo test --release -p recorder-user --lib bench_file_io -- --ignored --nocapture`.
 #[test]
 #[ignore = "measurement, not a check"]
@@ -1777,6 +1778,52 @@ fn bench_file_io() {
         }
     }
     let write_s = t.elapsed().as_secs_f64();
+    // What the file threads do now: descriptors kept open, one pwrite per chunk.
+    let kept: Vec<(std::fs::File, u64)> = paths
+        .iter()
+        .map(|p| {
+            let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+            let len = f.metadata().unwrap().len();
+            (f, len)
+        })
+        .collect();
+    let mut kept = kept;
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for (f, len) in &mut kept {
+            std::os::unix::fs::FileExt::write_all_at(&*f, &chunk, *len).unwrap();
+            *len += chunk.len() as u64;
+        }
+    }
+    let pwrite_s = t.elapsed().as_secs_f64();
+    // io_uring over the same kept descriptors: 64 writes per submission.
+    let mut ring = io_uring::IoUring::new(256).unwrap();
+    let t = Instant::now();
+    for _ in 0..rounds {
+        for batch in kept.chunks_mut(64) {
+            for (i, (f, len)) in batch.iter().enumerate() {
+                let sqe = io_uring::opcode::Write::new(
+                    io_uring::types::Fd(f.as_raw_fd()),
+                    chunk.as_ptr(),
+                    chunk.len() as u32,
+                )
+                .offset(*len)
+                .build()
+                .user_data(i as u64);
+                // SAFETY: `chunk` outlives the submission (waited for below).
+                unsafe { ring.submission().push(&sqe).unwrap() };
+            }
+            ring.submit_and_wait(batch.len()).unwrap();
+            for cqe in ring.completion() {
+                assert_eq!(cqe.result(), chunk.len() as i32, "io_uring write");
+            }
+            for (_, len) in batch.iter_mut() {
+                *len += chunk.len() as u64;
+            }
+        }
+    }
+    let uring_s = t.elapsed().as_secs_f64();
+    drop(kept);
     let mmap_dir = TempDir::new("fileio-mmap");
     let mut maps: Vec<(std::fs::File, Option<memmap2::MmapMut>, u64)> = (0..files)
         .map(|i| {
@@ -1812,10 +1859,15 @@ fn bench_file_io() {
     let per = |s: f64| s * 1e6 / (files * rounds) as f64;
     println!(
         "{files} files x {rounds} chunks of 32 KiB ({mb:.0} MB): open+write+close {write_s:.2} s \
-         ({:.1} us per chunk, {:.0} MB/s); mmap grown by fallocate {mmap_s:.2} s ({:.1} us per \
-         chunk, {:.0} MB/s)",
+         ({:.1} us per chunk, {:.0} MB/s); kept fd + pwrite {pwrite_s:.2} s ({:.1} us, {:.0} \
+         MB/s); io_uring, kept fds, 64 per submit {uring_s:.2} s ({:.1} us, {:.0} MB/s); mmap \
+         grown by fallocate {mmap_s:.2} s ({:.1} us per chunk, {:.0} MB/s)",
         per(write_s),
         mb / write_s,
+        per(pwrite_s),
+        mb / pwrite_s,
+        per(uring_s),
+        mb / uring_s,
         per(mmap_s),
         mb / mmap_s
     );
