@@ -11,8 +11,8 @@ use postgres::{Client, NoTls, Row};
 use tracing::info;
 
 use super::{
-    aor_key, from_millis, millis, spool_metadata, IndexError, IndexStore, IndexedParticipant,
-    IndexedRecording,
+    aor_key, from_millis, millis, search_sql, spool_metadata, IndexError, IndexStore,
+    IndexedParticipant, IndexedRecording, Search, SearchParam,
 };
 use crate::writer::metadata::{parse_rfc3339, RecordingMetadata};
 
@@ -328,5 +328,21 @@ impl IndexStore for PgIndex {
     fn get(&mut self, id: &str) -> Result<Option<IndexedRecording>, IndexError> {
         let rows = self.query("WHERE id = $1", &[&id])?;
         Ok(rows.into_iter().next())
+    }
+
+    fn search(&mut self, q: &Search) -> Result<Vec<IndexedRecording>, IndexError> {
+        let (filter, params) = search_sql(q, |n| format!("${n}"));
+        let params: Vec<Box<dyn postgres::types::ToSql + Sync>> = params
+            .into_iter()
+            .map(|p| -> Box<dyn postgres::types::ToSql + Sync> {
+                match p {
+                    SearchParam::Text(s) => Box::new(s),
+                    SearchParam::Int(i) => Box::new(i),
+                }
+            })
+            .collect();
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_ref()).collect();
+        self.query(&filter, &refs)
     }
 }

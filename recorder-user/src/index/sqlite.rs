@@ -10,8 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tracing::{info, warn};
 
 use super::{
-    aor_key, from_millis, millis, spool_metadata, IndexError, IndexStore, IndexedParticipant,
-    IndexedRecording,
+    aor_key, from_millis, millis, search_sql, spool_metadata, IndexError, IndexStore,
+    IndexedParticipant, IndexedRecording, Search, SearchParam,
 };
 use crate::writer::metadata::{parse_rfc3339, RecordingMetadata};
 
@@ -234,6 +234,22 @@ impl SqliteIndex {
         row.map(|r| self.with_participants(r)).transpose()
     }
 
+    /// Recordings matching every filter of `q`, newest first.
+    pub fn search(&self, q: &Search) -> Result<Vec<IndexedRecording>, IndexError> {
+        let (filter, params) = search_sql(q, |n| format!("?{n}"));
+        let params: Vec<rusqlite::types::Value> = params
+            .into_iter()
+            .map(|p| match p {
+                SearchParam::Text(s) => rusqlite::types::Value::Text(s),
+                SearchParam::Int(i) => rusqlite::types::Value::Integer(i),
+            })
+            .collect();
+        self.query(
+            &format!("SELECT * FROM recordings {filter}"),
+            rusqlite::params_from_iter(params),
+        )
+    }
+
     fn query(
         &self,
         sql: &str,
@@ -377,6 +393,9 @@ impl IndexStore for SqliteIndex {
     }
     fn get(&mut self, id: &str) -> Result<Option<IndexedRecording>, IndexError> {
         SqliteIndex::get(self, id)
+    }
+    fn search(&mut self, q: &Search) -> Result<Vec<IndexedRecording>, IndexError> {
+        SqliteIndex::search(self, q)
     }
 }
 
