@@ -438,7 +438,10 @@ fn scrape(pair: &VethPair, addr: SocketAddr) -> String {
         "{head}"
     );
     assert!(head.contains(&format!("content-length: {}", body.len())));
-    assert!(body.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    assert!(
+        body.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
+    );
     body.to_string()
 }
 
