@@ -693,7 +693,7 @@ fn https_and_metrics_listen_serve_the_same_api() {
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
     let metrics = SocketAddr::new(IpAddr::V4(pair.recorder_v4), 9464);
-    let daemon = start_daemon(
+    let mut daemon = start_daemon(
         &pair,
         &dir,
         vec![
@@ -779,4 +779,11 @@ fn https_and_metrics_listen_serve_the_same_api() {
     assert_eq!(r.status, 200);
     assert!(String::from_utf8_lossy(&r.body).contains("recorder_sessions_started_total 1"));
     assert_eq!(ids(&api.json("/api/v1/recordings")), [id.as_str()]);
+
+    // A client that keeps its connection open does not hold up shutdown (the connections hold
+    // the writer, which shutdown needs back).
+    let idle =
+        pair.in_sender(|| TcpStream::connect_timeout(&metrics, Duration::from_secs(5)).unwrap());
+    assert_eq!(daemon.stop(), Some(0), "{}", daemon.log_text());
+    drop(idle);
 }

@@ -115,17 +115,30 @@ async fn metrics(
 }
 
 /// Runs `f` on the index in a blocking task (both backends block); the index being
-/// unreachable is a 503.
+/// unreachable is a 503. One connection serves every request: opening the SQLite index checks
+/// the whole file, far too slow to do per request. It is dropped after an error and opened
+/// again by the next request.
 async fn with_index<T: Send + 'static>(
-    state: &HttpState,
+    state: &Arc<HttpState>,
     f: impl FnOnce(&mut Index) -> Result<T, IndexError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let location = state.config.index_location();
-    let spool = state.config.spool.clone();
-    let host = state.config.site_name();
+    let state = state.clone();
     tokio::task::spawn_blocking(move || {
-        let mut index = Index::open_location(&location, &spool, &host)?;
-        f(&mut index)
+        let mut index = state.index.lock().unwrap_or_else(|e| e.into_inner());
+        let open = match index.take() {
+            Some(open) => open,
+            None => Index::open_location(
+                &state.config.index_location(),
+                &state.config.spool,
+                &state.config.site_name(),
+            )?,
+        };
+        let open = index.insert(open);
+        let result = f(open);
+        if result.is_err() {
+            *index = None;
+        }
+        result
     })
     .await
     .map_err(|e| ApiError::Unavailable(format!("index query failed: {e}")))?

@@ -56,6 +56,8 @@ pub struct HttpState {
     pub sources: metrics::Sources,
     pub tokens: Tokens,
     pub audit: Audit,
+    /// The index connection the handlers share (opened at the first query).
+    pub index: std::sync::Mutex<Option<crate::index::Index>>,
 }
 
 /// A client that has not sent its request head by then is dropped.
@@ -91,6 +93,7 @@ pub async fn start(
         sources,
         tokens,
         audit,
+        index: std::sync::Mutex::new(None),
     });
     let router = api::router(state);
     let mut tasks = Vec::new();
