@@ -1,6 +1,7 @@
 //! The routes: `/metrics` and `/api/v1/...` (JSON; errors are `{"error": ...}`).
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -27,7 +28,7 @@ use crate::{
     control::{self, row_json},
     index::{Index, IndexError, IndexedRecording, Search, SearchCursor},
     metrics::{self, Snapshot},
-    writer::metadata::{PCAP_FILE, WAV_FILE},
+    writer::metadata::{parse_rfc3339, RecordingMetadata, PCAP_FILE, WAV_FILE},
 };
 
 /// Errors of a request, each with its status.
@@ -421,9 +422,54 @@ fn seconds(d: Duration) -> f64 {
     d.as_millis() as f64 / 1000.0
 }
 
-/// One interaction (CallUUID): its segments in time order, the gaps between them, and the
-/// participants' joins and leaves as events.
-pub fn interaction_json(call_uuid: &str, rows: &[IndexedRecording]) -> Value {
+/// What the signalling changed during one recording, from its metadata.json: media added or
+/// removed by a re-INVITE (a media move), pauses, and metadata updates (participants changing).
+fn signalling_events(m: &RecordingMetadata) -> Vec<Value> {
+    let mut events = Vec::new();
+    let event = |at: &str, kind: &str, extra: Value| {
+        let mut e = json!({ "at": at, "kind": kind, "recording": m.id, "host": m.host });
+        if let (Value::Object(e), Value::Object(extra)) = (&mut e, extra) {
+            e.extend(extra);
+        }
+        e
+    };
+    for s in &m.streams {
+        if parse_rfc3339(&s.added_at) > parse_rfc3339(&m.started_at) {
+            events.push(event(
+                &s.added_at,
+                "media_added",
+                json!({ "label": s.label }),
+            ));
+        }
+        if let Some(at) = &s.removed_at {
+            events.push(event(at, "media_removed", json!({ "label": s.label })));
+        }
+        for p in &s.paused {
+            events.push(event(&p.from, "paused", json!({ "label": s.label })));
+            if let Some(to) = &p.to {
+                events.push(event(to, "resumed", json!({ "label": s.label })));
+            }
+        }
+    }
+    // The first version came with the INVITE that started the recording.
+    for v in m.metadata_versions.iter().skip(1) {
+        events.push(event(
+            &v.received_at,
+            "metadata_updated",
+            json!({ "version": v.version, "method": v.method }),
+        ));
+    }
+    events
+}
+
+/// One interaction (CallUUID): its segments in time order, the gaps between them, and as
+/// events the participants' joins and leaves, each segment's end (with the BYE's reason, e.g.
+/// a REFER handoff) and, for the segments of this host (`local`), what the signalling changed.
+pub fn interaction_json(
+    call_uuid: &str,
+    rows: &[IndexedRecording],
+    local: &HashMap<String, RecordingMetadata>,
+) -> Value {
     let now = SystemTime::now();
     let mut segments = Vec::new();
     let mut gaps = Vec::new();
@@ -467,6 +513,9 @@ pub fn interaction_json(call_uuid: &str, rows: &[IndexedRecording]) -> Value {
                 }
             }
         }
+        if let Some(m) = local.get(&r.id) {
+            events.extend(signalling_events(m));
+        }
         if let (Some(ended), Some(reason)) = (r.ended_at, &r.end_reason) {
             events.push(json!({
                 "at": control::rfc3339(ended),
@@ -478,8 +527,8 @@ pub fn interaction_json(call_uuid: &str, rows: &[IndexedRecording]) -> Value {
             }));
         }
     }
-    // RFC 3339 times of one format sort as text.
-    events.sort_by(|a, b| a["at"].as_str().cmp(&b["at"].as_str()));
+    // Not as text: the fraction of a second has as many digits as it needs, or none.
+    events.sort_by_key(|e| e["at"].as_str().and_then(parse_rfc3339));
     json!({
         "call_uuid": call_uuid,
         "started_at": rows.first().map(|r| control::rfc3339(r.started_at)),
@@ -502,7 +551,25 @@ async fn interaction(
             "no recording of CallUUID {call_uuid}"
         )));
     }
-    Ok(Json(interaction_json(&call_uuid, &rows)))
+    // Signalling details are in the metadata of this host's segments.
+    let spool = state.config.spool.clone();
+    let site = state.config.site_name();
+    let ids: Vec<String> = rows
+        .iter()
+        .filter(|r| r.host == site)
+        .map(|r| r.id.clone())
+        .collect();
+    let local = tokio::task::spawn_blocking(move || {
+        ids.into_iter()
+            .filter_map(|id| {
+                let m = RecordingMetadata::read(&spool.join(&id)).ok()?;
+                Some((id, m))
+            })
+            .collect::<HashMap<_, _>>()
+    })
+    .await
+    .unwrap_or_default();
+    Ok(Json(interaction_json(&call_uuid, &rows, &local)))
 }
 
 #[cfg(test)]
@@ -543,7 +610,51 @@ mod tests {
             row("b", 5, Some(20), "blue"),
             row("c", 23, Some(30), "purple"),
         ];
-        let v = interaction_json("U", &rows);
+        let mut local = HashMap::new();
+        let mut m = RecordingMetadata {
+            id: "b".into(),
+            sip_call_id: "b@sbc".into(),
+            call_uuid: Some("U".into()),
+            call_uuid_source: None,
+            connection_id: None,
+            extra_ids: vec![],
+            host: "blue".into(),
+            interaction: None,
+            previous: None,
+            state: crate::writer::metadata::RecordingState::Complete,
+            end_reason: Some("bye".into()),
+            end_detail: None,
+            started_at: control::rfc3339(rows[1].started_at),
+            ended_at: None,
+            updated_at: control::rfc3339(rows[1].started_at),
+            media_received: true,
+            participants: vec![],
+            streams: vec![],
+            metadata_versions: vec![],
+            wav: Default::default(),
+            dropped: Default::default(),
+            notes: vec![],
+        };
+        let at = |s: u64| {
+            control::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s))
+        };
+        m.streams.push(crate::writer::metadata::StreamMeta {
+            label: "3".into(),
+            added_at: at(8),
+            removed_at: Some(at(12)),
+            ..Default::default()
+        });
+        for (version, received_at) in [(1, at(5)), (2, at(9))] {
+            m.metadata_versions
+                .push(crate::writer::metadata::MetadataVersionMeta {
+                    version,
+                    received_at,
+                    method: "INVITE".into(),
+                    file: format!("metadata-{version}.xml"),
+                });
+        }
+        local.insert("b".to_string(), m);
+        let v = interaction_json("U", &rows, &local);
         let ids: Vec<&str> = v["segments"]
             .as_array()
             .unwrap()
@@ -564,8 +675,22 @@ mod tests {
             .iter()
             .map(|e| e["kind"].as_str().unwrap())
             .collect();
-        assert_eq!(kinds.len(), 9);
+        // 3 joins, 3 leaves, 3 ends, and b's media move and metadata update in time order.
+        assert_eq!(kinds.len(), 12, "{kinds:?}");
         assert_eq!(kinds[0], "joined");
+        assert_eq!(
+            &kinds[2..5],
+            ["media_added", "metadata_updated", "left"],
+            "{kinds:?}"
+        );
+        let moved = v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "media_removed")
+            .unwrap();
+        assert_eq!(moved["label"], "3");
+        assert_eq!(moved["recording"], "b");
         let at30 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_030);
         assert_eq!(v["ended_at"], control::rfc3339(at30));
         assert_eq!(v["started_at"], control::rfc3339(rows[0].started_at));
