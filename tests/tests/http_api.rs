@@ -682,6 +682,17 @@ fn api_after_real_calls() {
         inf.count,
         value("recorder_write_latency_seconds_count", None)
     );
+
+    // Revoking a token is editing the file: no restart.
+    let tokens = dir.join("api-tokens");
+    std::fs::write(&tokens, format!("ops admin {}\n", sha256_hex(ADMIN_TOKEN))).unwrap();
+    api.get("/api/v1/recordings", Some(READ_TOKEN)).error(401);
+    assert_eq!(api.get("/api/v1/recordings", Some(ADMIN_TOKEN)).status, 200);
+    // A file that does not parse refuses every token until it is fixed.
+    std::fs::write(&tokens, "ops admin not-a-hash\n").unwrap();
+    api.get("/api/v1/recordings", Some(ADMIN_TOKEN)).error(401);
+    std::fs::write(&tokens, format!("qa read {}\n", sha256_hex(READ_TOKEN))).unwrap();
+    assert_eq!(api.get("/api/v1/recordings", Some(READ_TOKEN)).status, 200);
 }
 
 #[test]

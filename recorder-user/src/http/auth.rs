@@ -1,8 +1,15 @@
 //! Bearer tokens from `api_tokens_file`: one `name role sha256-hex` line per token (`#` starts a
 //! comment). Only the SHA-256 of a token is stored, so the file gives nothing away; a request's
-//! token is hashed and looked up.
+//! token is hashed and looked up. The file is read again when it changes, so that adding or
+//! revoking a token needs no restart; a file that no longer parses revokes every token (fail
+//! closed: recordings are personal data) until it is fixed.
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use sha2::{Digest, Sha256};
@@ -108,6 +115,69 @@ impl Tokens {
     }
 }
 
+/// Identifies one version of the file: modification time, size, inode.
+type Version = (i64, i64, u64, u64);
+
+fn version(path: &Path) -> std::io::Result<Version> {
+    let m = std::fs::metadata(path)?;
+    Ok((m.mtime(), m.mtime_nsec(), m.len(), m.ino()))
+}
+
+/// `api_tokens_file`, re-read when it changes.
+#[derive(Debug, Default)]
+pub struct TokenFile {
+    path: Option<PathBuf>,
+    current: RwLock<(Option<Version>, Arc<Tokens>)>,
+}
+
+impl TokenFile {
+    /// Reads the file (None: no tokens); an unreadable or bad file stops the start.
+    pub fn open(path: Option<&Path>) -> Result<Self, HttpError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let version = version(path).ok();
+        let tokens = Tokens::load(path)?;
+        Ok(Self {
+            path: Some(path.to_path_buf()),
+            current: RwLock::new((version, Arc::new(tokens))),
+        })
+    }
+
+    /// The tokens in force (one stat per call, a read when the file changed).
+    pub fn tokens(&self) -> Arc<Tokens> {
+        let current = || {
+            let guard = self.current.read().unwrap_or_else(|e| e.into_inner());
+            (guard.0, guard.1.clone())
+        };
+        let Some(path) = &self.path else {
+            return current().1;
+        };
+        let now = version(path).ok();
+        let (seen, tokens) = current();
+        if now == seen {
+            return tokens;
+        }
+        let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let tokens = match now.map(|_| Tokens::load(path)) {
+            Some(Ok(tokens)) => {
+                tracing::info!(file = %path.display(), tokens = tokens.0.len(), "API tokens reloaded");
+                tokens
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "API tokens file unusable: every token refused until it is fixed");
+                Tokens::default()
+            }
+            None => {
+                tracing::error!(file = %path.display(), "API tokens file gone: every token refused");
+                Tokens::default()
+            }
+        };
+        *guard = (now, Arc::new(tokens));
+        guard.1.clone()
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -123,7 +193,7 @@ fn authorize(parts: &Parts, state: &HttpState, needed: Role) -> Result<Caller, A
         ),
         None => None,
     };
-    state.tokens.authorize(header, needed)
+    state.tokens.tokens().authorize(header, needed)
 }
 
 /// A request with a token of role `read` or `admin` (extractor).

@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tracing::{debug, info};
 
-pub use self::{audit::Audit, auth::Tokens};
+pub use self::{
+    audit::Audit,
+    auth::{TokenFile, Tokens},
+};
 use crate::{config::Config, metrics};
 
 /// Errors setting the HTTP server up (request errors are [`api::ApiError`]).
@@ -54,7 +57,7 @@ pub enum HttpError {
 pub struct HttpState {
     pub config: Config,
     pub sources: metrics::Sources,
-    pub tokens: Tokens,
+    pub tokens: TokenFile,
     pub audit: Audit,
     /// The index connection the handlers share (opened at the first query).
     pub index: std::sync::Mutex<Option<crate::index::Index>>,
@@ -75,15 +78,10 @@ pub async fn start(
     if config.http_listen.is_none() && config.metrics_listen.is_none() {
         return Ok(Vec::new());
     }
-    let tokens = match &config.api_tokens_file {
-        Some(path) => Tokens::load(path)?,
-        None => {
-            if config.http_listen.is_some() {
-                tracing::warn!("no api_tokens_file: every /api/v1 request gets 401");
-            }
-            Tokens::default()
-        }
-    };
+    if config.api_tokens_file.is_none() && config.http_listen.is_some() {
+        tracing::warn!("no api_tokens_file: every /api/v1 request gets 401");
+    }
+    let tokens = TokenFile::open(config.api_tokens_file.as_deref())?;
     let audit = match &config.audit_log {
         Some(path) => Audit::open(path)?,
         None => Audit::DaemonLog,
