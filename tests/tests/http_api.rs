@@ -19,7 +19,7 @@ use tests::{
     client::{metadata_xml, offer_sdp, siprec_body, MetaParticipant, OfferedStream, SipClient},
     daemon::{scratch_dir, Daemon, DaemonOptions},
     net::VethPair,
-    rtp::RtpStream,
+    rtp::{send_paced, RtpStream},
 };
 
 const HTTP_PORT: u16 = 8080;
@@ -244,18 +244,27 @@ fn call(
     assert_eq!(reply.status, 200, "{}", reply.raw);
     let ports = reply.answer_ports();
     assert_eq!(ports.len(), 2);
-    for (i, port) in ports.iter().enumerate() {
-        let socket = pair.in_sender(|| UdpSocket::bind((pair.sender_v4, 0)).unwrap());
-        let mut stream = RtpStream::new(
-            socket,
-            SocketAddr::new(IpAddr::V4(pair.recorder_v4), *port),
-            0x7000 + i as u32,
-            if i == 0 { 0 } else { 8 },
-        );
-        for _ in 0..packets {
-            stream.send_tone_packet(440.0 + 300.0 * i as f64);
-        }
-    }
+    let mut streams: Vec<RtpStream> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let socket = pair.in_sender(|| UdpSocket::bind((pair.sender_v4, 0)).unwrap());
+            RtpStream::new(
+                socket,
+                SocketAddr::new(IpAddr::V4(pair.recorder_v4), *port),
+                0x7000 + i as u32,
+                if i == 0 { 0 } else { 8 },
+            )
+        })
+        .collect();
+    // In real time: the WAV places audio by time, and the stitched interaction is checked
+    // against the segments' wall-clock starts.
+    let mut paced: Vec<(&mut RtpStream, f64)> = streams
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| (s, 440.0 + 300.0 * i as f64))
+        .collect();
+    send_paced(&mut paced, Duration::from_millis(20 * packets as u64));
     client
 }
 
@@ -281,6 +290,29 @@ fn ids(list: &Value) -> Vec<String> {
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// The mono mix of a WAV the recorder wrote (channels added, saturating, as the API does).
+fn mono(path: &Path) -> Vec<i16> {
+    let data = std::fs::read(path).unwrap();
+    let channels = u16::from_le_bytes([data[22], data[23]]) as usize;
+    data[44..]
+        .chunks_exact(2 * channels)
+        .map(|f| {
+            f.chunks_exact(2).fold(0i16, |m, s| {
+                m.saturating_add(i16::from_le_bytes([s[0], s[1]]))
+            })
+        })
+        .collect()
+}
+
+/// A recording's start (metadata.json) in milliseconds, as the index keeps it.
+fn start_ms(meta: &Value) -> u128 {
+    recorder::writer::metadata::parse_rfc3339(meta["started_at"].as_str().unwrap())
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
 }
 
 /// Every page of a listing, following `next_cursor`.
@@ -586,6 +618,52 @@ fn api_after_real_calls() {
     assert_eq!(ended.len(), 2);
     api.get("/api/v1/interactions/NO-SUCH-UUID", Some(READ_TOKEN))
         .error(404);
+
+    // The interaction as one WAV: a's audio (both channels mixed) from 0, b's from its start's
+    // offset, silence between.
+    let mono_a = mono(&daemon.spool.join(&a).join("recording.wav"));
+    let mono_b = mono(&daemon.spool.join(&b).join("recording.wav"));
+    assert!(mono_a.iter().any(|&s| s != 0), "a's WAV has the tones");
+    let offset_b = (start_ms(&meta_b) - start_ms(&meta_a)) as usize * 8;
+    assert!(mono_a.len() <= offset_b, "a ended before b started");
+    let r = api.get(
+        "/api/v1/interactions/HTTP0UUID0000000000000000000001/audio",
+        Some(READ_TOKEN),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("content-type"), Some("audio/wav"));
+    assert_eq!(u16::from_le_bytes([r.body[22], r.body[23]]), 1, "mono");
+    let stitched: Vec<i16> = r.body[44..]
+        .chunks_exact(2)
+        .map(|s| i16::from_le_bytes([s[0], s[1]]))
+        .collect();
+    assert_eq!(stitched.len(), offset_b + mono_b.len());
+    assert!(stitched[..mono_a.len()] == mono_a[..], "a at 0");
+    assert!(
+        stitched[mono_a.len()..offset_b].iter().all(|&s| s == 0),
+        "silence in the gap"
+    );
+    assert!(stitched[offset_b..] == mono_b[..], "b at its offset");
+    let part = api.request(
+        "GET",
+        "/api/v1/interactions/HTTP0UUID0000000000000000000001/audio",
+        Some(READ_TOKEN),
+        &[("Range", "bytes=-1000")],
+    );
+    assert_eq!(part.status, 206);
+    assert!(part.body == r.body[r.body.len() - 1000..]);
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    let last: Vec<Value> = lines
+        .lines()
+        .rev()
+        .take(2)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (line, status) in last.iter().zip([206, 200]) {
+        assert_eq!(line["file"], "interaction_audio", "{line}");
+        assert_eq!(line["recording"], "HTTP0UUID0000000000000000000001");
+        assert_eq!(line["status"], status);
+    }
 
     // Live sessions, and stop (admin) as `recorder stop` does.
     let mut live = call(

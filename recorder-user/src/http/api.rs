@@ -22,7 +22,7 @@ use thiserror::Error;
 use super::{
     audit::AuditEntry,
     auth::{Admin, Reader},
-    files, HttpState,
+    files, stitch, HttpState,
 };
 use crate::{
     control::{self, row_json},
@@ -99,6 +99,10 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/api/v1/sessions", get(sessions))
         .route("/api/v1/sessions/{id}/stop", post(stop))
         .route("/api/v1/interactions/{call_uuid}", get(interaction))
+        .route(
+            "/api/v1/interactions/{call_uuid}/audio",
+            get(interaction_audio),
+        )
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
 }
@@ -370,30 +374,108 @@ async fn download(
         range.as_deref(),
     )
     .await?;
+    audited(state, token, id, what.name(), client, range, response).await
+}
+
+/// `response` once its audit line is written; a 503 instead when it cannot be.
+async fn audited(
+    state: &Arc<HttpState>,
+    token: &str,
+    recording: &str,
+    file: &'static str,
+    client: SocketAddr,
+    range: Option<String>,
+    response: Response,
+) -> Result<Response, ApiError> {
     let status = response.status().as_u16();
-    let (state2, token, id2) = (state.clone(), token.to_string(), id.to_string());
-    let audited = tokio::task::spawn_blocking(move || {
+    let (state2, token, id) = (state.clone(), token.to_string(), recording.to_string());
+    let written = tokio::task::spawn_blocking(move || {
         state2.audit.record(&AuditEntry {
             time: AuditEntry::now(),
             token: &token,
-            recording: &id2,
-            file: what.name(),
+            recording: &id,
+            file,
             client,
             range: range.as_deref(),
             status,
         })
     })
     .await;
-    match audited {
+    match written {
         Ok(Ok(())) => Ok(response),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, recording = id, "audit log write failed: download refused");
+            tracing::error!(error = %e, recording, "audit log write failed: download refused");
             Err(ApiError::Unavailable(
                 "the audit log cannot be written".into(),
             ))
         }
         Err(e) => Err(ApiError::Unavailable(format!("audit: {e}"))),
     }
+}
+
+/// One WAV of the whole interaction: every segment at its wall-clock offset from the first,
+/// silence in the gaps (see [`stitch`]). Segments recorded on another host are not fetched
+/// yet: such an interaction is a 503 naming the host.
+async fn interaction_audio(
+    Reader(caller): Reader,
+    State(state): Shared,
+    Path(call_uuid): Path<String>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let uuid = call_uuid.clone();
+    let rows = with_index(&state, move |index| index.by_call_uuid(&uuid)).await?;
+    let Some(first) = rows.iter().map(|r| r.started_at).min() else {
+        return Err(ApiError::NotFound(format!(
+            "no recording of CallUUID {call_uuid}"
+        )));
+    };
+    let site = state.config.site_name();
+    if let Some(remote) = rows.iter().find(|r| r.host != site) {
+        return Err(ApiError::Unavailable(format!(
+            "segment {} was recorded on host {}: stitching audio across hosts is not supported yet",
+            remote.id, remote.host
+        )));
+    }
+    let spool = state.config.spool.clone();
+    let wav = tokio::task::spawn_blocking(move || {
+        let segments = rows
+            .iter()
+            .map(|r| {
+                // The index keeps milliseconds: 8 frames each.
+                let ms = r
+                    .started_at
+                    .duration_since(first)
+                    .unwrap_or_default()
+                    .as_millis() as u64;
+                let frames = ms * stitch::RATE as u64 / 1000;
+                Ok((frames, stitch::mono(&spool.join(&r.id).join(WAV_FILE))?))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        stitch::stitch(&segments)
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("stitching failed: {e}")))??;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let response = files::respond_bytes(
+        wav,
+        "audio/wav",
+        &format!("interaction-{call_uuid}.wav"),
+        range.as_deref(),
+    )?;
+    audited(
+        &state,
+        &caller.name,
+        &call_uuid,
+        "interaction_audio",
+        client,
+        range,
+        response,
+    )
+    .await
 }
 
 async fn sessions(_: Reader, State(state): Shared) -> Result<Json<Value>, ApiError> {

@@ -55,6 +55,42 @@ pub fn wanted(range: Option<&str>, len: u64) -> Wanted {
     }
 }
 
+/// The status and byte range to send of `len` bytes for the request's `Range`.
+fn plan(range: Option<&str>, len: u64) -> Result<(StatusCode, Range<u64>), ApiError> {
+    match wanted(range, len) {
+        Wanted::All => Ok((StatusCode::OK, 0..len)),
+        Wanted::Part(part) => Ok((StatusCode::PARTIAL_CONTENT, part)),
+        Wanted::Unsatisfiable => Err(ApiError::RangeNotSatisfiable { len }),
+    }
+}
+
+/// A response with `body` holding `part` of `len` bytes.
+fn response(
+    body: Body,
+    status: StatusCode,
+    part: Range<u64>,
+    len: u64,
+    content_type: &'static str,
+    download_name: &str,
+) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::CONTENT_LENGTH, (part.end - part.start).into());
+    if status == StatusCode::PARTIAL_CONTENT {
+        let value = format!("bytes {}-{}/{len}", part.start, part.end - 1);
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{download_name}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    response
+}
+
 /// The response for `path` (`content_type`) and the request's `Range`, with the status it
 /// has; the body streams from the file opened here.
 pub async fn respond(
@@ -77,11 +113,7 @@ pub async fn respond(
         .await
         .map_err(|e| ApiError::Unavailable(format!("{}: {e}", path.display())))?
         .len();
-    let (status, part) = match wanted(range, len) {
-        Wanted::All => (StatusCode::OK, 0..len),
-        Wanted::Part(part) => (StatusCode::PARTIAL_CONTENT, part),
-        Wanted::Unsatisfiable => return Err(ApiError::RangeNotSatisfiable { len }),
-    };
+    let (status, part) = plan(range, len)?;
     file.seek(SeekFrom::Start(part.start))
         .await
         .map_err(|e| ApiError::Unavailable(format!("{}: {e}", path.display())))?;
@@ -89,22 +121,34 @@ pub async fn respond(
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(
         file.take(part.end - part.start),
     ));
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    headers.insert(header::CONTENT_LENGTH, (part.end - part.start).into());
-    if status == StatusCode::PARTIAL_CONTENT {
-        let value = format!("bytes {}-{}/{len}", part.start, part.end - 1);
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert(header::CONTENT_RANGE, v);
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&format!("inline; filename=\"{download_name}\"")) {
-        headers.insert(header::CONTENT_DISPOSITION, v);
-    }
-    Ok(response)
+    Ok(response(
+        body,
+        status,
+        part,
+        len,
+        content_type,
+        download_name,
+    ))
+}
+
+/// The response for bytes made in memory (the stitched audio of an interaction).
+pub fn respond_bytes(
+    bytes: Vec<u8>,
+    content_type: &'static str,
+    download_name: &str,
+    range: Option<&str>,
+) -> Result<Response, ApiError> {
+    let len = bytes.len() as u64;
+    let (status, part) = plan(range, len)?;
+    let body = Body::from(bytes::Bytes::from(bytes).slice(part.start as usize..part.end as usize));
+    Ok(response(
+        body,
+        status,
+        part,
+        len,
+        content_type,
+        download_name,
+    ))
 }
 
 #[cfg(test)]

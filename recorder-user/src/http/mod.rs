@@ -10,6 +10,7 @@ mod api;
 mod audit;
 mod auth;
 mod files;
+mod stitch;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
