@@ -876,3 +876,127 @@ fn https_and_metrics_listen_serve_the_same_api() {
     assert_eq!(daemon.stop(), Some(0), "{}", daemon.log_text());
     drop(idle);
 }
+
+/// Headless Chromium in the sender namespace: the DOM after the page's scripts ran (and, with
+/// `screenshot`, a PNG of it).
+fn chromium(pair: &VethPair, dir: &Path, url: &str, screenshot: Option<&Path>) -> String {
+    let mut cmd = VethPair::command(&pair.sender_ns, "chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--window-size=1280,1000",
+        // Virtual time runs until the page's fetches and media loading are done.
+        "--virtual-time-budget=15000",
+    ])
+    .arg(format!(
+        "--user-data-dir={}",
+        dir.join("chromium").display()
+    ));
+    match screenshot {
+        Some(png) => cmd.arg(format!("--screenshot={}", png.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("run chromium (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn console_in_headless_chromium_finds_and_plays_an_interaction() {
+    let pair = VethPair::new("cons");
+    let dir = scratch_dir("console");
+    let daemon = start_daemon(&pair, &dir, Vec::new());
+    let uuid = "CONSOLE0UUID000000000000000001";
+    let (a, _) = finished_call(&pair, &daemon, uuid, "sip:+4930111@carrier.example");
+    let (b, _) = finished_call(&pair, &daemon, uuid, "sip:+4930222@carrier.example");
+    let api = Api {
+        pair: &pair,
+        addr: SocketAddr::new(IpAddr::V4(pair.recorder_v4), HTTP_PORT),
+    };
+    wait_listed(&api, "state=complete", 2);
+    // The assets are served without a token (they hold no data), the API still wants one.
+    let page = api.get("/", None);
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-security-policy").is_some());
+    let base = format!("http://{}:{HTTP_PORT}/", pair.recorder_v4);
+
+    // Search by CallUUID: both recordings listed, with the link to the interaction.
+    let dom = chromium(
+        &pair,
+        &dir,
+        &format!("{base}#/search?call_uuid={uuid}&token={READ_TOKEN}"),
+        None,
+    );
+    for id in [&a, &b] {
+        assert!(
+            dom.contains(&format!("data-recording=\"{id}\"")),
+            "{id} listed:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains(&format!("href=\"#/interaction/{uuid}\"")),
+        "{dom}"
+    );
+    // Without a token the page says so instead of listing anything.
+    let dom = chromium(
+        &pair,
+        &dir,
+        &format!("{base}#/search?call_uuid={uuid}"),
+        None,
+    );
+    assert!(dom.contains("data-error=\"401\""), "{dom}");
+
+    // The interaction: one lane per segment with its site, the gap between them, and the
+    // player's audio (the stitched WAV) loaded.
+    let url = format!("{base}#/interaction/{uuid}?token={READ_TOKEN}");
+    let dom = chromium(&pair, &dir, &url, None);
+    let lanes = dom.matches("class=\"segment\"").count();
+    assert_eq!(lanes, 2, "{dom}");
+    for id in [&a, &b] {
+        assert!(
+            dom.contains(&format!("data-segment=\"{id}\" data-host=\"blue\"")),
+            "{id}:\n{dom}"
+        );
+    }
+    assert_eq!(dom.matches("data-gap").count(), 1, "{dom}");
+    assert!(dom.contains("data-mark=\"joined\""), "{dom}");
+    let player = dom
+        .split("<audio")
+        .nth(1)
+        .and_then(|rest| rest.split('>').next())
+        .unwrap_or_else(|| panic!("no audio element:\n{dom}"));
+    assert!(player.contains("data-loaded=\"true\""), "{player}");
+    let secs: f64 = player
+        .split("data-duration=\"")
+        .nth(1)
+        .and_then(|d| d.split('"').next())
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("{player}"));
+    assert!(secs > 2.0, "two segments of 1 s and the gap: {secs} s");
+
+    // A recording's page: its participants and one waveform per channel.
+    let dom = chromium(
+        &pair,
+        &dir,
+        &format!("{base}#/recording/{a}?token={READ_TOKEN}"),
+        None,
+    );
+    assert_eq!(dom.matches("class=\"wave\"").count(), 2, "{dom}");
+    assert!(dom.contains("Customer") && dom.contains("Agent"), "{dom}");
+
+    let png = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-interaction.png");
+    let _ = std::fs::remove_file(&png);
+    chromium(&pair, &dir, &url, Some(&png));
+    let bytes = std::fs::read(&png).expect("screenshot saved");
+    assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+}

@@ -103,6 +103,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
             "/api/v1/interactions/{call_uuid}/audio",
             get(interaction_audio),
         )
+        .merge(super::console::routes())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .with_state(state)
 }

@@ -9,6 +9,7 @@
 mod api;
 mod audit;
 mod auth;
+mod console;
 mod files;
 mod stitch;
 
