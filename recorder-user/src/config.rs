@@ -257,6 +257,11 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// `/metrics` asks for a token (any role) too.
     pub metrics_auth: bool,
+    /// This host's HTTP API as other hosts reach it (`https://blue.example:8443`), kept in the
+    /// shared index: another host fetches this host's segments of an interaction from it.
+    pub public_url: Option<String>,
+    /// PEM certificates trusted for other hosts' `https://` public URLs.
+    pub http_peer_ca: Option<PathBuf>,
     /// On SIGTERM/SIGINT, hand the live recordings to the next daemon instead of finishing them:
     /// XDP stays attached and keeps capturing into the pinned ring buffers, the sessions are
     /// saved next to the spool, and the next `recorder run` carries on the same recordings.
@@ -328,6 +333,8 @@ impl Default for Config {
             api_tokens_file: None,
             audit_log: None,
             metrics_auth: false,
+            public_url: None,
+            http_peer_ca: None,
             detach_on_exit: false,
             metadata_interval_secs: 30,
             writer_shards: 0,
@@ -385,6 +392,11 @@ impl Config {
                 "http_tls_certificate",
                 "and http_tls_private_key go together (PEM certificate chain and key)",
             ));
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid("public_url", "must start with http:// or https://"));
+            }
         }
         let media = self
             .media_address

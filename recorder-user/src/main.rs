@@ -154,6 +154,12 @@ struct RunArgs {
     /// Audit log file of audio and pcap downloads (default: the daemon log).
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// This host's HTTP API URL as other hosts reach it (kept in the shared index).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// PEM certificates trusted for other hosts' https public URLs.
+    #[arg(long)]
+    http_peer_ca: Option<PathBuf>,
     /// Log level or tracing filter.
     #[arg(long)]
     log_level: Option<String>,
@@ -238,7 +244,9 @@ impl RunArgs {
             http_tls_certificate,
             http_tls_private_key,
             api_tokens_file,
-            audit_log
+            audit_log,
+            public_url,
+            http_peer_ca
         );
         c.validate()?;
         Ok(c)

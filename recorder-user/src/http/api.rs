@@ -22,7 +22,7 @@ use thiserror::Error;
 use super::{
     audit::AuditEntry,
     auth::{Admin, Reader},
-    files, stitch, HttpState,
+    files, peer, stitch, HttpState,
 };
 use crate::{
     control::{self, row_json},
@@ -124,7 +124,7 @@ async fn metrics(
 /// unreachable is a 503. One connection serves every request: opening the SQLite index checks
 /// the whole file, far too slow to do per request. It is dropped after an error and opened
 /// again by the next request.
-async fn with_index<T: Send + 'static>(
+pub(super) async fn with_index<T: Send + 'static>(
     state: &Arc<HttpState>,
     f: impl FnOnce(&mut Index) -> Result<T, IndexError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -415,8 +415,8 @@ async fn audited(
 }
 
 /// One WAV of the whole interaction: every segment at its wall-clock offset from the first,
-/// silence in the gaps (see [`stitch`]). Segments recorded on another host are not fetched
-/// yet: such an interaction is a 503 naming the host.
+/// silence in the gaps (see [`stitch`]). A segment of another host is fetched from that host's
+/// public URL with the caller's token (that host authorises and audits it).
 async fn interaction_audio(
     Reader(caller): Reader,
     State(state): Shared,
@@ -425,38 +425,52 @@ async fn interaction_audio(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let uuid = call_uuid.clone();
-    let rows = with_index(&state, move |index| index.by_call_uuid(&uuid)).await?;
+    let (rows, urls) = with_index(&state, move |index| {
+        Ok((index.by_call_uuid(&uuid)?, index.public_urls()?))
+    })
+    .await?;
     let Some(first) = rows.iter().map(|r| r.started_at).min() else {
         return Err(ApiError::NotFound(format!(
             "no recording of CallUUID {call_uuid}"
         )));
     };
     let site = state.config.site_name();
-    if let Some(remote) = rows.iter().find(|r| r.host != site) {
-        return Err(ApiError::Unavailable(format!(
-            "segment {} was recorded on host {}: stitching audio across hosts is not supported yet",
-            remote.id, remote.host
-        )));
+    let mut segments = Vec::with_capacity(rows.len());
+    for r in &rows {
+        // The index keeps milliseconds: 8 frames each.
+        let ms = r
+            .started_at
+            .duration_since(first)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let at = ms * stitch::RATE as u64 / 1000;
+        let samples = if r.host == site {
+            let path = state.config.spool.join(&r.id).join(WAV_FILE);
+            tokio::task::spawn_blocking(move || stitch::mono(&path))
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("reading a WAV failed: {e}")))??
+        } else {
+            let base = urls.get(&r.host).ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "segment {} was recorded on host {}, which has no public_url",
+                    r.id, r.host
+                ))
+            })?;
+            let wav = peer::get(
+                &r.host,
+                base,
+                &format!("/api/v1/recordings/{}/audio", r.id),
+                headers.get(header::AUTHORIZATION),
+                state.peer_tls.as_ref(),
+            )
+            .await?;
+            stitch::mono_of(&wav, &format!("{} from {}", r.id, r.host))?
+        };
+        segments.push((at, samples));
     }
-    let spool = state.config.spool.clone();
-    let wav = tokio::task::spawn_blocking(move || {
-        let segments = rows
-            .iter()
-            .map(|r| {
-                // The index keeps milliseconds: 8 frames each.
-                let ms = r
-                    .started_at
-                    .duration_since(first)
-                    .unwrap_or_default()
-                    .as_millis() as u64;
-                let frames = ms * stitch::RATE as u64 / 1000;
-                Ok((frames, stitch::mono(&spool.join(&r.id).join(WAV_FILE))?))
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?;
-        stitch::stitch(&segments)
-    })
-    .await
-    .map_err(|e| ApiError::Unavailable(format!("stitching failed: {e}")))??;
+    let wav = tokio::task::spawn_blocking(move || stitch::stitch(&segments))
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("stitching failed: {e}")))??;
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -552,6 +566,7 @@ pub fn interaction_json(
     call_uuid: &str,
     rows: &[IndexedRecording],
     local: &HashMap<String, RecordingMetadata>,
+    urls: &HashMap<String, String>,
 ) -> Value {
     let now = SystemTime::now();
     let mut segments = Vec::new();
@@ -578,6 +593,7 @@ pub fn interaction_json(
             covered = Some((end, &r.id));
         }
         let mut segment = row_json(r);
+        segment["public_url"] = json!(urls.get(&r.host));
         segment["duration_secs"] = json!(seconds(
             end.duration_since(r.started_at).unwrap_or_default()
         ));
@@ -628,7 +644,10 @@ async fn interaction(
     Path(call_uuid): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let uuid = call_uuid.clone();
-    let rows = with_index(&state, move |index| index.by_call_uuid(&uuid)).await?;
+    let (rows, urls) = with_index(&state, move |index| {
+        Ok((index.by_call_uuid(&uuid)?, index.public_urls()?))
+    })
+    .await?;
     if rows.is_empty() {
         return Err(ApiError::NotFound(format!(
             "no recording of CallUUID {call_uuid}"
@@ -652,7 +671,7 @@ async fn interaction(
     })
     .await
     .unwrap_or_default();
-    Ok(Json(interaction_json(&call_uuid, &rows, &local)))
+    Ok(Json(interaction_json(&call_uuid, &rows, &local, &urls)))
 }
 
 #[cfg(test)]
@@ -737,7 +756,10 @@ mod tests {
                 });
         }
         local.insert("b".to_string(), m);
-        let v = interaction_json("U", &rows, &local);
+        let urls = HashMap::from([("purple".to_string(), "https://purple:8443".to_string())]);
+        let v = interaction_json("U", &rows, &local, &urls);
+        assert_eq!(v["segments"][2]["public_url"], "https://purple:8443");
+        assert!(v["segments"][0]["public_url"].is_null());
         let ids: Vec<&str> = v["segments"]
             .as_array()
             .unwrap()

@@ -11,6 +11,7 @@ mod audit;
 mod auth;
 mod console;
 mod files;
+mod peer;
 mod stitch;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -47,6 +48,8 @@ pub enum HttpError {
     Tls(#[from] crate::transport::TransportError),
     #[error("api_tokens_file {path}: {reason}")]
     Tokens { path: PathBuf, reason: String },
+    #[error("http_peer_ca {path}: {reason}")]
+    PeerCa { path: PathBuf, reason: String },
     #[error("audit_log {path}: {source}")]
     Audit {
         path: PathBuf,
@@ -63,6 +66,8 @@ pub struct HttpState {
     pub audit: Audit,
     /// The index connection the handlers share (opened at the first query).
     pub index: std::sync::Mutex<Option<crate::index::Index>>,
+    /// TLS for fetching from other hosts' `https://` public URLs (`http_peer_ca`).
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A client that has not sent its request head by then is dropped.
@@ -88,13 +93,31 @@ pub async fn start(
         Some(path) => Audit::open(path)?,
         None => Audit::DaemonLog,
     };
+    let peer_tls = config
+        .http_peer_ca
+        .as_deref()
+        .map(peer::client_config)
+        .transpose()?;
     let state = Arc::new(HttpState {
         config: config.clone(),
         sources,
         tokens,
         audit,
         index: std::sync::Mutex::new(None),
+        peer_tls,
     });
+    if let Some(url) = config.public_url.clone() {
+        // Other hosts find this one's files through the shared index.
+        let state = state.clone();
+        tokio::spawn(async move {
+            let site = state.config.site_name();
+            let set = url.clone();
+            match api::with_index(&state, move |index| index.set_public_url(&site, &set)).await {
+                Ok(()) => info!(%url, "public URL recorded in the index"),
+                Err(e) => tracing::warn!(error = %e, "cannot record the public URL in the index"),
+            }
+        });
+    }
     let router = api::router(state);
     let mut tasks = Vec::new();
     if let Some(addr) = config.http_listen {

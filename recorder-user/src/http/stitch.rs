@@ -16,7 +16,12 @@ pub const MAX_FRAMES: u64 = RATE as u64 * 4 * 3600;
 pub fn mono(path: &Path) -> Result<Vec<i16>, ApiError> {
     let data = std::fs::read(path)
         .map_err(|e| ApiError::Unavailable(format!("reading {}: {e}", path.display())))?;
-    let bad = |why: &str| ApiError::Unavailable(format!("{}: {why}", path.display()));
+    mono_of(&data, &path.display().to_string())
+}
+
+/// The mono mix of a WAV the recorder wrote (`what` names it in errors).
+pub fn mono_of(data: &[u8], what: &str) -> Result<Vec<i16>, ApiError> {
+    let bad = |why: &str| ApiError::Unavailable(format!("{what}: {why}"));
     if data.len() < HEADER_LEN
         || &data[0..4] != b"RIFF"
         || &data[8..12] != b"WAVE"

@@ -11,6 +11,7 @@ mod postgres;
 mod sqlite;
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -114,6 +115,10 @@ pub trait IndexStore: Send {
     fn get(&mut self, id: &str) -> Result<Option<IndexedRecording>, IndexError>;
     /// Recordings matching every filter of `q`, newest first, at most `q.limit`.
     fn search(&mut self, q: &Search) -> Result<Vec<IndexedRecording>, IndexError>;
+    /// Records the HTTP base URL of a host (where its recordings' files are served).
+    fn set_public_url(&mut self, host: &str, url: &str) -> Result<(), IndexError>;
+    /// Every host's HTTP base URL, by host.
+    fn public_urls(&mut self) -> Result<HashMap<String, String>, IndexError>;
 }
 
 /// A filtered, paginated query (the HTTP API's recording list). Unset filters match all.
@@ -278,6 +283,14 @@ impl Index {
 
     pub fn search(&mut self, q: &Search) -> Result<Vec<IndexedRecording>, IndexError> {
         self.0.search(q)
+    }
+
+    pub fn set_public_url(&mut self, host: &str, url: &str) -> Result<(), IndexError> {
+        self.0.set_public_url(host, url)
+    }
+
+    pub fn public_urls(&mut self) -> Result<HashMap<String, String>, IndexError> {
+        self.0.public_urls()
     }
 
     /// The interaction link of a new recording `m`: `(interaction, previous)` from the

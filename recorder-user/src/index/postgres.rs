@@ -18,7 +18,8 @@ use crate::writer::metadata::{parse_rfc3339, RecordingMetadata};
 
 /// Schema migrations, applied in order inside one transaction each; `index_schema` records the
 /// versions applied. An advisory lock serialises recorders starting at the same time.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE recordings (
     id            TEXT PRIMARY KEY,
     sip_call_id   TEXT NOT NULL,
@@ -50,7 +51,14 @@ CREATE TABLE participants (
 );
 CREATE INDEX participants_aor ON participants(aor_key);
 CREATE INDEX participants_recording ON participants(recording_id);
-"#];
+"#,
+    r#"
+CREATE TABLE hosts (
+    host       TEXT PRIMARY KEY,
+    public_url TEXT NOT NULL
+);
+"#,
+];
 
 /// Arbitrary key of the advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x7265_636f_7264;
@@ -344,5 +352,23 @@ impl IndexStore for PgIndex {
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p.as_ref()).collect();
         self.query(&filter, &refs)
+    }
+
+    fn set_public_url(&mut self, host: &str, url: &str) -> Result<(), IndexError> {
+        self.reconnect_if_closed()?;
+        self.client.execute(
+            "INSERT INTO hosts (host, public_url) VALUES ($1, $2) \
+             ON CONFLICT (host) DO UPDATE SET public_url = excluded.public_url",
+            &[&host, &url],
+        )?;
+        Ok(())
+    }
+
+    fn public_urls(&mut self) -> Result<std::collections::HashMap<String, String>, IndexError> {
+        self.reconnect_if_closed()?;
+        let rows = self
+            .client
+            .query("SELECT host, public_url FROM hosts", &[])?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }

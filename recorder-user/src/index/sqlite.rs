@@ -50,6 +50,12 @@ ALTER TABLE recordings ADD COLUMN previous TEXT;
 ALTER TABLE participants ADD COLUMN joined_at TEXT;
 ALTER TABLE participants ADD COLUMN left_at TEXT;
 "#,
+    r#"
+CREATE TABLE hosts (
+    host       TEXT PRIMARY KEY,
+    public_url TEXT NOT NULL
+);
+"#,
 ];
 
 pub struct SqliteIndex {
@@ -396,6 +402,21 @@ impl IndexStore for SqliteIndex {
     }
     fn search(&mut self, q: &Search) -> Result<Vec<IndexedRecording>, IndexError> {
         SqliteIndex::search(self, q)
+    }
+    fn set_public_url(&mut self, host: &str, url: &str) -> Result<(), IndexError> {
+        self.conn.execute(
+            "INSERT INTO hosts (host, public_url) VALUES (?1, ?2) \
+             ON CONFLICT(host) DO UPDATE SET public_url = excluded.public_url",
+            params![host, url],
+        )?;
+        Ok(())
+    }
+    fn public_urls(&mut self) -> Result<std::collections::HashMap<String, String>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT host, public_url FROM hosts")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

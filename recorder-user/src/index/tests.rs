@@ -292,3 +292,18 @@ fn search_combines_filters_newest_first_with_a_cursor() {
     }
     assert_eq!(pages, ["r5,r4", "r3,r2", "r1"]);
 }
+
+#[test]
+fn hosts_public_urls_are_kept_and_replaced() {
+    let t = TempDir::new("urls");
+    let spool = spool_with(&t.0, &[]);
+    let mut index = SqliteIndex::open(&t.0.join("i.db"), &spool).unwrap();
+    assert!(IndexStore::public_urls(&mut index).unwrap().is_empty());
+    IndexStore::set_public_url(&mut index, "blue", "http://blue:8080").unwrap();
+    IndexStore::set_public_url(&mut index, "purple", "https://purple:8443").unwrap();
+    IndexStore::set_public_url(&mut index, "blue", "https://blue:8443").unwrap();
+    let urls = IndexStore::public_urls(&mut index).unwrap();
+    assert_eq!(urls.len(), 2);
+    assert_eq!(urls["blue"], "https://blue:8443");
+    assert_eq!(urls["purple"], "https://purple:8443");
+}
