@@ -18,7 +18,8 @@ use sha2::{Digest, Sha256};
 use tests::{
     client::{metadata_xml, offer_sdp, siprec_body, MetaParticipant, OfferedStream, SipClient},
     daemon::{scratch_dir, Daemon, DaemonOptions},
-    net::VethPair,
+    net::{ip, VethPair},
+    postgres::Postgres,
     rtp::{send_paced, RtpStream},
 };
 
@@ -347,13 +348,23 @@ fn wait_listed(api: &Api, query: &str, count: usize) {
 
 fn start_daemon(pair: &VethPair, dir: &Path, extra: Vec<String>) -> Daemon {
     let http = SocketAddr::new(IpAddr::V4(pair.recorder_v4), HTTP_PORT);
+    start_site(pair, dir, "blue", http, extra)
+}
+
+fn start_site(
+    pair: &VethPair,
+    dir: &Path,
+    site: &str,
+    http: SocketAddr,
+    extra: Vec<String>,
+) -> Daemon {
     let mut args = vec![
         "--http-listen".to_string(),
         http.to_string(),
         "--api-tokens-file".into(),
         tokens_file(dir).display().to_string(),
         "--site".into(),
-        "blue".into(),
+        site.into(),
     ];
     args.extend(extra);
     Daemon::start_with_spool(
@@ -999,4 +1010,145 @@ fn console_in_headless_chromium_finds_and_plays_an_interaction() {
     chromium(&pair, &dir, &url, Some(&png));
     let bytes = std::fs::read(&png).expect("screenshot saved");
     assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+}
+
+/// Two sites, blue and purple, sharing one PostgreSQL index, their recorder namespaces joined by
+/// a link of their own (10.232.0.1 blue, 10.232.0.2 purple) over which each reaches the other's
+/// public URL. One interaction is recorded first at blue, then at purple.
+#[test]
+fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
+    let pg = Postgres::start();
+    let blue_pair = VethPair::new("hblu");
+    let purple_pair = VethPair::new("hpur");
+    let n: u16 = rand::random();
+    let (blue_if, purple_if) = (format!("hlb{n}"), format!("hlp{n}"));
+    ip(&[
+        "link",
+        "add",
+        &blue_if,
+        "netns",
+        &blue_pair.recorder_ns,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &purple_if,
+        "netns",
+        &purple_pair.recorder_ns,
+    ]);
+    for (ns, dev, addr) in [
+        (&blue_pair.recorder_ns, &blue_if, "10.232.0.1/24"),
+        (&purple_pair.recorder_ns, &purple_if, "10.232.0.2/24"),
+    ] {
+        ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+        ip(&["-n", ns, "link", "set", dev, "up"]);
+    }
+    let any = SocketAddr::from(([0, 0, 0, 0], HTTP_PORT));
+    let site = |pair: &VethPair, name: &str, me: &str| {
+        let dir = scratch_dir(name);
+        let daemon = start_site(
+            pair,
+            &dir,
+            name,
+            any,
+            [
+                "--index-backend",
+                "postgres",
+                "--index-url",
+                &pg.url(),
+                "--public-url",
+                &format!("http://{me}:{HTTP_PORT}"),
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        (daemon, dir)
+    };
+    let (blue, _blue_dir) = site(&blue_pair, "blue", "10.232.0.1");
+    let (purple, _purple_dir) = site(&purple_pair, "purple", "10.232.0.2");
+    let at = |pair| Api {
+        pair,
+        addr: SocketAddr::new(IpAddr::V4(blue_pair.recorder_v4), HTTP_PORT),
+    };
+    let (blue_api, purple_api) = (at(&blue_pair), at(&purple_pair));
+
+    let uuid = "TWOSITE0UUID000000000000000001";
+    let (a, _) = finished_call(&blue_pair, &blue, uuid, "sip:+4930111@carrier.example");
+    let (b, _) = finished_call(&purple_pair, &purple, uuid, "sip:+4930111@carrier.example");
+    wait_listed(&blue_api, &format!("call_uuid={uuid}&state=complete"), 2);
+
+    // Either host lists both segments, with their hosts and where each host is reached.
+    let path = format!("/api/v1/interactions/{uuid}");
+    let from_blue = blue_api.json(&path);
+    let from_purple = purple_api.json(&path);
+    let summary = |v: &Value| -> Vec<(String, String, String)> {
+        v["segments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let text = |k: &str| s[k].as_str().unwrap_or("-").to_string();
+                (text("id"), text("host"), text("public_url"))
+            })
+            .collect()
+    };
+    let want = vec![
+        (
+            a.clone(),
+            "blue".to_string(),
+            format!("http://10.232.0.1:{HTTP_PORT}"),
+        ),
+        (
+            b.clone(),
+            "purple".to_string(),
+            format!("http://10.232.0.2:{HTTP_PORT}"),
+        ),
+    ];
+    assert_eq!(summary(&from_blue), want, "{from_blue}");
+    assert_eq!(summary(&from_purple), want, "{from_purple}");
+    assert_eq!(from_blue["gaps"].as_array().unwrap().len(), 1);
+    // A host has the files of its own segments only, and says where the others are.
+    let elsewhere = blue_api
+        .get(&format!("/api/v1/recordings/{b}/audio"), Some(READ_TOKEN))
+        .error(404);
+    assert!(elsewhere.contains("purple"), "{elsewhere}");
+
+    // The stitched audio from blue: its own segment at 0, purple's (fetched from purple with
+    // the caller's token) at its offset, silence between. Then the same from purple.
+    let mono_a = mono(&blue.spool.join(&a).join("recording.wav"));
+    let mono_b = mono(&purple.spool.join(&b).join("recording.wav"));
+    let (meta_a, meta_b) = (
+        tests::daemon::read_json(&blue.spool.join(&a).join("metadata.json")).unwrap(),
+        tests::daemon::read_json(&purple.spool.join(&b).join("metadata.json")).unwrap(),
+    );
+    let offset = (start_ms(&meta_b) - start_ms(&meta_a)) as usize * 8;
+    assert!(mono_a.len() <= offset && mono_a.iter().any(|&s| s != 0));
+    for api in [&blue_api, &purple_api] {
+        let r = api.get(&format!("{path}/audio"), Some(READ_TOKEN));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let stitched: Vec<i16> = r.body[44..]
+            .chunks_exact(2)
+            .map(|s| i16::from_le_bytes([s[0], s[1]]))
+            .collect();
+        assert_eq!(stitched.len(), offset + mono_b.len());
+        assert!(stitched[..mono_a.len()] == mono_a[..], "blue's tones first");
+        assert!(
+            stitched[mono_a.len()..offset].iter().all(|&s| s == 0),
+            "silence"
+        );
+        assert!(stitched[offset..] == mono_b[..], "then purple's");
+    }
+    // Purple authorised and audited blue's fetch under the caller's token, from blue's address.
+    let log = purple.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("audit: recording downloaded")
+                && l.contains(&b)
+                && l.contains("qa")
+                && l.contains("10.232.0.1")),
+        "{log}"
+    );
+    // Without a token there is nothing to forward: 401 at the first host already.
+    blue_api.get(&format!("{path}/audio"), None).error(401);
+    drop((blue, purple));
 }
