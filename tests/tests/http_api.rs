@@ -470,6 +470,15 @@ fn api_after_real_calls() {
         [c.as_str(), b.as_str(), a.as_str()]
     );
     assert!(ids(&api.json("/api/v1/recordings?state=active")).is_empty());
+    // A participant by AOR or by name.
+    assert_eq!(
+        ids(&api.json("/api/v1/recordings?participant=%2B4930222%40carrier.example")),
+        [b.as_str()]
+    );
+    assert_eq!(
+        ids(&api.json("/api/v1/recordings?participant=customer")),
+        [c.as_str(), b.as_str(), a.as_str()]
+    );
     let enc = |t: &Value| t.as_str().unwrap().replace('+', "%2B");
     // until: started before b started; since: still running at or after b's end.
     assert_eq!(
@@ -1064,7 +1073,7 @@ fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
         );
         (daemon, dir)
     };
-    let (blue, _blue_dir) = site(&blue_pair, "blue", "10.232.0.1");
+    let (blue, blue_dir) = site(&blue_pair, "blue", "10.232.0.1");
     let (purple, _purple_dir) = site(&purple_pair, "purple", "10.232.0.2");
     let at = |pair| Api {
         pair,
@@ -1148,6 +1157,37 @@ fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
                 && l.contains("10.232.0.1")),
         "{log}"
     );
+    // The console at blue: one lane per segment, on two sites, and the stitched audio loads.
+    let dom = chromium(
+        &blue_pair,
+        &blue_dir,
+        &format!(
+            "http://{}:{HTTP_PORT}/#/interaction/{uuid}?token={READ_TOKEN}",
+            blue_pair.recorder_v4
+        ),
+        None,
+    );
+    assert_eq!(dom.matches("class=\"segment\"").count(), 2, "{dom}");
+    for (id, host) in [(&a, "blue"), (&b, "purple")] {
+        assert!(
+            dom.contains(&format!("data-segment=\"{id}\" data-host=\"{host}\"")),
+            "{dom}"
+        );
+    }
+    assert!(dom.contains("on 2 site(s)"), "{dom}");
+    assert!(dom.contains("data-loaded=\"true\""), "{dom}");
+    let png = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-two-sites.png");
+    chromium(
+        &blue_pair,
+        &blue_dir,
+        &format!(
+            "http://{}:{HTTP_PORT}/#/interaction/{uuid}?token={READ_TOKEN}",
+            blue_pair.recorder_v4
+        ),
+        Some(&png),
+    );
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+
     // Without a token there is nothing to forward: 401 at the first host already.
     blue_api.get(&format!("{path}/audio"), None).error(401);
     drop((blue, purple));

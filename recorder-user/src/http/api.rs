@@ -178,6 +178,7 @@ fn parse_time(key: &str, value: Option<&str>) -> Result<Option<SystemTime>, ApiE
 pub struct ListQuery {
     call_uuid: Option<String>,
     aor: Option<String>,
+    participant: Option<String>,
     since: Option<String>,
     until: Option<String>,
     state: Option<String>,
@@ -236,6 +237,7 @@ async fn list_recordings(
     let search = Search {
         call_uuid: q.call_uuid,
         aor: q.aor,
+        participant: q.participant,
         since: parse_time("since", q.since.as_deref())?,
         until: parse_time("until", q.until.as_deref())?,
         state: q.state,

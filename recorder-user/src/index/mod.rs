@@ -127,6 +127,8 @@ pub struct Search {
     pub call_uuid: Option<String>,
     /// A participant's address of record (compared as [`IndexStore::by_participant_aor`] does).
     pub aor: Option<String>,
+    /// A participant by address of record or by name (whole name, any case).
+    pub participant: Option<String>,
     /// Recordings still running at or after this time.
     pub since: Option<SystemTime>,
     /// Recordings started before this time.
@@ -179,6 +181,14 @@ fn search_sql(q: &Search, placeholder: fn(usize) -> String) -> (String, Vec<Sear
         clauses.push(format!(
             "id IN (SELECT recording_id FROM participants WHERE aor_key = {})",
             bind(&mut params, SearchParam::Text(aor_key(aor)))
+        ));
+    }
+    if let Some(who) = &q.participant {
+        let key = bind(&mut params, SearchParam::Text(aor_key(who)));
+        let name = bind(&mut params, SearchParam::Text(who.trim().to_lowercase()));
+        clauses.push(format!(
+            "id IN (SELECT recording_id FROM participants WHERE aor_key = {key} \
+             OR lower(name) = {name})"
         ));
     }
     if let Some(since) = q.since {

@@ -273,6 +273,29 @@ fn search_combines_filters_newest_first_with_a_cursor() {
         }),
         "r3"
     );
+    // By AOR or by name (every participant of these rows is named Agent).
+    assert_eq!(
+        all(Search {
+            participant: uuid("BOB@x"),
+            ..Default::default()
+        }),
+        "r5,r2"
+    );
+    assert_eq!(
+        all(Search {
+            participant: uuid("agent"),
+            call_uuid: uuid("V"),
+            ..Default::default()
+        }),
+        "r5,r4"
+    );
+    assert_eq!(
+        all(Search {
+            participant: uuid("Age"),
+            ..Default::default()
+        }),
+        ""
+    );
     // Pages of two: r4 and r3 share a start time, the id orders them and the cursor keeps it.
     let mut pages = Vec::new();
     let mut after = None;

@@ -59,7 +59,7 @@ async function search(params) {
   const field = (name, label, type = "text") =>
     `<label>${label}<input name="${name}" type="${type}" value="${esc(params.get(name) || "")}"></label>`;
   view.innerHTML = `<form class="search" id="search">
-      ${field("call_uuid", "CallUUID")}${field("aor", "Participant AOR")}
+      ${field("call_uuid", "CallUUID")}${field("participant", "Participant (AOR or name)")}
       <label>From<input name="since" type="datetime-local"></label>
       <label>To<input name="until" type="datetime-local"></label>
       <label>State<select name="state"><option value="">any</option>
@@ -70,7 +70,7 @@ async function search(params) {
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const q = new URLSearchParams();
-    for (const name of ["call_uuid", "aor", "state"]) {
+    for (const name of ["call_uuid", "participant", "state"]) {
       if (form[name].value) q.set(name, form[name].value.trim());
     }
     for (const name of ["since", "until"]) {
@@ -83,7 +83,7 @@ async function search(params) {
 
 async function results(params, cursor) {
   const q = new URLSearchParams();
-  for (const name of ["call_uuid", "aor", "since", "until", "state"]) {
+  for (const name of ["call_uuid", "aor", "participant", "since", "until", "state"]) {
     if (params.get(name)) q.set(name, params.get(name));
   }
   q.set("limit", "50");
@@ -122,7 +122,7 @@ function axis(t0, t1, width, y) {
     .find((s) => span / s <= 10) || 3600000;
   let out = "";
   for (let t = 0; t <= span; t += step) {
-    const x = 160 + (t / span) * (width - 170);
+    const x = 160 + (t / span) * (width - 200);
     out += `<line x1="${x}" x2="${x}" y1="${y}" y2="${y + 4}" class="mark"/>
       <text x="${x}" y="${y + 16}" text-anchor="middle">+${duration(t / 1000)}</text>`;
   }
@@ -132,7 +132,7 @@ function axis(t0, t1, width, y) {
 /// Lanes (label, from, to, marks) on one time axis as SVG.
 function timeline(lanes, gaps, t0, t1, attrs) {
   const width = 1000, laneH = 26, top = 8;
-  const x = (t) => 160 + ((t - t0) / Math.max(t1 - t0, 1)) * (width - 170);
+  const x = (t) => 160 + ((t - t0) / Math.max(t1 - t0, 1)) * (width - 200);
   const height = top + lanes.length * (laneH + 8) + 24;
   let svg = `<svg class="timeline" viewBox="0 0 ${width} ${height}" ${attrs}>`;
   for (const g of gaps) {
