@@ -347,7 +347,7 @@ async fn flows(state: &ControlState) -> Response {
     .await;
     match listed {
         Some(v) => Response::ok(Value::Array(v)),
-        None => Response::error("the SIP driver is not running"),
+        None => Response::error(DRIVER_GONE),
     }
 }
 
