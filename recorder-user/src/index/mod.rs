@@ -90,6 +90,8 @@ pub struct IndexedRecording {
 pub trait IndexStore: Send {
     /// Inserts or replaces the row (and participants) of one recording.
     fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError>;
+    /// Inserts or replaces many recordings in one transaction (bulk fills: the index bench).
+    fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError>;
     /// Removes a recording (deleted by retention).
     fn remove(&mut self, id: &str) -> Result<(), IndexError>;
     /// Fills the index from every `<spool>/*/metadata.json`; returns how many were indexed.
@@ -253,6 +255,10 @@ impl Index {
 
     pub fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError> {
         self.0.upsert_from_metadata(m)
+    }
+
+    pub fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError> {
+        self.0.upsert_many(metas)
     }
 
     pub fn remove(&mut self, id: &str) -> Result<(), IndexError> {

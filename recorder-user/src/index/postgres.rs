@@ -57,6 +57,8 @@ CREATE TABLE hosts (
     host       TEXT PRIMARY KEY,
     public_url TEXT NOT NULL
 );
+-- Newest-first pages (ORDER BY started_ms DESC, id DESC) read this index backwards: no sort.
+CREATE INDEX recordings_started_id ON recordings(started_ms, id);
 "#,
 ];
 
@@ -241,6 +243,16 @@ impl IndexStore for PgIndex {
         let path = self.spool.join(&m.id);
         let mut tx = self.client.transaction()?;
         upsert(&mut tx, m, &path)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError> {
+        self.reconnect_if_closed()?;
+        let mut tx = self.client.transaction()?;
+        for m in metas {
+            upsert(&mut tx, m, &self.spool.join(&m.id))?;
+        }
         tx.commit()?;
         Ok(())
     }

@@ -55,6 +55,8 @@ CREATE TABLE hosts (
     host       TEXT PRIMARY KEY,
     public_url TEXT NOT NULL
 );
+-- Newest-first pages (ORDER BY started_ms DESC, id DESC) read this index backwards: no sort.
+CREATE INDEX recordings_started_id ON recordings(started_ms, id);
 "#,
 ];
 
@@ -374,6 +376,14 @@ fn row_to(r: &Row<'_>) -> rusqlite::Result<IndexedRecording> {
 impl IndexStore for SqliteIndex {
     fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError> {
         SqliteIndex::upsert_from_metadata(self, m)
+    }
+    fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError> {
+        let tx = self.conn.transaction()?;
+        for m in metas {
+            upsert(&tx, m, &self.spool.join(&m.id))?;
+        }
+        tx.commit()?;
+        Ok(())
     }
     fn remove(&mut self, id: &str) -> Result<(), IndexError> {
         SqliteIndex::remove(self, id)
