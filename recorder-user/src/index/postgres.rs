@@ -132,33 +132,45 @@ impl PgIndex {
     ) -> Result<Vec<IndexedRecording>, IndexError> {
         self.reconnect_if_closed()?;
         let sql = format!("{SELECT} {filter}");
-        let rows = self.client.query(&sql, params)?;
-        rows.iter()
+        let mut rows: Vec<IndexedRecording> = self
+            .client
+            .query(&sql, params)?
+            .iter()
             .map(row_to)
-            .map(|r| self.with_participants(r))
-            .collect()
+            .collect();
+        self.add_participants(&mut rows)?;
+        Ok(rows)
     }
 
-    fn with_participants(
-        &mut self,
-        mut r: IndexedRecording,
-    ) -> Result<IndexedRecording, IndexError> {
-        r.participants = self
-            .client
-            .query(
-                "SELECT name, aor, joined_at, left_at FROM participants WHERE recording_id = $1 \
-                 ORDER BY pos",
-                &[&r.id],
-            )?
-            .iter()
-            .map(|row| IndexedParticipant {
-                name: row.get(0),
-                aor: row.get(1),
-                joined_at: row.get(2),
-                left_at: row.get(3),
-            })
-            .collect();
-        Ok(r)
+    /// Fills in the participants of `rows` with one query (a round trip per row would cost a
+    /// page of 50 rows some 10 ms).
+    fn add_participants(&mut self, rows: &mut [IndexedRecording]) -> Result<(), IndexError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let found = self.client.query(
+            "SELECT recording_id, name, aor, joined_at, left_at FROM participants \
+             WHERE recording_id = ANY($1) ORDER BY recording_id, pos",
+            &[&ids],
+        )?;
+        let mut by_id: std::collections::HashMap<String, Vec<IndexedParticipant>> =
+            std::collections::HashMap::new();
+        for row in &found {
+            by_id
+                .entry(row.get(0))
+                .or_default()
+                .push(IndexedParticipant {
+                    name: row.get(1),
+                    aor: row.get(2),
+                    joined_at: row.get(3),
+                    left_at: row.get(4),
+                });
+        }
+        for r in rows {
+            r.participants = by_id.remove(&r.id).unwrap_or_default();
+        }
+        Ok(())
     }
 }
 
