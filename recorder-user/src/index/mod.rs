@@ -225,10 +225,16 @@ fn search_sql(q: &Search, placeholder: fn(usize) -> String) -> (String, Vec<Sear
         format!("WHERE {}", clauses.join(" AND "))
     };
     let limit = bind(&mut params, SearchParam::Int(q.limit as i64));
-    (
-        format!("{filter} ORDER BY started_ms DESC, id DESC LIMIT {limit}"),
-        params,
-    )
+    // With a participant filter, sort its matches: walking the (started_ms, id) index newest
+    // first and testing each row reads the whole table for a participant with few recordings
+    // (an agent with 500 of 1 000 000: 130 ms). `+` hides the column from the planner's index
+    // choice (SQLite and PostgreSQL alike).
+    let order = if q.aor.is_some() || q.participant.is_some() {
+        "+started_ms DESC, id DESC"
+    } else {
+        "started_ms DESC, id DESC"
+    };
+    (format!("{filter} ORDER BY {order} LIMIT {limit}"), params)
 }
 
 /// The index the writer and the control API use, whatever its backend.
