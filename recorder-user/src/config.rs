@@ -242,8 +242,26 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Control socket the CLI talks to.
     pub control_socket: PathBuf,
-    /// Prometheus metrics endpoint (off when absent).
+    /// Prometheus metrics endpoint (off when absent): the HTTP API's router, for configs
+    /// written before `http_listen`.
     pub metrics_listen: Option<SocketAddr>,
+    /// HTTP API and `/metrics` (off when absent).
+    pub http_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the HTTP API: with the key, `http_listen` speaks HTTPS.
+    pub http_tls_certificate: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub http_tls_private_key: Option<PathBuf>,
+    /// API bearer tokens: one `name role sha256-hex` line each (role `read` or `admin`).
+    pub api_tokens_file: Option<PathBuf>,
+    /// Audit log of audio and pcap downloads, JSON lines appended (default: the daemon log).
+    pub audit_log: Option<PathBuf>,
+    /// `/metrics` asks for a token (any role) too.
+    pub metrics_auth: bool,
+    /// This host's HTTP API as other hosts reach it (`https://blue.example:8443`), kept in the
+    /// shared index: another host fetches this host's segments of an interaction from it.
+    pub public_url: Option<String>,
+    /// PEM certificates trusted for other hosts' `https://` public URLs.
+    pub http_peer_ca: Option<PathBuf>,
     /// On SIGTERM/SIGINT, hand the live recordings to the next daemon instead of finishing them:
     /// XDP stays attached and keeps capturing into the pinned ring buffers, the sessions are
     /// saved next to the spool, and the next `recorder run` carries on the same recordings.
@@ -311,6 +329,14 @@ impl Default for Config {
             log_format: LogFormat::Text,
             control_socket: PathBuf::from("/run/recorder/control.sock"),
             metrics_listen: None,
+            http_listen: None,
+            http_tls_certificate: None,
+            http_tls_private_key: None,
+            api_tokens_file: None,
+            audit_log: None,
+            metrics_auth: false,
+            public_url: None,
+            http_peer_ca: None,
             detach_on_exit: false,
             metadata_interval_secs: 30,
             writer_shards: 0,
@@ -362,6 +388,17 @@ impl Config {
                     "tls_private_key",
                     "required when sip_tls_listen is set (PEM private key)",
                 ));
+            }
+        }
+        if self.http_tls_certificate.is_some() != self.http_tls_private_key.is_some() {
+            return Err(invalid(
+                "http_tls_certificate",
+                "and http_tls_private_key go together (PEM certificate chain and key)",
+            ));
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid("public_url", "must start with http:// or https://"));
             }
         }
         let media = self

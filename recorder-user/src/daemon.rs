@@ -29,7 +29,7 @@ use crate::{
     events::SessionEvent,
     flow::maps::BpfFlowTable,
     handover::Handover,
-    metrics, reload,
+    http, metrics, reload,
     sip::{Endpoint, EndpointConfig},
     siprec::session::{Recorder, SiprecConfig},
     transport::{
@@ -564,23 +564,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let control_task = control::serve(control_state, shutdown.clone())
         .await
         .context("starting the control socket")?;
-    let metrics_task = match config.metrics_listen {
-        Some(addr) => Some(
-            metrics::serve(
-                addr,
-                metrics::Sources {
-                    commands: commands_tx.clone(),
-                    counters: counters.clone(),
-                    writer: writer.clone(),
-                    started: std::time::Instant::now(),
-                    stalls: stalls.clone(),
-                },
-                shutdown.clone(),
-            )
-            .await?,
-        ),
-        None => None,
-    };
+    let http_tasks = http::start(
+        &config,
+        metrics::Sources {
+            commands: commands_tx.clone(),
+            counters: counters.clone(),
+            writer: writer.clone(),
+            started: std::time::Instant::now(),
+            stalls: stalls.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await?;
     let reload_task = reload::spawn(
         hangup,
         config.clone(),
@@ -686,7 +681,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     drop(sink);
     let _ = housekeeping.await;
     let _ = control_task.await;
-    if let Some(task) = metrics_task {
+    for task in http_tasks {
         let _ = task.await;
     }
     let _ = reload_task.await;

@@ -13,7 +13,8 @@
 //! * [`writer`]: per-recording files (pcap, WAV, metadata.json) fed by captured packets + events.
 //! * [`index`]: the SQLite index of recordings.
 //! * [`control`]: the control API the CLI talks to.
-//! * [`metrics`]: the Prometheus metrics endpoint.
+//! * [`metrics`]: the Prometheus metrics (what a scrape shows).
+//! * [`http`]: the HTTP API and `/metrics` (axum), with bearer tokens and the download audit.
 //! * [`events`]: the typed events signaling emits.
 pub mod accept;
 pub mod capture;
@@ -24,6 +25,7 @@ pub mod daemon;
 pub mod events;
 pub mod flow;
 pub mod handover;
+pub mod http;
 pub mod index;
 pub mod media;
 pub mod metrics;

@@ -139,6 +139,27 @@ struct RunArgs {
     /// Prometheus metrics listen address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// HTTP API (and /metrics) listen address.
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the HTTP API (HTTPS with the key).
+    #[arg(long)]
+    http_tls_certificate: Option<PathBuf>,
+    /// PEM private key for the HTTP API.
+    #[arg(long)]
+    http_tls_private_key: Option<PathBuf>,
+    /// API bearer tokens file (`name role sha256-hex` per line).
+    #[arg(long)]
+    api_tokens_file: Option<PathBuf>,
+    /// Audit log file of audio and pcap downloads (default: the daemon log).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// This host's HTTP API URL as other hosts reach it (kept in the shared index).
+    #[arg(long)]
+    public_url: Option<String>,
+    /// PEM certificates trusted for other hosts' https public URLs.
+    #[arg(long)]
+    http_peer_ca: Option<PathBuf>,
     /// Log level or tracing filter.
     #[arg(long)]
     log_level: Option<String>,
@@ -215,6 +236,18 @@ impl RunArgs {
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
         }
+        macro_rules! set_some {
+            ($($field:ident),*) => { $(if self.$field.is_some() { c.$field = self.$field; })* };
+        }
+        set_some!(
+            http_listen,
+            http_tls_certificate,
+            http_tls_private_key,
+            api_tokens_file,
+            audit_log,
+            public_url,
+            http_peer_ca
+        );
         c.validate()?;
         Ok(c)
     }

@@ -1,31 +1,21 @@
-//! Prometheus metrics: text exposition format 0.0.4 on `GET /metrics`.
-//!
-//! The HTTP side is a minimal HTTP/1.1 responder (request line and headers read, one response,
-//! connection closed): a scrape endpoint needs nothing more, and it keeps a web stack out of the
-//! daemon.
+//! Prometheus metrics: what one scrape shows, encoded by `prometheus-client` (OpenMetrics
+//! text); the HTTP server in [`crate::http`] serves it on `GET /metrics`.
 //!
 //! Ring buffer fill: a BPF ring buffer offers no fill query through aya, so the endpoint exposes
 //! the consumer backlog instead: records the kernel wrote to the rings (`captured`) that the
 //! consumer has not yet handed to the writer. It is zero when the consumer keeps up and grows
 //! when it falls behind, which is what a fill level would show.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write,
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, fmt::Write, sync::Arc, time::Instant};
 
-use thiserror::Error;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-    task::JoinHandle,
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder, NoLabelSet},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
 };
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tokio::sync::mpsc;
+use tracing::warn;
 
 use crate::{
     capture::loader::Counters,
@@ -34,17 +24,6 @@ use crate::{
     siprec::session::SiprecCounters,
     writer::{WriterHandle, WriterStats, WRITE_LATENCY_BOUNDS_US},
 };
-
-/// Errors of the metrics endpoint.
-#[derive(Debug, Error)]
-pub enum MetricsError {
-    #[error("binding the metrics endpoint {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Where the numbers come from.
 #[derive(Clone)]
@@ -118,286 +97,291 @@ impl Snapshot {
         self.xdp("captured").saturating_sub(self.writer.packets_in)
     }
 
-    /// The exposition text.
+    /// The exposition text (OpenMetrics, as `prometheus-client` encodes it).
     pub fn render(&self) -> String {
-        let mut out = Exposition::default();
-        out.single(
-            "recorder_build_info",
-            "gauge",
-            "Version of the running recorder.",
-            &[("version", env!("CARGO_PKG_VERSION"))],
-            1,
-        );
-        out.single(
-            "recorder_uptime_seconds",
-            "gauge",
-            "Seconds since the daemon started.",
-            &[],
-            self.uptime_secs,
-        );
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Exposition(self.clone())));
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+}
 
-        out.single(
+/// The content type of [`Snapshot::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One scrape's numbers as a `prometheus-client` collector. The numbers are gathered from the
+/// daemon's own counters at scrape time, so every metric is a constant of this snapshot.
+#[derive(Debug)]
+struct Exposition(Snapshot);
+
+/// A label value escaped as the text format wants (`prometheus-client` writes them verbatim,
+/// and SIP method names come from the network).
+#[derive(Debug)]
+struct Escaped(String);
+
+impl EncodeLabelValue for Escaped {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        encoder.write_str(&escape(&self.0))
+    }
+}
+
+type Labels = Vec<(&'static str, Escaped)>;
+
+fn labels<const N: usize>(pairs: [(&'static str, String); N]) -> Labels {
+    pairs.into_iter().map(|(k, v)| (k, Escaped(v))).collect()
+}
+
+/// Writes metric families into one scrape.
+struct Families<'a, 'b>(&'a mut DescriptorEncoder<'b>);
+
+impl Families<'_, '_> {
+    /// A counter: `name` is the exposed name, `_total` included (the encoder appends it).
+    fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        let family = self
+            .0
+            .encode_descriptor(base, help, None, MetricType::Counter)?;
+        ConstCounter::new(v).encode(family)
+    }
+
+    fn counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, u64)>,
+    ) -> std::fmt::Result {
+        let base = name.strip_suffix("_total").unwrap_or(name);
+        let mut family = self
+            .0
+            .encode_descriptor(base, help, None, MetricType::Counter)?;
+        for (labels, v) in samples {
+            ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, labels: Labels, v: u64) -> std::fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        if labels.is_empty() {
+            // An empty label set would be written as `{}`.
+            return ConstGauge::new(v).encode(family);
+        }
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)
+    }
+
+    /// A histogram from cumulative bucket counts (the writer keeps them so).
+    fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        cumulative: &[u64],
+        count: u64,
+        sum_ns: u64,
+    ) -> std::fmt::Result {
+        // The encoder sums per-bucket counts itself; f64::MAX is its +Inf.
+        let mut buckets = Vec::with_capacity(cumulative.len() + 1);
+        let mut below = 0;
+        for (bound, n) in WRITE_LATENCY_BOUNDS_US.iter().zip(cumulative) {
+            buckets.push((*bound as f64 / 1e6, n.saturating_sub(below)));
+            below = (*n).max(below);
+        }
+        buckets.push((f64::MAX, count.saturating_sub(below)));
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Histogram)?;
+        family.encode_histogram::<NoLabelSet>(sum_ns as f64 / 1e9, count, &buckets, None)
+    }
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let mut out = Families(&mut encoder);
+        out.gauge(
+            "recorder_build_info",
+            "Version of the running recorder.",
+            labels([("version", env!("CARGO_PKG_VERSION").to_string())]),
+            1,
+        )?;
+        out.gauge(
+            "recorder_uptime_seconds",
+            "Seconds since the daemon started.",
+            Vec::new(),
+            s.uptime_secs,
+        )?;
+        out.gauge(
             "recorder_sessions_active",
-            "gauge",
             "Recording sessions in progress.",
-            &[],
-            self.sessions_active,
-        );
-        out.single(
+            Vec::new(),
+            s.sessions_active,
+        )?;
+        out.counter(
             "recorder_sessions_started_total",
-            "counter",
             "Recording sessions started.",
-            &[],
-            self.siprec.sessions_started,
-        );
-        out.family(
+            s.siprec.sessions_started,
+        )?;
+        out.counters(
             "recorder_sessions_ended_total",
-            "counter",
             "Recording sessions ended, by reason.",
-            self.siprec
+            s.siprec
                 .sessions_ended
                 .iter()
-                .map(|(reason, n)| (vec![("reason", reason.to_string())], *n)),
-        );
-        out.family(
+                .map(|(reason, n)| (labels([("reason", reason.to_string())]), *n)),
+        )?;
+        out.counters(
             "recorder_sessions_rejected_total",
-            "counter",
             "Recording requests refused, by status code and cause.",
-            self.siprec.rejections.iter().map(|((code, cause), n)| {
+            s.siprec.rejections.iter().map(|((code, cause), n)| {
                 (
-                    vec![("code", code.to_string()), ("cause", cause.to_string())],
+                    labels([("code", code.to_string()), ("cause", cause.to_string())]),
                     *n,
                 )
             }),
-        );
+        )?;
 
-        out.single(
+        out.counter(
             "recorder_xdp_frames_seen_total",
-            "counter",
             "Frames the XDP program ran on.",
-            &[],
-            self.xdp("seen"),
-        );
-        out.single(
+            s.xdp("seen"),
+        )?;
+        out.counter(
             "recorder_xdp_packets_matched_total",
-            "counter",
             "UDP packets to a recorded port.",
-            &[],
-            self.xdp("matched"),
-        );
-        out.single(
+            s.xdp("matched"),
+        )?;
+        out.counter(
             "recorder_xdp_packets_captured_total",
-            "counter",
             "Packets copied into a ring buffer.",
-            &[],
-            self.xdp("captured"),
-        );
-        out.single(
+            s.xdp("captured"),
+        )?;
+        out.counter(
             "recorder_xdp_packets_truncated_total",
-            "counter",
             "Captured packets cut to the snap length.",
-            &[],
-            self.xdp("truncated"),
-        );
-        out.family(
+            s.xdp("truncated"),
+        )?;
+        let by_reason = |reasons: &[&str]| {
+            reasons
+                .iter()
+                .map(|r| (labels([("reason", r.to_string())]), s.xdp(r)))
+                .collect::<Vec<_>>()
+        };
+        out.counters(
             "recorder_xdp_packets_dropped_total",
-            "counter",
             "Packets of a recorded flow the kernel could not capture, by reason.",
-            ["ring_full", "copy_failed"]
-                .into_iter()
-                .map(|r| (vec![("reason", r.to_string())], self.xdp(r))),
-        );
-        out.family(
+            by_reason(&["ring_full", "copy_failed"]),
+        )?;
+        out.counters(
             "recorder_xdp_frames_ignored_total",
-            "counter",
             "Frames not captured by design, by reason.",
-            [
+            by_reason(&[
                 "wrong_source",
                 "parse_failed",
                 "fragment_skipped",
                 "not_udp",
-            ]
-            .into_iter()
-            .map(|r| (vec![("reason", r.to_string())], self.xdp(r))),
-        );
+            ]),
+        )?;
 
-        out.single(
+        out.gauge(
             "recorder_ring_backlog_records",
-            "gauge",
             "Records captured by the kernel and not yet consumed (ring buffer fill).",
-            &[],
-            self.ring_backlog(),
-        );
-        out.single(
+            Vec::new(),
+            s.ring_backlog(),
+        )?;
+        out.counter(
             "recorder_ring_records_consumed_total",
-            "counter",
             "Records taken from the ring buffers and handed to the writer.",
-            &[],
-            self.writer.packets_in,
-        );
-        out.single(
+            s.writer.packets_in,
+        )?;
+        out.counter(
             "recorder_ring_consumer_stalls_total",
-            "counter",
             "Times the writer had no room and records waited in the rings (back-pressure).",
-            &[],
-            self.stalls.0,
-        );
-        out.single(
+            s.stalls.0,
+        )?;
+        out.counter(
             "recorder_ring_consumer_stalled_microseconds_total",
-            "counter",
             "Time the ring consumer waited for the writer.",
-            &[],
-            self.stalls.1,
-        );
-        out.single(
+            s.stalls.1,
+        )?;
+        out.gauge(
             "recorder_ring_consumer_longest_stall_microseconds",
-            "gauge",
             "Longest wait for the writer since start (size ring_bytes to cover it).",
-            &[],
-            self.stalls.2,
-        );
-        out.single(
+            Vec::new(),
+            s.stalls.2,
+        )?;
+        out.gauge(
             "recorder_writer_queue_packets",
-            "gauge",
             "Packets waiting in the queues to the writer's shards.",
-            &[],
-            self.writer.queued_packets,
-        );
-        out.family(
+            Vec::new(),
+            s.writer.queued_packets,
+        )?;
+        out.counters(
             "recorder_writer_packets_dropped_total",
-            "counter",
             "Packets the writer could not store, by reason (wav_write_failed: WAV chunks of up to 1 s).",
             [
-                ("pcap_write_failed", self.writer.pcap_write_failed),
-                ("wav_write_failed", self.writer.wav_write_failed),
-                ("unknown_flow", self.writer.unknown_flow),
+                ("pcap_write_failed", s.writer.pcap_write_failed),
+                ("wav_write_failed", s.writer.wav_write_failed),
+                ("unknown_flow", s.writer.unknown_flow),
             ]
-            .into_iter()
-            .map(|(r, n)| (vec![("reason", r.to_string())], n)),
-        );
-        out.single(
+            .map(|(r, n)| (labels([("reason", r.to_string())]), n)),
+        )?;
+        out.counter(
             "recorder_srtp_auth_failures_total",
-            "counter",
             "SRTP and SRTCP packets that failed authentication (kept in the pcap, never decoded).",
-            &[],
-            self.writer.srtp_auth_failed,
-        );
-        out.family(
+            s.writer.srtp_auth_failed,
+        )?;
+        out.counters(
             "recorder_writer_errors_total",
-            "counter",
             "Writer operations that failed, by kind (recording not created or not resumed, index update, metadata.json replacement, event for an unknown recording).",
             [
-                ("start_failed", self.writer.start_failed),
-                ("index", self.writer.index_errors),
-                ("metadata_write", self.writer.metadata_write_failed),
-                ("unknown_recording_event", self.writer.unknown_recording_events),
+                ("start_failed", s.writer.start_failed),
+                ("index", s.writer.index_errors),
+                ("metadata_write", s.writer.metadata_write_failed),
+                ("unknown_recording_event", s.writer.unknown_recording_events),
             ]
-            .into_iter()
-            .map(|(r, n)| (vec![("kind", r.to_string())], n)),
-        );
+            .map(|(r, n)| (labels([("kind", r.to_string())]), n)),
+        )?;
 
-        out.family(
+        out.counters(
             "recorder_sip_requests_total",
-            "counter",
             "SIP requests received, by method (retransmissions included).",
-            self.sip
+            s.sip
                 .requests
                 .iter()
-                .map(|(m, n)| (vec![("method", m.clone())], *n)),
-        );
-        out.family(
+                .map(|(m, n)| (labels([("method", m.clone())]), *n)),
+        )?;
+        out.counters(
             "recorder_sip_responses_sent_total",
-            "counter",
             "SIP responses sent, by status code.",
-            self.sip
+            s.sip
                 .responses_sent
                 .iter()
-                .map(|(c, n)| (vec![("code", c.to_string())], *n)),
-        );
-        out.family(
+                .map(|(c, n)| (labels([("code", c.to_string())]), *n)),
+        )?;
+        out.counters(
             "recorder_sip_responses_received_total",
-            "counter",
             "SIP responses received to the recorder's requests, by status code.",
-            self.sip
+            s.sip
                 .responses_received
                 .iter()
-                .map(|(c, n)| (vec![("code", c.to_string())], *n)),
-        );
+                .map(|(c, n)| (labels([("code", c.to_string())]), *n)),
+        )?;
 
-        out.single(
+        out.counter(
             "recorder_disk_bytes_written_total",
-            "counter",
             "Bytes written to recording files (pcap records and WAV samples).",
-            &[],
-            self.writer.bytes_written,
-        );
+            s.writer.bytes_written,
+        )?;
         out.histogram(
             "recorder_write_latency_seconds",
             "Time to store one packet in its recording's files.",
-            &self.writer.write_latency.buckets,
-            self.writer.write_latency.count,
-            self.writer.write_latency.sum_ns,
-        );
-        out.text
-    }
-}
-
-/// Builds exposition text.
-#[derive(Default)]
-struct Exposition {
-    text: String,
-}
-
-impl Exposition {
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{k}=\"{}\"", escape(v));
-            }
-            self.text.push('}');
-        }
-        let _ = writeln!(self.text, " {value}");
-    }
-
-    fn single(&mut self, name: &str, kind: &str, help: &str, labels: &[(&str, &str)], v: u64) {
-        self.header(name, kind, help);
-        let labels: Vec<(&str, String)> = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        self.sample(name, &labels, v);
-    }
-
-    fn family<'a>(
-        &mut self,
-        name: &str,
-        kind: &str,
-        help: &str,
-        samples: impl Iterator<Item = (Vec<(&'a str, String)>, u64)>,
-    ) {
-        self.header(name, kind, help);
-        for (labels, v) in samples {
-            self.sample(name, &labels, v);
-        }
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, cumulative: &[u64], count: u64, sum_ns: u64) {
-        self.header(name, "histogram", help);
-        let bucket = format!("{name}_bucket");
-        for (bound, n) in WRITE_LATENCY_BOUNDS_US.iter().zip(cumulative) {
-            let le = format!("{}", *bound as f64 / 1e6);
-            self.sample(&bucket, &[("le", le)], n);
-        }
-        self.sample(&bucket, &[("le", "+Inf".into())], count);
-        self.sample(&format!("{name}_sum"), &[], sum_ns as f64 / 1e9);
-        self.sample(&format!("{name}_count"), &[], count);
+            &s.writer.write_latency.buckets,
+            s.writer.write_latency.count,
+            s.writer.write_latency.sum_ns,
+        )
     }
 }
 
@@ -406,117 +390,6 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-/// Binds `addr` and serves scrapes until `shutdown`.
-pub async fn serve(
-    addr: SocketAddr,
-    sources: Sources,
-    shutdown: CancellationToken,
-) -> Result<JoinHandle<()>, MetricsError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
-    info!(%addr, "metrics endpoint listening");
-    let sources = Arc::new(sources);
-    Ok(tokio::spawn(async move {
-        let mut backoff = crate::accept::AcceptBackoff::new("metrics");
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        backoff.succeeded();
-                        let sources = sources.clone();
-                        let shutdown = shutdown.clone();
-                        // Ends with the daemon: the sources hold the writer, which shutdown
-                        // needs back.
-                        tokio::spawn(async move {
-                            tokio::select! {
-                                _ = shutdown.cancelled() => {}
-                                result = handle(stream, &sources) => if let Err(e) = result {
-                                    debug!(%peer, error = %e, "metrics connection ended");
-                                },
-                            }
-                        });
-                    }
-                    Err(e) => backoff.failed(&e).await,
-                },
-            }
-        }
-    }))
-}
-
-/// Longest request head accepted (a scrape's is a few hundred bytes).
-const MAX_HEAD: usize = 8192;
-
-/// What a request head asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    Metrics { head_only: bool },
-    NotFound,
-    MethodNotAllowed,
-    BadRequest,
-}
-
-/// Parses the request line of `head` (headers are read but not needed).
-fn route(head: &[u8]) -> Route {
-    let Ok(text) = std::str::from_utf8(head) else {
-        return Route::BadRequest;
-    };
-    let mut parts = text.lines().next().unwrap_or("").split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Route::BadRequest;
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Route::BadRequest;
-    }
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => Route::Metrics { head_only: false },
-        ("HEAD", "/metrics") => Route::Metrics { head_only: true },
-        (_, "/metrics") => Route::MethodNotAllowed,
-        _ => Route::NotFound,
-    }
-}
-
-async fn handle(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let read = async {
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request head"))??;
-    let (status, body, head_only) = match route(&head) {
-        Route::Metrics { head_only } => (
-            "200 OK",
-            Snapshot::gather(sources).await.render(),
-            head_only,
-        ),
-        Route::NotFound => ("404 Not Found", "not found: try /metrics\n".into(), false),
-        Route::MethodNotAllowed => ("405 Method Not Allowed", "GET or HEAD\n".into(), false),
-        Route::BadRequest => ("400 Bad Request", "bad request\n".into(), false),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if !head_only {
-        response.push_str(&body);
-    }
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
@@ -533,7 +406,7 @@ mod tests {
                 typed.push(rest.split(' ').next().unwrap().to_string());
                 continue;
             }
-            if line.starts_with("# HELP ") {
+            if line.starts_with("# HELP ") || line == "# EOF" {
                 continue;
             }
             let (key, value) = line.rsplit_once(' ').expect("sample has a value");
@@ -606,25 +479,5 @@ mod tests {
         assert!(s
             .render()
             .contains("recorder_sip_requests_total{method=\"X\\\"Y\"} 1"));
-    }
-
-    #[test]
-    fn routes_by_request_line() {
-        assert_eq!(
-            route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Route::Metrics { head_only: false }
-        );
-        assert_eq!(
-            route(b"HEAD /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Route::Metrics { head_only: true }
-        );
-        assert_eq!(
-            route(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Route::MethodNotAllowed
-        );
-        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Route::NotFound);
-        assert_eq!(route(b"garbage"), Route::BadRequest);
-        assert_eq!(route(b"\xff\xfe"), Route::BadRequest);
-        assert_eq!(route(b"GET /metrics SPDY/3\r\n\r\n"), Route::BadRequest);
     }
 }

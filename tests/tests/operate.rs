@@ -424,7 +424,7 @@ fn scrape(pair: &VethPair, addr: SocketAddr) -> String {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: recorder\r\nAccept: */*\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: recorder\r\nAccept: */*\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut raw = String::new();
         stream.read_to_string(&mut raw).expect("read the response");
@@ -432,11 +432,16 @@ fn scrape(pair: &VethPair, addr: SocketAddr) -> String {
     });
     let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head");
     assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    let head = head.to_ascii_lowercase();
     assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4"),
+        head.contains("content-type: application/openmetrics-text; version=1.0.0"),
         "{head}"
     );
-    assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    assert!(head.contains(&format!("content-length: {}", body.len())));
+    assert!(
+        body.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF"
+    );
     body.to_string()
 }
 
@@ -463,7 +468,7 @@ fn parse_exposition(text: &str) -> std::collections::BTreeMap<String, f64> {
         let name = key.split('{').next().unwrap();
         assert!(
             families.iter().any(|f| name == f
-                || ["_bucket", "_sum", "_count"]
+                || ["_bucket", "_sum", "_count", "_total"]
                     .iter()
                     .any(|s| name == format!("{f}{s}"))),
             "sample {name} without a TYPE line"

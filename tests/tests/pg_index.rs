@@ -8,7 +8,7 @@ use std::{
 };
 
 use recorder::{
-    index::{Index, IndexLocation, IndexedRecording},
+    index::{Index, IndexLocation, IndexedRecording, Search, SearchCursor},
     writer::metadata::{
         rfc3339, DropCounters, ParticipantMeta, RecordingMetadata, RecordingState, WavMeta,
     },
@@ -162,6 +162,49 @@ fn postgres_index_queries_like_the_sqlite_one() {
     );
     next.call_uuid = Some("W".into());
     assert_eq!(index.link_for(&next).unwrap(), None);
+    // The API's search: filters combined, newest first, pages by cursor.
+    let search = |index: &mut Index, q: Search| {
+        ids(&index.search(&Search { limit: 10, ..q }).unwrap()).join(",")
+    };
+    assert_eq!(search(&mut index, Search::default()), "r3,r2,other");
+    assert_eq!(
+        search(
+            &mut index,
+            Search {
+                call_uuid: Some("U".into()),
+                since: Some(at(250)),
+                ..Default::default()
+            }
+        ),
+        "r3"
+    );
+    assert_eq!(
+        search(
+            &mut index,
+            Search {
+                aor: Some("A@x".into()),
+                state: Some("complete".into()),
+                until: Some(at(60)),
+                ..Default::default()
+            }
+        ),
+        "other"
+    );
+    let first = index
+        .search(&Search {
+            limit: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(ids(&first), ["r3", "r2"]);
+    let rest = index
+        .search(&Search {
+            limit: 2,
+            after: first.last().map(SearchCursor::after),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(ids(&rest), ["other"]);
 }
 
 #[test]

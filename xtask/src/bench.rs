@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::{cargo, run as run_cmd, workspace_root};
 
+mod index;
 mod media;
 mod sip;
 
@@ -31,6 +32,8 @@ pub enum Part {
     Sip,
     /// SIPREC calls with RTP (SIPp + trafgen) against the release daemon.
     Media,
+    /// Index searches (the HTTP API's) over 1 000 000 synthetic rows, SQLite and PostgreSQL.
+    Index,
 }
 
 const NS_S: &str = "rbench-s";
@@ -214,12 +217,21 @@ pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
     } else {
         None
     };
+    let index = wants(Part::Index).then(|| {
+        index::run(quick, &out_dir, &mut commands).unwrap_or_else(|e| {
+            eprintln!("bench: index part failed: {e:#}");
+            json!({ "error": format!("{e:#}") })
+        })
+    });
     report(
         &out_dir,
         quick,
         datapath.as_ref(),
-        sip.as_ref(),
-        media.as_ref(),
+        Parts {
+            sip: sip.as_ref(),
+            media: media.as_ref(),
+            index: index.as_ref(),
+        },
         &commands,
         started.elapsed(),
     )?;
@@ -1272,15 +1284,22 @@ fn rate_label(r: Option<u64>) -> String {
     r.map_or("max".into(), |r| format!("{}k", r / 1000))
 }
 
+/// The results of the parts other than the data path (None: not run).
+struct Parts<'a> {
+    sip: Option<&'a Value>,
+    media: Option<&'a Value>,
+    index: Option<&'a Value>,
+}
+
 fn report(
     out_dir: &Path,
     quick: bool,
     dp: Option<&Datapath>,
-    sip: Option<&Value>,
-    media: Option<&Value>,
+    parts: Parts,
     commands: &[String],
     elapsed: Duration,
 ) -> Result<()> {
+    let Parts { sip, media, index } = parts;
     let empty = Datapath {
         plan: Plan {
             flows: Vec::new(),
@@ -1414,6 +1433,7 @@ fn report(
         "calls_with_media_zero_loss": media.map_or(Value::Null, |m| m["zero_loss_calls"].clone()),
         "sip": sip,
         "media": media,
+        "index": index,
         "datapath_sessions_held": held,
         "rewrite": has_dp.then(|| rewrite.to_json()),
         "profiles": has_dp.then_some(profiles),
@@ -1543,6 +1563,9 @@ fn report(
     }
     if let Some(media) = media {
         md.push_str(&media::markdown(media)?);
+    }
+    if let Some(index) = index {
+        md.push_str(&index::markdown(index)?);
     }
     if !failures.is_empty() {
         writeln!(md, "## Failed runs\n")?;

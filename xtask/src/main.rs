@@ -41,8 +41,8 @@ enum Cli {
         /// A short sweep (under two minutes) for checking a change.
         #[arg(long)]
         quick: bool,
-        /// Run only one part: `datapath` (trafgen contenders, rewrites), `sip` (SIPp sessions) or
-        /// `media` (SIPREC calls with RTP).
+        /// Run only one part: `datapath` (trafgen contenders, rewrites), `sip` (SIPp sessions),
+        /// `media` (SIPREC calls with RTP) or `index` (searches over 1 000 000 index rows).
         #[arg(long, value_enum)]
         only: Option<bench::Part>,
         #[command(flatten)]

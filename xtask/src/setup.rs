@@ -42,6 +42,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // A real PostgreSQL server for the shared-index tests (initdb + pg_ctl in a temp dir).
     "postgresql",
+    // The console test's browser (headless).
+    "chromium",
     // The bench chart's font.
     "fonts-dejavu-core",
     // The bench's profile of the recorder (perf record/report).

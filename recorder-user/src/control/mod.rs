@@ -14,6 +14,7 @@ use tokio::{
     net::UnixStream,
 };
 
+pub(crate) use server::{live_sessions, parse_time, rfc3339, row_json, stop_session, DRIVER_GONE};
 pub use server::{serve, ControlState, RestartInfo};
 
 /// A request to the daemon.

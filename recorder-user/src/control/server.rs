@@ -163,7 +163,7 @@ async fn handle_connection(state: &ControlState, stream: UnixStream) -> std::io:
     Ok(())
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -189,27 +189,16 @@ fn spool_usage(spool: &Path) -> Value {
 async fn handle(state: &ControlState, request: Request) -> Response {
     match request {
         Request::Status => status(state).await,
-        Request::Sessions => match query(&state.commands, |app, _, _| sessions(app)).await {
-            Some(Ok(mut v)) => {
-                add_loss(&state.writer, &mut v);
-                Response::ok(v)
-            }
-            Some(Err(e)) => Response::error(e.to_string()),
-            None => Response::error("the SIP driver is not running"),
+        Request::Sessions => match live_sessions(&state.commands, &state.writer).await {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::error(e),
         },
         Request::Flows => flows(state).await,
-        Request::Stop { id } => {
-            let target = id.clone();
-            match query(&state.commands, move |app, endpoint, now| {
-                app.stop(now, &target, endpoint)
-            })
-            .await
-            {
-                Some(true) => Response::ok(json!({ "stopped": id })),
-                Some(false) => Response::error(format!("no live recording {id}")),
-                None => Response::error("the SIP driver is not running"),
-            }
-        }
+        Request::Stop { id } => match stop_session(&state.commands, &id).await {
+            Some(true) => Response::ok(json!({ "stopped": id })),
+            Some(false) => Response::error(format!("no live recording {id}")),
+            None => Response::error(DRIVER_GONE),
+        },
         Request::Recordings {
             call_uuid,
             aor,
@@ -217,6 +206,34 @@ async fn handle(state: &ControlState, request: Request) -> Response {
         } => recordings(state, call_uuid, aor, since).await,
         Request::Show { id } => show(state, id).await,
     }
+}
+
+/// Why a query of the SIP driver got no answer.
+pub(crate) const DRIVER_GONE: &str = "the SIP driver is not running";
+
+/// Live sessions as `recorder sessions` shows them (the HTTP API serves the same list).
+pub(crate) async fn live_sessions(
+    commands: &mpsc::Sender<DriverCommand>,
+    writer: &WriterHandle,
+) -> Result<Value, String> {
+    match query(commands, |app, _, _| sessions(app)).await {
+        Some(Ok(mut v)) => {
+            add_loss(writer, &mut v);
+            Ok(v)
+        }
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err(DRIVER_GONE.into()),
+    }
+}
+
+/// Ends a live recording as `recorder stop` does: Some(false) when there is none of that id,
+/// None when the driver is gone.
+pub(crate) async fn stop_session(commands: &mpsc::Sender<DriverCommand>, id: &str) -> Option<bool> {
+    let target = id.to_string();
+    query(commands, move |app, endpoint, now| {
+        app.stop(now, &target, endpoint)
+    })
+    .await
 }
 
 /// Live sessions with what the kernel counted on their flows (packets, ring drops) and their
@@ -356,7 +373,7 @@ async fn flows(state: &ControlState) -> Response {
     .await;
     match listed {
         Some(v) => Response::ok(Value::Array(v)),
-        None => Response::error("the SIP driver is not running"),
+        None => Response::error(DRIVER_GONE),
     }
 }
 
@@ -400,14 +417,14 @@ async fn recordings(
     }
 }
 
-fn parse_time(s: &str) -> Result<SystemTime, String> {
+pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map(SystemTime::from)
         .map_err(|e| format!("bad time {s:?} (want RFC 3339): {e}"))
 }
 
 /// One index row as the API shows it.
-fn row_json(r: &IndexedRecording) -> Value {
+pub(crate) fn row_json(r: &IndexedRecording) -> Value {
     json!({
         "id": r.id,
         "sip_call_id": r.sip_call_id,

@@ -10,8 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tracing::{info, warn};
 
 use super::{
-    aor_key, from_millis, millis, spool_metadata, IndexError, IndexStore, IndexedParticipant,
-    IndexedRecording,
+    aor_key, from_millis, millis, search_sql, spool_metadata, IndexError, IndexStore,
+    IndexedParticipant, IndexedRecording, Search, SearchParam,
 };
 use crate::writer::metadata::{parse_rfc3339, RecordingMetadata};
 
@@ -49,6 +49,14 @@ ALTER TABLE recordings ADD COLUMN interaction TEXT;
 ALTER TABLE recordings ADD COLUMN previous TEXT;
 ALTER TABLE participants ADD COLUMN joined_at TEXT;
 ALTER TABLE participants ADD COLUMN left_at TEXT;
+"#,
+    r#"
+CREATE TABLE hosts (
+    host       TEXT PRIMARY KEY,
+    public_url TEXT NOT NULL
+);
+-- Newest-first pages (ORDER BY started_ms DESC, id DESC) read this index backwards: no sort.
+CREATE INDEX recordings_started_id ON recordings(started_ms, id);
 "#,
 ];
 
@@ -234,6 +242,22 @@ impl SqliteIndex {
         row.map(|r| self.with_participants(r)).transpose()
     }
 
+    /// Recordings matching every filter of `q`, newest first.
+    pub fn search(&self, q: &Search) -> Result<Vec<IndexedRecording>, IndexError> {
+        let (filter, params) = search_sql(q, |n| format!("?{n}"));
+        let params: Vec<rusqlite::types::Value> = params
+            .into_iter()
+            .map(|p| match p {
+                SearchParam::Text(s) => rusqlite::types::Value::Text(s),
+                SearchParam::Int(i) => rusqlite::types::Value::Integer(i),
+            })
+            .collect();
+        self.query(
+            &format!("SELECT * FROM recordings {filter}"),
+            rusqlite::params_from_iter(params),
+        )
+    }
+
     fn query(
         &self,
         sql: &str,
@@ -353,6 +377,14 @@ impl IndexStore for SqliteIndex {
     fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError> {
         SqliteIndex::upsert_from_metadata(self, m)
     }
+    fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError> {
+        let tx = self.conn.transaction()?;
+        for m in metas {
+            upsert(&tx, m, &self.spool.join(&m.id))?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
     fn remove(&mut self, id: &str) -> Result<(), IndexError> {
         SqliteIndex::remove(self, id)
     }
@@ -377,6 +409,24 @@ impl IndexStore for SqliteIndex {
     }
     fn get(&mut self, id: &str) -> Result<Option<IndexedRecording>, IndexError> {
         SqliteIndex::get(self, id)
+    }
+    fn search(&mut self, q: &Search) -> Result<Vec<IndexedRecording>, IndexError> {
+        SqliteIndex::search(self, q)
+    }
+    fn set_public_url(&mut self, host: &str, url: &str) -> Result<(), IndexError> {
+        self.conn.execute(
+            "INSERT INTO hosts (host, public_url) VALUES (?1, ?2) \
+             ON CONFLICT(host) DO UPDATE SET public_url = excluded.public_url",
+            params![host, url],
+        )?;
+        Ok(())
+    }
+    fn public_urls(&mut self) -> Result<std::collections::HashMap<String, String>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT host, public_url FROM hosts")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

@@ -1,6 +1,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::*;
+use crate::index::SearchCursor;
 use crate::writer::metadata::{
     rfc3339, DropCounters, ParticipantMeta, RecordingMetadata, RecordingState, WavMeta,
 };
@@ -221,4 +222,111 @@ fn reopen_keeps_rows_and_schema_version() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(v as usize, MIGRATIONS.len());
+}
+
+#[test]
+fn search_combines_filters_newest_first_with_a_cursor() {
+    let t = TempDir::new("search");
+    let spool = spool_with(&t.0, &[]);
+    let mut index = SqliteIndex::open(&t.0.join("i.db"), &spool).unwrap();
+    for (id, uuid, start, end, aor) in [
+        ("r1", "U", 0, Some(100), "sip:alice@x"),
+        ("r2", "U", 100, Some(200), "sip:bob@x"),
+        ("r3", "U", 200, None, "sip:alice@x"),
+        ("r4", "V", 200, Some(300), "sip:alice@x"),
+        ("r5", "V", 400, Some(500), "sip:bob@x"),
+    ] {
+        index
+            .upsert_from_metadata(&meta(id, uuid, start, end, aor))
+            .unwrap();
+    }
+    let all = |q: Search| ids(&index.search(&Search { limit: 10, ..q }).unwrap()).join(",");
+    assert_eq!(all(Search::default()), "r5,r4,r3,r2,r1");
+    let uuid = |u: &str| Some(u.to_string());
+    assert_eq!(
+        all(Search {
+            call_uuid: uuid("U"),
+            ..Default::default()
+        }),
+        "r3,r2,r1"
+    );
+    assert_eq!(
+        all(Search {
+            call_uuid: uuid("U"),
+            aor: uuid("Alice@X"),
+            ..Default::default()
+        }),
+        "r3,r1"
+    );
+    assert_eq!(
+        all(Search {
+            since: Some(at(150)),
+            until: Some(at(300)),
+            ..Default::default()
+        }),
+        "r4,r3,r2"
+    );
+    assert_eq!(
+        all(Search {
+            state: uuid("active"),
+            ..Default::default()
+        }),
+        "r3"
+    );
+    // By AOR or by name (every participant of these rows is named Agent).
+    assert_eq!(
+        all(Search {
+            participant: uuid("BOB@x"),
+            ..Default::default()
+        }),
+        "r5,r2"
+    );
+    assert_eq!(
+        all(Search {
+            participant: uuid("agent"),
+            call_uuid: uuid("V"),
+            ..Default::default()
+        }),
+        "r5,r4"
+    );
+    assert_eq!(
+        all(Search {
+            participant: uuid("Age"),
+            ..Default::default()
+        }),
+        ""
+    );
+    // Pages of two: r4 and r3 share a start time, the id orders them and the cursor keeps it.
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = index
+            .search(&Search {
+                limit: 2,
+                after: after.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(SearchCursor::after);
+        pages.push(ids(&page).join(","));
+    }
+    assert_eq!(pages, ["r5,r4", "r3,r2", "r1"]);
+}
+
+#[test]
+fn hosts_public_urls_are_kept_and_replaced() {
+    let t = TempDir::new("urls");
+    let spool = spool_with(&t.0, &[]);
+    let mut index = SqliteIndex::open(&t.0.join("i.db"), &spool).unwrap();
+    assert!(IndexStore::public_urls(&mut index).unwrap().is_empty());
+    IndexStore::set_public_url(&mut index, "blue", "http://blue:8080").unwrap();
+    IndexStore::set_public_url(&mut index, "purple", "https://purple:8443").unwrap();
+    IndexStore::set_public_url(&mut index, "blue", "https://blue:8443").unwrap();
+    let urls = IndexStore::public_urls(&mut index).unwrap();
+    assert_eq!(urls.len(), 2);
+    assert_eq!(urls["blue"], "https://blue:8443");
+    assert_eq!(urls["purple"], "https://purple:8443");
 }

@@ -1,0 +1,215 @@
+//! The HTTP API and `/metrics`: axum on hyper (HTTP/1.1), on the daemon's runtime.
+//!
+//! `http_listen` serves the whole router, over TLS (rustls, as SIP) when
+//! `http_tls_certificate` and `http_tls_private_key` are set; `metrics_listen`, kept for configs
+//! written before `http_listen`, serves the same router in plain HTTP. The accept loop is ours
+//! (not `axum::serve`) so that a TLS handshake runs in the connection's task, never holding up
+//! the listener, and every request knows its client address for the audit log.
+
+mod api;
+mod audit;
+mod auth;
+mod console;
+mod files;
+mod peer;
+mod stitch;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{extract::ConnectInfo, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use thiserror::Error;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    task::JoinHandle,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tracing::{debug, info};
+
+pub use self::{
+    audit::Audit,
+    auth::{TokenFile, Tokens},
+};
+use crate::{config::Config, metrics};
+
+/// Errors setting the HTTP server up (request errors are [`api::ApiError`]).
+#[derive(Debug, Error)]
+pub enum HttpError {
+    #[error("binding the HTTP listener {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP TLS: {0}")]
+    Tls(#[from] crate::transport::TransportError),
+    #[error("api_tokens_file {path}: {reason}")]
+    Tokens { path: PathBuf, reason: String },
+    #[error("http_peer_ca {path}: {reason}")]
+    PeerCa { path: PathBuf, reason: String },
+    #[error("audit_log {path}: {source}")]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the handlers read.
+pub struct HttpState {
+    pub config: Config,
+    pub sources: metrics::Sources,
+    pub tokens: TokenFile,
+    pub audit: Audit,
+    /// The index connection the handlers share (opened at the first query).
+    pub index: std::sync::Mutex<Option<crate::index::Index>>,
+    /// TLS for fetching from other hosts' `https://` public URLs (`http_peer_ca`).
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A client that has not sent its request head by then is dropped.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that does not finish the TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the listeners the configuration asks for (`http_listen`, `metrics_listen`); they
+/// serve until `shutdown`.
+pub async fn start(
+    config: &Config,
+    sources: metrics::Sources,
+    shutdown: CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, HttpError> {
+    if config.http_listen.is_none() && config.metrics_listen.is_none() {
+        return Ok(Vec::new());
+    }
+    if config.api_tokens_file.is_none() && config.http_listen.is_some() {
+        tracing::warn!("no api_tokens_file: every /api/v1 request gets 401");
+    }
+    let tokens = TokenFile::open(config.api_tokens_file.as_deref())?;
+    let audit = match &config.audit_log {
+        Some(path) => Audit::open(path)?,
+        None => Audit::DaemonLog,
+    };
+    let peer_tls = config
+        .http_peer_ca
+        .as_deref()
+        .map(peer::client_config)
+        .transpose()?;
+    let state = Arc::new(HttpState {
+        config: config.clone(),
+        sources,
+        tokens,
+        audit,
+        index: std::sync::Mutex::new(None),
+        peer_tls,
+    });
+    if let Some(url) = config.public_url.clone() {
+        // Other hosts find this one's files through the shared index.
+        let state = state.clone();
+        tokio::spawn(async move {
+            let site = state.config.site_name();
+            let set = url.clone();
+            match api::with_index(&state, move |index| index.set_public_url(&site, &set)).await {
+                Ok(()) => info!(%url, "public URL recorded in the index"),
+                Err(e) => tracing::warn!(error = %e, "cannot record the public URL in the index"),
+            }
+        });
+    }
+    let router = api::router(state);
+    let mut tasks = Vec::new();
+    if let Some(addr) = config.http_listen {
+        let tls = match (&config.http_tls_certificate, &config.http_tls_private_key) {
+            (Some(cert), Some(key)) => Some(TlsAcceptor::from(
+                crate::transport::tls::server_config(cert, key)?,
+            )),
+            _ => None,
+        };
+        tasks.push(serve(addr, tls, router.clone(), shutdown.clone()).await?);
+    }
+    if let Some(addr) = config.metrics_listen {
+        tasks.push(serve(addr, None, router, shutdown).await?);
+    }
+    Ok(tasks)
+}
+
+/// Binds `addr` and serves `router` on it (TLS with `tls`) until `shutdown`.
+pub async fn serve(
+    addr: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    shutdown: CancellationToken,
+) -> Result<JoinHandle<()>, HttpError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    info!(addr = %local, tls = tls.is_some(), "HTTP listening");
+    Ok(tokio::spawn(async move {
+        let mut backoff = crate::accept::AcceptBackoff::new("HTTP");
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        backoff.failed(&e).await;
+                        continue;
+                    }
+                },
+            };
+            backoff.succeeded();
+            let _ = stream.set_nodelay(true);
+            let router = router.clone();
+            let tls = tls.clone();
+            let shutdown = shutdown.clone();
+            // Connections end with the daemon: the state holds the writer, which shutdown
+            // needs back.
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = connection(stream, peer, tls, router) => {}
+                }
+            });
+        }
+    }))
+}
+
+async fn connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+) {
+    match tls {
+        None => http1(stream, peer, router).await,
+        Some(acceptor) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => http1(stream, peer, router).await,
+                Ok(Err(e)) => debug!(%peer, error = %e, "HTTP TLS handshake failed"),
+                Err(_) => debug!(%peer, "HTTP TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection, each tagged with the client's address.
+async fn http1<S>(stream: S, peer: SocketAddr, router: Router)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        router.clone().oneshot(request)
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "HTTP connection ended");
+    }
+}
