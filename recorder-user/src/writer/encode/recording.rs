@@ -60,6 +60,10 @@ struct Stream {
     /// SRTP, decoders and their counters.
     #[serde(default)]
     media: StreamMedia,
+    /// [`Stream::decoder`], worked out once per stream description: per packet it cost two
+    /// string compares on allocations of their own, cache misses at thousands of recordings.
+    #[serde(skip)]
+    negotiated: std::cell::OnceCell<Option<CodecKind>>,
 }
 
 impl Stream {
@@ -87,16 +91,19 @@ impl Stream {
             removed_at: None,
             ring_drops: 0,
             media: StreamMedia::default(),
+            negotiated: std::cell::OnceCell::new(),
         }
     }
 
     /// The codec of the negotiated payload type, when the WAV can take it (SRTP only with the
     /// client's key).
     fn decoder(&self) -> Option<CodecKind> {
-        if (self.info.srtp && self.info.sdes.is_none()) || self.info.media != "audio" {
-            return None;
-        }
-        CodecKind::for_codec(&self.info.codec)
+        *self.negotiated.get_or_init(|| {
+            if (self.info.srtp && self.info.sdes.is_none()) || self.info.media != "audio" {
+                return None;
+            }
+            CodecKind::for_codec(&self.info.codec)
+        })
     }
 
     /// Codec of one packet's payload type: the negotiated one, or a static type (some clients
@@ -481,6 +488,7 @@ impl Recording {
                         s.media.remember_codec(&s.info.codec);
                     }
                     s.info = info.clone();
+                    s.negotiated = std::cell::OnceCell::new();
                     // A re-INVITE may bring a new key (a transfer to a new leg).
                     if s.media.set_key(info).is_err() {
                         self.meta.notes.push(format!(
