@@ -85,7 +85,7 @@ impl Default for CaptureConfig {
     fn default() -> Self {
         Self {
             snaplen: abi::DEFAULT_SNAPLEN,
-            ring_bytes: 8 << 20,
+            ring_bytes: 32 << 20,
             max_flows: abi::DEFAULT_MAX_FLOWS,
             flow_addrs: Vec::new(),
             flow_ports: None,

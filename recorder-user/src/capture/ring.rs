@@ -53,7 +53,7 @@ pub struct StallStats {
     pub longest_stall_us: std::sync::atomic::AtomicU64,
 }
 
-/// A stall longer than this is logged (at the default 8 MiB rings, 200 000 packets/s on one
+/// A stall longer than this is logged (at the default 32 MiB rings, 200 000 packets/s on one
 /// CPU fill a ring in about 160 ms).
 const STALL_LOG: Duration = Duration::from_millis(250);
 
