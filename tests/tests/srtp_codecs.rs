@@ -1114,7 +1114,7 @@ fn scrape(pair: &VethPair, addr: SocketAddr) -> String {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: recorder\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: recorder\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut raw = String::new();
         stream.read_to_string(&mut raw).expect("read the response");
