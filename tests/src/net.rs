@@ -216,6 +216,28 @@ impl VethPair {
         in_netns(&self.sender_ns, f)
     }
 
+    /// `GET /metrics` over plain HTTP from the sender namespace (one request, the connection
+    /// closed after it): the response head and body.
+    pub fn get_metrics(&self, addr: std::net::SocketAddr) -> (String, String) {
+        use std::io::{Read, Write};
+        let raw = self.in_sender(|| {
+            let mut stream =
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+                    .expect("connect to the metrics endpoint");
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: recorder\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).expect("read the response");
+            raw
+        });
+        let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head");
+        (head.to_string(), body.to_string())
+    }
+
     /// Runs `f` with the calling thread inside the recorder namespace.
     pub fn in_recorder<R>(&self, f: impl FnOnce() -> R) -> R {
         in_netns(&self.recorder_ns, f)

@@ -1106,21 +1106,7 @@ fn srtp_across_a_restart_and_the_sequence_wrap() {
 
 /// The body of `GET /metrics` from the sender namespace.
 fn scrape(pair: &VethPair, addr: SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let raw = pair.in_sender(|| {
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .expect("connect to the metrics endpoint");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: recorder\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut raw = String::new();
-        stream.read_to_string(&mut raw).expect("read the response");
-        raw
-    });
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP head");
+    let (head, body) = pair.get_metrics(addr);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    body
 }
