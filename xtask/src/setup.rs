@@ -42,8 +42,12 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // A real PostgreSQL server for the shared-index tests (initdb + pg_ctl in a temp dir).
     "postgresql",
-    // The console test's browser (headless).
+    // The console test's browser (headless), driven over WebDriver so the test waits for the
+    // page to finish (media loading included) instead of a virtual-time budget.
     "chromium",
+    "chromium-driver",
+    // The SIP load balancer (dispatcher module) in front of several recorders.
+    "kamailio",
     // The bench chart's font.
     "fonts-dejavu-core",
     // The bench's profile of the recorder (perf record/report).
