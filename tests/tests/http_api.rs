@@ -74,21 +74,35 @@ impl HttpResponse {
 /// One HTTP/1.1 request on a new connection (`Connection: close`), read to the end: the
 /// response head, then a Content-Length or chunked body.
 fn exchange(
-    mut stream: impl Read + Write,
+    stream: impl Read + Write,
     method: &str,
     target: &str,
     headers: &[(&str, &str)],
 ) -> HttpResponse {
-    let mut request =
-        format!("{method} {target} HTTP/1.1\r\nHost: recorder\r\nConnection: close\r\n");
+    exchange_body(stream, method, target, headers, b"")
+}
+
+/// [`exchange`] with a request body (a POST without one says `Content-Length: 0`).
+fn exchange_body(
+    mut stream: impl Read + Write,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut request = format!("{method} {target} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request.push_str("Host: recorder\r\n");
+    }
     for (k, v) in headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }
-    if method == "POST" {
-        request.push_str("Content-Length: 0\r\n");
+    if method == "POST" || !body.is_empty() {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -897,29 +911,148 @@ fn https_and_metrics_listen_serve_the_same_api() {
     drop(idle);
 }
 
-/// Headless Chromium in the sender namespace: the DOM after the page's scripts ran (and, with
-/// `screenshot`, a PNG of it).
-fn chromium(pair: &VethPair, dir: &Path, url: &str, screenshot: Option<&Path>) -> String {
-    let mut cmd = VethPair::command(&pair.sender_ns, "chromium");
-    cmd.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        "--window-size=1280,1000",
-        // Virtual time runs until the page's fetches and media loading are done.
-        "--virtual-time-budget=15000",
-    ])
-    .arg(format!(
-        "--user-data-dir={}",
-        dir.join("chromium").display()
-    ));
-    match screenshot {
-        Some(png) => cmd.arg(format!("--screenshot={}", png.display())),
-        None => cmd.arg("--dump-dom"),
-    };
-    let out = cmd
+/// Chromium's command-line flags here: headless as root, and no background connections (this
+/// machine's network refuses them).
+const CHROMIUM_FLAGS: [&str; 11] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--window-size=1280,1000",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
+/// Headless Chromium in the sender namespace, driven over WebDriver (chromedriver): each page
+/// opens in a new browser session (empty sessionStorage, so a token given to one page is not
+/// kept for the next), and its DOM is read once the console marks its view ready, that is
+/// after its fetches and the player's media metadata.
+struct Browser<'a> {
+    pair: &'a VethPair,
+    dir: PathBuf,
+    driver: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl<'a> Browser<'a> {
+    const PORT: u16 = 9515;
+    /// Resolves when `#view` carries `data-ready`: the console sets it when a route finished.
+    const WAIT_READY: &'static str = r#"
+        const done = arguments[arguments.length - 1];
+        const view = document.getElementById("view");
+        const ready = () => view.dataset.ready === "true";
+        if (ready()) { done(true); return; }
+        new MutationObserver((_, o) => { if (ready()) { o.disconnect(); done(true); } })
+            .observe(view, { attributes: true, attributeFilter: ["data-ready"] });
+    "#;
+
+    fn start(pair: &'a VethPair, dir: &Path) -> Self {
+        let mut driver = VethPair::command(&pair.sender_ns, "chromedriver")
+            .arg(format!("--port={}", Self::PORT))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run chromedriver (cargo xtask setup installs chromium-driver)");
+        // It says so on stdout once it listens.
+        let mut out = BufReader::new(driver.stdout.take().unwrap());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = out.read_line(&mut line).unwrap();
+            assert!(n > 0, "chromedriver exited before it listened");
+            if line.contains("started successfully") {
+                break;
+            }
+        }
+        // Keep draining its stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Self {
+            pair,
+            dir: dir.to_path_buf(),
+            driver,
+            addr: SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), Self::PORT),
+        }
+    }
+
+    /// One WebDriver command; its `value`, or a panic with WebDriver's error.
+    fn command(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let r = self.pair.in_sender(|| {
+            let stream = TcpStream::connect(self.addr).expect("connect to chromedriver");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(90)))
+                .unwrap();
+            exchange_body(
+                stream,
+                method,
+                path,
+                // chromedriver answers only requests for its own (local) host.
+                &[
+                    ("Host", &format!("localhost:{}", Self::PORT)),
+                    ("Content-Type", "application/json"),
+                ],
+                body.as_bytes(),
+            )
+        });
+        let v = r.json();
+        assert_eq!(r.status, 200, "WebDriver {method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    /// The DOM of `url` once the console's view is ready.
+    fn dom(&self, url: &str) -> String {
+        let profile = self.dir.join(format!("chromium-{}", rand::random::<u32>()));
+        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| f.to_string()).collect();
+        args.push(format!("--user-data-dir={}", profile.display()));
+        let caps = serde_json::json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "timeouts": { "script": 30_000, "pageLoad": 30_000 },
+            "goog:chromeOptions": { "binary": "/usr/bin/chromium", "args": args },
+        }}});
+        let session = self.command("POST", "/session", Some(caps));
+        let id = session["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
+        let s = format!("/session/{id}");
+        self.command(
+            "POST",
+            &format!("{s}/url"),
+            Some(serde_json::json!({ "url": url })),
+        );
+        self.command(
+            "POST",
+            &format!("{s}/execute/async"),
+            Some(serde_json::json!({ "script": Self::WAIT_READY, "args": [] })),
+        );
+        let dom = self.command("GET", &format!("{s}/source"), None);
+        self.command("DELETE", &s, None);
+        dom.as_str().expect("the page source").to_string()
+    }
+}
+
+impl Drop for Browser<'_> {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// A PNG of `url` from Chromium's own `--screenshot` (the page is drawn, nothing is read).
+fn screenshot(pair: &VethPair, dir: &Path, url: &str, png: &Path) {
+    let out = VethPair::command(&pair.sender_ns, "chromium")
+        .args(CHROMIUM_FLAGS)
+        // Virtual time runs until the page's fetches are done.
+        .arg("--virtual-time-budget=15000")
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .arg(format!("--screenshot={}", png.display()))
         .arg(url)
         .output()
         .expect("run chromium (cargo xtask setup installs it)");
@@ -928,7 +1061,6 @@ fn chromium(pair: &VethPair, dir: &Path, url: &str, screenshot: Option<&Path>) -
         "chromium failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 #[test]
@@ -949,14 +1081,12 @@ fn console_in_headless_chromium_finds_and_plays_an_interaction() {
     assert_eq!(page.status, 200);
     assert!(page.header("content-security-policy").is_some());
     let base = format!("http://{}:{HTTP_PORT}/", pair.recorder_v4);
+    let browser = Browser::start(&pair, &dir);
 
     // Search by CallUUID: both recordings listed, with the link to the interaction.
-    let dom = chromium(
-        &pair,
-        &dir,
-        &format!("{base}#/search?call_uuid={uuid}&token={READ_TOKEN}"),
-        None,
-    );
+    let dom = browser.dom(&format!(
+        "{base}#/search?call_uuid={uuid}&token={READ_TOKEN}"
+    ));
     for id in [&a, &b] {
         assert!(
             dom.contains(&format!("data-recording=\"{id}\"")),
@@ -968,18 +1098,13 @@ fn console_in_headless_chromium_finds_and_plays_an_interaction() {
         "{dom}"
     );
     // Without a token the page says so instead of listing anything.
-    let dom = chromium(
-        &pair,
-        &dir,
-        &format!("{base}#/search?call_uuid={uuid}"),
-        None,
-    );
+    let dom = browser.dom(&format!("{base}#/search?call_uuid={uuid}"));
     assert!(dom.contains("data-error=\"401\""), "{dom}");
 
     // The interaction: one lane per segment with its site, the gap between them, and the
     // player's audio (the stitched WAV) loaded.
     let url = format!("{base}#/interaction/{uuid}?token={READ_TOKEN}");
-    let dom = chromium(&pair, &dir, &url, None);
+    let dom = browser.dom(&url);
     let lanes = dom.matches("class=\"segment\"").count();
     assert_eq!(lanes, 2, "{dom}");
     for id in [&a, &b] {
@@ -1005,18 +1130,13 @@ fn console_in_headless_chromium_finds_and_plays_an_interaction() {
     assert!(secs > 2.0, "two segments of 1 s and the gap: {secs} s");
 
     // A recording's page: its participants and one waveform per channel.
-    let dom = chromium(
-        &pair,
-        &dir,
-        &format!("{base}#/recording/{a}?token={READ_TOKEN}"),
-        None,
-    );
+    let dom = browser.dom(&format!("{base}#/recording/{a}?token={READ_TOKEN}"));
     assert_eq!(dom.matches("class=\"wave\"").count(), 2, "{dom}");
     assert!(dom.contains("Customer") && dom.contains("Agent"), "{dom}");
 
     let png = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-interaction.png");
     let _ = std::fs::remove_file(&png);
-    chromium(&pair, &dir, &url, Some(&png));
+    screenshot(&pair, &dir, &url, &png);
     let bytes = std::fs::read(&png).expect("screenshot saved");
     assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
 }
@@ -1158,15 +1278,11 @@ fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
         "{log}"
     );
     // The console at blue: one lane per segment, on two sites, and the stitched audio loads.
-    let dom = chromium(
-        &blue_pair,
-        &blue_dir,
-        &format!(
-            "http://{}:{HTTP_PORT}/#/interaction/{uuid}?token={READ_TOKEN}",
-            blue_pair.recorder_v4
-        ),
-        None,
+    let url = format!(
+        "http://{}:{HTTP_PORT}/#/interaction/{uuid}?token={READ_TOKEN}",
+        blue_pair.recorder_v4
     );
+    let dom = Browser::start(&blue_pair, &blue_dir).dom(&url);
     assert_eq!(dom.matches("class=\"segment\"").count(), 2, "{dom}");
     for (id, host) in [(&a, "blue"), (&b, "purple")] {
         assert!(
@@ -1177,15 +1293,7 @@ fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
     assert!(dom.contains("on 2 site(s)"), "{dom}");
     assert!(dom.contains("data-loaded=\"true\""), "{dom}");
     let png = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-two-sites.png");
-    chromium(
-        &blue_pair,
-        &blue_dir,
-        &format!(
-            "http://{}:{HTTP_PORT}/#/interaction/{uuid}?token={READ_TOKEN}",
-            blue_pair.recorder_v4
-        ),
-        Some(&png),
-    );
+    screenshot(&blue_pair, &blue_dir, &url, &png);
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
 
     // Without a token there is nothing to forward: 401 at the first host already.

@@ -52,8 +52,15 @@ function route() {
   const go = parts[0] === "recording" ? recording(parts[1])
     : parts[0] === "interaction" ? interaction(parts[1])
     : search(params);
-  go.catch(showError);
+  // `data-ready` marks the view done (fetches, media metadata) for scripts that read it; only
+  // the latest route sets it, so a slow earlier one cannot mark a newer view ready.
+  const render = ++renders;
+  delete view.dataset.ready;
+  go.catch(showError).finally(() => {
+    if (render === renders) view.dataset.ready = "true";
+  });
 }
+let renders = 0;
 
 async function search(params) {
   const field = (name, label, type = "text") =>
@@ -182,17 +189,26 @@ function waveforms(buffer, box) {
 }
 
 /// Loads audio with the token (a media element cannot send one) into a seekable player.
+/// Resolves once the browser has read the audio's header (or failed to: `data-error`).
 async function player(path, box) {
   const audio = document.createElement("audio");
   audio.id = "player";
   audio.controls = true;
-  audio.addEventListener("loadedmetadata", () => {
-    audio.dataset.loaded = "true";
-    audio.dataset.duration = audio.duration.toFixed(2);
+  const loaded = new Promise((resolve) => {
+    audio.addEventListener("loadedmetadata", () => {
+      audio.dataset.loaded = "true";
+      audio.dataset.duration = audio.duration.toFixed(2);
+      resolve();
+    }, { once: true });
+    audio.addEventListener("error", () => {
+      audio.dataset.error = "media";
+      resolve();
+    }, { once: true });
   });
   box.appendChild(audio);
   const buffer = await api(path, "buffer");
   audio.src = URL.createObjectURL(new Blob([buffer], { type: "audio/wav" }));
+  await loaded;
   return buffer;
 }
 
