@@ -318,6 +318,18 @@ impl Collector for Exposition {
             Vec::new(),
             s.writer.queued_packets,
         )?;
+        out.gauge(
+            "recorder_index_queue_jobs",
+            "Rows, links and removals waiting for the index thread.",
+            Vec::new(),
+            s.writer.index_queued,
+        )?;
+        out.gauge(
+            "recorder_writer_ended_awaiting_link",
+            "Ended recordings waiting for their index link (the CallUUID lookup) before they finish.",
+            Vec::new(),
+            s.writer.ended_awaiting_link,
+        )?;
         out.counters(
             "recorder_writer_packets_dropped_total",
             "Packets the writer could not store, by reason (wav_write_failed: WAV chunks of up to 1 s).",

@@ -91,7 +91,7 @@ pub trait IndexStore: Send {
     /// Inserts or replaces the row (and participants) of one recording.
     fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError>;
     /// Inserts or replaces many recordings in one transaction (bulk fills: the index bench).
-    fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError>;
+    fn upsert_many(&mut self, metas: &[&RecordingMetadata]) -> Result<(), IndexError>;
     /// Removes a recording (deleted by retention).
     fn remove(&mut self, id: &str) -> Result<(), IndexError>;
     /// Fills the index from every `<spool>/*/metadata.json`; returns how many were indexed.
@@ -263,7 +263,7 @@ impl Index {
         self.0.upsert_from_metadata(m)
     }
 
-    pub fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError> {
+    pub fn upsert_many(&mut self, metas: &[&RecordingMetadata]) -> Result<(), IndexError> {
         self.0.upsert_many(metas)
     }
 
@@ -322,23 +322,42 @@ impl Index {
         &mut self,
         m: &RecordingMetadata,
     ) -> Result<Option<(String, String)>, IndexError> {
+        self.link_for_with(m, std::iter::empty())
+    }
+
+    /// [`Self::link_for`], counting `unwritten` too: recordings of the same CallUUID that are
+    /// on their way into the index in the same transaction (their version here wins over the
+    /// row's).
+    pub fn link_for_with<'a>(
+        &mut self,
+        m: &RecordingMetadata,
+        unwritten: impl Iterator<Item = &'a RecordingMetadata>,
+    ) -> Result<Option<(String, String)>, IndexError> {
         let Some(uuid) = m.call_uuid.as_deref() else {
             return Ok(None);
         };
-        let started = crate::writer::metadata::parse_rfc3339(&m.started_at).unwrap_or(UNIX_EPOCH);
-        let earlier: Vec<IndexedRecording> = self
-            .by_call_uuid(uuid)?
-            .into_iter()
-            .filter(|r| r.id != m.id && r.started_at <= started)
+        let start =
+            |s: &str| millis(crate::writer::metadata::parse_rfc3339(s).unwrap_or(UNIX_EPOCH));
+        let started = start(&m.started_at);
+        // (started ms, id, interaction) of the earlier recordings, as the index orders them.
+        let mut earlier: Vec<(i64, String, Option<String>)> = unwritten
+            .filter(|u| u.call_uuid.as_deref() == Some(uuid) && u.id != m.id)
+            .map(|u| (start(&u.started_at), u.id.clone(), u.interaction.clone()))
+            .filter(|(at, ..)| *at <= started)
             .collect();
+        let rows = self.by_call_uuid(uuid)?;
+        for r in rows {
+            let at = millis(r.started_at);
+            if r.id != m.id && at <= started && !earlier.iter().any(|(_, id, _)| *id == r.id) {
+                earlier.push((at, r.id, r.interaction));
+            }
+        }
+        earlier.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         let (Some(first), Some(last)) = (earlier.first(), earlier.last()) else {
             return Ok(None);
         };
-        let interaction = first
-            .interaction
-            .clone()
-            .unwrap_or_else(|| first.id.clone());
-        Ok(Some((interaction, last.id.clone())))
+        let interaction = first.2.clone().unwrap_or_else(|| first.1.clone());
+        Ok(Some((interaction, last.1.clone())))
     }
 }
 

@@ -259,7 +259,7 @@ impl IndexStore for PgIndex {
         Ok(())
     }
 
-    fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError> {
+    fn upsert_many(&mut self, metas: &[&RecordingMetadata]) -> Result<(), IndexError> {
         self.reconnect_if_closed()?;
         let mut tx = self.client.transaction()?;
         for m in metas {

@@ -377,7 +377,7 @@ impl IndexStore for SqliteIndex {
     fn upsert_from_metadata(&mut self, m: &RecordingMetadata) -> Result<(), IndexError> {
         SqliteIndex::upsert_from_metadata(self, m)
     }
-    fn upsert_many(&mut self, metas: &[RecordingMetadata]) -> Result<(), IndexError> {
+    fn upsert_many(&mut self, metas: &[&RecordingMetadata]) -> Result<(), IndexError> {
         let tx = self.conn.transaction()?;
         for m in metas {
             upsert(&tx, m, &self.spool.join(&m.id))?;

@@ -330,3 +330,41 @@ fn hosts_public_urls_are_kept_and_replaced() {
     assert_eq!(urls["blue"], "https://blue:8443");
     assert_eq!(urls["purple"], "https://purple:8443");
 }
+
+#[test]
+fn a_link_counts_rows_written_and_rows_still_in_the_batch() {
+    let t = TempDir::new("link");
+    let spool = spool_with(&t.0, &[]);
+    let mut index = crate::index::Index::open(&t.0.join("i.db"), &spool).unwrap();
+    index
+        .upsert_from_metadata(&meta("r1", "U", 0, Some(100), "sip:a@x"))
+        .unwrap();
+    // r2 is in the same transaction as r3 (not written yet): r3 continues r1's interaction
+    // after r2. A later recording (r9) and another CallUUID's do not count.
+    let mut r2 = meta("r2", "U", 100, None, "sip:b@x");
+    r2.interaction = Some("r1".into());
+    let r9 = meta("r9", "U", 900, None, "sip:c@x");
+    let other = meta("o", "V", 150, None, "sip:c@x");
+    let r3 = meta("r3", "U", 300, None, "sip:c@x");
+    let link = index
+        .link_for_with(&r3, [&r2, &r9, &other].into_iter())
+        .unwrap();
+    assert_eq!(link, Some(("r1".to_string(), "r2".to_string())));
+    // Written alone, the first one links nothing; with only the index, r3 follows r1.
+    assert_eq!(
+        index
+            .link_for(&meta("r1", "U", 0, None, "sip:a@x"))
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        index.link_for(&r3).unwrap(),
+        Some(("r1".to_string(), "r1".to_string()))
+    );
+    // One transaction for all of them, then the index alone gives the same answer.
+    index.upsert_many(&[&r2, &r9, &other]).unwrap();
+    assert_eq!(
+        index.link_for(&r3).unwrap(),
+        Some(("r1".to_string(), "r2".to_string()))
+    );
+}

@@ -2,8 +2,11 @@
 //! packet stages (new recordings, changes) and file threads (finished recordings), so that no
 //! shard waits for a database.
 //!
-//! Jobs waiting together are coalesced: only the last row of a recording is written (a burst
-//! of thousands of starts and ends costs one upsert per recording, not one per event).
+//! Jobs waiting together are coalesced: only the last row of a recording is written, and all
+//! the rows of one drain of the queue go in one transaction (a burst of thousands of starts
+//! and ends costs one upsert per recording and one commit, not one commit per event: at 800
+//! calls/s, a commit per new recording's link kept the index thread behind, and every ending
+//! recording waits for its link).
 //!
 //! Links of new recordings are looked up in the order the handle saw their `Started` events
 //! ([`IndexJob::Expect`]), whichever shard sends them first: a recording continuing a CallUUID
@@ -60,6 +63,8 @@ pub(crate) enum IndexJob {
 #[derive(Clone)]
 pub(crate) struct IndexQueue {
     tx: mpsc::Sender<IndexJob>,
+    /// Jobs sent and not yet done (`recorder status`: `index_queued`).
+    queued: Arc<AtomicU64>,
 }
 
 impl IndexQueue {
@@ -70,23 +75,100 @@ impl IndexQueue {
         errors: Arc<AtomicU64>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicU64::new(0));
+        let done = queued.clone();
         std::thread::Builder::new()
             .name("rec-index".into())
-            .spawn(move || run(index, spool, errors, rx))?;
-        Ok(Self { tx })
+            .spawn(move || run(index, spool, errors, rx, &done))?;
+        Ok(Self { tx, queued })
     }
 
     pub(crate) fn send(&self, job: IndexJob) {
+        self.queued.fetch_add(1, Relaxed);
         if self.tx.send(job).is_err() {
+            self.queued.fetch_sub(1, Relaxed);
             warn!("index thread stopped; index update dropped");
         }
     }
 
+    /// Jobs waiting for the index thread.
+    pub(crate) fn queued(&self) -> u64 {
+        self.queued.load(Relaxed)
+    }
+
     pub(crate) fn barrier(&self) {
         let (done, wait) = mpsc::sync_channel(1);
+        self.queued.fetch_add(1, Relaxed);
         if self.tx.send(IndexJob::Barrier(done)).is_ok() {
             let _ = wait.recv();
+        } else {
+            self.queued.fetch_sub(1, Relaxed);
         }
+    }
+}
+
+/// Rows waiting to be written in one transaction: the last version of each recording, in the
+/// order first seen.
+#[derive(Default)]
+struct Unwritten {
+    order: Vec<String>,
+    rows: HashMap<String, Box<RecordingMetadata>>,
+    /// Ids by CallUUID: a new recording's link counts the earlier ones still here.
+    by_call_uuid: HashMap<String, Vec<String>>,
+}
+
+impl Unwritten {
+    fn put(&mut self, m: Box<RecordingMetadata>) {
+        if !self.rows.contains_key(&m.id) {
+            self.order.push(m.id.clone());
+            if let Some(uuid) = &m.call_uuid {
+                self.by_call_uuid
+                    .entry(uuid.clone())
+                    .or_default()
+                    .push(m.id.clone());
+            }
+        }
+        self.rows.insert(m.id.clone(), m);
+    }
+
+    fn of_call_uuid<'a>(
+        &'a self,
+        uuid: Option<&str>,
+    ) -> impl Iterator<Item = &'a RecordingMetadata> + 'a {
+        uuid.and_then(|u| self.by_call_uuid.get(u))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.rows.get(id).map(|m| &**m))
+    }
+
+    /// Writes every row in one transaction; when that fails, each row on its own, so that one
+    /// bad row costs only itself.
+    fn flush(
+        &mut self,
+        index: &mut Option<Index>,
+        failed: &mut dyn FnMut(&str, &str, &dyn std::fmt::Display),
+    ) {
+        if self.order.is_empty() {
+            return;
+        }
+        if let Some(ix) = index.as_mut() {
+            let rows: Vec<&RecordingMetadata> = self
+                .order
+                .iter()
+                .filter_map(|id| self.rows.get(id).map(|m| &**m))
+                .collect();
+            if let Err(e) = ix.upsert_many(&rows) {
+                warn!(rows = rows.len(), error = %e, "index batch failed; writing its rows one by one");
+                for m in rows {
+                    if let Err(e) = ix.upsert_from_metadata(m) {
+                        failed("update", &m.id, &e);
+                    }
+                }
+            }
+        }
+        self.order.clear();
+        self.rows.clear();
+        self.by_call_uuid.clear();
     }
 }
 
@@ -95,6 +177,7 @@ fn run(
     spool: PathBuf,
     errors: Arc<AtomicU64>,
     rx: mpsc::Receiver<IndexJob>,
+    queued: &AtomicU64,
 ) {
     let mut failed = |what: &str, id: &str, e: &dyn std::fmt::Display| {
         errors.fetch_add(1, Relaxed);
@@ -103,25 +186,11 @@ fn run(
     // Ids of Started events in order, and links that arrived before the ones ahead of them.
     let mut expected: std::collections::VecDeque<String> = Default::default();
     let mut early: HashMap<String, IndexJob> = HashMap::new();
+    let mut unwritten = Unwritten::default();
     while let Ok(first) = rx.recv() {
-        // What else is waiting: upserts of one recording collapse to the last.
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
-        let mut pending: HashMap<String, Box<RecordingMetadata>> = HashMap::new();
-        let mut order: Vec<String> = Vec::new();
-        let flush =
-            |index: &mut Option<Index>,
-             pending: &mut HashMap<String, Box<RecordingMetadata>>,
-             order: &mut Vec<String>,
-             failed: &mut dyn FnMut(&str, &str, &dyn std::fmt::Display)| {
-                for id in order.drain(..) {
-                    if let (Some(m), Some(index)) = (pending.remove(&id), index.as_mut()) {
-                        if let Err(e) = index.upsert_from_metadata(&m) {
-                            failed("update", &id, &e);
-                        }
-                    }
-                }
-            };
+        let drained = jobs.len() as u64;
         // Links in Started order: an early one waits for those ahead of it.
         let mut ready = Vec::new();
         for job in jobs {
@@ -150,18 +219,13 @@ fn run(
         for job in ready {
             match job {
                 IndexJob::Expect(_) | IndexJob::Forget(_) => {}
-                IndexJob::Upsert(m) => {
-                    let id = m.id.clone();
-                    if pending.insert(id.clone(), m).is_none() {
-                        order.push(id);
-                    }
-                }
+                IndexJob::Upsert(m) => unwritten.put(m),
                 IndexJob::Link { mut meta, reply } => {
-                    // The earlier recordings must be in the index before looking them up.
-                    flush(&mut index, &mut pending, &mut order, &mut failed);
+                    // The earlier recordings count whether written already or in this batch.
                     let mut link = None;
                     if let Some(ix) = index.as_mut() {
-                        match ix.link_for(&meta) {
+                        let batch = unwritten.of_call_uuid(meta.call_uuid.as_deref());
+                        match ix.link_for_with(&meta, batch) {
                             Ok(Some((interaction, previous))) => {
                                 info!(recording = %meta.id, %interaction, %previous, "continues an interaction");
                                 meta.interaction = Some(interaction.clone());
@@ -171,17 +235,15 @@ fn run(
                             Ok(None) => {}
                             Err(e) => failed("lookup for linking", &meta.id, &e),
                         }
-                        if let Err(e) = ix.upsert_from_metadata(&meta) {
-                            failed("update", &meta.id, &e);
-                        }
                     }
                     reply(Linked {
                         id: meta.id.clone(),
                         link,
                     });
+                    unwritten.put(meta);
                 }
                 IndexJob::Remove(id) => {
-                    flush(&mut index, &mut pending, &mut order, &mut failed);
+                    unwritten.flush(&mut index, &mut failed);
                     if let Some(ix) = index.as_mut() {
                         if let Err(e) = ix.remove(&id) {
                             failed("removal", &id, &e);
@@ -189,7 +251,7 @@ fn run(
                     }
                 }
                 IndexJob::Retention { policy, reply } => {
-                    flush(&mut index, &mut pending, &mut order, &mut failed);
+                    unwritten.flush(&mut index, &mut failed);
                     let result = enforce_retention(&spool, policy, SystemTime::now());
                     if let (Ok(deleted), Some(ix)) = (&result, index.as_mut()) {
                         for id in deleted {
@@ -201,11 +263,12 @@ fn run(
                     let _ = reply.send(result);
                 }
                 IndexJob::Barrier(done) => {
-                    flush(&mut index, &mut pending, &mut order, &mut failed);
+                    unwritten.flush(&mut index, &mut failed);
                     let _ = done.send(());
                 }
             }
         }
-        flush(&mut index, &mut pending, &mut order, &mut failed);
+        unwritten.flush(&mut index, &mut failed);
+        queued.fetch_sub(drained, Relaxed);
     }
 }

@@ -260,6 +260,11 @@ pub struct WriterStats {
     pub index_errors: u64,
     pub active_recordings: u64,
     pub completed_recordings: u64,
+    /// Ended recordings waiting for their index link before they finish (a backlog here is the
+    /// index thread falling behind).
+    pub ended_awaiting_link: u64,
+    /// Jobs (rows, links, removals) waiting for the index thread.
+    pub index_queued: u64,
     /// Packets waiting in the queues to the shards right now.
     pub queued_packets: u64,
     /// Shards (packet-stage threads).
@@ -338,6 +343,8 @@ pub(crate) struct Shared {
     pub index_errors: Arc<AtomicU64>,
     pub active: AtomicU64,
     pub completed: AtomicU64,
+    /// Ended recordings whose index link has not come back yet (they finish when it does).
+    pub ended_awaiting_link: AtomicU64,
     /// Highest flow id signaling has introduced (signaling hands them out in increasing order):
     /// a packet of an unrouted flow above it is early (its event is on the way), below it late.
     pub max_flow: AtomicU64,
@@ -797,6 +804,8 @@ impl WriterHandle {
             index_errors: s.index_errors.load(Relaxed),
             active_recordings: s.active.load(Relaxed),
             completed_recordings: s.completed.load(Relaxed),
+            ended_awaiting_link: s.ended_awaiting_link.load(Relaxed),
+            index_queued: self.index.queued(),
             queued_packets: self
                 .shards
                 .iter()

@@ -133,6 +133,13 @@ impl Shard {
             .unknown_flow
             .fetch_add(self.pending.len() as u64, Relaxed);
         self.pending.clear();
+        // Links not answered by now will not be: finish without them (before a handover too:
+        // an ended recording is not handed over, the next daemon would never finish it).
+        self.awaiting_link.clear();
+        for (_, (rec, at, reason, detail, drops)) in std::mem::take(&mut self.ended_unlinked) {
+            self.shared.ended_awaiting_link.fetch_sub(1, Relaxed);
+            self.finish(rec, at, &reason, detail, &drops);
+        }
         let now = SystemTime::now();
         if let Some(reply) = handover {
             let recordings: Vec<RecordingHandover> = self
@@ -146,11 +153,6 @@ impl Shard {
             self.files.barrier();
             let _ = reply.send((self.max_routed_flow, recordings));
             return;
-        }
-        // Links not answered by now will not be: finish without them.
-        self.awaiting_link.clear();
-        for (_, (rec, at, reason, detail, drops)) in std::mem::take(&mut self.ended_unlinked) {
-            self.finish(rec, at, &reason, detail, &drops);
         }
         for id in self.recordings.ids() {
             self.end(&id, now, "shutdown", None, &[]);
@@ -188,6 +190,7 @@ impl Shard {
                 if let Some((mut rec, at, reason, detail, drops)) =
                     self.ended_unlinked.remove(&l.id)
                 {
+                    self.shared.ended_awaiting_link.fetch_sub(1, Relaxed);
                     if let Some((interaction, previous)) = l.link {
                         rec.link(interaction, previous);
                     }
@@ -498,6 +501,7 @@ impl Shard {
         };
         self.unroute(slot);
         if self.awaiting_link.contains(id) {
+            self.shared.ended_awaiting_link.fetch_add(1, Relaxed);
             self.ended_unlinked.insert(
                 id.to_string(),
                 (rec, at, reason.to_string(), detail, ring_drops.to_vec()),

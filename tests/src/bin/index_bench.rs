@@ -114,7 +114,7 @@ fn run(location: &IndexLocation, rows: u64) -> Result<Value> {
     for i in 0..rows {
         batch.push(recording(i, &mut rng));
         if batch.len() == BATCH || i + 1 == rows {
-            index.upsert_many(&batch)?;
+            index.upsert_many(&batch.iter().collect::<Vec<_>>())?;
             batch.clear();
         }
     }

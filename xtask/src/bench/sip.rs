@@ -556,6 +556,8 @@ pub(super) struct Snapshot {
     pub(super) index_recordings: Option<u64>,
     pub(super) rss_kib: u64,
     pub(super) cpu_s: f64,
+    /// The daemon's writer counters (`recorder status`).
+    pub(super) writer: Value,
 }
 
 /// A bpffs mount for the daemon's pins: `ip netns exec` remounts /sys, which hides
@@ -727,6 +729,7 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
             index_recordings,
             rss_kib: vm_rss_kib(pid),
             cpu_s: proc_cpu(pid).unwrap_or(0.0),
+            writer: st["writer"].clone(),
         })
     }
 
@@ -742,14 +745,49 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
         let mut last = (0, 0, None);
         let mut moved = Instant::now();
         let mut good: Option<Snapshot> = None;
-        let give_up = Instant::now() + 6 * idle;
+        let t0 = Instant::now();
+        let give_up = t0 + 6 * idle;
+        // When each part was first seen done: which stage lags the signalling.
+        let mut reached: [Option<f64>; 3] = [None; 3];
+        let mut last_progress = t0;
         loop {
             match self.snapshot(true) {
                 Ok(s) => {
-                    let done = s.sessions_active == 0
-                        && s.sessions_ended >= ended
-                        && s.spool_recordings >= spool
-                        && s.index_recordings.is_some_and(|i| i >= index);
+                    let parts = [
+                        s.sessions_active == 0 && s.sessions_ended >= ended,
+                        s.spool_recordings >= spool,
+                        s.index_recordings.is_some_and(|i| i >= index),
+                    ];
+                    for (r, ok) in reached.iter_mut().zip(parts) {
+                        if ok && r.is_none() {
+                            *r = Some(t0.elapsed().as_secs_f64());
+                        }
+                    }
+                    let done = parts.iter().all(|p| *p);
+                    if !done && last_progress.elapsed() >= Duration::from_secs(5) {
+                        last_progress = Instant::now();
+                        let w = &s.writer;
+                        eprintln!(
+                            "bench: settling {:.0} s: sessions active {} ended {}/{ended}, writer active {} awaiting link {} index queue {}, spool {}/{spool}, index {:?}/{index}",
+                            t0.elapsed().as_secs_f64(),
+                            s.sessions_active,
+                            s.sessions_ended,
+                            w["active_recordings"],
+                            w["ended_awaiting_link"],
+                            w["index_queued"],
+                            s.spool_recordings,
+                            s.index_recordings,
+                        );
+                    }
+                    if done {
+                        eprintln!(
+                            "bench: settled after {:.1} s: sessions ended {:.1} s, spool {:.1} s, index {:.1} s",
+                            t0.elapsed().as_secs_f64(),
+                            reached[0].unwrap_or(0.0),
+                            reached[1].unwrap_or(0.0),
+                            reached[2].unwrap_or(0.0)
+                        );
+                    }
                     let now = (s.sessions_ended, s.spool_recordings, s.index_recordings);
                     if now != last {
                         last = now;
