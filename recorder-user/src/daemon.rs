@@ -458,9 +458,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     }
 
+    let repair_t0 = std::time::Instant::now();
     match writer::repair_spool_except(&config.spool, &handed_over) {
         Ok(repaired) if !repaired.is_empty() => {
-            warn!(count = repaired.len(), ids = ?repaired, "repaired recordings interrupted by a crash")
+            let ports: Vec<u16> = repaired
+                .iter()
+                .flat_map(|r| r.local_ports.iter().copied())
+                .collect();
+            recorder.cool_down_ports(std::time::Instant::now(), &ports);
+            let ids: Vec<&str> = repaired.iter().map(|r| r.id.as_str()).take(20).collect();
+            warn!(
+                count = repaired.len(),
+                first_ids = ?ids,
+                ports_cooling = ports.len(),
+                took_ms = repair_t0.elapsed().as_millis() as u64,
+                "repaired recordings interrupted by a crash; their RTP ports rest for port_cooldown_secs before reuse"
+            )
         }
         Ok(_) => {}
         Err(e) => warn!(error = %e, "spool repair failed"),

@@ -300,6 +300,13 @@ impl<F: FlowControl> Recorder<F> {
         Ok(rec)
     }
 
+    /// Puts the RTP ports of calls a crash cut off (the repaired recordings') in cool-down,
+    /// released `now`: their senders do not know the daemon died and may go on sending there,
+    /// and a new call given such a port would record the old call's media.
+    pub fn cool_down_ports(&mut self, now: Instant, ports: &[u16]) {
+        self.ports.cool_down(now, ports);
+    }
+
     /// Local addresses of every flow the sessions own (RTP and RTCP).
     pub fn flow_locals(&self) -> Vec<SocketAddr> {
         let ip = self.config.media_address;

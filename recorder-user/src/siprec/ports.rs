@@ -106,6 +106,21 @@ impl PortAllocator {
         ports
     }
 
+    /// Moves free `ports` to the cool-down queue, released at `now` (ports in use or already
+    /// cooling are left as they are).
+    pub fn cool_down(&mut self, now: Instant, ports: &[u16]) {
+        let wanted: HashSet<u16> = ports.iter().copied().collect();
+        let mut moved = Vec::new();
+        self.free.retain(|p| {
+            let keep = !wanted.contains(p);
+            if !keep {
+                moved.push(*p);
+            }
+            keep
+        });
+        self.cooling.extend(moved.into_iter().map(|p| (now, p)));
+    }
+
     /// Pairs currently allocated.
     pub fn in_use(&self) -> usize {
         self.in_use.len()
@@ -133,6 +148,18 @@ mod tests {
         assert_eq!(got, vec![40002, 40004, 40006]);
         assert_eq!(ports.in_use(), 3);
         assert_eq!(ports.allocate(now, false), None);
+    }
+
+    #[test]
+    fn ports_of_crashed_calls_cool_down_before_reuse() {
+        let t0 = Instant::now();
+        let mut ports = PortAllocator::new(40000, 40005, COOL);
+        // The crashed daemon's calls held 40000 and 40004; 40002 was free.
+        ports.cool_down(t0, &[40000, 40004, 41000]);
+        assert_eq!(ports.allocate(t0, true), Some(40002));
+        assert_eq!(ports.allocate(t0 + COOL / 2, true), None);
+        assert_eq!(ports.allocate(t0 + COOL, true), Some(40000));
+        assert_eq!(ports.allocate(t0 + COOL, true), Some(40004));
     }
 
     #[test]

@@ -122,7 +122,7 @@ use self::{
 pub use self::{
     encode::{dtmf, dtmf::DtmfEvent, rtp::SsrcStats},
     metadata::{RecordingMetadata, RecordingState},
-    repair::{repair_spool, repair_spool_except},
+    repair::{repair_spool, repair_spool_except, Repaired},
     retention::{enforce_retention, RetentionPolicy},
     route::{WriterSink, BATCH_PACKETS},
 };
