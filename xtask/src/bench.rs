@@ -34,6 +34,8 @@ pub enum Part {
     Media,
     /// Index searches (the HTTP API's) over 1 000 000 synthetic rows, SQLite and PostgreSQL.
     Index,
+    /// Faults with live calls carrying RTP: kill -9, a full spool, a detach restart.
+    Faults,
 }
 
 const NS_S: &str = "rbench-s";
@@ -79,6 +81,11 @@ pub struct Select {
     /// 50 trafgen processes, one per 20 ms slot, and the blocks' slots are staggered.
     #[arg(long)]
     media_blocks: Option<u32>,
+    /// Run the faults part alone (`--faults`, every case) or some of its cases (`--faults
+    /// kill9,detach-restart`); its call count is the first `--calls` (default 1 000; quick:
+    /// 200) and its traffic `--media-secs` (default 30; quick: 10).
+    #[arg(long, value_delimiter = ',', value_enum, num_args = 0..)]
+    faults: Option<Vec<media::faults::Fault>>,
 }
 
 fn parse_rate(s: &str) -> Result<Option<u64>, String> {
@@ -173,6 +180,7 @@ struct Plan {
 }
 
 pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
+    let only = only.or(select.faults.as_ref().map(|_| Part::Faults));
     let root = workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -217,6 +225,31 @@ pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
     } else {
         None
     };
+    // Faults run only when asked for (`--only faults` or `--faults`): each case restarts or
+    // fills the daemon under 1 000 calls, a part of its own.
+    let faults = (only == Some(Part::Faults) || select.faults.is_some()).then(|| {
+        let plan = media::faults::FaultPlan {
+            calls: select
+                .calls
+                .as_ref()
+                .and_then(|c| c.first().copied())
+                .unwrap_or(if quick { 200 } else { 1000 }),
+            secs: select
+                .media_secs
+                .unwrap_or(if quick { 10 } else { 30 })
+                .max(5),
+            blocks: select.media_blocks.unwrap_or(2).clamp(1, 8),
+            cases: select
+                .faults
+                .clone()
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| media::faults::Fault::ALL.to_vec()),
+        };
+        media::faults::run(&plan, &out_dir, &mut commands).unwrap_or_else(|e| {
+            eprintln!("bench: faults part failed: {e:#}");
+            json!({ "error": format!("{e:#}") })
+        })
+    });
     let index = wants(Part::Index).then(|| {
         index::run(quick, &out_dir, &mut commands).unwrap_or_else(|e| {
             eprintln!("bench: index part failed: {e:#}");
@@ -231,6 +264,7 @@ pub fn run(quick: bool, only: Option<Part>, select: &Select) -> Result<()> {
             sip: sip.as_ref(),
             media: media.as_ref(),
             index: index.as_ref(),
+            faults: faults.as_ref(),
         },
         &commands,
         started.elapsed(),
@@ -1289,6 +1323,7 @@ struct Parts<'a> {
     sip: Option<&'a Value>,
     media: Option<&'a Value>,
     index: Option<&'a Value>,
+    faults: Option<&'a Value>,
 }
 
 fn report(
@@ -1299,7 +1334,12 @@ fn report(
     commands: &[String],
     elapsed: Duration,
 ) -> Result<()> {
-    let Parts { sip, media, index } = parts;
+    let Parts {
+        sip,
+        media,
+        index,
+        faults,
+    } = parts;
     let empty = Datapath {
         plan: Plan {
             flows: Vec::new(),
@@ -1434,6 +1474,7 @@ fn report(
         "sip": sip,
         "media": media,
         "index": index,
+        "faults": faults,
         "datapath_sessions_held": held,
         "rewrite": has_dp.then(|| rewrite.to_json()),
         "profiles": has_dp.then_some(profiles),
@@ -1566,6 +1607,9 @@ fn report(
     }
     if let Some(index) = index {
         md.push_str(&index::markdown(index)?);
+    }
+    if let Some(faults) = faults {
+        md.push_str(&media::faults::markdown(faults));
     }
     if !failures.is_empty() {
         writeln!(md, "## Failed runs\n")?;

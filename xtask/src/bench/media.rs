@@ -44,6 +44,7 @@ use super::{
 };
 use crate::workspace_root;
 
+pub mod faults;
 mod files;
 use files::{read_baseline, read_recordings};
 

@@ -592,6 +592,38 @@ pub(super) struct Daemon {
     /// The daemon's bpffs pins: a daemon that did not stop cleanly leaves its XDP link pinned
     /// there, attached to the bench interface, and the next daemon could not attach.
     pins: PathBuf,
+    config: PathBuf,
+}
+
+/// `recorder run --config <config>` in the receiver namespace, pinned to CPU 1, its output
+/// appended to `log`.
+fn spawn_daemon(config: &Path, log: &Path) -> Result<Child> {
+    let logf = std::fs::File::options()
+        .append(true)
+        .create(true)
+        .open(log)?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", NS_R, "taskset", "-c", "1"])
+        .arg(recorder_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::from(logf.try_clone()?))
+        .stderr(Stdio::from(logf));
+    // SAFETY: only setrlimit between fork and exec (async-signal-safe).
+    unsafe {
+        cmd.pre_exec(|| {
+            // As packaging/recorder.service (LimitNOFILE): the file threads keep the live
+            // recordings' files open within a quarter of it.
+            let lim = libc::rlimit {
+                rlim_cur: NOFILE,
+                rlim_max: NOFILE,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        })
+    };
+    cmd.spawn().context("starting recorder")
 }
 
 impl Daemon {
@@ -616,58 +648,55 @@ impl Daemon {
         let pins = bench_bpffs()?.join(tag);
         let _ = std::fs::remove_dir_all(&pins);
         // Two port pairs per session (RTP + RTCP each); 10000-64999 holds 27 500 pairs.
-        std::fs::write(
-            &config,
-            format!(
-                "interfaces = [\"{IF_R}\"]\nsip_listen = [\"{IP_R}:5060\"]\nmedia_address = \"{IP_R}\"\n\
+        let base = format!(
+            "interfaces = [\"{IF_R}\"]\nsip_listen = [\"{IP_R}:5060\"]\nmedia_address = \"{IP_R}\"\n\
 rtp_ports = \"10000-64999\"\nport_cooldown_secs = {cooldown_secs}\nspool = \"{}\"\n\
 max_flows = 65536\nmax_sessions = {max_sessions}\nidle_timeout_secs = 7200\n\
-control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir = \"{}\"\n{extra}",
-                spool.display(),
-                control.display(),
-                pins.display(),
-            ),
-        )?;
-        let logf = std::fs::File::create(&log)?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", NS_R, "taskset", "-c", "1"])
-            .arg(recorder_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::from(logf.try_clone()?))
-            .stderr(Stdio::from(logf));
-        // SAFETY: only setrlimit between fork and exec (async-signal-safe).
-        unsafe {
-            cmd.pre_exec(|| {
-                // As packaging/recorder.service (LimitNOFILE): the file threads keep the live
-                // recordings' files open within a quarter of it.
-                let lim = libc::rlimit {
-                    rlim_cur: NOFILE,
-                    rlim_max: NOFILE,
-                };
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                Ok(())
-            })
-        };
-        let child = cmd.spawn().context("starting recorder")?;
+control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir = \"{}\"\n",
+            spool.display(),
+            control.display(),
+            pins.display(),
+        );
+        // A key in `extra` replaces the base line of that key (TOML refuses a key twice).
+        let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+        let overridden: Vec<String> = extra.lines().map(key).collect();
+        let mut text: String = base
+            .lines()
+            .filter(|l| !overridden.contains(&key(l)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(extra);
+        std::fs::write(&config, text)?;
+        std::fs::File::create(&log)?;
+        let child = spawn_daemon(&config, &log)?;
         let mut d = Self {
             child: Some(child),
             control,
             spool,
             log,
             pins,
+            config,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        d.wait_ready(Duration::from_secs(30))?;
+        Ok(d)
+    }
+
+    /// Waits until the daemon answers `recorder status` with its SIP side up.
+    pub(super) fn wait_ready(&mut self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
         loop {
-            if let Some(st) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("recorder exited at start ({st}):\n{}", d.log_text());
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("recorder exited at start ({st}):\n{}", self.log_text());
             }
-            if d.ctl("status").is_ok_and(|v| !v["sip"].is_null()) {
-                return Ok(d);
+            if self.ctl("status").is_ok_and(|v| !v["sip"].is_null()) {
+                return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("recorder not ready after 30 s:\n{}", d.log_text());
+                bail!("recorder not ready after {within:?}:\n{}", self.log_text());
             }
             std::thread::sleep(Duration::from_millis(200)); // polling another process's socket
         }
@@ -935,6 +964,44 @@ control_socket = \"{}\"\nlog_level = \"warn\"\nmin_free_bytes = 1048576\npin_dir
 }
 
 impl Daemon {
+    /// `kill -9`: the daemon's pins stay (XDP keeps capturing into the pinned rings), as a
+    /// crash leaves them.
+    pub(super) fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait, keeping the pins (with `detach_on_exit` the daemon leaves them, and
+    /// its handover file, for the next one).
+    pub(super) fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("daemon not running")?;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("recorder did not exit within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(5)); // polling a child's exit
+        }
+    }
+
+    /// Starts the daemon again on the same configuration, spool and pins (not waiting for it).
+    pub(super) fn respawn(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("daemon still running");
+        }
+        self.child = Some(spawn_daemon(&self.config, &self.log)?);
+        Ok(())
+    }
+
     pub(super) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
