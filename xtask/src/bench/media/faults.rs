@@ -258,8 +258,10 @@ fn run_case(
     match fault {
         Fault::Kill9 => {
             daemon.kill9();
+            let killed_s = fault_t.elapsed().as_secs_f64();
             daemon.respawn()?;
             injected = serve_again(&mut daemon, fault_t, dir, commands)?;
+            injected["killed_after_s"] = json!(killed_s);
         }
         Fault::DetachRestart => {
             let st = daemon.terminate(Duration::from_secs(60))?;
@@ -423,14 +425,25 @@ fn run_case(
             if invite["status"] != 503 || invite["retry_after"].is_null() {
                 failed.push(format!("a new INVITE on the full spool got {invite}"));
             }
+            // Every packet is in a pcap or counted: not written (the disk was full) or not
+            // taken from a full ring (the metadata's `dropped.ring_full`).
             let not_written = writer_end["pcap_write_failed"].as_u64().unwrap_or(0);
-            if recorded + not_written < sent_answered {
+            let ring_full = status_end["xdp"]["ring_full"].as_u64().unwrap_or(0);
+            if recorded + not_written + ring_full != sent_answered {
                 failed.push(format!(
-                    "recorded {recorded} and counted {not_written} not written of {sent_answered} packets: the rest is unaccounted for"
+                    "recorded {recorded}, counted {not_written} not written and {ring_full} ring_full, of {sent_answered} packets sent"
+                ));
+            }
+            if rec.metadata_ring_full != ring_full {
+                failed.push(format!(
+                    "metadata.json counts {} ring_full, the kernel {ring_full}",
+                    rec.metadata_ring_full
                 ));
             }
             figures = json!({
                 "pcap_write_failed": writer_end["pcap_write_failed"],
+                "wav_write_failed": writer_end["wav_write_failed"],
+                "ring_full": status_end["xdp"]["ring_full"],
                 "metadata_not_written": files.metadata_not_written,
             });
         }
@@ -477,7 +490,12 @@ fn run_case(
 /// The media part's daemon, with `extra` configuration lines replacing its keys of the same
 /// name.
 fn start_daemon(dir: &Path, tag: &str, n: u32, extra: &str) -> Result<Daemon> {
-    Daemon::start_with(dir, tag, 10, 20_000.max(2 * n), extra)
+    // `BENCH_DAEMON_LOG=info` shows each step of a restart in the daemon's log.
+    let mut extra = extra.to_string();
+    if let Ok(level) = std::env::var("BENCH_DAEMON_LOG") {
+        extra.push_str(&format!("log_level = \"{level}\"\n"));
+    }
+    Daemon::start_with(dir, tag, 10, 20_000.max(2 * n), &extra)
 }
 
 /// After a restart: the first OPTIONS answered 200, then one new SIPREC call (SIPp) answered
