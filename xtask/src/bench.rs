@@ -23,7 +23,7 @@ mod index;
 mod media;
 mod sip;
 
-pub use media::check as media_check;
+pub use media::{check as media_check, faults::check as faults_check};
 
 /// One part of the bench, for `--only`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

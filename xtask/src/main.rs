@@ -69,16 +69,27 @@ fn main() -> Result<()> {
                 eprintln!("xtask test: test arguments given, skipping the media check");
                 return tests;
             }
-            let media = bench::media_check();
-            match (tests, media) {
-                (Ok(()), Ok(())) => Ok(()),
-                (Err(e), Ok(())) => Err(e),
-                (Ok(()), Err(e)) => {
-                    Err(e.context("media check (cargo xtask bench --quick --only media)"))
-                }
-                (Err(t), Err(m)) => {
-                    Err(t.context(format!("and the media check failed too: {m:#}")))
-                }
+            // Then the quick faults (200 live calls through kill -9, a full spool and a detach
+            // restart, every file checked).
+            let checks = [
+                (
+                    "media check (cargo xtask bench --quick --only media)",
+                    bench::media_check(),
+                ),
+                (
+                    "faults check (cargo xtask bench --quick --faults)",
+                    bench::faults_check(),
+                ),
+            ];
+            let failed: Vec<String> = checks
+                .into_iter()
+                .filter_map(|(what, r)| r.err().map(|e| format!("{what}: {e:#}")))
+                .collect();
+            match (tests, failed.is_empty()) {
+                (Ok(()), true) => Ok(()),
+                (Ok(()), false) => Err(anyhow::anyhow!(failed.join("\n"))),
+                (Err(t), true) => Err(t),
+                (Err(t), false) => Err(t.context(format!("and: {}", failed.join("\n")))),
             }
         }
         Cli::Demo => {

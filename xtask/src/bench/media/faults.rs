@@ -124,6 +124,37 @@ pub fn run(plan: &FaultPlan, out_dir: &Path, commands: &mut Vec<String>) -> Resu
     }))
 }
 
+/// The quick faults `cargo xtask test` runs after the cargo tests (200 calls, 10 s of RTP,
+/// every case): fails unless every case passed. Its report goes to `target/bench-check/`.
+pub fn check() -> Result<()> {
+    let out = crate::workspace_root().join("target/bench-check");
+    std::fs::create_dir_all(&out)?;
+    let plan = FaultPlan {
+        calls: 200,
+        secs: 10,
+        blocks: 2,
+        cases: Fault::ALL.to_vec(),
+    };
+    let mut commands = Vec::new();
+    let faults = run(&plan, &out, &mut commands)?;
+    std::fs::write(
+        out.join("faults.json"),
+        serde_json::to_string_pretty(&json!({ "faults": faults, "commands": commands }))?,
+    )?;
+    std::fs::write(out.join("faults.md"), markdown(&faults))?;
+    let bad: Vec<String> = faults["cases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["ok"] != true)
+        .map(|c| format!("{}: {}", c["fault"], c["result"].as_str().unwrap_or("?")))
+        .collect();
+    if !bad.is_empty() {
+        bail!("{}", bad.join("; "));
+    }
+    Ok(())
+}
+
 fn fault_at(secs: u32) -> Duration {
     Duration::from_millis(u64::from(secs) * 400)
 }
