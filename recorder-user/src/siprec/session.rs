@@ -138,6 +138,8 @@ pub struct SiprecCounters {
     pub snapshot_requests_failed: u64,
     /// Snapshot requests sent again after a 491 (glare) and its back-off.
     pub snapshot_retries: u64,
+    /// Out-of-dialog OPTIONS answered 503 (full, draining, not accepting).
+    pub options_unavailable: u64,
 }
 
 fn rejections_by_name<S: serde::Serializer>(
@@ -356,6 +358,8 @@ pub struct Recorder<F: FlowControl> {
     next_flow_id: u64,
     accepting: bool,
     not_accepting_reason: String,
+    /// Draining (`recorder drain`, SIGUSR1, `drain = true`): no new session, the live ones go on.
+    draining: bool,
     counters: SiprecCounters,
     outbox: Outbox,
     /// Our snapshot UPDATEs awaiting a response (one per dialog: the endpoint sends one
@@ -391,6 +395,7 @@ impl<F: FlowControl> Recorder<F> {
             next_flow_id: 1,
             accepting: true,
             not_accepting_reason: String::new(),
+            draining: false,
             counters: SiprecCounters::default(),
             outbox: Outbox::default(),
             snapshots_in_flight: HashMap::new(),
@@ -417,6 +422,81 @@ impl<F: FlowControl> Recorder<F> {
     pub fn set_accepting(&mut self, accepting: bool, reason: &str) {
         self.accepting = accepting;
         self.not_accepting_reason = reason.to_string();
+    }
+
+    /// Draining: new INVITEs get 503 with Retry-After (and so do OPTIONS, which turns a load
+    /// balancer away) while the live sessions go on, in-dialog requests included.
+    pub fn set_draining(&mut self, draining: bool) {
+        if draining != self.draining {
+            info!(
+                draining,
+                live_sessions = self.sessions.len(),
+                "{}",
+                if draining {
+                    "draining: no new sessions, the live ones go on"
+                } else {
+                    "drain ended: taking new sessions"
+                }
+            );
+        }
+        self.draining = draining;
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Why a new session would be refused now (`None`: it would be taken, as far as the state
+    /// of the server goes). Out-of-dialog OPTIONS answer 503 with this reason: a load balancer
+    /// that probes with OPTIONS (Kamailio's dispatcher) then sends its INVITEs elsewhere
+    /// before they would fail.
+    pub fn refusal(&self, now: Instant) -> Option<String> {
+        self.admission(now, true).err().map(|r| r.reason)
+    }
+
+    /// The server-state checks of a new session; `ports`: also whether the media ports of a
+    /// two-stream session are free (an INVITE finds that out when it allocates them).
+    fn admission(&self, now: Instant, ports: bool) -> Result<(), Reject> {
+        let retry_after = self.config.retry_after.to_string();
+        if !self.accepting {
+            let reason = if self.not_accepting_reason.is_empty() {
+                "Service Unavailable".to_string()
+            } else {
+                format!("Service Unavailable: {}", self.not_accepting_reason)
+            };
+            return Err(
+                Reject::new(503, reason, "not_accepting").header("Retry-After", retry_after)
+            );
+        }
+        if self.draining {
+            return Err(
+                Reject::new(503, "Service Unavailable: draining", "draining")
+                    .header("Retry-After", retry_after),
+            );
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(Reject::new(503, "Session limit reached", "session_limit")
+                .header("Retry-After", retry_after));
+        }
+        if ports && self.ports.available(now) + self.spare_ports.len() < 2 {
+            return Err(Reject::new(503, "Media ports exhausted", "ports_exhausted")
+                .header("Retry-After", retry_after));
+        }
+        Ok(())
+    }
+
+    /// The answer to an out-of-dialog OPTIONS: 200 with our capabilities, or 503 while a new
+    /// session would be refused. Not counted as a rejection: a prober asks every second.
+    fn options(&mut self, now: Instant) -> Reply {
+        match self.admission(now, true) {
+            Ok(()) => options_reply(),
+            Err(refused) => {
+                self.counters.options_unavailable += 1;
+                let mut reply = Reply::new(503, refused.reason);
+                reply.headers = refused.headers;
+                reply
+            }
+        }
     }
 
     /// Operator stop: BYE to the client, `Ended{Operator}`. `false` if the id is unknown.
@@ -508,7 +588,7 @@ impl<F: FlowControl> Recorder<F> {
                     self.new_session(now, wall, txn, dialog, key, request, source)
                 }
             }
-            (Method::Options, false) => Ok(Some(options_reply())),
+            (Method::Options, false) => Ok(Some(self.options(now))),
             _ if !self.sessions.contains_key(&key) => Err(Reject::new(
                 481,
                 "Call/Transaction Does Not Exist",

@@ -49,19 +49,7 @@ impl<F: FlowControl> Recorder<F> {
             // RFC 7866 wants +sip.src too; some clients omit it. Record anyway.
             warn!(call_id = %key.call_id, "Require: siprec without +sip.src Contact tag; accepting");
         }
-        if !self.accepting {
-            let reason = if self.not_accepting_reason.is_empty() {
-                "Service Unavailable".to_string()
-            } else {
-                format!("Service Unavailable: {}", self.not_accepting_reason)
-            };
-            return Err(Reject::new(503, reason, "not_accepting")
-                .header("Retry-After", self.config.retry_after.to_string()));
-        }
-        if self.sessions.len() >= self.config.max_sessions {
-            return Err(Reject::new(503, "Session limit reached", "session_limit")
-                .header("Retry-After", self.config.retry_after.to_string()));
-        }
+        self.admission(now, false)?;
         let timer = self.session_timer(request)?;
         let body = parse_body(request)?;
         let Some(sdp) = body.sdp else {

@@ -255,6 +255,7 @@ impl Harness {
         let ep = Endpoint::new(crate::sip::EndpointConfig {
             contact_host: "10.20.0.50".into(),
             contact_params: vec!["+sip.srs".into()],
+            app_handles_options: true,
             ..Default::default()
         });
         Self {
@@ -1122,6 +1123,104 @@ fn port_exhaustion_gives_503_and_cooldown_is_honoured() {
         &Req::new("INVITE", "later@src").body("application/sdp", &two),
     );
     assert_eq!(code, 200);
+}
+
+#[test]
+fn options_answer_503_while_a_new_session_would_be_refused() {
+    let options = |h: &mut Harness, n: u32| {
+        let call_id = format!("ping-{n}@kamailio");
+        let (code, resp) = status(h, &Req::new("OPTIONS", &call_id));
+        (code, resp)
+    };
+    let mut h = Harness::new(SiprecConfig {
+        max_sessions: 1,
+        retry_after: 9,
+        ..config()
+    });
+    let (code, resp) = options(&mut h, 1);
+    assert_eq!(code, 200, "{resp}");
+    assert!(header_value(&resp.headers, "Allow").is_some());
+    assert_eq!(h.rec.refusal(h.now), None);
+
+    // Full: OPTIONS turn 503 before an INVITE would.
+    let two = sdp(1, &[20000, 20002], "sendonly");
+    let (resp, _) = h.establish(Req::new("INVITE", "one@src").body("application/sdp", &two));
+    let tag = to_tag(&resp.headers).unwrap();
+    let (code, resp) = options(&mut h, 2);
+    assert_eq!(code, 503, "{resp}");
+    assert_eq!(
+        header_value(&resp.headers, "Retry-After").as_deref(),
+        Some("9")
+    );
+    assert_eq!(
+        h.status_lines.last().unwrap(),
+        "SIP/2.0 503 Session limit reached"
+    );
+    let (code, _) = status(&mut h, &Req::new("BYE", "one@src").in_dialog(&tag, 2));
+    assert_eq!(code, 200);
+    assert_eq!(options(&mut h, 3).0, 200, "room again");
+    h.take_events();
+
+    // Draining: OPTIONS and new INVITEs 503, the live session's requests go on.
+    let (resp, _) = h.establish(Req::new("INVITE", "live@src").body("application/sdp", &two));
+    let tag = to_tag(&resp.headers).unwrap();
+    h.rec.set_limits(Vec::new(), 10, Duration::from_secs(3600));
+    h.rec.set_draining(true);
+    assert!(h.rec.draining());
+    let (code, resp) = options(&mut h, 4);
+    assert_eq!(code, 503, "{resp}");
+    assert!(h.status_lines.last().unwrap().contains("draining"));
+    assert!(h.rec.refusal(h.now).unwrap().contains("draining"));
+    let (code, _) = status(
+        &mut h,
+        &Req::new("INVITE", "new@src").body("application/sdp", &sdp(1, &[20004], "sendonly")),
+    );
+    assert_eq!(code, 503);
+    assert_eq!(
+        h.rec.counters().rejections.get(&(503, "draining")),
+        Some(&1)
+    );
+    let moved = sdp(2, &[20010, 20012], "sendonly");
+    let (code, _) = status(
+        &mut h,
+        &Req::new("INVITE", "live@src")
+            .in_dialog(&tag, 2)
+            .body("application/sdp", &moved),
+    );
+    assert_eq!(
+        code, 200,
+        "a re-INVITE of a live session is answered while draining"
+    );
+    let (code, _) = status(&mut h, &Req::new("BYE", "live@src").in_dialog(&tag, 3));
+    assert_eq!(code, 200);
+    assert!(h.rec.sessions().is_empty());
+    h.rec.set_draining(false);
+    assert_eq!(options(&mut h, 5).0, 200);
+
+    // Not accepting (spool full, shutting down): 503 naming the reason.
+    h.rec.set_accepting(false, "spool full");
+    let (code, _) = options(&mut h, 6);
+    assert_eq!(code, 503);
+    assert!(h.status_lines.last().unwrap().contains("spool full"));
+    h.rec.set_accepting(true, "");
+
+    // OPTIONS are counted on their own, not as rejected requests.
+    assert_eq!(h.rec.counters().options_unavailable, 3);
+    assert_eq!(h.rec.counters().rejected(503), 1);
+
+    // Out of media ports: room for one two-stream session only.
+    let mut h = Harness::new(SiprecConfig {
+        rtp_ports: (40000, 40003),
+        ..config()
+    });
+    assert_eq!(options(&mut h, 7).0, 200);
+    h.establish(Req::new("INVITE", "ports@src").body("application/sdp", &two));
+    let (code, resp) = options(&mut h, 8);
+    assert_eq!(code, 503, "{resp}");
+    assert_eq!(
+        h.status_lines.last().unwrap(),
+        "SIP/2.0 503 Media ports exhausted"
+    );
 }
 
 /// Partial metadata whose association names a participant and a stream never described.
