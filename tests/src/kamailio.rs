@@ -3,7 +3,7 @@
 //! (stderr) in a file the tests read for the dispatcher's state changes. Stopped on drop.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -116,16 +116,17 @@ impl Kamailio {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Log lines containing `pattern`.
+    /// Log lines containing `pattern`; a `pattern` of several parts joined by `&&` wants all.
     pub fn lines(&self, pattern: &str) -> Vec<String> {
+        let parts: Vec<&str> = pattern.split("&&").collect();
         self.log_text()
             .lines()
-            .filter(|l| l.contains(pattern))
+            .filter(|l| parts.iter().all(|p| l.contains(p)))
             .map(str::to_string)
             .collect()
     }
 
-    /// Waits until the log has more than `seen` lines containing `pattern` (polling the file
+    /// Waits until the log has more than `seen` lines matching `pattern` (polling the file
     /// Kamailio writes, with a deadline); returns when it saw it.
     pub fn wait_for(&self, pattern: &str, seen: usize, within: Duration) -> Option<Instant> {
         let deadline = Instant::now() + within;
@@ -140,10 +141,11 @@ impl Kamailio {
         }
     }
 
-    /// The dispatcher's state-change line for `recorder` going down (or up).
-    pub fn state_pattern(recorder: IpAddr, up: bool) -> String {
+    /// Pattern of the dispatcher's state-change line for the recorder at `recorder` (its SIP
+    /// address) going down (or up): the cfg's event routes log it.
+    pub fn state_pattern(recorder: SocketAddr, up: bool) -> String {
         format!(
-            "dispatcher: recorder {} sip:{recorder}",
+            "dispatcher: recorder {}&&sip:{recorder}",
             if up { "up" } else { "down" }
         )
     }

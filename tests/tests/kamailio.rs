@@ -80,7 +80,6 @@ struct SippResult {
 struct Sipp {
     child: Child,
     dir: PathBuf,
-    started: Instant,
 }
 
 impl Sipp {
@@ -212,11 +211,7 @@ impl Cluster {
             ))
             .spawn()
             .expect("run sipp (install: cargo xtask setup)");
-        Sipp {
-            child,
-            dir,
-            started: Instant::now(),
-        }
+        Sipp { child, dir }
     }
 
     fn control(&self, i: usize) -> &Path {
@@ -241,6 +236,30 @@ impl Cluster {
             assert!(
                 Instant::now() < deadline,
                 "host {i} lists {} rows ({active} active), want {want} settled",
+                rows.len()
+            );
+            std::thread::sleep(Duration::from_millis(200)); // polling the shared index
+        }
+    }
+
+    /// Every index row as host `other` (not `victim`) lists it once `want` rows are there, the
+    /// victim's own rows allowed to stay active (it died holding them).
+    fn settled_rows_of_others(&self, victim: usize, want: usize) -> Vec<Value> {
+        let i = (victim + 1) % HOSTS;
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let rows = cli_json(self.control(i), &["recordings"]);
+            let rows = rows.as_array().cloned().unwrap_or_default();
+            let active = rows
+                .iter()
+                .filter(|r| r["state"] == "active" && r["host"] != host_name(victim).as_str())
+                .count();
+            if rows.len() >= want.saturating_sub(50) && active == 0 {
+                return rows;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host {i} lists {} rows ({active} active elsewhere)",
                 rows.len()
             );
             std::thread::sleep(Duration::from_millis(200)); // polling the shared index
@@ -357,4 +376,283 @@ fn calls_spread_over_three_recorders_each_recorded_once() {
     let status = cli_text(cluster.control(2), &["status"]);
     assert!(status.contains("host host-2"), "{status}");
     assert!(status.contains("taking new sessions"), "{status}");
+}
+
+#[test]
+fn a_full_recorder_answers_options_503_and_kamailio_routes_around_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // host-1 takes at most 10 sessions; 30 calls/s of ~3 s each keep ~30 live per host.
+    let cluster = Cluster::start("kfull", |i| {
+        if i == 1 {
+            vec!["--max-sessions".into(), "10".into()]
+        } else {
+            Vec::new()
+        }
+    });
+    const CALLS: usize = 150;
+    let down = Kamailio::state_pattern(cluster.daemons[1].sip, false);
+    let result = cluster.sipp("full", CALLS as u32, 30).wait();
+    assert_eq!(
+        (result.successful, result.failed),
+        (CALLS as u64, 0),
+        "no call fails: {}",
+        result.errors
+    );
+    let rows = cluster.rows_everywhere(CALLS);
+    assert_each_call_once(&rows, CALLS);
+    let spread = per_host(&rows);
+    let status = cluster.status(1);
+    let options_503 = status["sip"]["siprec"]["options_unavailable"]
+        .as_u64()
+        .unwrap();
+    let invite_503 = status["sip"]["siprec"]["rejections"]["503 session_limit"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!(
+        "full host: spread {spread:?}; host-1 answered {options_503} OPTIONS and {invite_503} \
+         INVITEs with 503; kamailio marked it down {} times",
+        cluster.kamailio.lines(&down).len()
+    );
+    assert!(options_503 > 0, "host-1's OPTIONS turned 503");
+    assert!(
+        !cluster.kamailio.lines(&down).is_empty(),
+        "kamailio marked host-1 down"
+    );
+    assert!(spread[&host_name(1)] > 0);
+    assert!(
+        spread[&host_name(1)] < spread[&host_name(0)]
+            && spread[&host_name(1)] < spread[&host_name(2)],
+        "the others took host-1's share: {spread:?}"
+    );
+}
+
+#[test]
+fn a_drained_recorder_finishes_its_calls_and_takes_no_new_one() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = Cluster::start("kdrn", |_| Vec::new());
+    const CALLS: usize = 240;
+    let sipp = cluster.sipp("drain", CALLS as u32, 30);
+    // Mid-run: once host-2 holds live calls.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.status(2)["sip"]["sessions_active"]
+        .as_u64()
+        .unwrap_or(0)
+        < 5
+    {
+        assert!(Instant::now() < deadline, "host-2 never got live calls");
+        std::thread::sleep(Duration::from_millis(50)); // polling the daemon's state
+    }
+    let drained = cli_json(cluster.control(2), &["drain"]);
+    assert_eq!(drained["draining"], true);
+    let live_at_drain = drained["sessions_active"].as_u64().unwrap();
+    // Draining: no session starts from here on.
+    let started_at_drain = cluster.status(2)["sip"]["siprec"]["sessions_started"]
+        .as_u64()
+        .unwrap();
+    let text = cli_text(cluster.control(2), &["status"]);
+    assert!(text.contains("draining"), "{text}");
+    let result = sipp.wait();
+    assert_eq!(
+        (result.successful, result.failed),
+        (CALLS as u64, 0),
+        "no call fails: {}",
+        result.errors
+    );
+    let rows = cluster.rows_everywhere(CALLS);
+    assert_each_call_once(&rows, CALLS);
+    let spread = per_host(&rows);
+    let status = cluster.status(2);
+    eprintln!(
+        "drain: spread {spread:?}; host-2 had {live_at_drain} live calls at the drain, \
+         {started_at_drain} in all; it answered {} INVITEs 503 while draining",
+        status["sip"]["siprec"]["rejections"]["503 draining"]
+            .as_u64()
+            .unwrap_or(0)
+    );
+    assert!(live_at_drain >= 1);
+    assert_eq!(
+        status["sip"]["siprec"]["sessions_started"]
+            .as_u64()
+            .unwrap(),
+        started_at_drain,
+        "no new call reached host-2 after the drain"
+    );
+    assert_eq!(spread[&host_name(2)] as u64, started_at_drain);
+    assert_eq!(status["sip"]["sessions_active"], 0, "its live calls ended");
+    assert!(
+        !cluster
+            .kamailio
+            .lines(&Kamailio::state_pattern(cluster.daemons[2].sip, false))
+            .is_empty(),
+        "kamailio marked the drained host down"
+    );
+    // The live calls' re-INVITEs and BYEs reached it: every row is complete, ended by BYE
+    // (asserted above), and its recordings were refreshed by the re-INVITE.
+    for (_, (_, meta)) in cluster.spool_metadata(2) {
+        assert_eq!(meta["state"], "complete");
+        assert!(meta["streams"][0]["packets"].as_u64().unwrap() >= 95);
+    }
+}
+
+#[test]
+fn a_killed_recorder_is_marked_down_repaired_and_taken_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cluster = Cluster::start("kkil", |_| Vec::new());
+    const CALLS: usize = 240;
+    let victim = 1;
+    let victim_sip = cluster.daemons[victim].sip;
+    let down = Kamailio::state_pattern(victim_sip, false);
+    let up = Kamailio::state_pattern(victim_sip, true);
+    let sipp = cluster.sipp("kill", CALLS as u32, 30);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.status(victim)["sip"]["sessions_active"]
+        .as_u64()
+        .unwrap_or(0)
+        < 5
+    {
+        assert!(Instant::now() < deadline, "host-1 never got live calls");
+        std::thread::sleep(Duration::from_millis(50)); // polling the daemon's state
+    }
+    let downs_before = cluster.kamailio.lines(&down).len();
+    let live_before_kill = cluster.status(victim)["sip"]["sessions_active"]
+        .as_u64()
+        .unwrap();
+    cluster.daemons[victim].kill9();
+    let killed = Instant::now();
+    let marked = cluster
+        .kamailio
+        .wait_for(&down, downs_before, Duration::from_secs(10))
+        .expect("kamailio marks the killed recorder down");
+    let to_mark_down = marked.duration_since(killed);
+    let result = sipp.wait();
+    let failed_over = cluster
+        .kamailio
+        .lines(&format!("recorder sip:{victim_sip} failed a new INVITE"))
+        .len();
+    // Calls that reached host-1 before it died, per the index (its rows still active).
+    let rows = cluster.settled_rows_of_others(victim, CALLS);
+    let on_victim: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["host"] == host_name(victim))
+        .collect();
+    let unfinished = on_victim.iter().filter(|r| r["state"] == "active").count();
+    eprintln!(
+        "SIGKILL: marked down {:.2} s after the kill (probing every {PING_INTERVAL_S} s, probe \
+         timeout {FR_TIMER_MS} ms); sipp {} ok / {} failed; host-1 had {live_before_kill} live \
+         calls just before the kill, {unfinished} recordings left active; {failed_over} new INVITEs \
+         to it failed over to another recorder",
+        to_mark_down.as_secs_f64(),
+        result.successful,
+        result.failed
+    );
+    assert!(
+        to_mark_down
+            <= Duration::from_millis(
+                u64::from(PING_INTERVAL_S) * 1000 + u64::from(FR_TIMER_MS) + 500
+            ),
+        "marked down after {to_mark_down:?}"
+    );
+    assert_eq!(result.successful + result.failed, CALLS as u64);
+    assert!(
+        result.failed <= unfinished as u64,
+        "failures ({}) bounded by the calls host-1 held when it died ({unfinished})",
+        result.failed
+    );
+    assert!(result.failed >= 1, "the killed host's live calls failed");
+
+    // Restart: its recordings are repaired, and it takes calls once its OPTIONS answer 200.
+    let ups_before = cluster.kamailio.lines(&up).len();
+    let pair = &cluster.star.spokes[victim];
+    cluster.daemons[victim].spawn(pair);
+    for (_, (dir, meta)) in cluster.spool_metadata(victim) {
+        assert_ne!(meta["state"], "active", "{}", dir.display());
+        tshark_count(&dir.join("recording.pcap"), None);
+        let soxi = Command::new("soxi")
+            .arg("-D")
+            .arg(dir.join("recording.wav"))
+            .output()
+            .expect("soxi");
+        assert!(soxi.status.success(), "{} unreadable", dir.display());
+    }
+    let repaired = cluster.settled_rows(victim, 0);
+    let interrupted = repaired
+        .iter()
+        .filter(|r| r["host"] == host_name(victim) && r["state"] == "interrupted")
+        .count();
+    assert_eq!(interrupted, unfinished, "repaired rows in the index");
+    cluster
+        .kamailio
+        .wait_for(&up, ups_before, Duration::from_secs(10))
+        .expect("kamailio marks the restarted recorder up");
+    let before = cluster.spool_metadata(victim).len();
+    let again = cluster.sipp("again", 30, 30).wait();
+    assert_eq!(
+        (again.successful, again.failed),
+        (30, 0),
+        "{}",
+        again.errors
+    );
+    let taken = cluster.spool_metadata(victim).len() - before;
+    eprintln!(
+        "after the restart host-1 took {taken} of 30 calls; {interrupted} repaired as interrupted"
+    );
+    assert!(
+        taken >= 6,
+        "host-1 took {taken} of 30 calls after its restart"
+    );
+}
+
+#[test]
+fn a_detach_on_exit_restart_behind_kamailio_loses_no_packet() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cluster = Cluster::start("kdet", |i| {
+        if i == 0 {
+            vec!["--detach-on-exit".into()]
+        } else {
+            Vec::new()
+        }
+    });
+    const CALLS: usize = 240;
+    let sipp = cluster.sipp("detach", CALLS as u32, 30);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.status(0)["sip"]["sessions_active"]
+        .as_u64()
+        .unwrap_or(0)
+        < 5
+    {
+        assert!(Instant::now() < deadline, "host-0 never got live calls");
+        std::thread::sleep(Duration::from_millis(50)); // polling the daemon's state
+    }
+    let stopping = Instant::now();
+    assert_eq!(cluster.daemons[0].stop(), Some(0));
+    let pair = &cluster.star.spokes[0];
+    cluster.daemons[0].spawn(pair);
+    let gap = stopping.elapsed();
+    let carried = cluster.status(0)["restart"]["carried_on_sessions"]
+        .as_u64()
+        .unwrap();
+    let result = sipp.wait();
+    assert_eq!(
+        (result.successful, result.failed),
+        (CALLS as u64, 0),
+        "no call fails: {}",
+        result.errors
+    );
+    let rows = cluster.rows_everywhere(CALLS);
+    assert_each_call_once(&rows, CALLS);
+    let (min, max, lost) = packet_range(&cluster, 0);
+    let (ref_min, ref_max, _) = packet_range(&cluster, 1);
+    eprintln!(
+        "detach restart: {carried} calls carried over a {:.2} s restart; spread {:?}; host-0 \
+         packets per recording {min}..={max} (host-1 {ref_min}..={ref_max}), lost {lost}",
+        gap.as_secs_f64(),
+        per_host(&rows)
+    );
+    assert!(carried >= 1, "calls ran across the restart");
+    assert_eq!(lost, 0);
+    assert_eq!(
+        (min, max),
+        (ref_min, ref_max),
+        "every packet of every call on host-0"
+    );
 }
