@@ -432,13 +432,13 @@ fn a_drained_recorder_finishes_its_calls_and_takes_no_new_one() {
     let cluster = Cluster::start("kdrn", |_| Vec::new());
     const CALLS: usize = 240;
     let sipp = cluster.sipp("drain", CALLS as u32, 30);
-    // Mid-run: once host-2 holds live calls.
+    // Mid-run: once host-2 recorded a share and holds live calls.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while cluster.status(2)["sip"]["sessions_active"]
-        .as_u64()
-        .unwrap_or(0)
-        < 5
-    {
+    while {
+        let sip = &cluster.status(2)["sip"];
+        sip["siprec"]["sessions_started"].as_u64().unwrap_or(0) < 30
+            || sip["sessions_active"].as_u64().unwrap_or(0) < 5
+    } {
         assert!(Instant::now() < deadline, "host-2 never got live calls");
         std::thread::sleep(Duration::from_millis(50)); // polling the daemon's state
     }
