@@ -99,7 +99,7 @@ impl Sipp {
         let stat = std::fs::read_to_string(self.dir.join("stat.csv")).unwrap_or_default();
         let mut lines = stat.lines().filter(|l| !l.trim().is_empty());
         let header: Vec<&str> = lines.next().unwrap_or_default().split(';').collect();
-        let last: Vec<&str> = lines.last().unwrap_or_default().split(';').collect();
+        let last: Vec<&str> = lines.next_back().unwrap_or_default().split(';').collect();
         let field = |name: &str| -> u64 {
             let i = header.iter().position(|h| *h == name).unwrap_or_else(|| {
                 panic!(
