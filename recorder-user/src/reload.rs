@@ -252,6 +252,24 @@ mod tests {
     }
 
     #[test]
+    fn drain_is_applied_when_the_file_changes_it() {
+        let before = file("");
+        let now = file("drain = true\n");
+        let plan = plan(&before, &before, &now).unwrap();
+        assert!(plan.config.drain);
+        assert_eq!(plan.applied, ["drain"]);
+        assert!(plan.needs_restart.is_empty());
+        // Back to false: applied again (ends a drain the file started).
+        let plan = plan_back(&plan.config, &now);
+        assert!(!plan.config.drain);
+        assert_eq!(plan.applied, ["drain"]);
+    }
+
+    fn plan_back(running: &Config, before: &Config) -> ReloadPlan {
+        plan(running, before, &file("drain = false\n")).unwrap()
+    }
+
+    #[test]
     fn flag_values_survive_a_reload_that_does_not_touch_their_key() {
         let before = file("max_sessions = 10\n");
         // Started with --max-sessions 3 and --log-level debug.

@@ -486,6 +486,16 @@ fn a_drained_recorder_finishes_its_calls_and_takes_no_new_one() {
             .is_empty(),
         "kamailio marked the drained host down"
     );
+    // `drain --resume` takes sessions again; SIGUSR1 drains too.
+    let resumed = cli_json(cluster.control(2), &["drain", "--resume"]);
+    assert_eq!(resumed["draining"], false);
+    assert!(cli_text(cluster.control(2), &["status"]).contains("taking new sessions"));
+    cluster.daemons[2].signal(libc::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cluster.status(2)["sip"]["draining"] != true {
+        assert!(Instant::now() < deadline, "SIGUSR1 did not drain");
+        std::thread::sleep(Duration::from_millis(20)); // polling the daemon's state
+    }
     // The live calls' re-INVITEs and BYEs reached it: every row is complete, ended by BYE
     // (asserted above), and its recordings were refreshed by the re-INVITE.
     for (_, (_, meta)) in cluster.spool_metadata(2) {
