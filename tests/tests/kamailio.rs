@@ -563,9 +563,13 @@ fn a_killed_recorder_is_marked_down_repaired_and_taken_back() {
         "marked down after {to_mark_down:?}"
     );
     assert_eq!(result.successful + result.failed, CALLS as u64);
+    // Bounded by the calls host-1 held when it died: those live a moment before the kill, plus
+    // the one or two (30 calls/s over three hosts) that can reach it between that look and the
+    // kill. New INVITEs sent to it after the kill fail over.
     assert!(
-        result.failed <= unfinished as u64,
-        "failures ({}) bounded by the calls host-1 held when it died ({unfinished})",
+        result.failed <= live_before_kill + 2,
+        "failures ({}) bounded by the calls host-1 held when it died ({live_before_kill} live \
+         just before)",
         result.failed
     );
     assert!(result.failed >= 1, "the killed host's live calls failed");
