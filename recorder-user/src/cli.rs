@@ -129,17 +129,24 @@ pub fn render(request: &Request, data: &Value) -> String {
             let mut out = String::new();
             let _ = writeln!(
                 out,
-                "recorder {}  up {} s",
+                "recorder {}  host {}  up {} s",
                 s(&data["version"]),
+                s(&data["host"]),
                 s(&data["uptime_secs"])
             );
             for i in data["interfaces"].as_array().into_iter().flatten() {
                 let _ = writeln!(out, "interface {}  XDP {}", s(&i["name"]), s(&i["mode"]));
             }
+            let sip = &data["sip"];
+            let taking = match (sip["draining"] == true, sip["refusing"].as_str()) {
+                (true, _) => "draining (new sessions get 503, live ones go on)".to_string(),
+                (false, Some(reason)) => format!("refusing new sessions: {reason}"),
+                (false, None) => "taking new sessions".to_string(),
+            };
             let _ = writeln!(
                 out,
-                "sessions active {}",
-                s(&data["sip"]["sessions_active"])
+                "sessions active {}  {taking}",
+                s(&sip["sessions_active"])
             );
             if let Some(xdp) = data["xdp"].as_object() {
                 let counters: Vec<String> = xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -246,6 +253,18 @@ pub fn render(request: &Request, data: &Value) -> String {
             )
         }
         Request::Stop { id } => format!("stopped {id}\n"),
+        Request::Drain { .. } => {
+            let state = if data["draining"] == true {
+                "draining: new sessions get 503, live ones go on"
+            } else {
+                "taking new sessions"
+            };
+            let mut out = format!("{state}; sessions active {}\n", s(&data["sessions_active"]));
+            if let Some(reason) = data["refusing"].as_str() {
+                let _ = writeln!(out, "refusing new sessions: {reason}");
+            }
+            out
+        }
         Request::Recordings { .. } => {
             let rows: Vec<Vec<String>> = data
                 .as_array()

@@ -267,6 +267,10 @@ pub struct Config {
     /// saved next to the spool, and the next `recorder run` carries on the same recordings.
     /// `false` (the default): finish every recording (`shutdown`) and detach XDP.
     pub detach_on_exit: bool,
+    /// Take no new session (INVITEs and OPTIONS get 503) and let the live ones finish: for a
+    /// host behind a load balancer that is to be taken out. Reloadable; `recorder drain` and
+    /// SIGUSR1 do the same without editing the file.
+    pub drain: bool,
     /// Seconds between refreshes of a live recording's counters in its metadata.json (events
     /// rewrite it at once).
     pub metadata_interval_secs: u64,
@@ -341,6 +345,7 @@ impl Default for Config {
             public_url: None,
             http_peer_ca: None,
             detach_on_exit: false,
+            drain: false,
             metadata_interval_secs: 30,
             writer_shards: 0,
             writer_queue_packets: 65536,

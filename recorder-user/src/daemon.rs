@@ -254,6 +254,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     // Before anything else: a SIGHUP during start-up must not kill the daemon (default action).
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
+    // SIGUSR1 drains (default action: terminate, which would lose the live recordings).
+    let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("installing the SIGUSR1 handler")?;
     let media_address = config.media_address.context("media_address is required")?;
     std::fs::create_dir_all(&config.spool)
         .with_context(|| format!("creating spool {}", config.spool.display()))?;
@@ -352,6 +355,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         // the table scales with the session limit: 4 per session allows ~600 calls/s at 10 000
         // sessions before new INVITEs get 503.
         max_transactions: config.max_sessions.saturating_mul(4).max(10_000),
+        // The recorder answers OPTIONS: 503 while it would refuse a new session, so that a
+        // load balancer probing with OPTIONS sends its INVITEs elsewhere.
+        app_handles_options: true,
         ..EndpointConfig::default()
     });
     let (events_tx, events_rx) = mpsc::unbounded_channel::<SessionEvent>();
@@ -410,6 +416,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         ),
         None => (Recorder::new(siprec_config, flows, on_event), None),
     };
+    recorder.set_draining(config.drain);
     // Sessions that could not go on were ended by restore: their Ended events wait in the
     // channel for the resumed writer.
     let handed_over = writer_handover
@@ -598,6 +605,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         shutdown.clone(),
     );
 
+    // SIGUSR1: drain (no new session, the live ones finish).
+    let drain_task = {
+        let commands = commands_tx.clone();
+        let stop = shutdown.clone();
+        let mut usr1 = usr1;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    got = usr1.recv() => if got.is_none() { break },
+                }
+                info!("SIGUSR1: draining");
+                let cmd: DriverCommand =
+                    Box::new(|app: &mut DaemonRecorder, _, _| app.set_draining(true));
+                if commands.send(cmd).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+
     // Housekeeping: refuse sessions on a full disk, enforce retention.
     let housekeeping = {
         let writer = writer.clone();
@@ -698,6 +726,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         let _ = task.await;
     }
     let _ = reload_task.await;
+    let _ = drain_task.await;
     let _ = rtcp_task.await;
     let writer = sole_owner(writer, WRITER_RELEASE_WAIT)
         .await

@@ -60,6 +60,15 @@ enum Command {
         #[command(flatten)]
         read: ReadArgs,
     },
+    /// Take no new session (INVITEs and OPTIONS get 503, so a load balancer sends calls
+    /// elsewhere) and let the live ones finish; SIGUSR1 does the same.
+    Drain {
+        /// Take new sessions again.
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
 }
 
 /// Options of every command that talks to the daemon.
@@ -294,6 +303,7 @@ fn main() -> ExitCode {
             read,
         ),
         Command::Show { id, read } => (Request::Show { id }, read),
+        Command::Drain { resume, read } => (Request::Drain { resume }, read),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -26,9 +26,10 @@ use crate::{
 };
 
 /// Keys applied without a restart.
-pub const RELOADABLE: [&str; 7] = [
+pub const RELOADABLE: [&str; 8] = [
     "log_level",
     "detach_on_exit",
+    "drain",
     "acl",
     "max_sessions",
     "idle_timeout_secs",
@@ -181,6 +182,14 @@ async fn apply(plan: &ReloadPlan, commands: &mpsc::Sender<DriverCommand>, writer
             warn!("SIP driver gone: limits not changed");
         }
     }
+    if plan.changed("drain") {
+        let drain = c.drain;
+        let cmd: DriverCommand =
+            Box::new(move |app: &mut DaemonRecorder, _, _| app.set_draining(drain));
+        if commands.send(cmd).await.is_err() {
+            warn!("SIP driver gone: drain not changed");
+        }
+    }
     if plan.changed("retention_max_age_hours") || plan.changed("retention_max_bytes") {
         writer.set_retention(
             c.retention_max_age_hours
@@ -198,6 +207,7 @@ async fn apply(plan: &ReloadPlan, commands: &mpsc::Sender<DriverCommand>, writer
         max_sessions = c.max_sessions,
         idle_timeout_secs = c.idle_timeout_secs,
         detach_on_exit = c.detach_on_exit,
+        drain = c.drain,
         "configuration reloaded"
     );
 }
@@ -239,6 +249,24 @@ mod tests {
             ]
         );
         assert_eq!(plan.needs_restart, ["snaplen"]);
+    }
+
+    #[test]
+    fn drain_is_applied_when_the_file_changes_it() {
+        let before = file("");
+        let now = file("drain = true\n");
+        let plan = plan(&before, &before, &now).unwrap();
+        assert!(plan.config.drain);
+        assert_eq!(plan.applied, ["drain"]);
+        assert!(plan.needs_restart.is_empty());
+        // Back to false: applied again (ends a drain the file started).
+        let plan = plan_back(&plan.config, &now);
+        assert!(!plan.config.drain);
+        assert_eq!(plan.applied, ["drain"]);
+    }
+
+    fn plan_back(running: &Config, before: &Config) -> ReloadPlan {
+        plan(running, before, &file("drain = false\n")).unwrap()
     }
 
     #[test]

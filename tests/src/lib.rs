@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: network namespaces, veth pairs, traffic.
 pub mod client;
 pub mod daemon;
+pub mod kamailio;
 pub mod net;
 pub mod packets;
 pub mod postgres;

@@ -83,6 +83,9 @@ pub struct VethPair {
     pub recorder_v4: Ipv4Addr,
     pub sender_v6: Ipv6Addr,
     pub recorder_v6: Ipv6Addr,
+    /// Drop deletes the sender namespace too (false for the spokes of a [`Star`], whose hub
+    /// namespace the star deletes).
+    owns_sender_ns: bool,
 }
 
 impl VethPair {
@@ -105,6 +108,7 @@ impl VethPair {
             recorder_v4: Ipv4Addr::new(10, 231, 0, 2),
             sender_v6: "fd00:231::1".parse().unwrap(),
             recorder_v6: "fd00:231::2".parse().unwrap(),
+            owns_sender_ns: true,
         };
         // From here on Drop cleans up whatever was created.
         ip(&["netns", "add", &pair.sender_ns]);
@@ -253,9 +257,124 @@ impl VethPair {
 
 impl Drop for VethPair {
     fn drop(&mut self) {
-        for ns in [&self.sender_ns, &self.recorder_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.recorder_ns])
+            .status();
+        if self.owns_sender_ns {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.sender_ns])
+                .status();
         }
+    }
+}
+
+/// One hub namespace (a load balancer and the SIPREC client) and `n` recorder namespaces,
+/// each joined to the hub's bridge by a veth pair: one IPv4 subnet, `10.241.0.1` the hub,
+/// `10.241.0.2..` the recorders. Each spoke is a [`VethPair`] whose sender side is the hub, so
+/// [`Daemon`](crate::daemon::Daemon) runs in it unchanged. Drop deletes every namespace.
+pub struct Star {
+    pub hub_ns: String,
+    pub hub_v4: Ipv4Addr,
+    pub spokes: Vec<VethPair>,
+}
+
+impl Star {
+    pub fn new(tag: &str, n: usize) -> Self {
+        let id = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let tag: String = tag
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(3)
+            .collect();
+        let hub_v4 = Ipv4Addr::new(10, 241, 0, 1);
+        let mut star = Self {
+            hub_ns: format!("rec-{tag}-h{id}"),
+            hub_v4,
+            spokes: Vec::new(),
+        };
+        ip(&["netns", "add", &star.hub_ns]);
+        let hub = star.hub_ns.clone();
+        let bridge: String = format!("b{tag}{id}").chars().take(15).collect();
+        ip(&["-n", &hub, "link", "set", "lo", "up"]);
+        ip(&["-n", &hub, "link", "add", &bridge, "type", "bridge"]);
+        ip(&[
+            "-n",
+            &hub,
+            "addr",
+            "add",
+            &format!("{hub_v4}/24"),
+            "dev",
+            &bridge,
+        ]);
+        ip(&["-n", &hub, "link", "set", &bridge, "up"]);
+        for i in 0..n {
+            let recorder_ns = format!("rec-{tag}-r{id}x{i}");
+            ip(&["netns", "add", &recorder_ns]);
+            let recorder_v4 = Ipv4Addr::new(10, 241, 0, 2 + i as u8);
+            let spoke = VethPair {
+                sender_ns: hub.clone(),
+                recorder_ns: recorder_ns.clone(),
+                sender_if: format!("h{tag}{id}x{i}").chars().take(15).collect(),
+                recorder_if: format!("r{tag}{id}x{i}").chars().take(15).collect(),
+                sender_v4: hub_v4,
+                recorder_v4,
+                sender_v6: "fd00:241::1".parse().unwrap(),
+                recorder_v6: format!("fd00:241::{}", 2 + i).parse().unwrap(),
+                owns_sender_ns: false,
+            };
+            // From here on the spoke's Drop deletes its namespace (and the veth pair).
+            star.spokes.push(spoke);
+            let spoke = star.spokes.last().unwrap();
+            ip(&[
+                "link",
+                "add",
+                &spoke.sender_if,
+                "netns",
+                &hub,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &spoke.recorder_if,
+                "netns",
+                &recorder_ns,
+            ]);
+            ip(&[
+                "-n",
+                &hub,
+                "link",
+                "set",
+                &spoke.sender_if,
+                "master",
+                &bridge,
+            ]);
+            ip(&["-n", &hub, "link", "set", &spoke.sender_if, "up"]);
+            ip(&["-n", &recorder_ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                &recorder_ns,
+                "addr",
+                "add",
+                &format!("{recorder_v4}/24"),
+                "dev",
+                &spoke.recorder_if,
+            ]);
+            ip(&["-n", &recorder_ns, "link", "set", &spoke.recorder_if, "up"]);
+        }
+        star
+    }
+}
+
+impl Drop for Star {
+    fn drop(&mut self) {
+        self.spokes.clear();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.hub_ns])
+            .status();
     }
 }
 

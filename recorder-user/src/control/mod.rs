@@ -38,6 +38,12 @@ pub enum Request {
     },
     /// One recording's metadata.
     Show { id: String },
+    /// Stop taking new sessions (INVITEs and OPTIONS get 503) and let the live ones finish;
+    /// `resume`: take new sessions again.
+    Drain {
+        #[serde(default)]
+        resume: bool,
+    },
 }
 
 /// The daemon's answer.

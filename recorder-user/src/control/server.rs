@@ -205,6 +205,21 @@ async fn handle(state: &ControlState, request: Request) -> Response {
             since,
         } => recordings(state, call_uuid, aor, since).await,
         Request::Show { id } => show(state, id).await,
+        Request::Drain { resume } => {
+            let answer = query(&state.commands, move |app, _, now| {
+                app.set_draining(!resume);
+                json!({
+                    "draining": app.draining(),
+                    "sessions_active": app.session_count(),
+                    "refusing": app.refusal(now),
+                })
+            })
+            .await;
+            match answer {
+                Some(v) => Response::ok(v),
+                None => Response::error(DRIVER_GONE),
+            }
+        }
     }
 }
 
@@ -307,9 +322,11 @@ async fn status(state: &ControlState) -> Response {
             .collect::<serde_json::Map<_, _>>(),
         Err(e) => return Response::error(e.to_string()),
     };
-    let sip = query(&state.commands, |app, endpoint, _| {
+    let sip = query(&state.commands, |app, endpoint, now| {
         json!({
             "sessions_active": app.session_count(),
+            "draining": app.draining(),
+            "refusing": app.refusal(now),
             "siprec": app.counters(),
             "endpoint": endpoint.counters(),
         })
@@ -318,6 +335,7 @@ async fn status(state: &ControlState) -> Response {
     .unwrap_or(Value::Null);
     Response::ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "host": state.config.site_name(),
         "uptime_secs": state.started.elapsed().as_secs(),
         "interfaces": state.attachments.iter().map(|(name, mode)| json!({
             "name": name, "mode": mode.to_string(),

@@ -836,15 +836,19 @@ impl Endpoint {
             };
             return self.answer_in_new_txn(
                 now,
-                incoming,
-                request,
-                facts,
-                key,
-                route,
-                status,
-                &reason,
-                extra,
-                Some(category),
+                NewTxn {
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                },
+                LocalAnswer {
+                    status,
+                    reason: &reason,
+                    extra,
+                    rejection: Some(category),
+                },
             );
         }
         if request.method == rsip::Method::Cancel {
@@ -866,15 +870,19 @@ impl Endpoint {
             ))];
             return self.answer_in_new_txn(
                 now,
-                incoming,
-                request,
-                facts,
-                key,
-                route,
-                420,
-                "Bad Extension",
-                extra,
-                Some("bad-extension"),
+                NewTxn {
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                },
+                LocalAnswer {
+                    status: 420,
+                    reason: "Bad Extension",
+                    extra,
+                    rejection: Some("bad-extension"),
+                },
             );
         }
 
@@ -893,15 +901,19 @@ impl Endpoint {
             if !self.dialogs.contains_key(&id) {
                 return self.answer_in_new_txn(
                     now,
-                    incoming,
-                    request,
-                    facts,
-                    key,
-                    route,
-                    481,
-                    "Call/Transaction Does Not Exist",
-                    Vec::new(),
-                    Some("unknown-dialog"),
+                    NewTxn {
+                        incoming,
+                        request,
+                        facts,
+                        key,
+                        route,
+                    },
+                    LocalAnswer {
+                        status: 481,
+                        reason: "Call/Transaction Does Not Exist",
+                        extra: Vec::new(),
+                        rejection: Some("unknown-dialog"),
+                    },
                 );
             }
             // §14.2: a second INVITE while the first is unanswered gets 500 + Retry-After.
@@ -918,15 +930,19 @@ impl Endpoint {
                 ))];
                 return self.answer_in_new_txn(
                     now,
-                    incoming,
-                    request,
-                    facts,
-                    key,
-                    route,
-                    500,
-                    "Previous INVITE pending",
-                    extra,
-                    Some("invite-pending"),
+                    NewTxn {
+                        incoming,
+                        request,
+                        facts,
+                        key,
+                        route,
+                    },
+                    LocalAnswer {
+                        status: 500,
+                        reason: "Previous INVITE pending",
+                        extra,
+                        rejection: Some("invite-pending"),
+                    },
                 );
             }
             let Some(dialog) = self.dialogs.get_mut(&id) else {
@@ -935,15 +951,19 @@ impl Endpoint {
             if !dialog.accept_cseq(facts.cseq) {
                 return self.answer_in_new_txn(
                     now,
-                    incoming,
-                    request,
-                    facts,
-                    key,
-                    route,
-                    500,
-                    "CSeq out of order",
-                    Vec::new(),
-                    Some("cseq-out-of-order"),
+                    NewTxn {
+                        incoming,
+                        request,
+                        facts,
+                        key,
+                        route,
+                    },
+                    LocalAnswer {
+                        status: 500,
+                        reason: "CSeq out of order",
+                        extra: Vec::new(),
+                        rejection: Some("cseq-out-of-order"),
+                    },
                 );
             }
             return self.offer_to_app(now, incoming, request, facts, key, route, Some(id));
@@ -953,15 +973,19 @@ impl Endpoint {
             rsip::Method::Invite if !self.source_allowed(incoming.source.ip()) => self
                 .answer_in_new_txn(
                     now,
-                    incoming,
-                    request,
-                    facts,
-                    key,
-                    route,
-                    403,
-                    "Source not allowed",
-                    Vec::new(),
-                    Some("source-not-allowed"),
+                    NewTxn {
+                        incoming,
+                        request,
+                        facts,
+                        key,
+                        route,
+                    },
+                    LocalAnswer {
+                        status: 403,
+                        reason: "Source not allowed",
+                        extra: Vec::new(),
+                        rejection: Some("source-not-allowed"),
+                    },
                 ),
             rsip::Method::Invite => {
                 self.offer_to_app(now, incoming, request, facts, key, route, None)
@@ -969,7 +993,20 @@ impl Endpoint {
             rsip::Method::Options if !self.config.app_handles_options => {
                 let extra = self.capability_headers();
                 self.answer_in_new_txn(
-                    now, incoming, request, facts, key, route, 200, "OK", extra, None,
+                    now,
+                    NewTxn {
+                        incoming,
+                        request,
+                        facts,
+                        key,
+                        route,
+                    },
+                    LocalAnswer {
+                        status: 200,
+                        reason: "OK",
+                        extra,
+                        rejection: None,
+                    },
                 )
             }
             rsip::Method::Options => {
@@ -982,15 +1019,19 @@ impl Endpoint {
             | rsip::Method::Notify
             | rsip::Method::Refer => self.answer_in_new_txn(
                 now,
-                incoming,
-                request,
-                facts,
-                key,
-                route,
-                481,
-                "Call/Transaction Does Not Exist",
-                Vec::new(),
-                Some("unknown-dialog"),
+                NewTxn {
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                },
+                LocalAnswer {
+                    status: 481,
+                    reason: "Call/Transaction Does Not Exist",
+                    extra: Vec::new(),
+                    rejection: Some("unknown-dialog"),
+                },
             ),
             _ => {
                 let extra = vec![Header::Allow(rsip::headers::Allow::new(
@@ -998,15 +1039,19 @@ impl Endpoint {
                 ))];
                 self.answer_in_new_txn(
                     now,
-                    incoming,
-                    request,
-                    facts,
-                    key,
-                    route,
-                    405,
-                    "Method Not Allowed",
-                    extra,
-                    Some("method-not-allowed"),
+                    NewTxn {
+                        incoming,
+                        request,
+                        facts,
+                        key,
+                        route,
+                    },
+                    LocalAnswer {
+                        status: 405,
+                        reason: "Method Not Allowed",
+                        extra,
+                        rejection: Some("method-not-allowed"),
+                    },
                 )
             }
         }
@@ -1054,20 +1099,20 @@ impl Endpoint {
     }
 
     /// Answers a request here, through a transaction so that retransmissions get the same answer.
-    #[allow(clippy::too_many_arguments)]
-    fn answer_in_new_txn(
-        &mut self,
-        now: Instant,
-        incoming: &Incoming,
-        request: rsip::Request,
-        facts: RequestFacts,
-        key: TxnKey,
-        route: Route,
-        status: u16,
-        reason: &str,
-        extra: Vec<Header>,
-        rejection: Option<&'static str>,
-    ) {
+    fn answer_in_new_txn(&mut self, now: Instant, txn: NewTxn<'_>, answer: LocalAnswer<'_>) {
+        let NewTxn {
+            incoming,
+            request,
+            facts,
+            key,
+            route,
+        } = txn;
+        let LocalAnswer {
+            status,
+            reason,
+            extra,
+            rejection,
+        } = answer;
         let local_tag = facts.to_tag.is_none().then(new_tag);
         let id = self.insert_txn(key, route, incoming.source, request, facts, local_tag, None);
         let Some(mut response) = self.make_response(&id, status, Some(reason)) else {
@@ -1132,15 +1177,19 @@ impl Endpoint {
         let Some(invite_id) = self.by_key.get(&invite_key).copied() else {
             return self.answer_in_new_txn(
                 now,
-                incoming,
-                request,
-                facts,
-                key,
-                route,
-                481,
-                "Call/Transaction Does Not Exist",
-                Vec::new(),
-                Some("cancel-no-match"),
+                NewTxn {
+                    incoming,
+                    request,
+                    facts,
+                    key,
+                    route,
+                },
+                LocalAnswer {
+                    status: 481,
+                    reason: "Call/Transaction Does Not Exist",
+                    extra: Vec::new(),
+                    rejection: Some("cancel-no-match"),
+                },
             );
         };
         // §9.2: the CANCEL's response carries the same To-tag as the INVITE's responses.
@@ -1505,4 +1554,22 @@ impl Endpoint {
             source,
         });
     }
+}
+
+/// A request the endpoint answers itself, with what its new server transaction needs.
+struct NewTxn<'a> {
+    incoming: &'a Incoming,
+    request: rsip::Request,
+    facts: RequestFacts,
+    key: TxnKey,
+    route: Route,
+}
+
+/// The endpoint's own answer to a request: status, reason phrase, extra headers, and the
+/// rejection category it is counted under (`None`: not a rejection).
+struct LocalAnswer<'a> {
+    status: u16,
+    reason: &'a str,
+    extra: Vec<Header>,
+    rejection: Option<&'static str>,
 }

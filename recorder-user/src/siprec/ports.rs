@@ -130,6 +130,17 @@ impl PortAllocator {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// Pairs [`allocate`](Self::allocate) could hand out at `now` (free, or cooled down).
+    pub fn available(&self, now: Instant) -> usize {
+        // Cooling is in release order: the cooled-down ones are a prefix.
+        let cooled = self
+            .cooling
+            .iter()
+            .take_while(|(released, _)| now.saturating_duration_since(*released) >= self.cooldown)
+            .count();
+        self.free.len() + cooled
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +148,19 @@ mod tests {
     use super::*;
 
     const COOL: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn available_counts_free_and_cooled_down_pairs() {
+        let t0 = Instant::now();
+        let mut ports = PortAllocator::new(20000, 20007, COOL);
+        assert_eq!(ports.available(t0), 4);
+        let a = ports.allocate(t0, true).unwrap();
+        let _b = ports.allocate(t0, true).unwrap();
+        assert_eq!(ports.available(t0), 2);
+        ports.release(t0, a);
+        assert_eq!(ports.available(t0), 2, "cooling");
+        assert_eq!(ports.available(t0 + COOL), 3, "cooled down");
+    }
 
     #[test]
     fn allocates_even_pairs_inside_range() {
