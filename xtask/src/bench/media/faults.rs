@@ -452,6 +452,11 @@ fn run_case(
             });
         }
         Fault::SpoolFull => {
+            // Kamailio's dispatcher stops sending before INVITEs fail.
+            let options = &injected["options"];
+            if options["status"] != 503 {
+                failed.push(format!("OPTIONS on the full spool got {options}"));
+            }
             let invite = &injected["new_invite"];
             if invite["status"] != 503 || invite["retry_after"].is_null() {
                 failed.push(format!("a new INVITE on the full spool got {invite}"));
