@@ -612,6 +612,44 @@ impl Endpoint {
         Some(self.build_response(&answer, status, reason))
     }
 
+    /// The 503 (with `Retry-After`) for a new request the driver has no room for, built
+    /// without touching any state: the transport answers a flood with it from its receive
+    /// tasks, before the request reaches the endpoint. `None` when `incoming` is not a request
+    /// with the headers a response needs (such input is dropped and counted instead).
+    pub fn overload_answer(&self, incoming: &Incoming) -> Option<Transmit> {
+        let Parsed::Request(request) =
+            message::parse(&incoming.bytes, incoming.transport == Transport::Udp)
+        else {
+            return None;
+        };
+        if request.method == rsip::Method::Ack {
+            return None;
+        }
+        let facts = message::required_headers(&request).ok()?;
+        let tag = new_tag();
+        let route = response_route(incoming, &facts.via);
+        let answer = Answer {
+            request: &request,
+            facts: &facts,
+            source: incoming.source,
+            route,
+            local_tag: Some(&tag),
+        };
+        let mut response = self.build_response(&answer, 503, Some("Overloaded"));
+        response
+            .headers
+            .push(Header::RetryAfter(rsip::headers::RetryAfter::new(
+                self.config.retry_after_secs.to_string(),
+            )));
+        Some(Transmit {
+            transport: route.transport,
+            destination: route.destination,
+            connection: route.connection,
+            local: route.local,
+            bytes: encode_response(&mut response),
+        })
+    }
+
     /// Sends the app's answer to the request of `txn`.
     ///
     /// A 2xx to an initial INVITE creates the dialog (keyed by the To-tag of
