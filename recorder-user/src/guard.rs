@@ -7,8 +7,10 @@ use std::{
     time::Duration,
 };
 
-/// Control connections served at once; more get an error line and are closed.
-pub const CONTROL_MAX_CONNECTIONS: usize = 128;
+/// Control connections served at once; more get an error line and are closed. High enough
+/// that a thousand idle or stuck clients (each costs a task, a few KiB and a descriptor, and
+/// is closed after [`CONTROL_READ_TIMEOUT`]) still leave room for the operator's `status`.
+pub const CONTROL_MAX_CONNECTIONS: usize = 2048;
 /// Longest control request line (requests are a few hundred bytes).
 pub const CONTROL_MAX_LINE: usize = 64 * 1024;
 /// A control client must finish a request line within this time of starting it (or of

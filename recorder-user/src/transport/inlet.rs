@@ -29,11 +29,11 @@ pub const MAX_STREAM_CONNECTIONS: usize = 2048;
 /// What admission did, for metrics and `recorder status`.
 #[derive(Debug, Default)]
 pub struct TransportCounters {
-    /// Messages queued as priority (responses, in-dialog requests, ACK/CANCEL/BYE).
+    /// Messages queued as priority (responses, in-dialog requests but ACK, CANCEL, BYE).
     pub priority: AtomicU64,
     /// New INVITEs queued.
     pub new_invites: AtomicU64,
-    /// Other new input queued (OPTIONS, unparseable input, ...).
+    /// Other input queued (ACKs, OPTIONS, unparseable input, ...).
     pub other: AtomicU64,
     /// New INVITEs answered 503 by the socket task because the queue was full.
     pub invites_shed: AtomicU64,

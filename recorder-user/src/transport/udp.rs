@@ -30,11 +30,31 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, TransportError> {
         socket.set_only_v6(true).map_err(err)?;
     }
     socket.set_nonblocking(true).map_err(err)?;
-    if let Err(e) = socket.set_recv_buffer_size(RECEIVE_BUFFER) {
-        tracing::debug!(%addr, error = %e, "cannot enlarge the UDP receive buffer");
-    }
+    enlarge_receive_buffer(&socket, addr);
     socket.bind(&addr.into()).map_err(err)?;
     UdpSocket::from_std(socket.into()).map_err(err)
+}
+
+/// Asks for [`RECEIVE_BUFFER`]; past `net.core.rmem_max` only with CAP_NET_ADMIN
+/// (SO_RCVBUFFORCE), which the daemon has for XDP anyway.
+fn enlarge_receive_buffer(socket: &Socket, addr: SocketAddr) {
+    use std::os::fd::AsRawFd;
+    let size = RECEIVE_BUFFER as libc::c_int;
+    // SAFETY: a valid descriptor and a c_int option value of the size passed.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        if let Err(e) = socket.set_recv_buffer_size(RECEIVE_BUFFER) {
+            tracing::debug!(%addr, error = %e, "cannot enlarge the UDP receive buffer");
+        }
+    }
 }
 
 /// Forwards every datagram of `socket` to the driver until the driver goes away; new INVITEs
