@@ -119,6 +119,17 @@ fn udp_receive_buffer_errors(ns: &str) -> u64 {
         .unwrap()
 }
 
+/// The daemon's resident set (`ip netns exec` execs it, so the child's pid is the daemon's).
+fn rss_kib(daemon: &Daemon) -> u64 {
+    let pid = daemon.child.as_ref().expect("running").id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
 fn count(map: &Value, key: &str) -> u64 {
     map[key].as_u64().unwrap_or(0)
 }
@@ -147,6 +158,7 @@ fn sip_flood_beside_a_live_call_loses_nothing_and_overload_gets_503() {
         },
     );
     let (mut client, ports) = live_call(&pair, &daemon);
+    let rss_before = rss_kib(&daemon);
 
     let flood = VethPair::command(&pair.sender_ns, env!("CARGO_BIN_EXE_sip_flood"))
         .args(["--target", &daemon.sip.to_string()])
@@ -164,7 +176,13 @@ fn sip_flood_beside_a_live_call_loses_nothing_and_overload_gets_503() {
         bye.raw
     );
     let report = run_json(flood.wait(), "sip_flood");
-    eprintln!("flood: {report}\nBYE answered in {bye_ms} ms");
+    let rss_after = rss_kib(&daemon);
+    eprintln!("flood: {report}\nBYE answered in {bye_ms} ms; RSS {rss_before} -> {rss_after} KiB");
+    // Bounded queues: the flood may not grow the daemon by more than a few queues' worth.
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
 
     assert_all_recorded(&daemon, &client.call_id, per_stream);
     let sent = count(&report, "sent_total");

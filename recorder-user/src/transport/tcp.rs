@@ -91,7 +91,7 @@ pub(crate) fn admit(
             .connections_refused
             .fetch_add(1, Ordering::Relaxed);
         // One line per thousand: a connection flood must not become a log flood.
-        if refused % 1000 == 0 {
+        if refused.is_multiple_of(1000) {
             tracing::warn!(%peer, transport = what, refused = refused + 1, "too many SIP stream connections; closing new ones");
         }
     }

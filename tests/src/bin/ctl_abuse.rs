@@ -6,9 +6,9 @@
 //!           [--line-mib 4] [--slow 20] [--seconds 10]
 //! ```
 //!
-//! For each interface given: `--connections` connections opened and held (counted accepted,
-//! refused, and what error they were told); one request line (or HTTP header) of
-//! `--line-mib` MiB, and the error it gets; `--slow` clients that send one byte a second and
+//! For each interface given: one request line (or HTTP header) of `--line-mib` MiB, and the
+//! error it gets; `--connections` connections opened and held (counted accepted, refused, and
+//! what error they were told); `--slow` clients that send one byte a second and
 //! `--slow` that send requests and never read. Meanwhile a `status` request (control socket)
 //! or `GET /metrics` (HTTP) is timed once a second: `status_latency_ms` lists them, and
 //! `status_failures` counts those that failed.
@@ -345,12 +345,11 @@ fn probe_once(target: &Target) -> Value {
     }
 }
 
+/// Latencies (ms) of the answered probes, failures, and the first failure's text.
+type Probes = (Vec<u64>, u64, Option<String>);
+
 /// Times the normal request once a second until `stop`.
-fn probe_loop(
-    target: Target,
-    stop: Arc<AtomicBool>,
-    out: Arc<Mutex<(Vec<u64>, u64, Option<String>)>>,
-) {
+fn probe_loop(target: Target, stop: Arc<AtomicBool>, out: Arc<Mutex<Probes>>) {
     while !stop.load(Relaxed) {
         let start = Instant::now();
         let result = Conn::open(&target).and_then(|mut c| {
@@ -388,8 +387,9 @@ fn abuse(target: Target, args: &Args) -> Value {
         std::thread::spawn(move || probe_loop(target, stop, probes))
     };
     let started = Instant::now();
-    let (held, connections) = hold_connections(&target, args.connections);
+    // The long line first: once the connections are held, an HTTP client is refused anyway.
     let line = long_line(&target, args.line_mib);
+    let (held, connections) = hold_connections(&target, args.connections);
     let (slow, slow_closed) = slow_clients(&target, args.slow, stop.clone());
     let rest = Duration::from_secs(args.seconds).saturating_sub(started.elapsed());
     std::thread::sleep(rest);
