@@ -340,6 +340,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             .context("binding SIP TLS listen addresses")?;
     }
     let listen = sockets.local_addrs();
+    let transport_monitor = sockets.monitor();
+    let api_counters = Arc::new(crate::guard::ApiCounters::default());
     let tls_listen = sockets.tls_local_addrs();
     let contact_host = match listen.first().map(|a| a.ip()) {
         Some(ip) if !ip.is_unspecified() => ip,
@@ -580,7 +582,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             detach_on_exit: detach_on_exit.clone(),
         },
     )
-    .with_consumer_stalls(stalls.clone());
+    .with_consumer_stalls(stalls.clone())
+    .with_guards(transport_monitor.clone(), api_counters.clone());
     let control_task = control::serve(control_state, shutdown.clone())
         .await
         .context("starting the control socket")?;
@@ -592,6 +595,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             writer: writer.clone(),
             started: std::time::Instant::now(),
             stalls: stalls.clone(),
+            transport: Some(transport_monitor),
+            api: api_counters,
         },
         shutdown.clone(),
     )

@@ -24,6 +24,7 @@ pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod flow;
+pub mod guard;
 pub mod handover;
 pub mod http;
 pub mod index;

@@ -34,6 +34,10 @@ pub struct Sources {
     pub started: Instant,
     /// The ring consumer's back-pressure stalls.
     pub stalls: Arc<crate::capture::ring::StallStats>,
+    /// SIP admission under load (queues, 503s at once, stream connections).
+    pub transport: Option<crate::transport::TransportMonitor>,
+    /// What the control socket's and HTTP API's limits refused.
+    pub api: Arc<crate::guard::ApiCounters>,
 }
 
 /// Everything one scrape shows, gathered first and rendered after (so rendering is testable).
@@ -48,6 +52,8 @@ pub struct Snapshot {
     pub writer: WriterStats,
     /// Ring consumer stalls: count, total and longest (microseconds).
     pub stalls: (u64, u64, u64),
+    pub transport: crate::transport::TransportStats,
+    pub api: crate::guard::ApiStats,
 }
 
 impl Snapshot {
@@ -76,6 +82,12 @@ impl Snapshot {
             siprec,
             sip,
             writer: sources.writer.stats(),
+            transport: sources
+                .transport
+                .as_ref()
+                .map(|t| t.stats())
+                .unwrap_or_default(),
+            api: sources.api.stats(),
             stalls: {
                 use std::sync::atomic::Ordering::Relaxed;
                 let s = &sources.stalls;
@@ -382,6 +394,84 @@ impl Collector for Exposition {
                 .map(|(c, n)| (labels([("code", c.to_string())]), *n)),
         )?;
 
+        out.counters(
+            "recorder_sip_rejected_total",
+            "SIP messages the endpoint rejected or dropped by itself, by category.",
+            s.sip
+                .rejections
+                .iter()
+                .map(|(c, n)| (labels([("category", c.to_string())]), *n)),
+        )?;
+        let t = &s.transport;
+        out.counters(
+            "recorder_sip_admitted_total",
+            "SIP messages queued for the driver, by queue (priority: live dialogs and transactions).",
+            [
+                ("priority", t.priority),
+                ("new_invite", t.new_invites),
+                ("other", t.other),
+            ]
+            .map(|(q, n)| (labels([("queue", q.to_string())]), n)),
+        )?;
+        out.counters(
+            "recorder_sip_shed_total",
+            "New SIP requests turned away because the driver's queue was full: answered 503 at once, or dropped (nothing to answer).",
+            [("503", t.invites_shed), ("dropped", t.dropped)]
+                .map(|(a, n)| (labels([("action", a.to_string())]), n)),
+        )?;
+        out.gauge(
+            "recorder_sip_queue_depth",
+            "New SIP requests waiting for the driver.",
+            Vec::new(),
+            t.queue_depth,
+        )?;
+        out.gauge(
+            "recorder_sip_queue_peak",
+            "The deepest the driver's new-request queue has been.",
+            Vec::new(),
+            t.queue_peak,
+        )?;
+        out.gauge(
+            "recorder_sip_stream_connections",
+            "Inbound SIP TCP and TLS connections open.",
+            Vec::new(),
+            t.connections_open,
+        )?;
+        out.counter(
+            "recorder_sip_stream_connections_refused_total",
+            "Inbound SIP stream connections closed on accept (over the limit).",
+            t.connections_refused,
+        )?;
+        out.counter(
+            "recorder_sip_framing_errors_total",
+            "SIP stream connections closed because their bytes could not be framed.",
+            t.framing_errors,
+        )?;
+        out.counter(
+            "recorder_sip_write_queue_full_total",
+            "SIP messages to stream peers dropped because the peer does not read.",
+            t.write_queue_full,
+        )?;
+        let a = &s.api;
+        out.counters(
+            "recorder_api_refused_total",
+            "Control socket and HTTP requests or connections refused by a limit, by interface and limit.",
+            [
+                ("control", "connections", a.control_refused),
+                ("control", "line_length", a.control_line_too_long),
+                ("control", "timeout", a.control_timeouts),
+                ("http", "connections", a.http_connections_refused),
+                ("http", "in_flight", a.http_overloaded),
+                ("http", "timeout", a.http_timeouts),
+            ]
+            .map(|(i, l, n)| {
+                (
+                    labels([("interface", i.to_string()), ("limit", l.to_string())]),
+                    n,
+                )
+            }),
+        )?;
+
         out.counter(
             "recorder_disk_bytes_written_total",
             "Bytes written to recording files (pcap records and WAV samples).",
@@ -445,6 +535,9 @@ mod tests {
         s.siprec.rejections.insert((503, "session_limit"), 4);
         s.sip.requests.insert("INVITE".into(), 7);
         s.sip.responses_sent.insert(200, 6);
+        s.sip.rejections.insert("malformed", 9);
+        s.transport.invites_shed = 11;
+        s.api.control_line_too_long = 2;
         s.writer.packets_in = 100;
         s.writer.bytes_written = 4242;
         s.writer.write_latency = LatencyHistogram {
@@ -473,6 +566,15 @@ mod tests {
         assert_eq!(m["recorder_ring_backlog_records"], 10.0);
         assert_eq!(m["recorder_sip_requests_total{method=\"INVITE\"}"], 7.0);
         assert_eq!(m["recorder_sip_responses_sent_total{code=\"200\"}"], 6.0);
+        assert_eq!(
+            m["recorder_sip_rejected_total{category=\"malformed\"}"],
+            9.0
+        );
+        assert_eq!(m["recorder_sip_shed_total{action=\"503\"}"], 11.0);
+        assert_eq!(
+            m["recorder_api_refused_total{interface=\"control\",limit=\"line_length\"}"],
+            2.0
+        );
         assert_eq!(m["recorder_disk_bytes_written_total"], 4242.0);
         assert_eq!(
             m["recorder_write_latency_seconds_bucket{le=\"0.000001\"}"],

@@ -7,13 +7,15 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use bytes::BytesMut;
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
-    sync::mpsc,
+    sync::{mpsc, Semaphore},
     task::JoinHandle,
 };
+use tokio_util::codec::{Decoder, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -26,6 +28,10 @@ use crate::{
     config::Config,
     daemon::{query, DaemonRecorder, DriverCommand},
     flow::FlowAction,
+    guard::{
+        ApiCounters, CONTROL_MAX_CONNECTIONS, CONTROL_MAX_LINE, CONTROL_READ_TIMEOUT,
+        CONTROL_WRITE_TIMEOUT,
+    },
     index::{Index, IndexedRecording},
     writer::WriterHandle,
 };
@@ -42,6 +48,10 @@ pub struct ControlState {
     restart: RestartInfo,
     /// The ring consumer's waits for the writer (sizing `ring_bytes`).
     stalls: Arc<StallStats>,
+    /// SIP admission counters, for `status`.
+    transport: Option<crate::transport::TransportMonitor>,
+    /// What this socket's and the HTTP API's limits refused.
+    api: Arc<ApiCounters>,
 }
 
 /// How this daemon's capture survives a restart, for `status`.
@@ -75,7 +85,21 @@ impl ControlState {
             started: Instant::now(),
             restart,
             stalls: Arc::default(),
+            transport: None,
+            api: Arc::default(),
         }
+    }
+
+    /// Reports SIP admission and the API limits' refusals in `status` (`api` is shared with
+    /// the HTTP server).
+    pub fn with_guards(
+        mut self,
+        transport: crate::transport::TransportMonitor,
+        api: Arc<ApiCounters>,
+    ) -> Self {
+        self.transport = Some(transport);
+        self.api = api;
+        self
     }
 
     /// Reports the ring consumer's back-pressure stalls in `status`.
@@ -104,6 +128,7 @@ pub async fn serve(
     set_service_group(&path);
     info!(socket = %path.display(), "control socket listening");
     let state = Arc::new(state);
+    let slots = Arc::new(Semaphore::new(CONTROL_MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
         let mut backoff = crate::accept::AcceptBackoff::new("control");
         loop {
@@ -113,7 +138,13 @@ pub async fn serve(
                     Ok((stream, _)) => {
                         backoff.succeeded();
                         let state = state.clone();
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            state.api.control_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tokio::spawn(refuse(stream));
+                            continue;
+                        };
                         tokio::spawn(async move {
+                            let _slot = slot;
                             if let Err(e) = handle_connection(&state, stream).await {
                                 debug!(error = %e, "control connection ended");
                             }
@@ -146,10 +177,81 @@ fn set_service_group(path: &Path) {
     }
 }
 
+/// Tells a client over the connection limit so, briefly, and closes.
+async fn refuse(mut stream: UnixStream) {
+    let line = error_line(&format!(
+        "too many control connections (at most {CONTROL_MAX_CONNECTIONS}); try again"
+    ));
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(line.as_bytes())).await;
+}
+
+fn error_line(message: &str) -> String {
+    let mut line = serde_json::to_string(&Response::error(message)).expect("serializes");
+    line.push('\n');
+    line
+}
+
+/// Writes one line, giving up on a client that does not read it in time.
+async fn send_line(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    api: &ApiCounters,
+    text: String,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(CONTROL_WRITE_TIMEOUT, write.write_all(text.as_bytes())).await {
+        Ok(result) => result,
+        Err(_) => {
+            api.control_timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client does not read its answer",
+            ))
+        }
+    }
+}
+
+/// Serves request lines until EOF. A line longer than [`CONTROL_MAX_LINE`], one not finished
+/// within [`CONTROL_READ_TIMEOUT`] or an answer not taken within [`CONTROL_WRITE_TIMEOUT`]
+/// ends the connection, the first two after an error line saying why.
 async fn handle_connection(state: &ControlState, stream: UnixStream) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await? {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mut read, mut write) = stream.into_split();
+    let mut codec = LinesCodec::new_with_max_length(CONTROL_MAX_LINE);
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        // The whole line must arrive within the timeout, not each read: one byte a second
+        // would otherwise hold the connection forever.
+        let line = tokio::time::timeout(CONTROL_READ_TIMEOUT, async {
+            loop {
+                if let Some(line) = codec.decode(&mut buf)? {
+                    return Ok(Some(line));
+                }
+                if read.read_buf(&mut buf).await? == 0 {
+                    return codec.decode_eof(&mut buf);
+                }
+            }
+        })
+        .await;
+        let line = match line {
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                state.api.control_line_too_long.fetch_add(1, Relaxed);
+                let message = format!("request line longer than {CONTROL_MAX_LINE} bytes");
+                send_line(&mut write, &state.api, error_line(&message)).await?;
+                return Ok(());
+            }
+            Ok(Err(LinesCodecError::Io(e))) => return Err(e),
+            Err(_) => {
+                state.api.control_timeouts.fetch_add(1, Relaxed);
+                let message = format!(
+                    "no complete request line within {} s",
+                    CONTROL_READ_TIMEOUT.as_secs()
+                );
+                send_line(&mut write, &state.api, error_line(&message)).await?;
+                return Ok(());
+            }
+        };
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => handle(state, request).await,
             Err(e) => Response::error(format!("bad request: {e}")),
@@ -158,9 +260,8 @@ async fn handle_connection(state: &ControlState, stream: UnixStream) -> std::io:
             format!("{{\"ok\":false,\"error\":\"cannot encode response: {e}\"}}")
         });
         out.push('\n');
-        write.write_all(out.as_bytes()).await?;
+        send_line(&mut write, &state.api, out).await?;
     }
-    Ok(())
 }
 
 pub(crate) fn rfc3339(t: SystemTime) -> String {
@@ -348,6 +449,8 @@ async fn status(state: &ControlState) -> Response {
             "longest_stall_us": state.stalls.longest_stall_us.load(std::sync::atomic::Ordering::Relaxed),
         },
         "sip": sip,
+        "sip_admission": state.transport.as_ref().map(|t| t.stats()),
+        "api_limits": state.api.stats(),
         "spool": spool_usage(&state.config.spool),
         "restart": {
             "pinned_in": state.restart.pinned_in,

@@ -16,24 +16,39 @@ mod stitch;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use axum::{extract::ConnectInfo, Router};
+use axum::{
+    error_handling::HandleErrorLayer,
+    extract::ConnectInfo,
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Router,
+};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use thiserror::Error;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
+    sync::Semaphore,
     task::JoinHandle,
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tower::{limit::GlobalConcurrencyLimitLayer, BoxError, ServiceBuilder, ServiceExt};
+use tower_http::limit::RequestBodyLimitLayer;
 use tracing::{debug, info};
 
 pub use self::{
     audit::Audit,
     auth::{TokenFile, Tokens},
 };
-use crate::{config::Config, metrics};
+use crate::{
+    config::Config,
+    guard::{
+        ApiCounters, HTTP_HANDLER_TIMEOUT, HTTP_MAX_BODY, HTTP_MAX_CONNECTIONS, HTTP_MAX_HEAD,
+        HTTP_MAX_IN_FLIGHT,
+    },
+    metrics,
+};
 
 /// Errors setting the HTTP server up (request errors are [`api::ApiError`]).
 #[derive(Debug, Error)]
@@ -118,7 +133,8 @@ pub async fn start(
             }
         });
     }
-    let router = api::router(state);
+    let api_counters = state.sources.api.clone();
+    let router = limited(api::router(state), api_counters.clone());
     let mut tasks = Vec::new();
     if let Some(addr) = config.http_listen {
         let tls = match (&config.http_tls_certificate, &config.http_tls_private_key) {
@@ -127,21 +143,90 @@ pub async fn start(
             )),
             _ => None,
         };
-        tasks.push(serve(addr, tls, router.clone(), shutdown.clone()).await?);
+        tasks.push(
+            serve(
+                addr,
+                tls,
+                router.clone(),
+                api_counters.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        );
     }
     if let Some(addr) = config.metrics_listen {
-        tasks.push(serve(addr, None, router, shutdown).await?);
+        tasks.push(serve(addr, None, router, api_counters, shutdown).await?);
     }
     Ok(tasks)
 }
 
-/// Binds `addr` and serves `router` on it (TLS with `tls`) until `shutdown`.
+/// The router behind the request limits: bodies over [`HTTP_MAX_BODY`] get 413; beyond
+/// [`HTTP_MAX_IN_FLIGHT`] requests at once (one limit for every route) and for a handler that
+/// has not answered within [`HTTP_HANDLER_TIMEOUT`], 503 at once, so a burst of clients never
+/// queues up work or memory behind the ones being served.
+fn limited(router: Router, api: Arc<ApiCounters>) -> Router {
+    let in_flight = Arc::new(Semaphore::new(HTTP_MAX_IN_FLIGHT));
+    router.layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(move |e: BoxError| {
+                let api = api.clone();
+                async move { limit_error(&api, e) }
+            }))
+            .load_shed()
+            .layer(GlobalConcurrencyLimitLayer::with_semaphore(in_flight))
+            .timeout(HTTP_HANDLER_TIMEOUT)
+            .layer(RequestBodyLimitLayer::new(HTTP_MAX_BODY)),
+    )
+}
+
+/// The answer of a request limit, as the API's other errors: JSON `{"error": ...}`.
+fn limit_error(api: &ApiCounters, e: BoxError) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (status, message) = if e.is::<tower::load_shed::error::Overloaded>() {
+        api.http_overloaded.fetch_add(1, Relaxed);
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many requests in flight (at most {HTTP_MAX_IN_FLIGHT}); retry"),
+        )
+    } else if e.is::<tower::timeout::error::Elapsed>() {
+        api.http_timeouts.fetch_add(1, Relaxed);
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "request not answered within {} s",
+                HTTP_HANDLER_TIMEOUT.as_secs()
+            ),
+        )
+    } else {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal error: {e}"),
+        )
+    };
+    (
+        status,
+        [(header::RETRY_AFTER, "1")],
+        axum::Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
+}
+
+/// What a plain-HTTP client over the connection limit reads before the connection closes.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: 40\r\n\r\n\
+{\"error\":\"too many connections; retry\"}\n";
+
+/// Binds `addr` and serves `router` on it (TLS with `tls`) until `shutdown`, at most
+/// [`HTTP_MAX_CONNECTIONS`] connections at once: a plain-HTTP client beyond that gets a 503, a
+/// TLS one is closed (answering it would cost a handshake).
 pub async fn serve(
     addr: SocketAddr,
     tls: Option<TlsAcceptor>,
     router: Router,
+    api: Arc<ApiCounters>,
     shutdown: CancellationToken,
 ) -> Result<JoinHandle<()>, HttpError> {
+    let slots = Arc::new(Semaphore::new(HTTP_MAX_CONNECTIONS));
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })?;
@@ -162,12 +247,25 @@ pub async fn serve(
             };
             backoff.succeeded();
             let _ = stream.set_nodelay(true);
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                api.http_connections_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if tls.is_none() {
+                    tokio::spawn(async move {
+                        let mut stream = stream;
+                        let write = stream.write_all(TOO_MANY_CONNECTIONS);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+                    });
+                }
+                continue;
+            };
             let router = router.clone();
             let tls = tls.clone();
             let shutdown = shutdown.clone();
             // Connections end with the daemon: the state holds the writer, which shutdown
             // needs back.
             tokio::spawn(async move {
+                let _slot = slot;
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
                     _ = connection(stream, peer, tls, router) => {}
@@ -206,7 +304,10 @@ where
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        // Also closes keep-alive connections idle for that long (hyper starts it per head).
         .header_read_timeout(HEADER_TIMEOUT)
+        // Heads beyond this get 431 from hyper.
+        .max_buf_size(HTTP_MAX_HEAD)
         .serve_connection(TokioIo::new(stream), service)
         .await;
     if let Err(e) = result {

@@ -435,6 +435,37 @@ impl Endpoint {
             return;
         }
         let datagram = incoming.transport == Transport::Udp;
+        // A datagram's header section beyond what a stream may carry is not worth a parse
+        // (a flood of them would cost the driver more than every live call).
+        let head = incoming
+            .bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(incoming.bytes.len());
+        if datagram && head > super::framing::MAX_HEADER_BYTES {
+            let reason = format!(
+                "header section over {} bytes",
+                super::framing::MAX_HEADER_BYTES
+            );
+            let answer =
+                super::admission::raw_response(&incoming.bytes, 513, "Message Too Large", &[]);
+            let status = if let Some(bytes) = answer {
+                self.counters.count_response(513);
+                self.push_transmit(
+                    Route {
+                        transport: incoming.transport,
+                        destination: incoming.source,
+                        connection: incoming.connection,
+                        local: Some(incoming.local),
+                    },
+                    Bytes::from(bytes),
+                );
+                513
+            } else {
+                0
+            };
+            return self.note_rejection(status, "too-large", reason, incoming.source);
+        }
         match message::parse(&incoming.bytes, datagram) {
             Parsed::Request(request) => self.handle_request(now, &incoming, request),
             Parsed::Response(response) => self.handle_response(&incoming, response),
@@ -610,6 +641,26 @@ impl Endpoint {
             local_tag: t.local_tag.as_deref(),
         };
         Some(self.build_response(&answer, status, reason))
+    }
+
+    /// The 503 (with `Retry-After`) for a new request the driver has no room for, built
+    /// from the raw bytes without touching any state ([`super::admission::raw_response`]): the
+    /// transport answers a flood with it from its receive tasks, before the request reaches the
+    /// endpoint, so it must cost far less than a parse. Sent back to the source address. `None`
+    /// when `incoming` lacks the headers a response needs (dropped and counted instead).
+    pub fn overload_answer(&self, incoming: &Incoming) -> Option<Transmit> {
+        let extra = [
+            format!("Retry-After: {}", self.config.retry_after_secs),
+            format!("Server: {}", self.config.user_agent),
+        ];
+        let bytes = super::admission::raw_response(&incoming.bytes, 503, "Overloaded", &extra)?;
+        Some(Transmit {
+            transport: incoming.transport,
+            destination: incoming.source,
+            connection: incoming.connection,
+            local: Some(incoming.local),
+            bytes: Bytes::from(bytes),
+        })
     }
 
     /// Sends the app's answer to the request of `txn`.

@@ -7,6 +7,7 @@
 //! [`Endpoint::poll_timeout`] (the quinn-proto shape). The async shell that owns the sockets is
 //! [`crate::transport`].
 //!
+//! * [`admission`]: which messages may wait behind new sessions under load.
 //! * [`framing`]: splitting a TCP byte stream into messages by `Content-Length`.
 //! * [`message`]: parsing with `rsip` (plus the narrow normalisation it needs) and header helpers.
 //! * [`transaction`]: server transactions (INVITE and non-INVITE) and our BYE client transaction.
@@ -15,6 +16,7 @@
 //! * `outgoing`: where responses and our requests go, and their encoding.
 //! * [`endpoint`]: routing of incoming messages to all of the above; the public API.
 
+pub mod admission;
 pub mod config;
 pub mod dialog;
 pub mod endpoint;
@@ -23,6 +25,7 @@ pub mod message;
 mod outgoing;
 pub mod transaction;
 
+pub use admission::{classify, Class};
 pub use dialog::{DialogId, DialogSnapshot, PendingAck};
 pub use endpoint::{
     Endpoint, EndpointConfig, Incoming, Network, SipCounters, SipEvent, Transmit, Transport, TxnId,

@@ -19,7 +19,13 @@ use tokio_util::sync::CancellationToken;
 use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
-use super::{tcp, tls, udp, TransportError};
+use super::{
+    inlet::{
+        Inlet, TransportCounters, TransportMonitor, MAX_STREAM_CONNECTIONS, NEW_REQUEST_QUEUE,
+        PRIORITY_QUEUE,
+    },
+    tcp, tls, udp, TransportError,
+};
 use crate::sip::{Endpoint, Incoming, SipEvent, Transmit, Transport};
 
 /// The application driven with the endpoint (the SIPREC session layer, or a test app).
@@ -57,9 +63,21 @@ pub struct Sockets {
     tcp: Vec<TcpListener>,
     tls: Vec<TcpListener>,
     tls_acceptor: Option<TlsAcceptor>,
+    counters: Arc<TransportCounters>,
+    connections: Arc<tokio::sync::Semaphore>,
+    new_requests: (mpsc::Sender<Input>, mpsc::Receiver<Input>),
 }
 
 impl Sockets {
+    /// The admission counters and gauges (readable while the driver runs).
+    pub fn monitor(&self) -> TransportMonitor {
+        TransportMonitor {
+            counters: self.counters.clone(),
+            queue: self.new_requests.0.downgrade(),
+            connections: self.connections.clone(),
+        }
+    }
+
     /// The bound addresses (UDP and TCP share each of them).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.udp
@@ -102,6 +120,9 @@ pub fn bind(listen: &[SocketAddr]) -> Result<Sockets, TransportError> {
         tcp: Vec::new(),
         tls: Vec::new(),
         tls_acceptor: None,
+        counters: Arc::default(),
+        connections: Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_CONNECTIONS)),
+        new_requests: mpsc::channel(NEW_REQUEST_QUEUE),
     };
     for addr in listen {
         let mut attempts = 0;
@@ -145,23 +166,31 @@ pub async fn run_on<A: SipApp>(
     shutdown: CancellationToken,
     commands: Option<mpsc::Receiver<Command<A>>>,
 ) -> Result<A, TransportError> {
-    let (inputs_tx, inputs) = mpsc::channel(1024);
+    let (priority_tx, priority) = mpsc::channel(PRIORITY_QUEUE);
+    let (new_requests_tx, new_requests) = sockets.new_requests;
+    let inlet = Inlet {
+        priority: priority_tx,
+        new_requests: new_requests_tx,
+        shedder: Arc::new(Endpoint::new(endpoint.config().clone())),
+        counters: sockets.counters.clone(),
+        connections: sockets.connections.clone(),
+    };
     let mut tasks = JoinSet::new();
     for socket in &sockets.udp {
-        tasks.spawn(udp::receive(socket.clone(), inputs_tx.clone()));
+        tasks.spawn(udp::receive(socket.clone(), inlet.clone()));
     }
     // Stops the accept and connection tasks however the driver ends.
     let stop = shutdown.child_token();
     let _stop_on_exit = stop.clone().drop_guard();
     for listener in sockets.tcp {
-        tasks.spawn(tcp::accept(listener, inputs_tx.clone(), stop.clone()));
+        tasks.spawn(tcp::accept(listener, inlet.clone(), stop.clone()));
     }
     if let Some(acceptor) = sockets.tls_acceptor {
         for listener in sockets.tls {
             tasks.spawn(tls::accept(
                 listener,
                 acceptor.clone(),
-                inputs_tx.clone(),
+                inlet.clone(),
                 stop.clone(),
             ));
         }
@@ -172,10 +201,10 @@ pub async fn run_on<A: SipApp>(
         udp: sockets.udp,
         connections: HashMap::new(),
         by_peer: HashMap::new(),
-        inputs_tx,
+        inlet,
         stop,
     };
-    let result = driver.run(inputs, commands, shutdown).await;
+    let result = driver.run(priority, new_requests, commands, shutdown).await;
     // Socket tasks end with the runtime or here; connection tasks end when their channels drop.
     tasks.abort_all();
     result.map(|()| driver.app)
@@ -189,14 +218,15 @@ struct Driver<A> {
     connections: HashMap<u64, mpsc::Sender<Bytes>>,
     /// The latest connection per peer, for sends whose connection has gone.
     by_peer: HashMap<SocketAddr, u64>,
-    inputs_tx: mpsc::Sender<Input>,
+    inlet: Inlet,
     stop: CancellationToken,
 }
 
 impl<A: SipApp> Driver<A> {
     async fn run(
         &mut self,
-        mut inputs: mpsc::Receiver<Input>,
+        mut priority: mpsc::Receiver<Input>,
+        mut new_requests: mpsc::Receiver<Input>,
         mut commands: Option<mpsc::Receiver<Command<A>>>,
         shutdown: CancellationToken,
     ) -> Result<(), TransportError> {
@@ -218,8 +248,10 @@ impl<A: SipApp> Driver<A> {
                 }
             };
             tokio::select! {
+                // The order of the branches is the priority (see the module documentation).
+                biased;
                 _ = shutdown.cancelled() => return Ok(()),
-                input = inputs.recv() => {
+                input = priority.recv() => {
                     // The driver holds a sender itself, so the channel never closes.
                     let Some(input) = input else { return Ok(()) };
                     self.handle_input(input);
@@ -233,6 +265,10 @@ impl<A: SipApp> Driver<A> {
                     let now = now();
                     self.endpoint.handle_timeout(now);
                     self.app.handle_timeout(now, &mut self.endpoint);
+                }
+                input = new_requests.recv() => {
+                    let Some(input) = input else { return Ok(()) };
+                    self.handle_input(input);
                 }
             }
             self.drain().await;
@@ -301,6 +337,10 @@ impl<A: SipApp> Driver<A> {
                 if let Some(writer) = id.and_then(|id| self.connections.get(&id)) {
                     // A full queue means the peer does not read: drop rather than stall SIP.
                     if writer.try_send(t.bytes).is_err() {
+                        self.inlet
+                            .counters
+                            .write_queue_full
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(destination = %t.destination, "TCP write queue full or closed; message dropped");
                     }
                     return;
@@ -312,7 +352,7 @@ impl<A: SipApp> Driver<A> {
                 tokio::spawn(tcp::connect_and_send(
                     t.destination,
                     t.bytes,
-                    self.inputs_tx.clone(),
+                    self.inlet.clone(),
                     self.stop.clone(),
                 ));
             }

@@ -5,8 +5,10 @@
 //! * [`tcp`]: TCP listeners, one task per connection (reader + writer), connection ids.
 //! * [`tls`]: TLS listeners; their connections are then served like TCP ones.
 //! * [`driver`]: [`driver::run`], the loop that feeds the endpoint and drains it.
+//! * [`inlet`]: the two queues from the socket tasks to the driver, admission and its counters.
 
 pub mod driver;
+pub mod inlet;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
@@ -17,6 +19,7 @@ mod tests;
 use std::{net::SocketAddr, path::PathBuf};
 
 pub use driver::{bind, run, run_on, Command, SipApp, Sockets};
+pub use inlet::{TransportMonitor, TransportStats};
 
 /// Errors of the transport layer.
 #[derive(Debug, thiserror::Error)]

@@ -13,11 +13,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, OwnedSemaphorePermit},
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{driver::Input, TransportError};
+use super::{driver::Input, inlet::Inlet, TransportError};
 use crate::sip::{frame, Incoming, Transport};
 
 /// Messages queued per connection before the driver's sends to it are dropped.
@@ -77,20 +77,41 @@ pub(crate) async fn next_connection(
     }
 }
 
+/// A slot for one more inbound stream connection, or `None` (counted) when all are taken:
+/// the caller closes the connection.
+pub(crate) fn admit(
+    inlet: &Inlet,
+    peer: SocketAddr,
+    what: &'static str,
+) -> Option<OwnedSemaphorePermit> {
+    let permit = inlet.connections.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        let refused = inlet
+            .counters
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        // One line per thousand: a connection flood must not become a log flood.
+        if refused.is_multiple_of(1000) {
+            tracing::warn!(%peer, transport = what, refused = refused + 1, "too many SIP stream connections; closing new ones");
+        }
+    }
+    permit
+}
+
 /// Accepts connections until the driver goes away.
-pub(crate) async fn accept(
-    listener: TcpListener,
-    inputs: mpsc::Sender<Input>,
-    stop: CancellationToken,
-) {
+pub(crate) async fn accept(listener: TcpListener, inlet: Inlet, stop: CancellationToken) {
     while let Some((stream, peer, local)) = next_connection(&listener, &stop, "TCP").await {
+        let Some(permit) = admit(&inlet, peer, "TCP") else {
+            continue;
+        };
         spawn_connection(
             stream,
             peer,
             local,
             Transport::Tcp,
-            inputs.clone(),
+            inlet.clone(),
             stop.clone(),
+            Some(permit),
         );
     }
 }
@@ -100,13 +121,22 @@ pub(crate) async fn accept(
 pub(crate) async fn connect_and_send(
     destination: SocketAddr,
     bytes: Bytes,
-    inputs: mpsc::Sender<Input>,
+    inlet: Inlet,
     stop: CancellationToken,
 ) {
     match TcpStream::connect(destination).await {
         Ok(stream) => {
             let local = stream.local_addr().unwrap_or(destination);
-            let writer = spawn_connection(stream, destination, local, Transport::Tcp, inputs, stop);
+            // Ours: not counted against the inbound limit.
+            let writer = spawn_connection(
+                stream,
+                destination,
+                local,
+                Transport::Tcp,
+                inlet,
+                stop,
+                None,
+            );
             let _ = writer.send(bytes).await;
         }
         Err(e) => tracing::warn!(%destination, error = %e, "TCP connect failed; message dropped"),
@@ -114,14 +144,16 @@ pub(crate) async fn connect_and_send(
 }
 
 /// Starts the reader and writer tasks of a stream connection (plain TCP, or TLS once the
-/// handshake is done) and returns the writer's channel.
+/// handshake is done) and returns the writer's channel. `permit` is the connection's slot,
+/// held until its reader ends.
 pub(crate) fn spawn_connection<S>(
     stream: S,
     peer: SocketAddr,
     local: SocketAddr,
     transport: Transport,
-    inputs: mpsc::Sender<Input>,
+    inlet: Inlet,
     stop: CancellationToken,
+    permit: Option<OwnedSemaphorePermit>,
 ) -> mpsc::Sender<Bytes>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -140,13 +172,15 @@ where
         let _ = writer.shutdown().await;
     });
     let writer_for_driver = tx.clone();
+    let writer_for_shed = tx.clone();
     tokio::spawn(async move {
+        let _permit = permit;
         let connected = Input::Connected {
             id,
             peer,
             writer: writer_for_driver,
         };
-        if inputs.send(connected).await.is_err() {
+        if inlet.control(connected).await.is_err() {
             return;
         }
         let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -173,19 +207,31 @@ where
                             connection: Some(id),
                             bytes,
                         };
-                        if inputs.send(Input::Message(incoming)).await.is_err() {
+                        let reply = |t: crate::sip::Transmit| {
+                            if writer_for_shed.try_send(t.bytes).is_err() {
+                                inlet
+                                    .counters
+                                    .write_queue_full
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
+                        };
+                        if inlet.message(incoming, reply).await.is_err() {
                             return;
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
+                        inlet
+                            .counters
+                            .framing_errors
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::info!(connection = id, %peer, %transport, error = %e, "closing unframeable stream connection");
                         break 'read;
                     }
                 }
             }
         }
-        let _ = inputs.send(Input::Closed { id }).await;
+        let _ = inlet.control(Input::Closed { id }).await;
     });
     tx
 }

@@ -7,11 +7,11 @@ use std::{fs, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use rustls::ServerConfig;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::{driver::Input, tcp, TransportError};
+use super::{inlet::Inlet, tcp, TransportError};
 use crate::sip::Transport;
 
 /// A client that does not finish the handshake by then is dropped.
@@ -51,12 +51,16 @@ pub fn server_config(certificate: &Path, key: &Path) -> Result<Arc<ServerConfig>
 pub(crate) async fn accept(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    inputs: mpsc::Sender<Input>,
+    inlet: Inlet,
     stop: CancellationToken,
 ) {
     while let Some((stream, peer, local)) = tcp::next_connection(&listener, &stop, "TLS").await {
+        // The slot is taken before the handshake: handshakes are what a flood costs most.
+        let Some(permit) = tcp::admit(&inlet, peer, "TLS") else {
+            continue;
+        };
         let acceptor = acceptor.clone();
-        let inputs = inputs.clone();
+        let inlet = inlet.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let handshake = tokio::select! {
@@ -65,7 +69,15 @@ pub(crate) async fn accept(
             };
             match handshake {
                 Ok(Ok(tls)) => {
-                    tcp::spawn_connection(tls, peer, local, Transport::Tls, inputs, stop);
+                    tcp::spawn_connection(
+                        tls,
+                        peer,
+                        local,
+                        Transport::Tls,
+                        inlet,
+                        stop,
+                        Some(permit),
+                    );
                 }
                 Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
