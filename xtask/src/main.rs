@@ -4,6 +4,7 @@
 //! first), so the README's two commands work after nothing but a clone.
 
 mod bench;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -23,8 +24,9 @@ enum Cli {
     Build,
     /// Build only the eBPF object.
     BuildEbpf,
-    /// Setup if needed, build, then run every test, including the privileged ones, and the
-    /// quick media bench (200 calls with RTP, zero loss asserted; skipped with test arguments).
+    /// Setup if needed, build, then run every test, including the privileged ones, every fuzz
+    /// target for 30 s and the quick media bench (200 calls with RTP, zero loss asserted); the
+    /// last two are skipped with test arguments.
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -34,6 +36,14 @@ enum Cli {
     Demo,
     /// Lint: rustfmt check and clippy with warnings denied.
     Lint,
+    /// Run the cargo-fuzz targets in `fuzz/` (libFuzzer, nightly) one after another.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Only this target (default: every one).
+        target: Option<String>,
+    },
     /// Setup, build, then benchmark the data path against a no-op XDP ceiling, tcpdump and a
     /// UDP-socket recorder, SIPREC sessions (rate, held) with SIPp against the daemon, and calls
     /// with RTP (writes target/bench/report.{md,json} and loss.png).
@@ -66,18 +76,23 @@ fn main() -> Result<()> {
             // asserted) after the cargo tests, whatever they gave, so that one run shows every
             // problem. Skipped when the tests are narrowed by a filter.
             if !args.is_empty() {
-                eprintln!("xtask test: test arguments given, skipping the media check");
+                eprintln!("xtask test: test arguments given, skipping the fuzzing and media check");
                 return tests;
             }
-            let media = bench::media_check();
-            match (tests, media) {
-                (Ok(()), Ok(())) => Ok(()),
-                (Err(e), Ok(())) => Err(e),
-                (Ok(()), Err(e)) => {
-                    Err(e.context("media check (cargo xtask bench --quick --only media)"))
-                }
-                (Err(t), Err(m)) => {
-                    Err(t.context(format!("and the media check failed too: {m:#}")))
+            // Every fuzz target for 30 s from its committed seeds: a crash fails the run.
+            let fuzzing = fuzz::fuzz(30, None).map_err(|e| e.context("fuzzing (cargo xtask fuzz)"));
+            let media = bench::media_check()
+                .map_err(|e| e.context("media check (cargo xtask bench --quick --only media)"));
+            let failures: Vec<anyhow::Error> = [tests, fuzzing, media]
+                .into_iter()
+                .filter_map(Result::err)
+                .collect();
+            match failures.len() {
+                0 => Ok(()),
+                1 => Err(failures.into_iter().next().expect("one")),
+                _ => {
+                    let all: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
+                    Err(anyhow::anyhow!("{}", all.join("\nand: ")))
                 }
             }
         }
@@ -88,6 +103,7 @@ fn main() -> Result<()> {
             demo()
         }
         Cli::Lint => lint(),
+        Cli::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
         Cli::Bench {
             quick,
             only,
