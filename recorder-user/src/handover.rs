@@ -106,13 +106,7 @@ impl Handover {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io("read", path)(e)),
         };
-        let parsed = serde_json::from_slice::<Self>(&bytes)
-            .map_err(|e| e.to_string())
-            .and_then(|h| match h.format {
-                FORMAT => Ok(h),
-                other => Err(format!("format {other}, this daemon reads {FORMAT}")),
-            });
-        match parsed {
+        match Self::from_json(&bytes) {
             Ok(handover) => Ok(Some(handover)),
             Err(message) => {
                 let _ = fs::rename(path, path.with_extension("json.bad"));
@@ -122,6 +116,16 @@ impl Handover {
                 })
             }
         }
+    }
+
+    /// Parses the file's contents: a format this daemon reads, or why not.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice::<Self>(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|h| match h.format {
+                FORMAT => Ok(h),
+                other => Err(format!("format {other}, this daemon reads {FORMAT}")),
+            })
     }
 
     /// Removes the file once its sessions run again.

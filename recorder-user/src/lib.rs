@@ -20,10 +20,13 @@ pub mod accept;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod contain;
 pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzz_api;
 pub mod guard;
 pub mod handover;
 pub mod http;

@@ -353,6 +353,11 @@ impl Collector for Exposition {
             .map(|(r, n)| (labels([("reason", r.to_string())]), n)),
         )?;
         out.counter(
+            "recorder_panics_total",
+            "Panics contained to the one message, event or packet they happened on (each is a bug; the other calls went on).",
+            crate::contain::panics(),
+        )?;
+        out.counter(
             "recorder_srtp_auth_failures_total",
             "SRTP and SRTCP packets that failed authentication (kept in the pcap, never decoded).",
             s.writer.srtp_auth_failed,

@@ -4,6 +4,7 @@
 //! first), so the README's two commands work after nothing but a clone.
 
 mod bench;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -23,8 +24,9 @@ enum Cli {
     Build,
     /// Build only the eBPF object.
     BuildEbpf,
-    /// Setup if needed, build, then run every test, including the privileged ones, and the
-    /// quick media bench (200 calls with RTP, zero loss asserted; skipped with test arguments).
+    /// Setup if needed, build, then run every test, including the privileged ones, every fuzz
+    /// target for 30 s and the quick media bench (200 calls with RTP, zero loss asserted); the
+    /// last two are skipped with test arguments.
     Test {
         /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -34,6 +36,14 @@ enum Cli {
     Demo,
     /// Lint: rustfmt check and clippy with warnings denied.
     Lint,
+    /// Run the cargo-fuzz targets in `fuzz/` (libFuzzer, nightly) one after another.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Only this target (default: every one).
+        target: Option<String>,
+    },
     /// Setup, build, then benchmark the data path against a no-op XDP ceiling, tcpdump and a
     /// UDP-socket recorder, SIPREC sessions (rate, held) with SIPp against the daemon, and calls
     /// with RTP (writes target/bench/report.{md,json} and loss.png).
@@ -62,34 +72,32 @@ fn main() -> Result<()> {
             setup::setup()?;
             build_ebpf()?;
             let tests = test(&args);
-            // The quick media bench (200 calls with RTP against the release daemon, zero loss
-            // asserted) after the cargo tests, whatever they gave, so that one run shows every
-            // problem. Skipped when the tests are narrowed by a filter.
+            // The fuzzing, the quick media bench (200 calls with RTP against the release daemon,
+            // zero loss asserted) and the quick faults after the cargo tests, whatever they
+            // gave, so that one run shows every problem. Skipped when the tests are narrowed.
             if !args.is_empty() {
-                eprintln!("xtask test: test arguments given, skipping the media check");
+                eprintln!("xtask test: test arguments given, skipping the fuzzing, media and faults checks");
                 return tests;
             }
-            // Then the quick faults (200 live calls through kill -9, a full spool and a detach
+            // Every fuzz target for 30 s from its committed seeds (a crash fails the run), then
+            // the quick faults (200 live calls through kill -9, a full spool and a detach
             // restart, every file checked).
-            let checks = [
-                (
-                    "media check (cargo xtask bench --quick --only media)",
-                    bench::media_check(),
-                ),
-                (
-                    "faults check (cargo xtask bench --quick --faults)",
-                    bench::faults_check(),
-                ),
-            ];
-            let failed: Vec<String> = checks
+            let fuzzing = fuzz::fuzz(30, None).map_err(|e| e.context("fuzzing (cargo xtask fuzz)"));
+            let media = bench::media_check()
+                .map_err(|e| e.context("media check (cargo xtask bench --quick --only media)"));
+            let faults = bench::faults_check()
+                .map_err(|e| e.context("faults check (cargo xtask bench --quick --faults)"));
+            let failures: Vec<anyhow::Error> = [tests, fuzzing, media, faults]
                 .into_iter()
-                .filter_map(|(what, r)| r.err().map(|e| format!("{what}: {e:#}")))
+                .filter_map(Result::err)
                 .collect();
-            match (tests, failed.is_empty()) {
-                (Ok(()), true) => Ok(()),
-                (Ok(()), false) => Err(anyhow::anyhow!(failed.join("\n"))),
-                (Err(t), true) => Err(t),
-                (Err(t), false) => Err(t.context(format!("and: {}", failed.join("\n")))),
+            match failures.len() {
+                0 => Ok(()),
+                1 => Err(failures.into_iter().next().expect("one")),
+                _ => {
+                    let all: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
+                    Err(anyhow::anyhow!("{}", all.join("\nand: ")))
+                }
             }
         }
         Cli::Demo => {
@@ -99,6 +107,7 @@ fn main() -> Result<()> {
             demo()
         }
         Cli::Lint => lint(),
+        Cli::Fuzz { seconds, target } => fuzz::fuzz(seconds, target.as_deref()),
         Cli::Bench {
             quick,
             only,

@@ -6,6 +6,7 @@
 //!   major is read from `rustc +nightly -vV`, `<prefix>/lib` gets symlinks to the sysroot's
 //!   libLLVM (the binary's RUNPATH points there), then `cargo install bpf-linker` with
 //!   `LLVM_PREFIX=<prefix>`. A stamp file records which LLVM the installed linker was built for.
+//! * `cargo-fuzz` (`cargo xtask fuzz`, and the fuzzing in `cargo xtask test`), from crates.io.
 //! * bpffs mounted on /sys/fs/bpf.
 
 use std::{
@@ -58,6 +59,7 @@ pub fn setup() -> Result<()> {
     install_packages()?;
     install_rust_src()?;
     install_bpf_linker()?;
+    install_cargo_fuzz()?;
     mount_bpffs()?;
     println!("setup: done");
     Ok(())
@@ -194,6 +196,30 @@ fn install_bpf_linker() -> Result<()> {
     run(Command::new(&linker).arg("--version")).context("bpf-linker does not run on its own")?;
     fs::write(&stamp, wanted_stamp)?;
     Ok(())
+}
+
+/// Pinned: a newer cargo-fuzz may need a newer rustc than the stable toolchain here (1.95
+/// builds this one).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn install_cargo_fuzz() -> Result<()> {
+    let installed =
+        output(Command::new(cargo_home().join("bin/cargo-fuzz")).args(["fuzz", "--version"]))
+            .unwrap_or_default();
+    if installed.split_whitespace().nth(1) == Some(CARGO_FUZZ_VERSION) {
+        println!("setup: cargo-fuzz {CARGO_FUZZ_VERSION} present");
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    run(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
+        "+stable",
+        "install",
+        "--locked",
+        "--force",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 fn mount_bpffs() -> Result<()> {

@@ -193,12 +193,13 @@ impl RingConsumer {
             let Some((_, index)) = next else { break };
             let (_, range) = self.staged[index].pop_front().expect("head seen above");
             let (header, frame) = parse_record(&self.arena[range]).expect("checked when staged");
-            sink.packet(&CapturedPacket {
+            let packet = CapturedPacket {
                 header,
                 frame,
                 wall: self.clock.to_wall(header.ts_ns),
                 ring: index,
-            });
+            };
+            crate::contain::contain("captured packet", || sink.packet(&packet));
             n += 1;
         }
         n
@@ -348,7 +349,7 @@ async fn wait_for_room(room: Option<&tokio::sync::Notify>, tick: Duration) {
 pub const EVENT_GRACE: Duration = Duration::from_millis(2);
 
 /// Splits a ring record into its header and frame bytes.
-fn parse_record(bytes: &[u8]) -> Option<(RecordHeader, &[u8])> {
+pub(crate) fn parse_record(bytes: &[u8]) -> Option<(RecordHeader, &[u8])> {
     let head = bytes.get(..RECORD_HEADER_LEN)?;
     // SAFETY: `head` has exactly size_of::<RecordHeader>() bytes, RecordHeader is plain old
     // data, and read_unaligned copes with any alignment.

@@ -69,7 +69,7 @@ fn profiles(c: &SdesCrypto) -> Option<(ProtectionProfile, ProtectionProfile)> {
     Some((rtp, rtcp))
 }
 
-fn config(c: &SdesCrypto) -> Result<Option<StreamConfig>, SrtpFail> {
+pub(crate) fn config(c: &SdesCrypto) -> Result<Option<StreamConfig>, SrtpFail> {
     let Some((rtp, rtcp)) = profiles(c) else {
         return Ok(None);
     };

@@ -566,3 +566,31 @@ fn session_whose_dialog_cannot_be_rebuilt_is_ended_and_unpinned() {
     assert_eq!(rec.flow_locals().len(), 4);
     assert_eq!(ep.dialog_count(), 1);
 }
+
+/// The whole file a daemon leaves (two live sessions, one with a session timer) reads back
+/// through [`crate::handover::Handover::from_json`]. With `RECORDER_FUZZ_SEEDS=<dir>` the file
+/// is also written there: the seed of the `handover_file` fuzz target.
+#[test]
+fn handover_file_with_live_sessions_reads_back() {
+    let mut h = Harness::new(config());
+    let (_, first) = h.establish(spec_invite());
+    let (_, second) = h.establish(timed_invite("rs-timed@10.20.0.10", &[31000, 31002]));
+    let sessions = h.rec.handover(h.now, &mut h.ep);
+    let dir = crate::writer::tests::TempDir::new("handover-seed");
+    let (writer, _sink) =
+        crate::writer::start(crate::writer::WriterConfig::new(dir.path().to_path_buf())).unwrap();
+    let file = crate::handover::Handover::new(sessions, writer.handover().unwrap(), false);
+    let json = serde_json::to_vec_pretty(&file).unwrap();
+    let back = crate::handover::Handover::from_json(&json).unwrap();
+    assert_eq!(back.recorder.recording_ids().len(), 2);
+    let ids = back.recorder.recording_ids();
+    assert!(ids.contains(&first) && ids.contains(&second), "{ids:?}");
+    if let Some(seeds) = std::env::var_os("RECORDER_FUZZ_SEEDS") {
+        std::fs::create_dir_all(&seeds).unwrap();
+        std::fs::write(
+            std::path::Path::new(&seeds).join("two-live-sessions.json"),
+            &json,
+        )
+        .unwrap();
+    }
+}

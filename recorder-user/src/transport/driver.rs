@@ -26,7 +26,10 @@ use super::{
     },
     tcp, tls, udp, TransportError,
 };
-use crate::sip::{Endpoint, Incoming, SipEvent, Transmit, Transport};
+use crate::{
+    contain::contain,
+    sip::{Endpoint, Incoming, SipEvent, Transmit, Transport},
+};
 
 /// The application driven with the endpoint (the SIPREC session layer, or a test app).
 pub trait SipApp {
@@ -254,17 +257,19 @@ impl<A: SipApp> Driver<A> {
                 input = priority.recv() => {
                     // The driver holds a sender itself, so the channel never closes.
                     let Some(input) = input else { return Ok(()) };
-                    self.handle_input(input);
+                    contain("SIP input", || self.handle_input(input));
                 }
                 cmd = command => match cmd {
-                    Some(cmd) => cmd(&mut self.app, &mut self.endpoint, now()),
+                    Some(cmd) => {
+                        contain("driver command", || cmd(&mut self.app, &mut self.endpoint, now()));
+                    }
                     // The command sender is gone: keep serving SIP without commands.
                     None => commands = None,
                 },
                 _ = sleep => {
                     let now = now();
-                    self.endpoint.handle_timeout(now);
-                    self.app.handle_timeout(now, &mut self.endpoint);
+                    contain("SIP timers", || self.endpoint.handle_timeout(now));
+                    contain("session timers", || self.app.handle_timeout(now, &mut self.endpoint));
                 }
                 input = new_requests.recv() => {
                     let Some(input) = input else { return Ok(()) };
@@ -295,7 +300,10 @@ impl<A: SipApp> Driver<A> {
             let mut progressed = false;
             while let Some(event) = self.endpoint.poll_event() {
                 progressed = true;
-                self.app.handle_event(now(), event, &mut self.endpoint);
+                // One event is one request or timer of one call.
+                contain("SIP event", || {
+                    self.app.handle_event(now(), event, &mut self.endpoint)
+                });
             }
             while let Some(transmit) = self.endpoint.poll_transmit() {
                 progressed = true;

@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{
     capture::CapturedPacket,
+    contain::contain,
     events::{EndReason, SessionEvent},
     writer::encode::rtp::SsrcStats,
 };
@@ -166,7 +167,7 @@ impl Shard {
                 let started = Instant::now();
                 let mut tally = Tally::default();
                 for p in batch.iter() {
-                    self.packet(&p, &mut tally);
+                    contain("writer packet", || self.packet(&p, &mut tally));
                 }
                 self.queue.done(batch.len());
                 self.shared
@@ -184,7 +185,9 @@ impl Shard {
                 }
                 self.shared.recycle(batch);
             }
-            Msg::Event(ev) => self.event(*ev),
+            Msg::Event(ev) => {
+                contain("writer event", || self.event(*ev));
+            }
             Msg::Linked(l) => {
                 self.awaiting_link.remove(&l.id);
                 if let Some((mut rec, at, reason, detail, drops)) =
