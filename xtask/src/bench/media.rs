@@ -767,24 +767,7 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
 
     // 1. The calls.
     let stat_csv = dir.join(format!("sipp-{n}.csv"));
-    let args: Vec<String> = [
-        "-r".to_string(),
-        plan.ramp_rate.to_string(),
-        "-m".into(),
-        n.to_string(),
-        "-l".into(),
-        n.to_string(),
-        "-d".into(),
-        (u64::from(hold_s) * 1000).to_string(),
-        "-recv_timeout".into(),
-        "10000".into(),
-        // Paused for the traffic: no watchdog trips (a major one per pause, 10 end the test).
-        "-watchdog_major_threshold".into(),
-        "3600000".into(),
-        "-watchdog_minor_threshold".into(),
-        "3600000".into(),
-    ]
-    .into();
+    let args = hold_args(plan.ramp_rate, n, hold_s);
     let t_calls = Instant::now();
     let mut sipp = Sipp::start(dir, &stat_csv, &args, commands)?;
     let mut last_change = Instant::now();
@@ -1222,6 +1205,28 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
         "daemon_log_first_warnings": log.first,
         "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
     }))
+}
+
+/// SIPp's arguments for `n` calls set up at `ramp_rate` per second and held `hold_s` seconds.
+fn hold_args(ramp_rate: u32, n: u32, hold_s: u32) -> Vec<String> {
+    [
+        "-r".to_string(),
+        ramp_rate.to_string(),
+        "-m".into(),
+        n.to_string(),
+        "-l".into(),
+        n.to_string(),
+        "-d".into(),
+        (u64::from(hold_s) * 1000).to_string(),
+        "-recv_timeout".into(),
+        "10000".into(),
+        // Paused for the traffic: no watchdog trips (a major one per pause, 10 end the test).
+        "-watchdog_major_threshold".into(),
+        "3600000".into(),
+        "-watchdog_minor_threshold".into(),
+        "3600000".into(),
+    ]
+    .into()
 }
 
 /// The media rows of report.md.

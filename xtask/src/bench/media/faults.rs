@@ -211,23 +211,7 @@ fn run_case(
 
     // 1. The calls, held, SIPp paused.
     let stat_csv = dir.join(format!("sipp-{tag}.csv"));
-    let args: Vec<String> = [
-        "-r".to_string(),
-        RAMP_RATE.to_string(),
-        "-m".into(),
-        n.to_string(),
-        "-l".into(),
-        n.to_string(),
-        "-d".into(),
-        (u64::from(hold_s) * 1000).to_string(),
-        "-recv_timeout".into(),
-        "10000".into(),
-        "-watchdog_major_threshold".into(),
-        "3600000".into(),
-        "-watchdog_minor_threshold".into(),
-        "3600000".into(),
-    ]
-    .into();
+    let args = super::hold_args(RAMP_RATE, n, hold_s);
     let t_calls = Instant::now();
     let mut sipp = Sipp::start(dir, &stat_csv, &args, commands)?;
     let mut last_change = Instant::now();
