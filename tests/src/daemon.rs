@@ -289,3 +289,33 @@ pub fn tshark_count(pcap: &Path, filter: Option<&str>) -> usize {
     );
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
+
+/// Runs `recorder <args> --socket <control>` and returns its output.
+pub fn cli(control: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(recorder_bin())
+        .args(args)
+        .arg("--socket")
+        .arg(control)
+        .output()
+        .expect("run the recorder CLI")
+}
+
+/// Text output of a command that must succeed.
+pub fn cli_text(control: &Path, args: &[&str]) -> String {
+    let out = cli(control, args);
+    assert!(
+        out.status.success(),
+        "recorder {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
+/// JSON output (`--json`) of a command that must succeed.
+pub fn cli_json(control: &Path, args: &[&str]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let text = cli_text(control, &args);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("recorder {args:?}: {e}: {text}"))
+}

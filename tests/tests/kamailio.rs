@@ -14,14 +14,14 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tests::{
-    daemon::{read_json, recorder_bin, scratch_dir, tshark_count, Daemon, DaemonOptions},
+    daemon::{cli_json, cli_text, read_json, scratch_dir, tshark_count, Daemon, DaemonOptions},
     kamailio::Kamailio,
     net::Star,
     postgres::Postgres,
@@ -38,34 +38,6 @@ const FR_TIMER_MS: u32 = 3000;
 
 fn host_name(i: usize) -> String {
     format!("host-{i}")
-}
-
-/// Runs `recorder <args> --socket <control>`.
-fn cli(control: &Path, args: &[&str]) -> Output {
-    Command::new(recorder_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(control)
-        .output()
-        .expect("run the recorder CLI")
-}
-
-fn cli_text(control: &Path, args: &[&str]) -> String {
-    let out = cli(control, args);
-    assert!(
-        out.status.success(),
-        "recorder {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
-
-fn cli_json(control: &Path, args: &[&str]) -> Value {
-    let mut args = args.to_vec();
-    args.push("--json");
-    let text = cli_text(control, &args);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("recorder {args:?}: {e}: {text}"))
 }
 
 /// SIPp's final counts.

@@ -5,49 +5,21 @@
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tests::{
     client::{metadata_xml, offer_sdp, siprec_body, MetaParticipant, OfferedStream, SipClient},
-    daemon::{recorder_bin, scratch_dir, tshark_count, Daemon, DaemonOptions},
+    daemon::{
+        cli, cli_json, cli_text, recorder_bin, scratch_dir, tshark_count, Daemon, DaemonOptions,
+    },
     net::VethPair,
     rtp::RtpStream,
 };
 
 const UUID: &str = "OPS0CALL0UUID0000000000000000001";
-
-/// Runs `recorder <args> --socket <control>` and returns its output.
-fn cli(control: &Path, args: &[&str]) -> Output {
-    Command::new(recorder_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(control)
-        .output()
-        .expect("run the recorder CLI")
-}
-
-/// Text output of a command that must succeed.
-fn cli_text(control: &Path, args: &[&str]) -> String {
-    let out = cli(control, args);
-    assert!(
-        out.status.success(),
-        "recorder {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
-
-/// JSON output (`--json`) of a command that must succeed.
-fn cli_json(control: &Path, args: &[&str]) -> Value {
-    let mut args = args.to_vec();
-    args.push("--json");
-    let text = cli_text(control, &args);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("recorder {args:?}: {e}: {text}"))
-}
 
 fn participants() -> Vec<MetaParticipant> {
     vec![
