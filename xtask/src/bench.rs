@@ -1767,3 +1767,11 @@ fn chart(path: &Path, samples: &HashMap<Contender, Vec<Sample>>, flows: &[u32]) 
     root.present()?;
     Ok(())
 }
+
+/// Free bytes on the file system holding `dir`.
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail * st.f_frsize)
+}

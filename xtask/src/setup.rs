@@ -41,6 +41,8 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "procps",
     "util-linux",
+    // The bench's spool: a dedicated ext4 filesystem (mkfs.ext4 on a loop device).
+    "e2fsprogs",
     // A real PostgreSQL server for the shared-index tests (initdb + pg_ctl in a temp dir).
     "postgresql",
     // The console test's browser (headless), driven over WebDriver so the test waits for the

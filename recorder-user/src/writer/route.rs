@@ -64,18 +64,48 @@ impl PacketBatch {
         self.bytes.clear();
     }
 
+    /// The flow ids of the packets, in order.
+    pub(crate) fn flow_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.packets.iter().map(|(h, _, _)| h.flow_id)
+    }
+
+    /// Packet `i` (`i < len()`).
+    pub(crate) fn get(&self, i: usize) -> CapturedPacket<'_> {
+        let (header, wall, end) = self.packets[i];
+        let start = if i == 0 { 0 } else { self.packets[i - 1].2 };
+        CapturedPacket {
+            header,
+            frame: &self.bytes[start..end],
+            wall,
+            ring: 0,
+        }
+    }
+
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = CapturedPacket<'_>> {
-        let mut start = 0;
-        self.packets.iter().map(move |(header, wall, end)| {
-            let frame = &self.bytes[start..*end];
-            start = *end;
-            CapturedPacket {
-                header: *header,
-                frame,
-                wall: *wall,
-                ring: 0,
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    /// Asks the CPU to bring packet `i`'s bytes into the cache (a hint; `i < len()`).
+    pub(crate) fn prefetch(&self, i: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let start = if i == 0 { 0 } else { self.packets[i - 1].2 };
+            let end = self.packets[i].2;
+            let mut at = start;
+            while at < end {
+                // SAFETY: a prefetch is only a hint; the address is inside `bytes`.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch(
+                        self.bytes.as_ptr().add(at) as *const i8,
+                        std::arch::x86_64::_MM_HINT_T0,
+                    )
+                };
+                at += 64;
             }
-        })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = i;
     }
 }
 

@@ -39,7 +39,7 @@ use serde_json::{json, Value};
 
 use super::{
     cpu1_busy, napi_cpu, pin_napi, proc_cpu,
-    sip::{Daemon, LogWatch, Sipp, IF_R, IF_S, IP_R, IP_S, NS_R, NS_S},
+    sip::{Daemon, LogWatch, Sipp, SpoolFs, IF_R, IF_S, IP_R, IP_S, NS_R, NS_S, SPOOL_NOTE},
     stat, threaded_napi, Receiver, Select, VethNamespaces,
 };
 use crate::workspace_root;
@@ -150,6 +150,7 @@ pub fn run(plan: &MediaPlan, out_dir: &Path, commands: &mut Vec<String>) -> Resu
     let dir = out_dir.join("media");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    let spool_fs = SpoolFs::mount(&dir.join("spool"))?;
     let _net = VethNamespaces::create(
         [NS_S, NS_R],
         [IF_S, IF_R],
@@ -175,8 +176,8 @@ pub fn run(plan: &MediaPlan, out_dir: &Path, commands: &mut Vec<String>) -> Resu
             break;
         }
     }
-    if std::env::var_os("BENCH_MEDIA_KEEP").is_none() {
-        let _ = std::fs::remove_dir_all(dir.join("spool"));
+    if std::env::var_os("BENCH_MEDIA_KEEP").is_some() {
+        spool_fs.keep();
     }
     Ok(json!({
         "zero_loss_calls": zero_loss,
@@ -187,6 +188,7 @@ pub fn run(plan: &MediaPlan, out_dir: &Path, commands: &mut Vec<String>) -> Resu
         "elapsed_s": started.elapsed().as_secs_f64(),
         "notes": [
             "SIPp, trafgen and tcpdump on CPU 0; the daemon and bsr0's threaded NAPI on CPU 1, on a 2-core machine shared with other builds: figures are noisy.",
+            SPOOL_NOTE,
             "RTP: 214-byte frames (PCMU, 160 payload bytes), 50 packets/s per stream, sequence +1, timestamp +160 and one SSRC (0x5eed0000 + port) per stream. One trafgen template per process; the UDP and RTP headers are written through a second ipv4() header (trafgen has no RTP header and applies counters to header fields only; see xtask/src/bench/media.rs).",
             "Pacing: each port block is sent by 50 trafgen processes (-b <streams>pps: one packet per stream per second, sent at once), started 20 ms apart, the blocks staggered; every stream gets a packet every 20 ms.",
             "Loss = packets trafgen sent to answered ports that are not in the recordings' pcaps (per stream, by RTP sequence number); a trafgen process that overran its nominal time by more than 1 s fails the run (veth pushes back on the sender instead of dropping).",
@@ -696,14 +698,6 @@ fn answered_sent(sent: &[Sent], blocks: &[Block], secs: u32) -> u64 {
     all.saturating_sub(filler)
 }
 
-/// Free bytes on the file system holding `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0).then(|| st.f_bavail * st.f_frsize)
-}
-
 /// A delta of two JSON counter objects (`after - before`, per key).
 fn delta(before: &Value, after: &Value) -> Value {
     let Some(a) = after.as_object() else {
@@ -733,7 +727,7 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
         + 4 * 8000 * u64::from(hold_s + ramp_s)
         + 64 * 1024;
     let need = u64::from(n) * per_call * 2 + (5 << 30);
-    if let Some(free) = free_bytes(dir) {
+    if let Some(free) = super::free_bytes(dir) {
         if free < need {
             bail!(
                 "not enough disk: {} calls need about {} GB (recordings + tcpdump + 5 GB), {} GB free",
@@ -831,7 +825,8 @@ fn run_calls(plan: &MediaPlan, n: u32, dir: &Path, commands: &mut Vec<String>) -
     let tg_dir = dir.join(format!("trafgen-{n}"));
     let _ = std::fs::remove_dir_all(&tg_dir);
     std::fs::create_dir_all(&tg_dir)?;
-    let td_pcap = dir.join(format!("tcpdump-{n}.pcap"));
+    // On the spool's filesystem: the same disk conditions as the daemon's files.
+    let td_pcap = dir.join("spool").join(format!("tcpdump-{n}.pcap"));
     let td_argv: Vec<String> = [
         "taskset", "-c", "0", "tcpdump", "-i", IF_R, "-n", "-s", "0", "-B", "16384", "-w",
     ]

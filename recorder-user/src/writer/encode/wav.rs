@@ -143,13 +143,14 @@ impl WavWriter {
         if self.window.len() < end * ch {
             self.window.resize(end * ch, 0);
         }
-        let at = first * ch + channel as usize;
-        for (slot, s) in self.window[at..]
-            .iter_mut()
-            .step_by(ch)
-            .zip(samples.skip(skip as usize).take(n))
+        // Frame by frame (a strided iterator over the whole window did not compile to a
+        // plain loop: the costliest line of the packet stage).
+        let channel = channel as usize;
+        for (frame, s) in self.window[first * ch..end * ch]
+            .chunks_exact_mut(ch)
+            .zip(samples.skip(skip as usize))
         {
-            *slot = s;
+            frame[channel] = s;
         }
         self.frames = self.frames.max(start + n as u64);
         n

@@ -85,6 +85,7 @@ pub fn run(plan: &FaultPlan, out_dir: &Path, commands: &mut Vec<String>) -> Resu
     let dir = out_dir.join("faults");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    let spool_fs = crate::bench::sip::SpoolFs::mount(&dir.join("spool"))?;
     let _net = crate::bench::VethNamespaces::create(
         [NS_S, NS_R],
         [super::IF_S, IF_R],
@@ -107,8 +108,8 @@ pub fn run(plan: &FaultPlan, out_dir: &Path, commands: &mut Vec<String>) -> Resu
         );
         cases.push(r);
     }
-    if std::env::var_os("BENCH_MEDIA_KEEP").is_none() {
-        let _ = std::fs::remove_dir_all(dir.join("spool"));
+    if std::env::var_os("BENCH_MEDIA_KEEP").is_some() {
+        spool_fs.keep();
     }
     Ok(json!({
         "calls": plan.calls,
@@ -118,6 +119,7 @@ pub fn run(plan: &FaultPlan, out_dir: &Path, commands: &mut Vec<String>) -> Resu
         "elapsed_s": started.elapsed().as_secs_f64(),
         "notes": [
             "Same set-up as the media part: SIPp, trafgen on CPU 0; the daemon and bsr0's threaded NAPI on CPU 1, on a 2-core machine shared with other work.",
+            crate::bench::sip::SPOOL_NOTE,
             "Files invalid: a pcap that capinfos (Wireshark's reader) cannot read, or a WAV that soxi cannot read or whose sample count differs from metadata.json's.",
             "kill9: packets expected up to the kill = 50 per stream per second of traffic before it; a kill -9 loses at most the last flush_interval (2 s) of each recording.",
         ],
