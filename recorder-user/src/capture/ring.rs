@@ -73,6 +73,11 @@ pub struct RingConsumer {
     /// Since when the sink has had no room (None: it has).
     stalled_since: Option<std::time::Instant>,
     shared: std::sync::Arc<StallStats>,
+    /// The ring that held the most records at the last merge (read last, straight into the
+    /// sink when the others are empty).
+    busiest: usize,
+    /// The sink ran out of room while records were read straight from a ring: some wait there.
+    left_in_ring: bool,
 }
 
 impl RingConsumer {
@@ -96,6 +101,8 @@ impl RingConsumer {
             stats: ConsumerStats::default(),
             stalled_since: None,
             shared: Default::default(),
+            busiest: 0,
+            left_in_ring: false,
         })
     }
 
@@ -111,18 +118,19 @@ impl RingConsumer {
     /// packets can arrive on several CPUs (veth runs XDP on the sender's CPU; a NIC may change
     /// queues). Handing the rings on one after the other would then reorder a flow, badly so
     /// after a restart, when the rings hold seconds of traffic. So the records are copied out
-    /// (one memcpy: the sink copies them anyway) and merged by timestamp, which is monotonic
-    /// within each ring.
+    /// and merged by timestamp, which is monotonic within each ring; when only one ring holds
+    /// records (one receive CPU, or RSS keeping every flow on its queue), they go to the sink
+    /// straight from it, with nothing to merge.
     ///
     /// Records the sink has no room for stay staged, and the rings are read again only once
     /// everything staged was handed on ([`Self::backlogged`] says whether some wait).
     pub fn drain(&mut self, sink: &mut dyn PacketSink) -> usize {
         self.stats.wakeups += 1;
         let mut n = self.deliver(sink);
-        if !self.backlogged() {
+        if self.staged.iter().all(VecDeque::is_empty) {
+            self.left_in_ring = false;
             self.arena.clear();
-            self.read_rings();
-            n += self.deliver(sink);
+            n += self.read_rings(sink);
         }
         self.stats.records += n as u64;
         if n > 0 || self.backlogged() {
@@ -156,27 +164,87 @@ impl RingConsumer {
 
     /// Records staged that the sink had no room for yet.
     pub fn backlogged(&self) -> bool {
-        self.staged.iter().any(|q| !q.is_empty())
+        self.left_in_ring || self.staged.iter().any(|q| !q.is_empty())
     }
 
-    /// Copies every ring's records into the arena (staged per ring, oldest first).
-    fn read_rings(&mut self) {
-        for (index, ring) in self.rings.iter_mut().enumerate() {
-            let staged = &mut self.staged[index];
-            while let Some(item) = ring.next() {
-                match parse_record(&item) {
-                    Some((header, _)) => {
-                        let start = self.arena.len();
-                        self.arena.extend_from_slice(&item);
-                        staged.push_back((header.ts_ns, start..self.arena.len()));
-                    }
-                    None => {
-                        self.stats.malformed += 1;
-                        warn!(ring = index, len = item.len(), "malformed ring record");
-                    }
+    /// Takes the rings' records: every ring but the busiest one is copied into the arena
+    /// (staged, oldest first). When none of them held any, the busiest ring's records go to
+    /// the sink straight from the ring while it has room (no copy, nothing to merge; the rest
+    /// wait in the ring); otherwise that ring is staged too and everything is merged.
+    /// Returns the records handed to the sink.
+    fn read_rings(&mut self, sink: &mut dyn PacketSink) -> usize {
+        let busiest = self.busiest;
+        let mut counts = vec![0usize; self.rings.len()];
+        for index in (0..self.rings.len()).filter(|&i| i != busiest) {
+            counts[index] = self.stage(index);
+        }
+        if counts.iter().all(|&c| c == 0) {
+            let n = self.stream(busiest, sink);
+            if n > 0 || self.left_in_ring {
+                return n;
+            }
+        } else {
+            counts[busiest] = self.stage(busiest);
+        }
+        if let Some((index, _)) = counts.iter().enumerate().max_by_key(|(_, c)| **c) {
+            if counts[index] > 0 {
+                self.busiest = index;
+            }
+        }
+        self.deliver(sink)
+    }
+
+    /// Copies ring `index`'s records into the arena; returns how many.
+    fn stage(&mut self, index: usize) -> usize {
+        let mut n = 0;
+        let staged = &mut self.staged[index];
+        while let Some(item) = self.rings[index].next() {
+            match parse_record(&item) {
+                Some((header, _)) => {
+                    let start = self.arena.len();
+                    self.arena.extend_from_slice(&item);
+                    staged.push_back((header.ts_ns, start..self.arena.len()));
+                    n += 1;
+                }
+                None => {
+                    self.stats.malformed += 1;
+                    warn!(ring = index, len = item.len(), "malformed ring record");
                 }
             }
         }
+        n
+    }
+
+    /// Hands ring `index`'s records to the sink straight from the ring while it has room.
+    fn stream(&mut self, index: usize, sink: &mut dyn PacketSink) -> usize {
+        let mut n = 0;
+        let clock = self.clock;
+        loop {
+            if !sink.has_room() {
+                self.left_in_ring = true;
+                break;
+            }
+            let Some(item) = self.rings[index].next() else {
+                break;
+            };
+            match parse_record(&item) {
+                Some((header, frame)) => {
+                    let packet = CapturedPacket {
+                        header,
+                        frame,
+                        wall: clock.to_wall(header.ts_ns),
+                        ring: index,
+                    };
+                    crate::contain::contain("captured packet", || sink.packet(&packet));
+                    n += 1;
+                }
+                None => {
+                    self.stats.malformed += 1;
+                    warn!(ring = index, len = item.len(), "malformed ring record");
+                }
+            }
+        }
+        n
     }
 
     /// Hands staged records to the sink in timestamp order while it has room.
