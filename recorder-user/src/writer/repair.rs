@@ -31,7 +31,7 @@ use super::{
 /// repaired is logged and skipped; the others are still repaired.
 ///
 /// A recording killed before its first `metadata.json` reached the disk (a directory with its
-/// pcap or WAV and no metadata) gets one rebuilt from its files ([`rebuilt_metadata`]) and is
+/// pcap or WAV and no metadata) gets one rebuilt from its files (`rebuilt_metadata`) and is
 /// repaired the same way. Directories with neither file are not recordings: left alone.
 pub fn repair_spool(spool: &Path) -> Result<Vec<String>, WriterError> {
     Ok(repair_spool_except(spool, &[])?
