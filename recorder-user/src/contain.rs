@@ -1,9 +1,11 @@
 //! A panic is a bug, but one call's bug must not end the recordings of the others.
 //!
-//! The SIP driver (every call's signaling), the capture task (every packet) and each writer
-//! shard (a share of every recording) are single tasks or threads serving many calls: a panic
-//! left to unwind out of one would stop all of them. [`contain`] runs one unit of their work
-//! (one message, one event, one packet) and turns a panic into a log line and a count
+//! The SIP driver (every call's signaling), the capture task (every packet), each writer
+//! shard (a share of every recording), its file thread and sync threads, and the index thread
+//! are single tasks or threads serving many calls: a panic left to unwind out of one would stop
+//! all of them (a dead file thread also leaves its shard waiting on back-pressure forever).
+//! [`contain`] runs one unit of their work (one message, one event, one packet, one file job,
+//! ending or index job) and turns a panic into a log line and a count
 //! (`recorder_panics_total`), so the unit is lost and the loop goes on.
 
 use std::{

@@ -468,8 +468,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
 
     let repair_t0 = std::time::Instant::now();
+    let mut repaired_ids = Vec::new();
     match writer::repair_spool_except(&config.spool, &handed_over) {
         Ok(repaired) if !repaired.is_empty() => {
+            repaired_ids = repaired.iter().map(|r| r.id.clone()).collect();
+            let rebuilt: Vec<&str> = repaired
+                .iter()
+                .filter(|r| r.rebuilt)
+                .map(|r| r.id.as_str())
+                .take(20)
+                .collect();
+            if !rebuilt.is_empty() {
+                warn!(
+                    ids = ?rebuilt,
+                    "recordings killed before their first metadata.json: rebuilt it from their files"
+                );
+            }
             let ports: Vec<u16> = repaired
                 .iter()
                 .flat_map(|r| r.local_ports.iter().copied())
@@ -506,6 +520,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     writer_config.queue_packets = config.writer_queue_packets;
     writer_config.pcap_srtp = config.pcap_srtp;
+    // Repaired recordings are indexed whether or not the index had their row.
+    writer_config.reindex = repaired_ids;
     let (writer, sink) = match writer_handover {
         Some(h) => writer::start_resumed(writer_config, h),
         None => writer::start(writer_config),

@@ -30,7 +30,7 @@ pub use dialog::{DialogId, DialogSnapshot, PendingAck};
 pub use endpoint::{
     Endpoint, EndpointConfig, Incoming, Network, SipCounters, SipEvent, Transmit, Transport, TxnId,
 };
-pub use framing::{frame, FramingError};
+pub use framing::{frame, Framer, FramingError};
 
 use std::time::Duration;
 

@@ -18,7 +18,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{driver::Input, inlet::Inlet, TransportError};
-use crate::sip::{frame, Incoming, Transport};
+use crate::sip::{Framer, Incoming, Transport};
 
 /// Messages queued per connection before the driver's sends to it are dropped.
 const WRITE_QUEUE: usize = 256;
@@ -184,6 +184,7 @@ where
             return;
         }
         let mut buf = BytesMut::with_capacity(8 * 1024);
+        let mut framer = Framer::default();
         'read: loop {
             let read = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -198,7 +199,7 @@ where
                 }
             }
             loop {
-                match frame(&mut buf) {
+                match framer.frame(&mut buf) {
                     Ok(Some(bytes)) => {
                         let incoming = Incoming {
                             transport,

@@ -175,6 +175,9 @@ pub(crate) enum Job {
     Barrier(mpsc::SyncSender<()>),
     /// Holds the thread until the sender is dropped (tests of back-pressure).
     Hold(mpsc::Receiver<()>),
+    /// Panics while it holds these bytes (tests of panic containment).
+    #[cfg(test)]
+    Panic(Vec<u8>),
 }
 
 impl Job {
@@ -186,6 +189,8 @@ impl Job {
                     + wav.as_ref().map_or(0, |w| w.bytes.len())
             }
             Job::Replace { bytes, .. } => bytes.len(),
+            #[cfg(test)]
+            Job::Panic(bytes) => bytes.len(),
             _ => 0,
         }
     }
@@ -306,53 +311,11 @@ impl FileQueue {
             let mut next = None;
             while let Some(job) = next.take().or_else(|| rx.recv().ok()) {
                 let mut weight = job.weight();
-                if matches!(job, Job::Replace { sync: true, .. }) {
-                    // Group commit: the synced replacements waiting in a row share one sync.
-                    let mut group = vec![job];
-                    while group.len() < GROUP_MAX {
-                        match rx.try_recv() {
-                            Ok(j @ Job::Replace { sync: true, .. }) => {
-                                weight += j.weight();
-                                group.push(j);
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    worker.replace_group(group);
-                } else if matches!(&job, Job::Finish { io, .. } if !io.create_failed()) {
-                    let Job::Finish { id, pcap, wav, .. } = job else {
-                        unreachable!("matched above")
-                    };
-                    let mut ending = {
-                        let mut open = worker.open.lock().unwrap_or_else(|e| e.into_inner());
-                        Ending::new(id.clone(), pcap, wav, &mut open)
-                    };
-                    // An ended recording's Finalize is queued right behind its Finish.
-                    match rx.recv_timeout(FINALIZE_WAIT) {
-                        Ok(Job::Finalize {
-                            dir,
-                            meta,
-                            io,
-                            index,
-                        }) if meta.id.as_str() == &*id && !io.create_failed() => {
-                            ending.finalize = Some(Finalize {
-                                dir,
-                                meta,
-                                io,
-                                index,
-                            });
-                        }
-                        Ok(other) => next = Some(other),
-                        Err(_) => {}
-                    }
-                    worker.endings.hand(ending, &worker.counters);
-                } else {
-                    worker.execute(job);
-                }
+                // A panic loses this job (or group, or ending), not the thread: the bytes it
+                // held are released below all the same, so the shards never wait forever.
+                crate::contain::contain("file job", || {
+                    worker.run_job(job, &rx, &mut next, &mut weight)
+                });
                 if weight > 0 {
                     let mut b = worker
                         .inflight
@@ -366,6 +329,65 @@ impl FileQueue {
             worker.endings.close();
         })?;
         Ok(queue)
+    }
+
+    /// What the file thread does with `job` taken off `rx` (with the jobs it takes along: a
+    /// group of synced replacements, the Finalize behind a Finish); a job taken that does not
+    /// belong goes to `next`, and the weight of the jobs taken along is added to `weight`.
+    fn run_job(
+        &self,
+        job: Job,
+        rx: &mpsc::Receiver<Job>,
+        next: &mut Option<Job>,
+        weight: &mut usize,
+    ) {
+        if matches!(job, Job::Replace { sync: true, .. }) {
+            // Group commit: the synced replacements waiting in a row share one sync.
+            let mut group = vec![job];
+            while group.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(j @ Job::Replace { sync: true, .. }) => {
+                        *weight += j.weight();
+                        group.push(j);
+                    }
+                    Ok(other) => {
+                        *next = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.replace_group(group);
+        } else if matches!(&job, Job::Finish { io, .. } if !io.create_failed()) {
+            let Job::Finish { id, pcap, wav, .. } = job else {
+                unreachable!("matched above")
+            };
+            let mut ending = {
+                let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+                Ending::new(id.clone(), pcap, wav, &mut open)
+            };
+            // An ended recording's Finalize is queued right behind its Finish.
+            match rx.recv_timeout(FINALIZE_WAIT) {
+                Ok(Job::Finalize {
+                    dir,
+                    meta,
+                    io,
+                    index,
+                }) if meta.id.as_str() == &*id && !io.create_failed() => {
+                    ending.finalize = Some(Finalize {
+                        dir,
+                        meta,
+                        io,
+                        index,
+                    });
+                }
+                Ok(other) => *next = Some(other),
+                Err(_) => {}
+            }
+            self.endings.hand(ending, &self.counters);
+        } else {
+            self.execute(job);
+        }
     }
 
     /// A queue that runs every job on the calling thread.
@@ -641,6 +663,8 @@ impl FileQueue {
             Job::Hold(release) => {
                 let _ = release.recv();
             }
+            #[cfg(test)]
+            Job::Panic(bytes) => panic!("test job holding {} bytes", bytes.len()),
         }
     }
 
@@ -723,6 +747,10 @@ impl Ending {
 
     fn run(self, counters: &IoCounters) {
         let id = self.id;
+        #[cfg(test)]
+        if &*id == PANICKING_ENDING {
+            panic!("test ending");
+        }
         if let Some((path, len, header, f)) = self.wav {
             let done = (|| {
                 let f = match f {
@@ -748,6 +776,10 @@ impl Ending {
         }
     }
 }
+
+/// The id of a recording whose ending panics (tests of panic containment).
+#[cfg(test)]
+const PANICKING_ENDING: &str = "test-panicking-ending";
 
 /// Sync threads of one file thread, and how many endings they hold.
 pub(crate) struct Endings {
@@ -787,7 +819,9 @@ impl Endings {
                 .spawn(move || loop {
                     let next = rx.lock().map(|r| r.recv());
                     let Ok(Ok(ending)) = next else { return };
-                    ending.run(&counters);
+                    // A panic loses this ending only; it still counts as done below (else
+                    // every barrier behind it would wait forever).
+                    crate::contain::contain("recording ending", || ending.run(&counters));
                     let Some(this) = this.upgrade() else { return };
                     let mut n = this.pending.lock().unwrap_or_else(|e| e.into_inner());
                     *n -= 1;
@@ -895,6 +929,63 @@ fn write_wav(f: &File, w: &WavChunk, floor: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job that panics on the file thread, and an ending that panics on a sync thread, are
+    /// counted and lost alone: the bytes the job held are released (a shard at the queue
+    /// bound goes on), barriers return, and the next jobs are written.
+    #[test]
+    fn a_panicking_job_or_ending_does_not_stop_the_file_thread() {
+        let dir = crate::writer::tests::TempDir::new("panicjob");
+        let counters = Arc::new(IoCounters::default());
+        let q = FileQueue::spawn("t-panic".into(), 1000, 0, counters.clone()).unwrap();
+        let before = crate::contain::panics();
+        let (done, finished) = mpsc::channel();
+        let (q2, path) = (q.clone(), dir.path().join("after.json"));
+        std::thread::spawn(move || {
+            // The whole bound: the replacement waits until the panicked job's bytes are freed.
+            q2.submit(Job::Panic(vec![0; 1000]));
+            q2.submit(Job::Replace {
+                path: path.clone(),
+                bytes: b"after the panic".to_vec(),
+                id: Arc::from("r"),
+                sync: true,
+                io: None,
+            });
+            q2.submit(Job::Finish {
+                id: Arc::from(PANICKING_ENDING),
+                io: Arc::default(),
+                pcap: None,
+                wav: None,
+            });
+            // Waits for the endings too: the panicked one must count as done.
+            q2.barrier();
+            q2.submit(Job::Replace {
+                path: path.with_file_name("last.json"),
+                bytes: b"after the ending".to_vec(),
+                id: Arc::from("r"),
+                sync: false,
+                io: None,
+            });
+            q2.barrier();
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the file thread went on after the panics");
+        assert_eq!(
+            std::fs::read(dir.path().join("after.json")).unwrap(),
+            b"after the panic"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("last.json")).unwrap(),
+            b"after the ending"
+        );
+        assert!(
+            crate::contain::panics() >= before + 2,
+            "both panics counted"
+        );
+        assert_eq!(*q.inflight.bytes.lock().unwrap(), 0, "no bytes left held");
+    }
 
     #[test]
     fn synced_replacements_in_a_row_are_committed_together_last_version_wins() {

@@ -29,7 +29,7 @@ use super::{
     retention::{enforce_retention, RetentionPolicy},
     WriterError,
 };
-use crate::index::Index;
+use crate::{contain::contain, index::Index};
 
 /// The answer to a link lookup, sent back to the recording's shard: `(interaction, previous)`
 /// when the recording continues an interaction (always sent, so that a recording that ended
@@ -58,6 +58,9 @@ pub(crate) enum IndexJob {
         reply: mpsc::SyncSender<Result<Vec<String>, WriterError>>,
     },
     Barrier(mpsc::SyncSender<()>),
+    /// Panics on the index thread (tests of panic containment).
+    #[cfg(test)]
+    Panic,
 }
 
 #[derive(Clone)]
@@ -151,11 +154,13 @@ impl Unwritten {
         if self.order.is_empty() {
             return;
         }
+        // Taken out first: a panic writing them loses this batch, not the next ones too.
+        let batch = std::mem::take(self);
         if let Some(ix) = index.as_mut() {
-            let rows: Vec<&RecordingMetadata> = self
+            let rows: Vec<&RecordingMetadata> = batch
                 .order
                 .iter()
-                .filter_map(|id| self.rows.get(id).map(|m| &**m))
+                .filter_map(|id| batch.rows.get(id).map(|m| &**m))
                 .collect();
             if let Err(e) = ix.upsert_many(&rows) {
                 warn!(rows = rows.len(), error = %e, "index batch failed; writing its rows one by one");
@@ -166,9 +171,6 @@ impl Unwritten {
                 }
             }
         }
-        self.order.clear();
-        self.rows.clear();
-        self.by_call_uuid.clear();
     }
 }
 
@@ -217,31 +219,23 @@ fn run(
             }
         }
         for job in ready {
-            match job {
-                IndexJob::Expect(_) | IndexJob::Forget(_) => {}
+            // A panic (a bug, in an index backend say) loses this job, not the index thread.
+            if let IndexJob::Link { mut meta, reply } = job {
+                let link = contain("index link lookup", || {
+                    look_up_link(&mut index, &unwritten, &mut meta, &mut failed)
+                })
+                .flatten();
+                // Always answered: the recording's shard may be holding its ending for it.
+                reply(Linked {
+                    id: meta.id.clone(),
+                    link,
+                });
+                unwritten.put(meta);
+                continue;
+            }
+            contain("index job", || match job {
+                IndexJob::Expect(_) | IndexJob::Forget(_) | IndexJob::Link { .. } => {}
                 IndexJob::Upsert(m) => unwritten.put(m),
-                IndexJob::Link { mut meta, reply } => {
-                    // The earlier recordings count whether written already or in this batch.
-                    let mut link = None;
-                    if let Some(ix) = index.as_mut() {
-                        let batch = unwritten.of_call_uuid(meta.call_uuid.as_deref());
-                        match ix.link_for_with(&meta, batch) {
-                            Ok(Some((interaction, previous))) => {
-                                info!(recording = %meta.id, %interaction, %previous, "continues an interaction");
-                                meta.interaction = Some(interaction.clone());
-                                meta.previous = Some(previous.clone());
-                                link = Some((interaction, previous));
-                            }
-                            Ok(None) => {}
-                            Err(e) => failed("lookup for linking", &meta.id, &e),
-                        }
-                    }
-                    reply(Linked {
-                        id: meta.id.clone(),
-                        link,
-                    });
-                    unwritten.put(meta);
-                }
                 IndexJob::Remove(id) => {
                     unwritten.flush(&mut index, &mut failed);
                     if let Some(ix) = index.as_mut() {
@@ -266,9 +260,67 @@ fn run(
                     unwritten.flush(&mut index, &mut failed);
                     let _ = done.send(());
                 }
-            }
+                #[cfg(test)]
+                IndexJob::Panic => panic!("test index job"),
+            });
         }
-        unwritten.flush(&mut index, &mut failed);
+        contain("index flush", || unwritten.flush(&mut index, &mut failed));
         queued.fetch_sub(drained, Relaxed);
+    }
+}
+
+/// The link of a new recording to the earlier ones of its CallUUID, written into `meta`
+/// (the earlier recordings count whether written already or in this batch).
+fn look_up_link(
+    index: &mut Option<Index>,
+    unwritten: &Unwritten,
+    meta: &mut RecordingMetadata,
+    failed: &mut dyn FnMut(&str, &str, &dyn std::fmt::Display),
+) -> Option<(String, String)> {
+    let ix = index.as_mut()?;
+    let batch = unwritten.of_call_uuid(meta.call_uuid.as_deref());
+    match ix.link_for_with(meta, batch) {
+        Ok(Some((interaction, previous))) => {
+            info!(recording = %meta.id, %interaction, %previous, "continues an interaction");
+            meta.interaction = Some(interaction.clone());
+            meta.previous = Some(previous.clone());
+            Some((interaction, previous))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            failed("lookup for linking", &meta.id, &e);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job that panics on the index thread is counted and lost alone: the thread goes on
+    /// with the jobs behind it (a barrier returns, a retention run answers).
+    #[test]
+    fn a_panicking_index_job_does_not_stop_the_index_thread() {
+        let dir = crate::writer::tests::TempDir::new("panicindex");
+        let q = IndexQueue::spawn(None, dir.path().to_path_buf(), Arc::default()).unwrap();
+        let before = crate::contain::panics();
+        q.send(IndexJob::Panic);
+        q.barrier();
+        q.send(IndexJob::Panic);
+        let (tx, rx) = mpsc::sync_channel(1);
+        q.send(IndexJob::Retention {
+            policy: RetentionPolicy::default(),
+            reply: tx,
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_secs(20)).is_ok(),
+            "the job after the panic was done"
+        );
+        q.barrier();
+        assert!(
+            crate::contain::panics() >= before + 2,
+            "both panics counted"
+        );
     }
 }

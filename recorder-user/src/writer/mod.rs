@@ -165,6 +165,10 @@ pub struct WriterConfig {
     pub media_floor_bytes: u64,
     /// What the pcap holds of SRTP streams (see [`encode::media::PcapSrtp`]).
     pub pcap_srtp: encode::media::PcapSrtp,
+    /// Recordings whose `metadata.json` is (re)read into the index at the start: what
+    /// [`repair_spool_except`] repaired (refreshing the rows left `active` misses those the
+    /// index never got, such as a recording whose metadata repair had to rebuild).
+    pub reindex: Vec<String>,
 }
 
 impl WriterConfig {
@@ -187,6 +191,7 @@ impl WriterConfig {
             host: hostname(),
             media_floor_bytes: 16 * 1024 * 1024,
             pcap_srtp: encode::media::PcapSrtp::Received,
+            reindex: Vec::new(),
         }
     }
 }
@@ -539,6 +544,21 @@ pub fn start_resumed(
     start_inner(config, Some(handover))
 }
 
+/// Upserts the rows of the recordings `ids` from their `metadata.json` (those repaired before
+/// the start); a failure is logged (the recordings stay on disk, a rebuild finds them).
+fn reindex(index: &mut Index, spool: &Path, ids: &[String]) {
+    let metas: Vec<metadata::RecordingMetadata> = ids
+        .iter()
+        .filter_map(|id| metadata::RecordingMetadata::read(&spool.join(id)).ok())
+        .collect();
+    if metas.is_empty() {
+        return;
+    }
+    if let Err(e) = index.upsert_many(&metas.iter().collect::<Vec<_>>()) {
+        tracing::warn!(recordings = metas.len(), error = %e, "cannot index the repaired recordings");
+    }
+}
+
 /// The shard of a recording: a hash of its id.
 fn shard_of(id: &str, shards: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -576,6 +596,7 @@ fn start_inner(
                 index.refill_if_empty()?;
                 // Rows left `active` by the previous run now say what repair_spool made of them.
                 index.refresh_active()?;
+                reindex(&mut index, &config.spool, &config.reindex);
                 Ok::<_, WriterError>(index)
             })
             .join()

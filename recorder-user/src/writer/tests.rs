@@ -1433,6 +1433,65 @@ fn tool_kill_9_then_repair() {
     assert_eq!(m.wav.frames, c[0].len() as u64);
 }
 
+/// A recording killed before its first metadata.json reached the disk: repair rebuilds one
+/// from the pcap and the WAV, marks it interrupted, and the next writer indexes it.
+/// Directories without a pcap or a WAV are not recordings and stay as they are.
+#[test]
+fn repair_rebuilds_metadata_never_written_and_the_writer_indexes_it() {
+    let dir = TempDir::new("nometa");
+    let mut config = indexed_writer_config(dir.path());
+    std::fs::create_dir_all(&config.spool).unwrap();
+    let bytes = abandoned_recording(&config.spool, 50, 0);
+    let rec = config.spool.join("crashed");
+    std::fs::remove_file(rec.join(METADATA_FILE)).unwrap();
+    std::fs::create_dir(config.spool.join("empty")).unwrap();
+    std::fs::create_dir(config.spool.join("other")).unwrap();
+    std::fs::write(config.spool.join("other").join("notes.txt"), b"x").unwrap();
+    // The index exists already and never got the recording's row (a new index is filled from
+    // the spool, which would hide whether the writer indexes what repair rebuilt).
+    drop(crate::index::Index::open(&dir.path().join("index.db"), &config.spool).unwrap());
+
+    let repaired = repair_spool_except(&config.spool, &[]).unwrap();
+    assert_eq!(
+        repaired,
+        vec![Repaired {
+            id: "crashed".into(),
+            local_ports: vec![40000],
+            rebuilt: true,
+        }]
+    );
+    let m = RecordingMetadata::read(&rec).unwrap();
+    assert_eq!(m.id, "crashed");
+    assert_eq!(m.state, RecordingState::Interrupted);
+    assert_eq!(m.end_reason.as_deref(), Some("crash"));
+    assert_eq!(
+        m.started_at,
+        metadata::rfc3339(at_ms(0)),
+        "the first packet"
+    );
+    assert!(m.ended_at.is_some());
+    assert_eq!(m.streams.len(), 1);
+    let s = &m.streams[0];
+    assert_eq!((s.local_port, s.packets, s.bytes), (40000, 50, bytes));
+    assert_eq!((m.wav.sample_rate, m.wav.frames), (8000, 50 * 160));
+    assert!(
+        m.notes.iter().any(|n| n.contains("metadata rebuilt")),
+        "{:?}",
+        m.notes
+    );
+    assert_eq!(tshark_count_bytes(&rec.join(PCAP_FILE)), (50, bytes));
+    for other in ["empty", "other"] {
+        assert!(!config.spool.join(other).join(METADATA_FILE).exists());
+    }
+    assert!(repair_spool_except(&config.spool, &[]).unwrap().is_empty());
+
+    config.reindex = repaired.into_iter().map(|r| r.id).collect();
+    let (h, _sink) = start(config.clone()).unwrap();
+    let mut index = crate::index::Index::open(&dir.path().join("index.db"), &config.spool).unwrap();
+    assert_eq!(index.get("crashed").unwrap().unwrap().state, "interrupted");
+    drop(h);
+}
+
 #[test]
 fn repair_cuts_a_torn_pcap_record() {
     let dir = TempDir::new("torn");

@@ -129,6 +129,106 @@ impl PcapWriter {
     }
 }
 
+/// What a crashed recording's pcap says of its streams, for a `metadata.json` that never
+/// reached the disk: the time of the first record and the UDP packets per destination (local)
+/// port, in the order first seen.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct PcapSummary {
+    pub first: Option<SystemTime>,
+    pub ports: Vec<PortSummary>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct PortSummary {
+    pub port: u16,
+    /// RTP packets (version 2, not an RTCP packet type) and their frame bytes.
+    pub rtp_packets: u64,
+    pub rtp_bytes: u64,
+    /// Payload type of the first RTP packet.
+    pub payload_type: Option<u8>,
+    /// RTCP packets (packet types 200-207).
+    pub rtcp_packets: u64,
+}
+
+/// Reads the whole records of a pcap the recorder wrote (Ethernet, optional VLAN tags, IPv4
+/// or IPv6 without extension headers, UDP); other frames are skipped.
+pub(crate) fn summary(path: &Path) -> io::Result<PcapSummary> {
+    let data = std::fs::read(path)?;
+    let mut out = PcapSummary::default();
+    if data.len() < GLOBAL_HEADER_LEN as usize {
+        return Ok(out);
+    }
+    let magic = u32::from_le_bytes(data[0..4].try_into().unwrap_or_default());
+    if magic != MAGIC_NS && magic != MAGIC_US {
+        return Ok(out);
+    }
+    let mut at = GLOBAL_HEADER_LEN as usize;
+    while let Some(h) = data.get(at..at + RECORD_HEADER_LEN) {
+        let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let (sec, frac, incl, orig) = (word(0), word(4), word(8), word(12));
+        let end = at + RECORD_HEADER_LEN + incl as usize;
+        let sane = sec != 0 && incl != 0 && incl <= SNAPLEN && orig >= incl;
+        if !sane || end > data.len() {
+            break;
+        }
+        if out.first.is_none() {
+            let sub = if magic == MAGIC_NS {
+                frac
+            } else {
+                frac.saturating_mul(1000)
+            };
+            out.first =
+                Some(UNIX_EPOCH + std::time::Duration::new(sec as u64, sub.min(999_999_999)));
+        }
+        let frame = &data[at + RECORD_HEADER_LEN..end];
+        if let Some((port, payload)) = udp_destination(frame) {
+            let i = match out.ports.iter().position(|p| p.port == port) {
+                Some(i) => i,
+                None => {
+                    out.ports.push(PortSummary {
+                        port,
+                        ..Default::default()
+                    });
+                    out.ports.len() - 1
+                }
+            };
+            let p = &mut out.ports[i];
+            match payload {
+                [b0, b1, ..] if b0 >> 6 == 2 && (200..=207).contains(b1) => p.rtcp_packets += 1,
+                [b0, b1, ..] if b0 >> 6 == 2 => {
+                    p.rtp_packets += 1;
+                    p.rtp_bytes += frame.len() as u64;
+                    p.payload_type.get_or_insert(b1 & 0x7f);
+                }
+                _ => {}
+            }
+        }
+        at = end;
+    }
+    Ok(out)
+}
+
+/// The UDP destination port and payload of an Ethernet frame.
+fn udp_destination(frame: &[u8]) -> Option<(u16, &[u8])> {
+    let be16 = |b: &[u8], i: usize| Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]));
+    let mut at = 12;
+    let mut ethertype = be16(frame, at)?;
+    while ethertype == 0x8100 || ethertype == 0x88a8 {
+        at += 4;
+        ethertype = be16(frame, at)?;
+    }
+    let ip = frame.get(at + 2..)?;
+    let udp = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+            (*ip.get(9)? == 17 && ihl >= 20).then(|| ip.get(ihl..))??
+        }
+        0x86dd => (*ip.get(6)? == 17).then(|| ip.get(40..))??,
+        _ => return None,
+    };
+    Some((be16(udp, 2)?, udp.get(8..)?))
+}
+
 /// What [`repair`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct PcapRepair {

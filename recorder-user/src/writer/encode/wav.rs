@@ -225,7 +225,7 @@ impl WavWriter {
     }
 }
 
-fn header(channels: u16, rate: u32, data_len: u32) -> [u8; HEADER_LEN as usize] {
+pub(crate) fn header(channels: u16, rate: u32, data_len: u32) -> [u8; HEADER_LEN as usize] {
     let block_align = channels * BYTES_PER_SAMPLE as u16;
     let mut h = [0u8; HEADER_LEN as usize];
     h[0..4].copy_from_slice(b"RIFF");
