@@ -679,6 +679,15 @@ impl FileQueue {
     }
 }
 
+/// The failure counts of a recording's last chunks, in its final metadata.
+fn final_counts(meta: &mut RecordingMetadata, io: &RecordingIo) {
+    apply_failures(meta, io);
+    if meta.dropped.pcap_write_failed + meta.dropped.wav_write_failed > 0 {
+        meta.notes
+            .push("some media was not written (disk full or write error)".to_string());
+    }
+}
+
 /// Writes the final `metadata.json` of an ended recording with the failure counts of its last
 /// chunks, then sends its index row.
 fn finalize(
@@ -688,11 +697,7 @@ fn finalize(
     index: Option<IndexQueue>,
     counters: &IoCounters,
 ) {
-    apply_failures(&mut meta, io);
-    if meta.dropped.pcap_write_failed + meta.dropped.wav_write_failed > 0 {
-        meta.notes
-            .push("some media was not written (disk full or write error)".to_string());
-    }
+    final_counts(&mut meta, io);
     if let Err(e) = meta.write(&dir) {
         counters.metadata_write_failed.fetch_add(1, Relaxed);
         warn!(recording = %meta.id, error = %e, "cannot write metadata.json");
@@ -704,7 +709,7 @@ fn finalize(
 
 /// The last file work of a recording ([`Job::Finish`], and the [`Job::Finalize`] queued right
 /// behind it): the WAV cut to its length with its final header, both files synced, then the
-/// final `metadata.json` and the index row. It waits on the disk (three fsyncs), so the file
+/// final `metadata.json` and the index row. It waits on the disk (fsyncs), so the file
 /// thread hands it to its sync threads ([`Endings`]): hundreds of calls ending per second then
 /// have their fsyncs in flight together, sharing journal commits, while the file thread goes
 /// on writing the live recordings' media.
@@ -777,6 +782,118 @@ impl Ending {
     }
 }
 
+/// Endings taken together by a sync thread at most.
+const ENDING_BATCH: usize = 512;
+
+/// Runs endings together, in three passes: every WAV cut with its final header and every
+/// final `metadata.json` written to its temporary file; then every file synced; then every
+/// rename and index row. On a journaled filesystem the first fsync commits the changes of the
+/// whole batch and the others find them committed: one journal commit and disk flush per
+/// batch instead of three per recording (at 800 calls/s the fsyncs one ending at a time left
+/// the last files 2-3 minutes behind the last BYE). A recording's metadata still says
+/// `complete` only once its media is on disk.
+fn run_endings(batch: Vec<Ending>, counters: &IoCounters) {
+    if batch.len() == 1 {
+        return batch.into_iter().for_each(|e| e.run(counters));
+    }
+    struct Staged {
+        id: Arc<str>,
+        files: Vec<(&'static str, File)>,
+        metadata: Option<(File, PathBuf, PathBuf, Box<RecordingMetadata>, Option<IndexQueue>)>,
+    }
+    let mut staged = Vec::with_capacity(batch.len());
+    for ending in batch {
+        let id = ending.id.clone();
+        #[cfg(test)]
+        if &*id == PANICKING_ENDING {
+            panic!("test ending");
+        }
+        let mut files = Vec::with_capacity(2);
+        if let Some((path, len, header, f)) = ending.wav {
+            let cut = (|| {
+                let f = match f {
+                    Some(f) => f,
+                    None => OpenOptions::new().write(true).open(&path)?,
+                };
+                f.set_len(len)?;
+                f.write_all_at(&header, 0)?;
+                Ok::<_, io::Error>(f)
+            })();
+            match cut {
+                Ok(f) => files.push(("wav", f)),
+                Err(e) => warn!(recording = %id, error = %e, "cannot finish wav"),
+            }
+        }
+        if let Some((path, f)) = ending.pcap {
+            match f.map_or_else(|| File::open(&path), Ok) {
+                Ok(f) => files.push(("pcap", f)),
+                Err(e) => warn!(recording = %id, error = %e, "cannot finish pcap"),
+            }
+        }
+        let metadata = ending.finalize.and_then(|f| {
+            let Finalize {
+                dir,
+                mut meta,
+                io,
+                index,
+            } = f;
+            final_counts(&mut meta, &io);
+            let path = dir.join(super::metadata::METADATA_FILE);
+            let tmp = super::metadata::temp_path(&path);
+            let written = serde_json::to_vec_pretty(&meta)
+                .map_err(io::Error::other)
+                .and_then(|bytes| {
+                    let mut f = File::create(&tmp)?;
+                    f.write_all(&bytes)?;
+                    Ok(f)
+                });
+            match written {
+                Ok(file) => Some((file, tmp, path, meta, index)),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    counters.metadata_write_failed.fetch_add(1, Relaxed);
+                    warn!(recording = %meta.id, error = %e, "cannot write metadata.json");
+                    // The index still learns how the recording ended.
+                    if let Some(index) = index {
+                        index.send(IndexJob::Upsert(meta));
+                    }
+                    None
+                }
+            }
+        });
+        staged.push(Staged {
+            id,
+            files,
+            metadata,
+        });
+    }
+    for s in &staged {
+        for (what, f) in &s.files {
+            if let Err(e) = f.sync_all() {
+                warn!(recording = %s.id, error = %e, "cannot finish {what}");
+            }
+        }
+        if let Some((f, tmp, ..)) = &s.metadata {
+            if let Err(e) = f.sync_all() {
+                warn!(path = %tmp.display(), error = %e, "fsync failed; file replaced anyway");
+            }
+        }
+    }
+    for s in staged {
+        let Some((_, tmp, path, meta, index)) = s.metadata else {
+            continue;
+        };
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            counters.metadata_write_failed.fetch_add(1, Relaxed);
+            warn!(recording = %meta.id, error = %e, "cannot write metadata.json");
+        }
+        if let Some(index) = index {
+            index.send(IndexJob::Upsert(meta));
+        }
+    }
+}
+
 /// The id of a recording whose ending panics (tests of panic containment).
 #[cfg(test)]
 const PANICKING_ENDING: &str = "test-panicking-ending";
@@ -817,14 +934,30 @@ impl Endings {
             std::thread::Builder::new()
                 .name(format!("{name}-sync{i}"))
                 .spawn(move || loop {
-                    let next = rx.lock().map(|r| r.recv());
-                    let Ok(Ok(ending)) = next else { return };
-                    // A panic loses this ending only; it still counts as done below (else
-                    // every barrier behind it would wait forever).
-                    crate::contain::contain("recording ending", || ending.run(&counters));
+                    // Every ending waiting, up to a batch: they share their syncs.
+                    let batch = match rx.lock() {
+                        Ok(r) => {
+                            let Ok(first) = r.recv() else { return };
+                            let mut batch = vec![first];
+                            while batch.len() < ENDING_BATCH {
+                                match r.try_recv() {
+                                    Ok(e) => batch.push(e),
+                                    Err(_) => break,
+                                }
+                            }
+                            batch
+                        }
+                        Err(_) => return,
+                    };
+                    let done = batch.len();
+                    // A panic loses these endings only; they still count as done below (else
+                    // every barrier behind them would wait forever).
+                    crate::contain::contain("recording endings", || {
+                        run_endings(batch, &counters)
+                    });
                     let Some(this) = this.upgrade() else { return };
                     let mut n = this.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    *n -= 1;
+                    *n -= done;
                     if *n == 0 {
                         this.idle.notify_all();
                     }
@@ -985,6 +1118,52 @@ mod tests {
             "both panics counted"
         );
         assert_eq!(*q.inflight.bytes.lock().unwrap(), 0, "no bytes left held");
+    }
+
+    /// Endings run as one batch: every WAV cut with its header, every final metadata.json in
+    /// place, no temporary file left.
+    #[test]
+    fn endings_in_a_batch_finish_every_recording() {
+        use crate::writer::metadata::{RecordingState, METADATA_FILE};
+        let dir = crate::writer::tests::TempDir::new("endings");
+        let counters = IoCounters::default();
+        let mut batch = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..20 {
+            let spool = dir.path().join(format!("s{i}"));
+            fs::create_dir_all(&spool).unwrap();
+            crate::writer::tests::abandoned_recording(&spool, 10 + i, 0);
+            let rec = spool.join("crashed");
+            let mut meta = RecordingMetadata::read(&rec).unwrap();
+            meta.state = RecordingState::Complete;
+            let wav = rec.join(WAV_FILE);
+            let len = fs::metadata(&wav).unwrap().len() - 2 * (i % 3);
+            let mut header = [0u8; 44];
+            header.copy_from_slice(&fs::read(&wav).unwrap()[..44]);
+            header[40] = i as u8; // marks this ending's header
+            batch.push(Ending {
+                id: Arc::from(format!("r{i}")),
+                wav: Some((wav.clone(), len, header, None)),
+                pcap: Some((rec.join(PCAP_FILE), None)),
+                finalize: Some(Finalize {
+                    dir: rec.clone(),
+                    meta: Box::new(meta),
+                    io: Arc::default(),
+                    index: None,
+                }),
+            });
+            expected.push((rec, wav, len, i as u8));
+        }
+        run_endings(batch, &counters);
+        for (rec, wav, len, mark) in expected {
+            let bytes = fs::read(&wav).unwrap();
+            assert_eq!((bytes.len() as u64, bytes[40]), (len, mark), "{}", wav.display());
+            let meta = RecordingMetadata::read(&rec).unwrap();
+            assert_eq!(meta.state, RecordingState::Complete);
+            let tmp = crate::writer::metadata::temp_path(&rec.join(METADATA_FILE));
+            assert!(!tmp.exists(), "{} left", tmp.display());
+        }
+        assert_eq!(counters.metadata_write_failed.load(Relaxed), 0);
     }
 
     #[test]

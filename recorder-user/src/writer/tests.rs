@@ -1215,7 +1215,7 @@ fn undecodable_streams_are_kept_in_pcap_and_said_so() {
 
 /// Writes a recording and abandons it without finishing, after its buffers reached the files (as
 /// a crash would: WAV header sizes behind the data and `active` metadata left behind).
-fn abandoned_recording(spool: &Path, packets: u64, flush_after: u64) -> u64 {
+pub(crate) fn abandoned_recording(spool: &Path, packets: u64, flush_after: u64) -> u64 {
     let streams = two_streams();
     let ids = CallIds {
         sip_call_id: "c".into(),
