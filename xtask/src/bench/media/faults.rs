@@ -348,7 +348,8 @@ fn run_case(
     let stopped = daemon.stop();
 
     // 4. What is on disk.
-    let probes = dir.join(format!("probe-recordings-{tag}"));
+    // Beside the spool, on its filesystem (a rename, not a copy).
+    let probes = dir.join("spool").join(format!("probe-recordings-{tag}"));
     let _ = std::fs::remove_dir_all(&probes);
     std::fs::create_dir_all(&probes)?;
     for d in recording_dirs(&spool) {
