@@ -797,16 +797,18 @@ fn run_endings(batch: Vec<Ending>, counters: &IoCounters) {
     if batch.len() == 1 {
         return batch.into_iter().for_each(|e| e.run(counters));
     }
+    /// The written temporary file, where it goes, and the index row.
+    struct FinalMetadata(
+        File,
+        PathBuf,
+        PathBuf,
+        Box<RecordingMetadata>,
+        Option<IndexQueue>,
+    );
     struct Staged {
         id: Arc<str>,
         files: Vec<(&'static str, File)>,
-        metadata: Option<(
-            File,
-            PathBuf,
-            PathBuf,
-            Box<RecordingMetadata>,
-            Option<IndexQueue>,
-        )>,
+        metadata: Option<FinalMetadata>,
     }
     let mut staged = Vec::with_capacity(batch.len());
     for ending in batch {
@@ -855,7 +857,7 @@ fn run_endings(batch: Vec<Ending>, counters: &IoCounters) {
                     Ok(f)
                 });
             match written {
-                Ok(file) => Some((file, tmp, path, meta, index)),
+                Ok(file) => Some(FinalMetadata(file, tmp, path, meta, index)),
                 Err(e) => {
                     let _ = fs::remove_file(&tmp);
                     counters.metadata_write_failed.fetch_add(1, Relaxed);
@@ -890,14 +892,14 @@ fn run_endings(batch: Vec<Ending>, counters: &IoCounters) {
                 warn!(recording = %s.id, error = %e, "cannot finish {what}");
             }
         }
-        if let Some((f, tmp, ..)) = &s.metadata {
+        if let Some(FinalMetadata(f, tmp, ..)) = &s.metadata {
             if let Err(e) = f.sync_all() {
                 warn!(path = %tmp.display(), error = %e, "fsync failed; file replaced anyway");
             }
         }
     }
     for s in staged {
-        let Some((_, tmp, path, meta, index)) = s.metadata else {
+        let Some(FinalMetadata(_, tmp, path, meta, index)) = s.metadata else {
             continue;
         };
         if let Err(e) = fs::rename(&tmp, &path) {
