@@ -2,7 +2,8 @@
 //! namespaces, real XDP capture, real RTP): search filters and cursor pagination, 401/403/404,
 //! Range requests checked byte for byte against the files, the audit log of downloads, live
 //! sessions and stop, one interaction's segments and gaps, `/metrics` read by a Prometheus text
-//! parser, and the same API over HTTPS.
+//! parser, and the same API over HTTPS. The console in headless Chromium (search, interaction
+//! timeline, player, pcap download), and two sites sharing PostgreSQL across a REFER handoff.
 
 use std::{
     collections::HashMap,
@@ -1003,15 +1004,50 @@ impl<'a> Browser<'a> {
         v["value"].clone()
     }
 
+    /// Clicks `#pcap` and resolves with the bytes the console saved (its `data-bytes`), or
+    /// with the error it showed.
+    const SAVE_PCAP: &'static str = r#"
+        const done = arguments[arguments.length - 1];
+        const button = document.getElementById("pcap");
+        const settled = () => button.dataset.bytes || button.dataset.error;
+        new MutationObserver((_, o) => {
+            if (settled()) {
+                o.disconnect();
+                done(button.dataset.bytes ? Number(button.dataset.bytes) : "error " + button.dataset.error);
+            }
+        }).observe(button, { attributes: true });
+        button.click();
+    "#;
+
     /// The DOM of `url` once the console's view is ready.
     fn dom(&self, url: &str) -> String {
+        self.dom_after(url, None, |_| ()).0
+    }
+
+    /// The DOM of `url` once the console's view is ready and then `script` (asynchronous, in
+    /// WebDriver's form) has run, with the script's result. `then` runs with the result while
+    /// the browser is still open (a download in progress ends with it). Downloads go to
+    /// `downloads`.
+    fn dom_after(
+        &self,
+        url: &str,
+        script: Option<&str>,
+        then: impl FnOnce(&Value),
+    ) -> (String, Value) {
         let profile = self.dir.join(format!("chromium-{}", rand::random::<u32>()));
         let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| f.to_string()).collect();
         args.push(format!("--user-data-dir={}", profile.display()));
         let caps = serde_json::json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
             "timeouts": { "script": 30_000, "pageLoad": 30_000 },
-            "goog:chromeOptions": { "binary": "/usr/bin/chromium", "args": args },
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": args,
+                "prefs": {
+                    "download.default_directory": self.downloads().display().to_string(),
+                    "download.prompt_for_download": false,
+                },
+            },
         }}});
         let session = self.command("POST", "/session", Some(caps));
         let id = session["sessionId"]
@@ -1019,19 +1055,41 @@ impl<'a> Browser<'a> {
             .expect("a session id")
             .to_string();
         let s = format!("/session/{id}");
+        // Headless Chromium saves no download unless told where to, over DevTools.
+        self.command(
+            "POST",
+            &format!("{s}/goog/cdp/execute"),
+            Some(serde_json::json!({
+                "cmd": "Browser.setDownloadBehavior",
+                "params": { "behavior": "allow", "downloadPath": self.downloads() },
+            })),
+        );
         self.command(
             "POST",
             &format!("{s}/url"),
             Some(serde_json::json!({ "url": url })),
         );
-        self.command(
+        let mut result = self.command(
             "POST",
             &format!("{s}/execute/async"),
             Some(serde_json::json!({ "script": Self::WAIT_READY, "args": [] })),
         );
+        if let Some(script) = script {
+            result = self.command(
+                "POST",
+                &format!("{s}/execute/async"),
+                Some(serde_json::json!({ "script": script, "args": [] })),
+            );
+        }
+        then(&result);
         let dom = self.command("GET", &format!("{s}/source"), None);
         self.command("DELETE", &s, None);
-        dom.as_str().expect("the page source").to_string()
+        (dom.as_str().expect("the page source").to_string(), result)
+    }
+
+    /// Where the browser saves downloads.
+    fn downloads(&self) -> PathBuf {
+        self.dir.join("downloads")
     }
 }
 
@@ -1039,6 +1097,21 @@ impl Drop for Browser<'_> {
     fn drop(&mut self) {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+    }
+}
+
+/// The bytes of `file` once the browser has saved all `len` of them (it writes a
+/// `.crdownload` and renames it, in a process of its own that sends no event to wait for).
+fn wait_for_file(file: &Path, len: usize) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match std::fs::read(file) {
+            Ok(bytes) if bytes.len() == len => return bytes,
+            _ if std::time::Instant::now() > deadline => {
+                panic!("{} not saved with {len} bytes", file.display())
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
     }
 }
 
@@ -1133,6 +1206,32 @@ fn console_in_headless_chromium_finds_and_plays_an_interaction() {
     let dom = browser.dom(&format!("{base}#/recording/{a}?token={READ_TOKEN}"));
     assert_eq!(dom.matches("class=\"wave\"").count(), 2, "{dom}");
     assert!(dom.contains("Customer") && dom.contains("Agent"), "{dom}");
+    // Its pcap, fetched with the token (a link could not send it) and saved by the browser:
+    // the file's bytes, and the download audited under the token's name.
+    let pcap = std::fs::read(daemon.spool.join(&a).join("recording.pcap")).unwrap();
+    let file = browser.downloads().join(format!("{a}.pcap"));
+    browser.dom_after(
+        &format!("{base}#/recording/{a}?token={READ_TOKEN}"),
+        Some(Browser::SAVE_PCAP),
+        |saved| {
+            assert_eq!(
+                *saved,
+                serde_json::json!(pcap.len()),
+                "the console's download"
+            );
+            let got = wait_for_file(&file, pcap.len());
+            assert!(got == pcap, "the saved pcap is the recording's");
+        },
+    );
+    let log = daemon.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("audit: recording downloaded")
+                && l.contains(&a)
+                && l.contains("pcap")
+                && l.contains("qa")),
+        "{log}"
+    );
 
     let png = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/console-interaction.png");
     let _ = std::fs::remove_file(&png);
@@ -1143,7 +1242,8 @@ fn console_in_headless_chromium_finds_and_plays_an_interaction() {
 
 /// Two sites, blue and purple, sharing one PostgreSQL index, their recorder namespaces joined by
 /// a link of their own (10.232.0.1 blue, 10.232.0.2 purple) over which each reaches the other's
-/// public URL. One interaction is recorded first at blue, then at purple.
+/// public URL. One interaction is recorded first at blue, until a REFER hands the call to
+/// purple, then at purple.
 #[test]
 fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
     let pg = Postgres::start();
@@ -1201,9 +1301,22 @@ fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
     };
     let (blue_api, purple_api) = (at(&blue_pair), at(&purple_pair));
 
+    // A REFER handoff: blue's SIP Server leaves the path, so blue's recording ends with a BYE
+    // that says why; purple records the transferred call as a new session (its own Call-ID)
+    // of the same interaction.
     let uuid = "TWOSITE0UUID000000000000000001";
-    let (a, _) = finished_call(&blue_pair, &blue, uuid, "sip:+4930111@carrier.example");
-    let (b, _) = finished_call(&purple_pair, &purple, uuid, "sip:+4930111@carrier.example");
+    let customer = "sip:+4930111@carrier.example";
+    let mut handed_off = call(&blue_pair, &blue, uuid, customer, 50);
+    let refer = "Reason: SIP;cause=200;text=\"REFER\"".to_string();
+    assert_eq!(handed_off.bye(&[refer]).status, 200);
+    let (dir_a, meta_a) = blue.metadata_for(&handed_off.call_id, true);
+    assert_eq!(meta_a["state"], "complete");
+    let a = dir_a.file_name().unwrap().to_string_lossy().to_string();
+    let (b, meta_b) = finished_call(&purple_pair, &purple, uuid, customer);
+    assert_ne!(
+        meta_a["sip_call_id"], meta_b["sip_call_id"],
+        "{meta_a}\n{meta_b}"
+    );
     wait_listed(&blue_api, &format!("call_uuid={uuid}&state=complete"), 2);
 
     // Either host lists both segments, with their hosts and where each host is reached.
@@ -1236,6 +1349,28 @@ fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
     assert_eq!(summary(&from_blue), want, "{from_blue}");
     assert_eq!(summary(&from_purple), want, "{from_purple}");
     assert_eq!(from_blue["gaps"].as_array().unwrap().len(), 1);
+    // The handoff is an event of the interaction on either host: blue's segment ended by the
+    // REFER's BYE.
+    for view in [&from_blue, &from_purple] {
+        let ends: Vec<(String, String, String)> = view["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "ended")
+            .map(|e| {
+                let text = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+                (text("recording"), text("reason"), text("detail"))
+            })
+            .collect();
+        assert_eq!(ends.len(), 2, "{view}");
+        assert_eq!(
+            (ends[0].0.as_str(), ends[0].1.as_str()),
+            (a.as_str(), "bye")
+        );
+        assert!(ends[0].2.contains("REFER"), "{view}");
+        assert_eq!(ends[1].0, b, "{view}");
+        assert!(!ends[1].2.contains("REFER"), "{view}");
+    }
     // A host has the files of its own segments only, and says where the others are.
     let elsewhere = blue_api
         .get(&format!("/api/v1/recordings/{b}/audio"), Some(READ_TOKEN))
@@ -1246,10 +1381,6 @@ fn two_sites_one_interaction_listed_and_stitched_from_either_host() {
     // the caller's token) at its offset, silence between. Then the same from purple.
     let mono_a = mono(&blue.spool.join(&a).join("recording.wav"));
     let mono_b = mono(&purple.spool.join(&b).join("recording.wav"));
-    let (meta_a, meta_b) = (
-        tests::daemon::read_json(&blue.spool.join(&a).join("metadata.json")).unwrap(),
-        tests::daemon::read_json(&purple.spool.join(&b).join("metadata.json")).unwrap(),
-    );
     let offset = (start_ms(&meta_b) - start_ms(&meta_a)) as usize * 8;
     assert!(mono_a.len() <= offset && mono_a.iter().any(|&s| s != 0));
     for api in [&blue_api, &purple_api] {

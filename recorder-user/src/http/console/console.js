@@ -212,6 +212,27 @@ async function player(path, box) {
   return buffer;
 }
 
+/// Saves a file fetched with the token (a plain link cannot send one) under `name`. The
+/// button says how it went: `data-bytes` once saved, `data-error` with the status if not.
+async function download(path, name, button) {
+  delete button.dataset.bytes;
+  delete button.dataset.error;
+  try {
+    const buffer = await api(path, "buffer");
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(new Blob([buffer], { type: "application/vnd.tcpdump.pcap" }));
+    link.download = name;
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+    button.dataset.bytes = String(buffer.byteLength);
+  } catch (e) {
+    button.dataset.error = String(e.status || "");
+    button.title = e.message;
+  }
+}
+
 async function recording(id) {
   const r = await api("/api/v1/recordings/" + encodeURIComponent(id));
   const m = r.metadata || {};
@@ -232,8 +253,10 @@ async function recording(id) {
       <dt>Streams</dt><dd>${(m.streams || []).map((s) => `${esc(s.label)} (${esc(s.codec)}, ${s.packets} packets, ${s.lost} lost)`).join("; ")}</dd>
     </dl><h3>Participants</h3>${timeline(lanes, [], t0, t1, 'data-view="participants"')}
     <h3>Audio</h3><div id="audio"></div><div id="waves"></div>
-    <p><a href="/api/v1/recordings/${encodeURIComponent(r.id)}/pcap" id="pcap">pcap</a>
-      <span class="muted">(needs the token: use the API)</span></p>`;
+    <p><button type="button" id="pcap">Download pcap</button></p>`;
+  const pcap = document.getElementById("pcap");
+  pcap.addEventListener("click", () => download(
+    "/api/v1/recordings/" + encodeURIComponent(r.id) + "/pcap", r.id + ".pcap", pcap));
   const buffer = await player("/api/v1/recordings/" + encodeURIComponent(r.id) + "/audio",
     document.getElementById("audio"));
   waveforms(buffer, document.getElementById("waves"));
