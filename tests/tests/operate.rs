@@ -561,7 +561,7 @@ fn wait_log(daemon: &Daemon, needle: &str, count: usize) -> String {
 }
 
 #[test]
-fn sighup_reloads_acl_and_session_limit_and_names_what_needs_a_restart() {
+fn sighup_reloads_acl_session_limit_and_drain_and_names_what_needs_a_restart() {
     let pair = VethPair::new("hup");
     let dir = scratch_dir("hup");
     let config = dir.join("recorder.toml");
@@ -630,8 +630,38 @@ fn sighup_reloads_acl_and_session_limit_and_names_what_needs_a_restart() {
     daemon.signal(libc::SIGHUP);
     wait_log(&daemon, "configuration not reloaded", 1);
     assert_eq!(invite(&daemon).0, 503, "limit of 1 still in force");
-    assert_eq!(first.bye(&[]).status, 200);
-    assert_eq!(invite(&daemon).0, 200, "the daemon survived both SIGHUPs");
+
+    // `drain = true` in the file drains on reload: OPTIONS and new INVITEs get 503, the live
+    // call still ends normally; `drain = false` takes sessions again.
+    let reload = |text: &str, count: usize| {
+        std::fs::write(&config, text).unwrap();
+        daemon.signal(libc::SIGHUP);
+        wait_log(&daemon, "configuration reloaded", count);
+    };
+    let options = |daemon: &Daemon| {
+        let mut c = pair.in_sender(|| SipClient::udp(IpAddr::V4(pair.sender_v4), daemon.sip));
+        c.non_invite("OPTIONS", None, &[]).status
+    };
+    reload(
+        "acl = [\"10.231.0.0/24\"]\nmax_sessions = 10\ndrain = true\n",
+        2,
+    );
+    assert_eq!(options(&daemon), 503, "draining after the reload");
+    assert_eq!(invite(&daemon).0, 503, "no new session while draining");
+    assert!(cli_text(&daemon.control, &["status"]).contains("draining"));
+    let status = cli_json(&daemon.control, &["status"]);
+    assert_eq!(status["sip"]["draining"], true, "{status}");
+    assert_eq!(
+        status["sip"]["siprec"]["rejections"]["503 draining"], 1,
+        "{status}"
+    );
+    assert_eq!(first.bye(&[]).status, 200, "the live call ends as usual");
+    reload(
+        "acl = [\"10.231.0.0/24\"]\nmax_sessions = 10\ndrain = false\n",
+        3,
+    );
+    assert_eq!(options(&daemon), 200);
+    assert_eq!(invite(&daemon).0, 200, "the daemon survived every SIGHUP");
     assert_eq!(daemon.stop(), Some(0));
 }
 
