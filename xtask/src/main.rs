@@ -212,7 +212,11 @@ fn lint() -> Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    // Broken intra-doc links and stray HTML in doc comments, as rustdoc sees them.
+    run(cargo(None)
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .args(["doc", "--no-deps", "--workspace"]))
 }
 
 fn demo() -> Result<()> {

@@ -50,7 +50,7 @@ use crate::{
     metrics,
 };
 
-/// Errors setting the HTTP server up (request errors are [`api::ApiError`]).
+/// Errors setting the HTTP server up (request errors are `api::ApiError`, private to the module).
 #[derive(Debug, Error)]
 pub enum HttpError {
     #[error("binding the HTTP listener {addr}: {source}")]

@@ -1,5 +1,5 @@
 //! Recording sessions: the SIPREC Session Recording Server logic between the sans-IO SIP
-//! [`Endpoint`](crate::sip::Endpoint) and the flow table.
+//! [`Endpoint`] and the flow table.
 //!
 //! [`Recorder`] receives [`SipEvent`]s (it is the transport driver's [`SipApp`]), decides what to
 //! answer, pins and rewrites flows through [`FlowControl`] and reports what happened to the rest

@@ -841,7 +841,7 @@ impl WriterHandle {
     }
 
     /// The reception statistics of a live stream, one per SSRC heard, by its RTP flow id
-    /// (empty for an unknown or ended flow). At most [`RECEPTION_INTERVAL`] old.
+    /// (empty for an unknown or ended flow). At most `RECEPTION_INTERVAL` (250 ms) old.
     pub fn reception(&self, flow_id: u64) -> Vec<SsrcStats> {
         self.reception.reception(flow_id)
     }

@@ -557,7 +557,7 @@ fn send(
     Ok((sent, span))
 }
 
-/// Packet counters of `dev` in the network namespace of process `pid` (/proc/<pid>/net/dev):
+/// Packet counters of `dev` in the network namespace of process `pid` (`/proc/<pid>/net/dev`):
 /// (rx packets, tx packets, tx drops).
 fn dev_packets(pid: u32, dev: &str) -> Option<(u64, u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok()?;

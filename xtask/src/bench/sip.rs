@@ -448,7 +448,7 @@ fn flow_map_bytes_per_session(before: &Value, at_peak: &Value) -> Option<u64> {
     Some(p.saturating_sub(b) / n)
 }
 
-/// The soft limit from a /proc/<pid>/limits "Max open files" line.
+/// The soft limit from a `/proc/<pid>/limits` "Max open files" line.
 fn nofile_soft(line: Option<&str>) -> Option<u64> {
     line?.split_whitespace().nth(3)?.parse().ok()
 }
@@ -1124,7 +1124,7 @@ fn vm_rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
 }
 
-/// A KiB field of /proc/<pid>/status.
+/// A KiB field of `/proc/<pid>/status`.
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
