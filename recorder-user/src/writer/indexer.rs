@@ -218,7 +218,9 @@ fn run(
                 job => ready.push(job),
             }
         }
-        for job in ready {
+        // Jobs of this batch taken off `queued` already (a barrier settles those before it).
+        let mut settled = 0;
+        for (n, job) in ready.into_iter().enumerate() {
             // A panic (a bug, in an index backend say) loses this job, not the index thread.
             if let IndexJob::Link { mut meta, reply } = job {
                 let link = contain("index link lookup", || {
@@ -258,6 +260,12 @@ fn run(
                 }
                 IndexJob::Barrier(done) => {
                     unwritten.flush(&mut index, &mut failed);
+                    // Whoever waits on the barrier sees the jobs before it no longer queued.
+                    // (Links held back from earlier batches may run in this one: at most
+                    // the batch's own count is settled.)
+                    let now_settled = (n as u64 + 1).min(drained);
+                    queued.fetch_sub(now_settled - settled, Relaxed);
+                    settled = now_settled;
                     let _ = done.send(());
                 }
                 #[cfg(test)]
@@ -265,7 +273,7 @@ fn run(
             });
         }
         contain("index flush", || unwritten.flush(&mut index, &mut failed));
-        queued.fetch_sub(drained, Relaxed);
+        queued.fetch_sub(drained - settled, Relaxed);
     }
 }
 
@@ -322,5 +330,18 @@ mod tests {
             crate::contain::panics() >= before + 2,
             "both panics counted"
         );
+    }
+
+    /// Once a barrier returns, the jobs before it are no longer counted as queued (the gauge
+    /// went down only after the whole batch before).
+    #[test]
+    fn a_barrier_returns_with_the_jobs_before_it_counted_done() {
+        let dir = crate::writer::tests::TempDir::new("barrierq");
+        let q = IndexQueue::spawn(None, dir.path().to_path_buf(), Arc::default()).unwrap();
+        for i in 0..100 {
+            q.send(IndexJob::Remove(format!("r{i}")));
+        }
+        q.barrier();
+        assert_eq!(q.queued(), 0);
     }
 }
