@@ -322,4 +322,22 @@ pub(crate) mod tests {
         assert_eq!(out.len() - before, 960);
         assert!(dec.decode(&[0xff, 0xff, 0xff], &mut out).is_err());
     }
+
+    /// A mono encoder's stream (`stereo=0`, as most softphones send) on the `opus/48000/2`
+    /// every Opus rtpmap names: decoded the same, one sample per 48 kHz frame.
+    #[test]
+    fn opus_decodes_a_mono_encoded_stream() {
+        use audiopus::{coder::Encoder, Application, Channels, SampleRate};
+        let enc = Encoder::new(SampleRate::Hz48000, Channels::Mono, Application::Voip).unwrap();
+        let mono = tone(440.0, 48000, 48000);
+        let mut dec = Decoder::new(Kind::Opus { channels: 2 }).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1500];
+        for frame in mono.chunks(960) {
+            let n = enc.encode(frame, &mut buf[..]).unwrap();
+            dec.decode(&buf[..n], &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 48000);
+        assert!(tone_ratio(&out[4800..], 440.0, 48000) > 0.8);
+    }
 }
