@@ -14,7 +14,8 @@
 //! * [`dialog`]: dialog state keyed by Call-ID and tags.
 //! * [`config`]: endpoint configuration and counters.
 //! * `outgoing`: where responses and our requests go, and their encoding.
-//! * [`endpoint`]: routing of incoming messages to all of the above; the public API.
+//! * [`endpoint`]: routing of incoming messages to all of the above; the public API (its
+//!   `responses` builds what it answers).
 
 pub mod admission;
 pub mod config;
