@@ -12,6 +12,9 @@
 //!           [--drain-secs 3] [--media-ip 10.0.0.1]
 //! ```
 //!
+//! After the last request it keeps reading until every INVITE has its final answer and every
+//! BYE its response, for `--drain-secs` at most.
+//!
 //! Kinds: `invite` (valid; multipart SDP + RFC 7865 metadata), `garbage` (random bytes),
 //! `truncated` (headers cut off, no blank line), `oversized` (a 60 kB header), `bad_length`
 //! (Content-Length larger than the body, or not a number), `bad_sdp` (an INVITE whose SDP is
@@ -147,6 +150,15 @@ struct Tally {
     byes: AtomicU64,
     unparsed_responses: AtomicU64,
     send_errors: AtomicU64,
+}
+
+impl Tally {
+    /// Every valid INVITE has its final answer and every BYE sent its response.
+    fn settled(&self, invites_sent: u64) -> bool {
+        let bye_answers: u64 = self.bye_responses.lock().unwrap().values().sum();
+        self.answered.lock().unwrap().len() as u64 >= invites_sent
+            && bye_answers >= self.byes.load(Relaxed)
+    }
 }
 
 fn token() -> String {
@@ -581,13 +593,20 @@ fn main() -> Result<()> {
         }
     }
     let send_secs = start.elapsed().as_secs_f64();
-    std::thread::sleep(args.drain);
+    let invites_sent = sent.get(&Kind::Invite).copied().unwrap_or(0);
+    // Answers keep coming while the server works through its queue: wait until every INVITE has
+    // its final answer and every BYE its response, or `--drain-secs` passes (the kernel may have
+    // dropped some; those never get one).
+    let drain_started = Instant::now();
+    while drain_started.elapsed() < args.drain && !tally.settled(invites_sent) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let drain_secs = drain_started.elapsed().as_secs_f64();
     stop.store(true, Relaxed);
     for r in receivers {
         let _ = r.join();
     }
 
-    let invites_sent = sent.get(&Kind::Invite).copied().unwrap_or(0);
     let responses = tally.responses.lock().unwrap();
     let mut by_kind: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
     let mut by_code: BTreeMap<String, u64> = BTreeMap::new();
@@ -610,6 +629,7 @@ fn main() -> Result<()> {
         "rate_achieved": total as f64 / send_secs,
         "peak_10ms_rate": bins.iter().max().copied().unwrap_or(0) * 100,
         "max_late_ms": late.as_secs_f64() * 1000.0,
+        "drain_secs": drain_secs,
         "sent_total": total,
         "sent": sent.iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "responses": by_code,
