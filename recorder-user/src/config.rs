@@ -280,6 +280,10 @@ pub struct Config {
     /// Packets queued to one writer shard before the ring consumer stops draining (records
     /// then wait in the rings; nothing is dropped in userspace).
     pub writer_queue_packets: usize,
+    /// Nice value of the async runtime's threads (SIP, the control socket, the HTTP API), set
+    /// once the writers run: when the CPU is short (a SIP flood), the writer threads, which
+    /// keep the nice value the daemon started with, get it first. 0 to 19; 0 turns it off.
+    pub signaling_nice: u8,
     /// What the pcap holds of SRTP streams: `received` (as on the wire) or `decrypted`.
     pub pcap_srtp: crate::writer::encode::media::PcapSrtp,
     /// bpffs directory holding the pinned XDP link, flow map and ring buffers (one
@@ -349,6 +353,7 @@ impl Default for Config {
             metadata_interval_secs: 30,
             writer_shards: 0,
             writer_queue_packets: 65536,
+            signaling_nice: 5,
             pcap_srtp: Default::default(),
             pin_dir: PathBuf::from("/sys/fs/bpf/recorder"),
             config_file: None,
@@ -451,6 +456,9 @@ impl Config {
         }
         if self.writer_queue_packets == 0 {
             return Err(invalid("writer_queue_packets", "must be at least 1"));
+        }
+        if self.signaling_nice > 19 {
+            return Err(invalid("signaling_nice", "must be 0 to 19"));
         }
         if self.metadata_interval_secs == 0 {
             return Err(invalid("metadata_interval_secs", "must be at least 1"));

@@ -109,12 +109,49 @@ fn raise_nofile_limit() {
     );
 }
 
+/// The nice value signaling threads run at: the daemon's own (read the first time, before any
+/// thread is lowered) plus `signaling_nice`.
+fn signaling_priority(nice: u8) -> i32 {
+    static TARGET: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *TARGET.get_or_init(|| {
+        // SAFETY: getpriority takes and returns plain integers; errno is reset first because
+        // -1 is a valid nice value.
+        let base = unsafe {
+            *libc::__errno_location() = 0;
+            libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t)
+        };
+        (base + i32::from(nice)).min(19)
+    })
+}
+
+/// Lowers the calling thread (Linux keeps a nice value per thread) to the signaling priority,
+/// so it yields the CPU to the recording threads. Threads a lowered thread spawns inherit it;
+/// setting the same value again is harmless. A failure is logged and changes nothing else.
+fn lower_this_thread(nice: u8) {
+    if nice == 0 {
+        return;
+    }
+    let target = signaling_priority(nice);
+    // SAFETY: setpriority and gettid take and return plain integers.
+    let failed =
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, target) != 0 };
+    if failed {
+        warn!(nice = target, error = %std::io::Error::last_os_error(), "could not lower a signaling thread's priority");
+    }
+}
+
 /// Runs the daemon on a fresh runtime until SIGTERM/SIGINT.
 pub fn run_blocking(config: Config) -> Result<()> {
     init_logging(&config);
     raise_nofile_limit();
+    let nice = config.signaling_nice;
+    // Read before any thread is lowered.
+    signaling_priority(nice);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Workers and blocking threads: signaling, control, HTTP, never the writers (their
+        // threads are spawned from the main thread before it lowers itself, in `run`).
+        .on_thread_start(move || lower_this_thread(nice))
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
@@ -528,6 +565,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     .context("starting the writers")?;
     let writer = Arc::new(writer);
+    // The writers' threads run (at the daemon's priority); what this thread does from here is
+    // signaling, which yields to them when the CPU is short.
+    lower_this_thread(config.signaling_nice);
+    if config.signaling_nice > 0 {
+        info!(
+            signaling_nice = config.signaling_nice,
+            "signaling threads yield the CPU to the writers"
+        );
+    }
     if had_handover {
         // Used: a later crash must not bring back sessions that end from now on.
         if let Err(e) = Handover::remove(&handover_path) {

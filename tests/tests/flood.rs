@@ -130,6 +130,24 @@ fn rss_kib(daemon: &Daemon) -> u64 {
         .expect("VmRSS")
 }
 
+/// Name and nice value of each of the daemon's threads.
+fn thread_nices(daemon: &Daemon) -> Vec<(String, i64)> {
+    let pid = daemon.child.as_ref().expect("running").id();
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        // After the name: state is field 3, nice field 19.
+        let nice = stat[close + 1..].split_whitespace().nth(16);
+        if let Some(nice) = nice.and_then(|n| n.parse().ok()) {
+            threads.push((stat[open + 1..close].to_string(), nice));
+        }
+    }
+    threads
+}
+
 fn count(map: &Value, key: &str) -> u64 {
     map[key].as_u64().unwrap_or(0)
 }
@@ -159,6 +177,27 @@ fn sip_flood_beside_a_live_call_loses_nothing_and_overload_gets_503() {
     );
     let (mut client, ports) = live_call(&pair, &daemon);
     let rss_before = rss_kib(&daemon);
+    // Under the flood the writers get the CPU first: signaling runs at `signaling_nice` (5)
+    // above them.
+    let nices = thread_nices(&daemon);
+    let nice_of = |prefix: &str| -> Vec<i64> {
+        nices
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, n)| *n)
+            .collect()
+    };
+    let (shards, workers) = (nice_of("rec-shard"), nice_of("tokio-rt-worker"));
+    assert!(
+        !shards.is_empty() && !workers.is_empty(),
+        "threads: {nices:?}"
+    );
+    assert!(
+        shards.iter().all(|&n| n == 0)
+            && workers.iter().all(|&n| n == 5)
+            && nice_of("recorder") == [5],
+        "writer shards at 0, the runtime's workers and main thread at 5: {nices:?}"
+    );
 
     // CI's debug daemon on a shared machine reads about this much; `SIP_FLOOD_RATE=5000` with
     // `RECORDER_BIN` set to a release build measures the rate.
@@ -183,8 +222,8 @@ fn sip_flood_beside_a_live_call_loses_nothing_and_overload_gets_503() {
     // Datagrams the kernel dropped for a full receive buffer, on either side: the daemon's SIP
     // socket (a debug build on a shared CI machine reads slower than the flood comes) and the
     // flood's own sockets (its answers).
-    let dropped = udp_receive_buffer_errors(&pair.recorder_ns)
-        + udp_receive_buffer_errors(&pair.sender_ns);
+    let dropped =
+        udp_receive_buffer_errors(&pair.recorder_ns) + udp_receive_buffer_errors(&pair.sender_ns);
     // Sessions the flood opened end with its BYEs; one whose 200 or BYE was dropped ends when
     // the daemon gives up on the ACK (64*T1), so wait for that rather than fail early.
     let st = wait_for_no_sessions(&daemon, Duration::from_secs(45));
