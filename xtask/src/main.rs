@@ -80,8 +80,8 @@ fn main() -> Result<()> {
                 return tests;
             }
             // Every fuzz target for 30 s from its committed seeds (a crash fails the run), then
-            // the quick faults (200 live calls through kill -9, a full spool and a detach
-            // restart, every file checked).
+            // the quick faults (200 live calls through kill -9, a full spool, a detach restart
+            // and a SIP flood, every file checked).
             let fuzzing = fuzz::fuzz(30, None).map_err(|e| e.context("fuzzing (cargo xtask fuzz)"));
             let media = bench::media_check()
                 .map_err(|e| e.context("media check (cargo xtask bench --quick --only media)"));

@@ -16,6 +16,10 @@
 //! * `detach_restart`: SIGTERM with `detach_on_exit`, and a new daemon at once: no packet lost
 //!   (the pinned rings cover the gap), every recording `complete`, the calls' BYEs answered by
 //!   the new daemon.
+//! * `flood`: `sip_flood` (tests/src/bin) at 5 000 requests/s from three source addresses,
+//!   malformed messages and valid INVITEs (30 %), from the fault to the end of the traffic.
+//!   `max_sessions` is the number of calls, so every valid INVITE of the flood is overload.
+//!   Every packet must be recorded, every call's BYE answered, and the flood must get 503s.
 //!
 //! Then the calls end (SIPp resumes), every recording is read (the media part's counting, per
 //! stream by RTP sequence number) and every pcap and WAV goes through `capinfos` and `soxi`.
@@ -50,16 +54,23 @@ pub enum Fault {
     Kill9,
     SpoolFull,
     DetachRestart,
+    Flood,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 3] = [Self::Kill9, Self::SpoolFull, Self::DetachRestart];
+    pub const ALL: [Fault; 4] = [
+        Self::Kill9,
+        Self::SpoolFull,
+        Self::DetachRestart,
+        Self::Flood,
+    ];
 
     fn key(self) -> &'static str {
         match self {
             Self::Kill9 => "kill9",
             Self::SpoolFull => "spool_full",
             Self::DetachRestart => "detach_restart",
+            Self::Flood => "flood",
         }
     }
 
@@ -68,6 +79,7 @@ impl Fault {
             Self::Kill9 => "`kill -9` of the daemon, restarted at once",
             Self::SpoolFull => "the spool (a tmpfs) fills up during the calls",
             Self::DetachRestart => "restart with `--detach-on-exit` (SIGTERM, new daemon at once)",
+            Self::Flood => "a SIP flood (5 000 requests/s, malformed and valid INVITEs, three source addresses) beside the calls",
         }
     }
 }
@@ -82,6 +94,16 @@ pub struct FaultPlan {
 /// Runs every case; returns the report's `faults` section.
 pub fn run(plan: &FaultPlan, out_dir: &Path, commands: &mut Vec<String>) -> Result<Value> {
     crate::bench::build_daemon()?;
+    if plan.cases.contains(&Fault::Flood) {
+        crate::run(crate::cargo(None).args([
+            "build",
+            "--release",
+            "--package",
+            "tests",
+            "--bin",
+            "sip_flood",
+        ]))?;
+    }
     let dir = out_dir.join("faults");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -205,6 +227,11 @@ fn run_case(
         // Refuse new sessions with 8 MiB left, as the full-disk test does.
         extra.push_str("min_free_bytes = 8388608\n");
     }
+    if fault == Fault::Flood {
+        // The live calls fill the daemon: every valid INVITE of the flood is overload (503),
+        // and none becomes a recording beside the calls'.
+        extra.push_str(&format!("max_sessions = {n}\n"));
+    }
     // The media part's base configuration sets min_free_bytes itself; a second key would not
     // parse, so the full-spool case replaces it below.
     let mut daemon = start_daemon(dir, &tag, n, &extra)?;
@@ -290,6 +317,14 @@ fn run_case(
             injected = serve;
         }
         Fault::SpoolFull => {}
+        // For the rest of the traffic, less a second for the flood's answers to settle.
+        Fault::Flood => {
+            injected = flood(
+                &daemon,
+                secs.saturating_sub(fault_at(secs).as_secs() as u32 + 1)
+                    .max(1),
+            )?
+        }
     }
     let (sent, cmds) = traffic
         .join()
@@ -470,6 +505,43 @@ fn run_case(
                 "metadata_not_written": files.metadata_not_written,
             });
         }
+        Fault::Flood => {
+            expect_state("complete", &mut failed);
+            if recorded != sent_answered || min_stream != per_stream {
+                failed.push(format!(
+                    "recorded {recorded} of {sent_answered} packets (a stream kept {min_stream} of {per_stream})"
+                ));
+            }
+            // The live calls' BYEs, sent after the flood, are answered.
+            if sipp_stats.failed > 0 || sipp_stats.successful != u64::from(n) {
+                failed.push(format!(
+                    "SIPp: {} of {n} calls successful, {} failed",
+                    sipp_stats.successful, sipp_stats.failed
+                ));
+            }
+            let report = &injected["report"];
+            let answered_503 = report["responses"]["503"].as_u64().unwrap_or(0);
+            if answered_503 == 0 {
+                failed.push(format!("no 503 to the flood: {}", report["responses"]));
+            }
+            let sent = report["sent_total"].as_u64().unwrap_or(0);
+            let asked = injected["rate"].as_f64().unwrap_or(0.0)
+                * injected["seconds"].as_f64().unwrap_or(0.0);
+            figures = json!({
+                "flood_sent": sent,
+                "flood_asked": asked,
+                "flood_responses": report["responses"],
+                "flood_sent_by_kind": report["sent"],
+                "rss_growth_kib": rss_after_traffic as i64 - rss_before as i64,
+                "rejections": status_end["sip"]["siprec"]["rejections"],
+                // Where the unanswered INVITEs went: shed by the inlet (503) or dropped
+                // (non-INVITEs) when its queue was full, or dropped by the kernel before the
+                // daemon read them (a full socket buffer, or fragments not reassembled).
+                "admission": status_end["sip_admission"],
+                "invites_unanswered": report["invites_unanswered"],
+                "kernel_drops": injected["kernel_drops"],
+            });
+        }
     }
     let ok = failed.is_empty();
     let result = if ok {
@@ -500,13 +572,97 @@ fn run_case(
             "after_restart_calls_packets": probe_packets,
         },
         "fault_figures": figures,
-        "serve_again": injected,
+        // What the fault injected: after a restart, the serving again; for the flood, its run.
+        "serve_again": (fault != Fault::Flood).then_some(&injected),
+        "flood": (fault == Fault::Flood).then_some(&injected),
         "rss_kib": { "before_traffic": rss_before, "after_traffic": rss_after_traffic, "end": rss_end },
         "sipp": { "successful": sipp_stats.successful, "failed": sipp_stats.failed },
         "writer_end": writer_end,
         "daemon_warnings": log.warnings, "daemon_warning_kinds": log.kinds(),
         "daemon_log_first_warnings": log.first,
         "daemon_stop": stopped.map_or_else(|e| format!("{e:#}"), |()| "clean".into()),
+    }))
+}
+
+/// The counters of the flood's datagrams the kernel of namespace `ns` dropped before the daemon
+/// could read them: UDP `RcvbufErrors` (a full socket buffer) and IP `ReasmFails` (fragments of
+/// large INVITEs it could not reassemble); `None` where /proc/net/snmp cannot be read.
+fn kernel_drops(ns: &str) -> Option<[u64; 2]> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "cat", "/proc/net/snmp"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |proto: &str, name: &str| -> Option<u64> {
+        let mut rows = text.lines().filter(|l| l.starts_with(proto));
+        let (names, values) = (rows.next()?, rows.next()?);
+        let column = names.split_whitespace().position(|n| n == name)?;
+        values.split_whitespace().nth(column)?.parse().ok()
+    };
+    Some([
+        field("Udp: ", "RcvbufErrors")?,
+        field("Ip: ", "ReasmFails")?,
+    ])
+}
+
+/// Source addresses of the flood in the sender namespace (IP_S and two more on its interface).
+const FLOOD_SOURCES: [&str; 3] = [IP_S, "10.232.0.11", "10.232.0.12"];
+/// The flood's rate (issue 16: 5 000 requests/s), 30 % of it valid INVITEs.
+const FLOOD_RATE: u32 = 5000;
+
+/// `sip_flood` (tests/src/bin) from the sender namespace at [`FLOOD_RATE`] for `seconds`,
+/// pinned beside trafgen on CPU 0: `{rate, seconds, report}` with the tool's JSON report.
+fn flood(daemon: &Daemon, seconds: u32) -> Result<Value> {
+    let tool = crate::workspace_root().join("target/release/sip_flood");
+    for ip in &FLOOD_SOURCES[1..] {
+        // Already there from an earlier case: fine.
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                NS_S,
+                "ip",
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                super::IF_S,
+            ])
+            .status();
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", NS_S, "taskset", "-c", "0"])
+        .arg(&tool);
+    cmd.args(["--target", &format!("{IP_R}:5060")]);
+    for ip in FLOOD_SOURCES {
+        cmd.args(["--source", ip]);
+    }
+    cmd.args([
+        "--rate",
+        &FLOOD_RATE.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ])
+    .args(["--sockets-per-source", "4", "--drain-secs", "10"])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let rss = daemon.snapshot(false).map_or(0, |s| s.rss_kib);
+    let drops_before = kernel_drops(NS_R);
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", tool.display()))?;
+    if !out.status.success() {
+        bail!("sip_flood failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report: Value = serde_json::from_slice(&out.stdout).context("sip_flood's JSON")?;
+    Ok(json!({
+        "rate": FLOOD_RATE, "seconds": seconds, "report": report,
+        "rss_kib_before_flood": rss,
+        "rss_kib_after_flood": daemon.snapshot(false).map_or(0, |s| s.rss_kib),
+        "kernel_drops": kernel_drops(NS_R).zip(drops_before).map(|(after, before)| json!({
+            "udp_rcvbuf_errors": after[0] - before[0],
+            "ip_reassembly_failures": after[1] - before[1],
+        })),
     }))
 }
 
@@ -517,6 +673,11 @@ fn start_daemon(dir: &Path, tag: &str, n: u32, extra: &str) -> Result<Daemon> {
     let mut extra = extra.to_string();
     if let Ok(level) = std::env::var("BENCH_DAEMON_LOG") {
         extra.push_str(&format!("log_level = \"{level}\"\n"));
+    }
+    // `BENCH_DAEMON_CONFIG='signaling_nice = 0'`: a configuration key to compare against.
+    if let Ok(lines) = std::env::var("BENCH_DAEMON_CONFIG") {
+        extra.push_str(&lines);
+        extra.push('\n');
     }
     Daemon::start_with(dir, tag, 10, 20_000.max(2 * n), &extra)
 }
