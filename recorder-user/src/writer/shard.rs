@@ -199,7 +199,7 @@ impl Shard {
         }
         let now = SystemTime::now();
         if let Some(reply) = handover {
-            let recordings: Vec<RecordingHandover> = self
+            let pending: Vec<_> = self
                 .recordings
                 .take_all()
                 .into_iter()
@@ -207,7 +207,10 @@ impl Shard {
                 .collect();
             self.flows.clear();
             self.slot_flows.clear();
+            // One wait for every recording's files: their syncs go together.
             self.files.barrier();
+            let recordings: Vec<RecordingHandover> =
+                pending.into_iter().map(|p| p.done()).collect();
             let _ = reply.send((self.max_routed_flow, recordings));
             return;
         }

@@ -203,6 +203,23 @@ pub(crate) struct Recording {
     pub pcap_srtp: PcapSrtp,
 }
 
+/// A handover whose file jobs are queued ([`Recording::handover`]).
+pub(crate) struct PendingHandover {
+    handover: RecordingHandover,
+    pcap_path: Option<PathBuf>,
+}
+
+impl PendingHandover {
+    /// After the file queue's barrier: the handover, with what the pcap holds (a chunk the
+    /// disk refused is not in it).
+    pub(crate) fn done(mut self) -> RecordingHandover {
+        self.handover.pcap_len = self
+            .pcap_path
+            .map(|p| fs::metadata(p).map_or(0, |m| m.len()));
+        self.handover
+    }
+}
+
 /// What a handover carries of one active recording: enough to reopen its files and go on
 /// exactly where it stopped.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -882,7 +899,11 @@ impl Recording {
     /// (valid for any reader), `metadata.json` is written (still `active`), and what it takes
     /// to go on is returned. A file that cannot be finished is logged; [`Self::resume`] then
     /// finds it changed and the recording ends up `interrupted` (and repaired).
-    pub(crate) fn handover(mut self, now: SystemTime) -> RecordingHandover {
+    ///
+    /// The jobs are queued here; the caller waits for its file queue ([`FileQueue::barrier`])
+    /// once for every recording it hands over, then calls [`PendingHandover::done`]: a barrier
+    /// per recording made 1 000 recordings' syncs run one after the other (5 s of a restart).
+    pub(crate) fn handover(mut self, now: SystemTime) -> PendingHandover {
         let wav = self.wav.as_ref().map(|w| WavHandover {
             channels: w.channels(),
             rate: w.rate(),
@@ -893,17 +914,19 @@ impl Recording {
         }
         let pcap_path = self.pcap.as_ref().map(|p| p.path.clone());
         self.close_files();
-        self.write_metadata(now);
-        self.files.barrier();
-        // What the file holds (a chunk the disk refused is not in it).
-        let pcap_len = pcap_path.map(|p| fs::metadata(p).map_or(0, |m| m.len()));
-        RecordingHandover {
-            dir: self.dir,
-            started: self.started,
-            meta: self.meta,
-            streams: self.streams,
-            pcap_len,
-            wav,
+        // Not synced: the next daemon reads it through the same page cache, and a host crash
+        // during the restart is repaired like any other (the media files are synced).
+        self.replace_metadata(now, false);
+        PendingHandover {
+            handover: RecordingHandover {
+                dir: self.dir,
+                started: self.started,
+                meta: self.meta,
+                streams: self.streams,
+                pcap_len: None,
+                wav,
+            },
+            pcap_path,
         }
     }
 
