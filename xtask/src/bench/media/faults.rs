@@ -433,6 +433,22 @@ fn run_case(
             failed.push(format!("{got} of {n} recordings `{state}` ({states:?})"));
         }
     };
+    // The calls went through the fault whole: every recording complete with every packet, and
+    // every call's BYE answered.
+    let expect_whole = |failed: &mut Vec<String>| {
+        expect_state("complete", failed);
+        if recorded != sent_answered || min_stream != per_stream {
+            failed.push(format!(
+                "recorded {recorded} of {sent_answered} packets (a stream kept {min_stream} of {per_stream})"
+            ));
+        }
+        if sipp_stats.failed > 0 || sipp_stats.successful != u64::from(n) {
+            failed.push(format!(
+                "SIPp: {} of {n} calls successful, {} failed",
+                sipp_stats.successful, sipp_stats.failed
+            ));
+        }
+    };
     let mut figures = json!({});
     match fault {
         Fault::Kill9 => {
@@ -454,18 +470,7 @@ fn run_case(
             });
         }
         Fault::DetachRestart => {
-            expect_state("complete", &mut failed);
-            if recorded != sent_answered || min_stream != per_stream {
-                failed.push(format!(
-                    "recorded {recorded} of {sent_answered} packets (a stream kept {min_stream} of {per_stream})"
-                ));
-            }
-            if sipp_stats.failed > 0 || sipp_stats.successful != u64::from(n) {
-                failed.push(format!(
-                    "SIPp: {} of {n} calls successful, {} failed",
-                    sipp_stats.successful, sipp_stats.failed
-                ));
-            }
+            expect_whole(&mut failed);
             check_serve(&injected, &mut failed);
             let pps = f64::from(n * 2 * PACKETS_PER_SEC);
             figures = json!({
@@ -506,19 +511,8 @@ fn run_case(
             });
         }
         Fault::Flood => {
-            expect_state("complete", &mut failed);
-            if recorded != sent_answered || min_stream != per_stream {
-                failed.push(format!(
-                    "recorded {recorded} of {sent_answered} packets (a stream kept {min_stream} of {per_stream})"
-                ));
-            }
-            // The live calls' BYEs, sent after the flood, are answered.
-            if sipp_stats.failed > 0 || sipp_stats.successful != u64::from(n) {
-                failed.push(format!(
-                    "SIPp: {} of {n} calls successful, {} failed",
-                    sipp_stats.successful, sipp_stats.failed
-                ));
-            }
+            // The live calls' BYEs come after the flood.
+            expect_whole(&mut failed);
             let report = &injected["report"];
             let answered_503 = report["responses"]["503"].as_u64().unwrap_or(0);
             if answered_503 == 0 {
