@@ -51,7 +51,7 @@ static LOG_FILTER: std::sync::OnceLock<FilterReload> = std::sync::OnceLock::new(
 
 /// Sets up logging as configured (human text on a terminal, JSON when asked).
 pub fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+    let filter = crate::config::log_filter(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -76,7 +76,7 @@ pub fn init_logging(config: &Config) {
 
 /// Changes the log level or filter of the running daemon.
 pub fn set_log_filter(level: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let filter = crate::config::log_filter(level)?;
     let reload = LOG_FILTER
         .get()
         .ok_or("logging was not set up by the daemon")?;

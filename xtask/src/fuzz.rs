@@ -116,6 +116,9 @@ fn run_target(target: &str, seconds: u64, log: &Path) -> Result<(bool, Outcome)>
         .arg(&seeds)
         .arg("--")
         .arg(format!("-max_total_time={seconds}"))
+        // An input that runs this long is a bug like a crash (the config target once found a
+        // log filter that took 74 s); libFuzzer's default allows 20 minutes.
+        .arg("-timeout=30")
         // The totals (`stat::number_of_executed_units`) after the last status line.
         .arg("-print_final_stats=1")
         .stdout(Stdio::piped())
