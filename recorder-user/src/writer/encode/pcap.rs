@@ -41,8 +41,12 @@ pub(crate) fn global_header() -> [u8; GLOBAL_HEADER_LEN as usize] {
     h
 }
 
-/// Records are handed to the file thread in chunks of about this size.
-pub(crate) const CHUNK: usize = 32 * 1024;
+/// Records are handed to the file thread in chunks of about this size (or what
+/// `flush_interval` gathers: at 100 packets/s a recording's pcap grows 23 KB/s). Buffered
+/// writes cost per folio more than per byte: 4 000 files appended round robin took 40 % less
+/// CPU in 64 KiB writes than in 32 KiB ones (ext4 on a loop device, writes unaligned like a
+/// pcap's).
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 impl PcapWriter {
     /// A pcap to be created at `path` by the file thread ([`Job::Create`] writes

@@ -22,8 +22,9 @@ const BYTES_PER_SAMPLE: u64 = 2;
 /// Frames kept in memory behind the newest arrival: longer than the furthest a packet may be
 /// placed before its arrival (1 s), plus reordering between rings.
 pub(crate) const WINDOW_MS: u64 = 1500;
-/// Frames are handed to the file thread about this much at a time.
-pub(crate) const CHUNK_MS: u64 = 1000;
+/// Frames are handed to the file thread about this much at a time (64 KB of 8 kHz stereo;
+/// see `pcap::CHUNK` for why not less).
+pub(crate) const CHUNK_MS: u64 = 2000;
 
 pub(crate) struct WavWriter {
     pub path: PathBuf,
