@@ -1333,12 +1333,15 @@ mod tests {
         assert_eq!(unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) }, 0);
         // SAFETY: statfs succeeded.
         if unsafe { st.assume_init() }.f_type == libc::TMPFS_MAGIC {
-            eprintln!("skipped: the temporary directory is on tmpfs, whose pages cannot be dropped");
+            eprintln!(
+                "skipped: the temporary directory is on tmpfs, whose pages cannot be dropped"
+            );
             return;
         }
         let chunk = vec![0xab_u8; 64 * 1024];
         let pcap = File::options()
             .create(true)
+            .truncate(true)
             .read(true)
             .write(true)
             .open(dir.path().join("recording.pcap"))
@@ -1349,10 +1352,14 @@ mod tests {
         append(&pcap, &chunk, 0).unwrap();
         assert_eq!(resident_pages(&pcap, 0, chunk.len()), 0, "on disk: dropped");
         assert_eq!(resident_pages(&pcap, 64 * 1024, chunk.len()), 16);
-        assert_eq!(fs::read(dir.path().join("recording.pcap")).unwrap().len(), 128 * 1024);
+        assert_eq!(
+            fs::read(dir.path().join("recording.pcap")).unwrap().len(),
+            128 * 1024
+        );
 
         let wav = File::options()
             .create(true)
+            .truncate(true)
             .read(true)
             .write(true)
             .open(dir.path().join("recording.wav"))

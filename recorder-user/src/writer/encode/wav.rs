@@ -47,7 +47,7 @@ fn page_phase(channels: u16) -> Option<(u64, u64)> {
     // The boundaries recur every PAGE / gcd(fb, PAGE) frames, if at all.
     let period = PAGE >> fb.trailing_zeros().min(12);
     (0..period)
-        .find(|m| (HEADER_LEN + m * fb) % PAGE == 0)
+        .find(|m| (HEADER_LEN + m * fb).is_multiple_of(PAGE))
         .map(|first| (first, period))
 }
 
@@ -339,14 +339,24 @@ mod tests {
             let mut at = HEADER_LEN;
             for cut in [16_000_u64, 32_000, 40_000] {
                 let chunk = w.take_chunk(cut, false, Vec::with_capacity).unwrap();
-                assert_eq!(chunk.offset, at, "{channels} channels: chunks follow each other");
+                assert_eq!(
+                    chunk.offset, at,
+                    "{channels} channels: chunks follow each other"
+                );
                 let end = chunk.offset + chunk.bytes.len() as u64;
                 let exact = HEADER_LEN + cut * fb;
                 if channels == 4 {
                     assert_eq!(end, exact, "8-byte frames never end on a page: exact cut");
                 } else {
-                    assert_eq!(end % 4096, 0, "{channels} channels: cut {cut} ends at {end}");
-                    assert!(end <= exact && exact - end < 4096 * fb, "at most a period short");
+                    assert_eq!(
+                        end % 4096,
+                        0,
+                        "{channels} channels: cut {cut} ends at {end}"
+                    );
+                    assert!(
+                        end <= exact && exact - end < 4096 * fb,
+                        "at most a period short"
+                    );
                 }
                 assert_eq!(w.base(), (end - HEADER_LEN) / fb);
                 assert_eq!(w.window_frames(), 40_000 - w.base(), "the rest stays");
