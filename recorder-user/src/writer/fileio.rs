@@ -1339,13 +1339,16 @@ mod tests {
             return;
         }
         let chunk = vec![0xab_u8; 64 * 1024];
-        let pcap = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(dir.path().join("recording.pcap"))
-            .unwrap();
+        let create = |name: &str| {
+            File::options()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        let pcap = create("recording.pcap");
         append(&pcap, &chunk, 0).unwrap();
         assert_eq!(resident_pages(&pcap, 0, chunk.len()), 16, "written: cached");
         pcap.sync_data().unwrap();
@@ -1357,13 +1360,7 @@ mod tests {
             128 * 1024
         );
 
-        let wav = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(dir.path().join("recording.wav"))
-            .unwrap();
+        let wav = create("recording.wav");
         let frames = |offset: u64| WavChunk {
             path: dir.path().join("recording.wav"),
             offset,
