@@ -891,23 +891,25 @@ fn run_endings(batch: Vec<Ending>, counters: &IoCounters) {
     // One syncfs for the batch: an fsync per file also flushed the device's cache once per
     // file (three per recording; on the bench's loop device each flush is an fsync of the
     // image), and the data is written back already. The live recordings' media costs it
-    // little: it is written behind a chunk at a time (see `write_behind`). Errors cannot be told apart by file
-    // there: if it fails, every file is synced on its own and its error logged.
+    // little: it is written behind a chunk at a time (see `write_behind`). Errors cannot be
+    // told apart by file there: if it fails, every file is synced on its own and its error
+    // logged.
     let first = staged
         .iter()
         .flat_map(|s| s.files.iter().map(|(_, f)| f))
         .next();
     // SAFETY: syncfs on a descriptor of a file the batch keeps open.
     let synced = first.is_some_and(|f| unsafe { libc::syncfs(f.as_raw_fd()) } == 0);
+    let sync = |f: &File| if synced { Ok(()) } else { f.sync_all() };
     for s in &staged {
         for (what, f) in &s.files {
-            match if synced { Ok(()) } else { f.sync_all() } {
+            match sync(f) {
                 Ok(()) => drop_cached(f),
                 Err(e) => warn!(recording = %s.id, error = %e, "cannot finish {what}"),
             }
         }
         if let Some(FinalMetadata(f, tmp, ..)) = &s.metadata {
-            if let Err(e) = if synced { Ok(()) } else { f.sync_all() } {
+            if let Err(e) = sync(f) {
                 warn!(path = %tmp.display(), error = %e, "fsync failed; file replaced anyway");
             }
         }
@@ -1112,7 +1114,8 @@ fn write_wav(f: &File, w: &WavChunk, floor: u64) -> io::Result<()> {
     Ok(())
 }
 
-const PAGE: u64 = 4096;
+/// The page size the write path aligns to and drops by.
+pub(crate) const PAGE: u64 = 4096;
 
 /// Starts writing the chunk just written (`len` bytes at `at`) back to disk, and drops what
 /// lies before it, from `keep_below` on, from the page cache.

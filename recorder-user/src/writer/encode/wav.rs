@@ -42,7 +42,7 @@ pub(crate) struct WavWriter {
 
 /// See [`WavWriter::page_aligned`].
 fn page_phase(channels: u16) -> Option<(u64, u64)> {
-    const PAGE: u64 = 4096;
+    use crate::writer::fileio::PAGE;
     let fb = channels as u64 * BYTES_PER_SAMPLE;
     // The boundaries recur every PAGE / gcd(fb, PAGE) frames, if at all.
     let period = PAGE >> fb.trailing_zeros().min(12);
